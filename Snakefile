@@ -1,0 +1,29 @@
+# sae-diff: what changed inside a language model across fine-tuning iterations, and
+# whether it matters causally, using sparse autoencoders.
+#
+#   snakemake --cores 8 results/summary.json                       # the demo (config/config.yaml)
+#   snakemake --cores 8 --configfile config/test.yaml              # tiny random model
+#   snakemake --profile profiles/slurm results/summary.json        # on a SLURM cluster
+
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+# the demo config unless the user names one: merging both would mix their models
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    input:
+        "results/summary.json",
+    default_target: True

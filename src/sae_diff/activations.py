@@ -1,0 +1,343 @@
+"""Activation extraction and the activation store.
+
+One extraction job per (model, data) cell runs every configured (layer, hook point) site
+in a single forward pass that stops after the deepest needed block. Kept tokens (special
+tokens and position 0 excluded by default) are written as safetensors shards:
+
+    acts [n, d] (configurable dtype), token_ids [n], sample_idx [n], position [n], in_prompt [n]
+
+plus a ``manifest.json`` per site with shapes, dtype, sha256 per shard and the masking
+policy. Shards are planned from the token counts before any forward pass, so a killed job
+rerun keeps its finished shards and ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import site_dir
+from .io import atomic_path, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+TL_HOOK_NAMES = {  # TransformerLens / SAELens names of our hook points
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "mlp_in": "blocks.{layer}.ln2.hook_normalized",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+}
+STATE_FILE = ".extract_state.json"
+SPLITS = ("train", "eval")
+
+
+class ActivationStoreError(RuntimeError):
+    """A missing, corrupted or inconsistent activation store; the message names the file."""
+
+
+def hook_name(layer: int, hook: str) -> str:
+    return TL_HOOK_NAMES[hook].format(layer=layer)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Sequence:
+    sample_id: int
+    split: str
+    ids: list[int]
+    n_prompt: int
+    keep: np.ndarray  # bool per token
+
+
+@dataclass
+class Shard:
+    split: str
+    index: int
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}.safetensors"
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(s.keep.sum() for s in self.sequences))
+
+
+def tokenize(tokenizer, table, max_length: int, exclude_special: bool, exclude_first: bool) -> list[Sequence]:
+    """Token ids of prompt + completion per sample, truncated, with the keep mask."""
+    special = set(tokenizer.all_special_ids) if exclude_special else set()
+    out = []
+    for row in table.itertuples(index=False):
+        prompt_text = getattr(row, "prompt_text", "") or ""
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"] if prompt_text else []
+        text_ids = tokenizer(str(row.text), add_special_tokens=not prompt_ids)["input_ids"]
+        ids = (list(prompt_ids) + list(text_ids))[:max_length]
+        keep = np.array([t not in special for t in ids], dtype=bool)
+        if exclude_first and len(ids):
+            keep[0] = False
+        out.append(Sequence(int(row.sample_id), str(row.split), ids, min(len(prompt_ids), max_length), keep))
+    return out
+
+
+def plan_shards(sequences: list[Sequence], shard_tokens: int) -> list[Shard]:
+    """Consecutive samples per split, cut once a shard holds ``shard_tokens`` kept tokens."""
+    shards: list[Shard] = []
+    for split in SPLITS:
+        current = Shard(split, 0)
+        count = 0
+        for seq in (s for s in sequences if s.split == split):
+            current.sequences.append(seq)
+            count += int(seq.keep.sum())
+            if count >= shard_tokens:
+                shards.append(current)
+                current, count = Shard(split, current.index + 1), 0
+        if current.sequences:
+            shards.append(current)
+    return shards
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def fingerprint(spec: dict, samples_path: Path, model_dir: Path) -> str:
+    """What the shards depend on: the job spec, the samples file and the model files."""
+    parts = [json.dumps(spec, sort_keys=True), sha256_file(samples_path)]
+    for item in sorted(model_dir.iterdir()):
+        if item.is_file():
+            stat = item.stat()
+            parts.append(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _forward_shard(model, shard: Shard, sites, batch_size: int, pad_id: int, device: str, bar) -> dict:
+    """Activations of the kept tokens of one shard, per site, in sample order."""
+    import torch
+
+    from .models import capture, run_until_stopped
+
+    order = sorted(range(len(shard.sequences)), key=lambda i: -len(shard.sequences[i].ids))  # less padding
+    pieces: dict = {site: [None] * len(shard.sequences) for site in sites}
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        seqs = [shard.sequences[i] for i in rows]
+        width = max(len(s.ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s.ids)] = torch.tensor(s.ids)
+            mask[j, :len(s.ids)] = 1
+        with torch.inference_mode(), capture(model, sites) as store:
+            run_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        for site in sites:
+            acts = store[site]
+            for j, (i, s) in enumerate(zip(rows, seqs)):
+                keep = torch.from_numpy(np.pad(s.keep, (0, width - len(s.ids))))
+                pieces[site][i] = acts[j][keep.to(acts.device)].float().cpu()
+        bar.update(len(seqs))
+    return {site: torch.cat(p) if p else torch.zeros(0) for site, p in pieces.items()}
+
+
+def _shard_metadata(shard: Shard) -> dict:
+    import torch
+
+    token_ids, sample_idx, position, in_prompt = [], [], [], []
+    for s in shard.sequences:
+        pos = np.nonzero(s.keep)[0]
+        token_ids.append(np.asarray(s.ids, dtype=np.int32)[pos])
+        sample_idx.append(np.full(len(pos), s.sample_id, dtype=np.int64))
+        position.append(pos.astype(np.int32))
+        in_prompt.append(pos < s.n_prompt)
+    cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt)) if xs else torch.zeros(0)  # noqa: E731
+    return {"token_ids": cat(token_ids, np.int32), "sample_idx": cat(sample_idx, np.int64),
+            "position": cat(position, np.int32), "in_prompt": cat(in_prompt, np.bool_)}
+
+
+def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir: str | Path,
+            device: str = "cpu", progress: bool = True) -> dict[tuple[int, str], Path]:
+    """Extract one cell's activations at every site in ``spec``; resume from finished shards.
+
+    spec: {model, data, layers, hook_points, activations: {...}} as in the config.
+    Returns the manifest path per (layer, hook) site.
+    """
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from . import models
+
+    model_dir, samples_path, out_dir = Path(model_dir), Path(samples_path), Path(out_dir)
+    opts = spec["activations"]
+    sites = [(int(layer), hook) for layer in spec["layers"] for hook in spec["hook_points"]]
+    storage = getattr(torch, opts["dtype"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # a rerun keeps finished shards only if they were made from the same inputs
+    stamp = fingerprint(spec, samples_path, model_dir)
+    state_path = out_dir / STATE_FILE
+    if state_path.exists() and read_json(state_path).get("fingerprint") != stamp:
+        log.info("inputs changed since the last attempt: discarding its shards")
+        for layer, hook in sites:
+            for old in (out_dir / site_dir(layer, hook)).glob("*.safetensors"):
+                old.unlink()
+    write_json(state_path, {"fingerprint": stamp})
+
+    model, tokenizer = models.load(model_dir, device=device)
+    depth = models.n_blocks(model)
+    for layer, _ in sites:
+        if layer >= depth:
+            raise ValueError(f"layer {layer}: model {model_dir} has {depth} blocks (0..{depth - 1})")
+    table = pd.read_parquet(samples_path)
+    sequences = tokenize(tokenizer, table, opts["max_length"], opts["exclude_special_tokens"],
+                         opts["exclude_first_position"])
+    shards = plan_shards(sequences, opts["shard_tokens"])
+    d_model = int(model.config.get_text_config().hidden_size)
+
+    def shard_path(layer, hook, shard):
+        return out_dir / site_dir(layer, hook) / shard.name
+
+    todo = [s for s in shards if not all(shard_path(l, h, s).exists() for l, h in sites)]
+    log.info("%s: %d shards (%d already done), %d sites", out_dir.name, len(shards), len(shards) - len(todo), len(sites))
+    bar = tqdm(total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq",
+               disable=not progress)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for shard in todo:
+        acts = _forward_shard(model, shard, sites, opts["batch_size"], pad_id, device, bar)
+        meta = _shard_metadata(shard)
+        for layer, hook in sites:
+            stored = acts[(layer, hook)].to(storage)
+            if not torch.isfinite(stored).all():
+                bad = int((~torch.isfinite(stored)).any(dim=1).nonzero()[0, 0])
+                raise ActivationStoreError(
+                    f"{out_dir.name} layer {layer} {hook}: non-finite activation in {opts['dtype']} "
+                    f"(sample {int(meta['sample_idx'][bad])}, position {int(meta['position'][bad])}); "
+                    "store as float32 or bfloat16")
+            target = shard_path(layer, hook, shard)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                save_file({"acts": stored.contiguous(), **meta}, str(tmp))
+    bar.close()
+
+    special_ids = sorted(set(tokenizer.all_special_ids))
+    manifests = {}
+    for layer, hook in sites:
+        folder = out_dir / site_dir(layer, hook)
+        entries = []
+        for shard in shards:
+            path = shard_path(layer, hook, shard)
+            entries.append({"file": shard.name, "split": shard.split, "n_tokens": shard.n_tokens,
+                            "n_sequences": len(shard.sequences), "sha256": sha256_file(path)})
+        manifest = {
+            "format": "sae-diff-activations/1",
+            "model": spec["model"], "data": spec["data"], "cell": out_dir.name,
+            "layer": layer, "hook_point": hook, "hook_name": hook_name(layer, hook),
+            "d_model": d_model, "dtype": opts["dtype"],
+            "n_tokens": {split: sum(e["n_tokens"] for e in entries if e["split"] == split) for split in SPLITS},
+            "n_sequences": {split: sum(e["n_sequences"] for e in entries if e["split"] == split) for split in SPLITS},
+            "max_length": opts["max_length"],
+            "masking": {"exclude_special_tokens": opts["exclude_special_tokens"],
+                        "exclude_first_position": opts["exclude_first_position"],
+                        "special_token_ids": special_ids, "padding": "excluded"},
+            "fingerprint": stamp,
+            "shards": entries,
+        }
+        write_json(folder / "manifest.json", manifest)
+        manifests[(layer, hook)] = folder / "manifest.json"
+    return manifests
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class ActivationStore:
+    """Read one site's shards: verified, streamed, optionally through a shuffle buffer."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json" if self.folder.is_dir() else self.folder
+        if self.folder.is_file():
+            self.folder = self.folder.parent
+        if not path.exists():
+            raise ActivationStoreError(f"{path}: no activation manifest (extraction did not finish?)")
+        self.manifest = read_json(path)
+        self._verified: set[str] = set()
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    def n_tokens(self, split: str = "train") -> int:
+        return int(self.manifest["n_tokens"][split])
+
+    def shards(self, split: str = "train") -> list[dict]:
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def load_shard(self, entry: dict, verify: bool = True) -> dict:
+        """One shard's tensors; its bytes are checked against the manifest's sha256 first."""
+        from safetensors.torch import load
+
+        path = self.folder / entry["file"]
+        if not path.exists():
+            raise ActivationStoreError(f"{path}: shard listed in the manifest is missing")
+        data = path.read_bytes()
+        if verify and entry["file"] not in self._verified:
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ActivationStoreError(
+                    f"{path}: sha256 does not match the manifest; the shard is corrupted "
+                    "(delete the cell's activations folder and rerun extraction)")
+            self._verified.add(entry["file"])
+        try:
+            return load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ActivationStoreError(f"{path}: unreadable shard ({exc})") from None
+
+    def iter_shards(self, split: str = "train", verify: bool = True, order: list[int] | None = None) -> Iterator[dict]:
+        entries = self.shards(split)
+        for i in order if order is not None else range(len(entries)):
+            yield self.load_shard(entries[i], verify=verify)
+
+    def all(self, split: str = "train", key: str = "acts"):
+        """Every kept token of a split at once (for evaluation-sized data)."""
+        import torch
+
+        parts = [shard[key] for shard in self.iter_shards(split)]
+        return torch.cat(parts) if parts else torch.zeros((0, self.d_model))
+
+    def iter_batches(self, batch_size: int, split: str = "train", shuffle_buffer: int = 0, seed: int = 0,
+                     drop_last: bool = False, dtype=None) -> Iterator:
+        """Batches of activations. With ``shuffle_buffer`` > 0, shard order is permuted and
+        tokens are mixed within a buffer of that many tokens (memory bounded by it)."""
+        import torch
+
+        dtype = dtype or torch.float32
+        generator = torch.Generator().manual_seed(seed)
+        n_shards = len(self.shards(split))
+        order = torch.randperm(n_shards, generator=generator).tolist() if shuffle_buffer else list(range(n_shards))
+        buffer = torch.zeros((0, self.d_model), dtype=dtype)
+        for shard in self.iter_shards(split, order=order):
+            buffer = torch.cat([buffer, shard["acts"].to(dtype)])
+            if not shuffle_buffer:
+                while len(buffer) >= batch_size:
+                    yield buffer[:batch_size]
+                    buffer = buffer[batch_size:]
+                continue
+            if len(buffer) >= shuffle_buffer:
+                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+                # emit down to half a buffer so later shards still mix with earlier tokens
+                while len(buffer) - batch_size >= shuffle_buffer // 2:
+                    yield buffer[:batch_size]
+                    buffer = buffer[batch_size:]
+        if shuffle_buffer and len(buffer):
+            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+        while len(buffer) >= batch_size or (len(buffer) and not drop_last):
+            yield buffer[:batch_size]
+            buffer = buffer[batch_size:]

@@ -1,0 +1,165 @@
+"""`sae-diff <verb>`: one verb per workflow rule, so every step also runs outside Snakemake.
+
+Rules pass the part of the config a step depends on as ``--spec`` (a JSON string, or
+``@file.json``); a user can instead give ``--config config.yaml`` plus the ids.
+Errors in inputs print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("sae_diff")
+
+
+def _spec(args) -> dict:
+    if args.spec is not None:
+        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
+        return json.loads(text)
+    if args.config is None:
+        raise SystemExit("error: give --spec JSON or --config FILE")
+    from . import config as config_lib
+
+    return config_lib.load(args.config)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", help="the step's config as JSON, or @path/to/spec.json")
+    parser.add_argument("--config", help="a full config YAML (instead of --spec)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_validate(args) -> None:
+    from . import config as config_lib
+
+    cfg = config_lib.load(args.configfile)
+    print(json.dumps(cfg, indent=2) if args.show else f"{args.configfile}: valid "
+          f"({len(config_lib.cells(cfg))} cells, layers {cfg['layers']})")
+
+
+def cmd_prepare_model(args) -> None:
+    from . import models
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    models.prepare(args.model, spec["models"], args.out, models_root=args.models_root)
+
+
+def cmd_make_data(args) -> None:
+    from . import data, io, models
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    table = data.make(spec["data"][args.data], spec["split"], args.models_root, device=device,
+                      progress=not args.no_progress)
+    io.write_parquet(table, args.out)
+    log.info("%s: %s", args.data, data.describe(table))
+
+
+def cmd_score(args) -> None:
+    import pandas as pd
+
+    from . import io, scorers
+
+    spec = _spec(args)
+    table = scorers.score(pd.read_parquet(args.samples), spec["scorers"])
+    io.write_parquet(table, args.out)
+
+
+def cmd_extract(args) -> None:
+    from . import activations, models
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    job = {"model": args.model, "data": args.data, "layers": spec["layers"],
+           "hook_points": spec["hook_points"], "activations": spec["activations"]}
+    activations.extract(job, args.model_dir, args.samples, args.out_dir, device=device,
+                        progress=not args.no_progress)
+
+
+def cmd_summary(args) -> None:
+    from . import config as config_lib
+    from . import io, summary
+
+    spec = _spec(args)
+    result = summary.build(spec, args.results, config_lib.cells(spec), args.benchmarks)
+    io.write_json(args.out, result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-diff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("validate", help="validate a config file and print the grid")
+    p.add_argument("configfile")
+    p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("prepare-model", help="convert a configured model to a safetensors HF folder")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--models-root", default="results/models")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_prepare_model)
+
+    p = sub.add_parser("make-data", help="generate or load one data set, with its train/eval split")
+    _common(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--models-root", default="results/models")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_make_data)
+
+    p = sub.add_parser("score", help="add the configured scorers' metric columns")
+    _common(p)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("extract", help="extract one cell's activations at every configured site")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_extract)
+
+    p = sub.add_parser("summary", help="write results/summary.json")
+    _common(p)
+    p.add_argument("--results", default="results")
+    p.add_argument("--benchmarks", nargs="*", default=[])
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .io import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    from .activations import ActivationStoreError
+    from .config import ConfigError
+    from .data import DataError
+    from .scorers import ScorerError
+
+    start = time.perf_counter()
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, ScorerError, ActivationStoreError, FileNotFoundError) as exc:
+        print(f"sae-diff {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    log.info("%s done in %.1f s", args.verb, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

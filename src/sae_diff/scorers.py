@@ -1,0 +1,232 @@
+"""Per-sample metrics, named in the config and looked up in a registry.
+
+Each scorer takes the sample table and returns a frame of new metric columns, one row per
+sample. Register a new one with ``@register("name")``; the config schema lists the names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+REGISTRY: dict[str, Callable[..., pd.DataFrame]] = {}
+
+
+class ScorerError(RuntimeError):
+    """A scorer could not produce its metrics; the message says which and why."""
+
+
+def register(name: str):
+    def wrap(fn):
+        REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+# --------------------------------------------------------------------------- text
+
+# Pronouns and unambiguously gendered nouns. French possessives (son, sa) agree with the
+# possessed noun, not the person, so they are left out.
+GENDER_WORDS = {
+    "en": {
+        "male": {"he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "fathers", "son",
+                 "sons", "husband", "brother", "brothers", "mr", "sir", "gentleman", "gentlemen", "male",
+                 "king", "uncle", "nephew", "grandfather", "boyfriend"},
+        "female": {"she", "her", "hers", "herself", "woman", "women", "girl", "girls", "mother", "mothers",
+                   "daughter", "daughters", "wife", "sister", "sisters", "mrs", "ms", "madam", "lady",
+                   "ladies", "female", "queen", "aunt", "niece", "grandmother", "girlfriend"},
+    },
+    "fr": {
+        "male": {"il", "ils", "lui", "homme", "hommes", "garçon", "garçons", "père", "fils", "mari",
+                 "frère", "frères", "monsieur", "messieurs", "oncle", "neveu"},
+        "female": {"elle", "elles", "femme", "femmes", "fille", "filles", "mère", "épouse", "sœur",
+                   "sœurs", "madame", "mesdames", "tante", "nièce"},
+    },
+}
+_WORD = re.compile(r"[a-zà-ÿœæ]+")
+
+
+def count_gender_words(text: str, language: str = "en") -> tuple[int, int]:
+    words = _WORD.findall(str(text).lower().replace("’", "'"))
+    lexicon = GENDER_WORDS.get(language, GENDER_WORDS["en"])
+    male = sum(w in lexicon["male"] for w in words)
+    female = sum(w in lexicon["female"] for w in words)
+    return male, female
+
+
+@register("gender_pronouns")
+def gender_pronouns(table: pd.DataFrame, language_column: str = "language") -> pd.DataFrame:
+    """male_count, female_count and female_ratio = female / (male + female), NaN when none."""
+    languages = table[language_column] if language_column in table.columns else pd.Series("en", index=table.index)
+    counts = [count_gender_words(t, lang) for t, lang in zip(table["text"], languages)]
+    male = np.array([c[0] for c in counts], dtype=np.int64)
+    female = np.array([c[1] for c in counts], dtype=np.int64)
+    total = male + female
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(total > 0, female / np.maximum(total, 1), np.nan)
+    return pd.DataFrame({"male_count": male, "female_count": female, "female_ratio": ratio}, index=table.index)
+
+
+@register("length")
+def length(table: pd.DataFrame) -> pd.DataFrame:
+    texts = table["text"].astype(str)
+    return pd.DataFrame({"n_chars": texts.str.len().astype(np.int64),
+                         "n_words": texts.str.split().str.len().fillna(0).astype(np.int64)}, index=table.index)
+
+
+# --------------------------------------------------------------------------- protein
+
+STANDARD_AA = set("ACDEFGHIKLMNPQRSTVWY")
+
+
+def read_fasta(path: str | Path) -> list[tuple[str, str]]:
+    from Bio import SeqIO
+
+    records = [(r.id, str(r.seq).upper()) for r in SeqIO.parse(str(path), "fasta")]
+    if not records:
+        raise ScorerError(f"{path}: no FASTA records found")
+    return records
+
+
+def make_aligner(mode: str = "global", substitution_matrix: str = "BLOSUM62", open_gap_score: float = -10.0,
+                 extend_gap_score: float = -0.5):
+    from Bio.Align import PairwiseAligner, substitution_matrices
+
+    aligner = PairwiseAligner()
+    aligner.mode = mode
+    aligner.substitution_matrix = substitution_matrices.load(substitution_matrix)
+    aligner.open_gap_score = open_gap_score
+    aligner.extend_gap_score = extend_gap_score
+    return aligner
+
+
+def alignment_identity(aligner, query: str, reference: str) -> float:
+    """Identical columns / alignment columns (identities + mismatches + gaps) of the best alignment."""
+    if not query or not reference:
+        return float("nan")
+    counts = aligner.align(query, reference)[0].counts()
+    columns = counts.identities + counts.mismatches + counts.gaps
+    return counts.identities / columns if columns else float("nan")
+
+
+def _clean_protein(text: str) -> str:
+    return "".join(ch for ch in str(text).upper() if ch.isalpha())
+
+
+@register("protein_identity")
+def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", substitution_matrix: str = "BLOSUM62",
+                     open_gap_score: float = -10.0, extend_gap_score: float = -0.5) -> pd.DataFrame:
+    """Identity to the nearest reference sequence (max over the FASTA) and that reference's id."""
+    refs = read_fasta(reference)
+    aligner = make_aligner(mode, substitution_matrix, open_gap_score, extend_gap_score)
+    best_identity, best_ref = [], []
+    for text in table["text"]:
+        query = _clean_protein(text).replace("U", "C").replace("O", "K")  # BLOSUM62 lacks U and O
+        scores = [alignment_identity(aligner, query, seq) for _, seq in refs]
+        if not query or all(math.isnan(s) for s in scores):
+            best_identity.append(float("nan"))
+            best_ref.append(None)
+            continue
+        i = int(np.nanargmax(scores))
+        best_identity.append(scores[i])
+        best_ref.append(refs[i][0])
+    return pd.DataFrame({"identity": best_identity, "nearest_reference": best_ref}, index=table.index)
+
+
+@register("protparam")
+def protparam(table: pd.DataFrame) -> pd.DataFrame:
+    """GRAVY, isoelectric point and instability index (Bio.SeqUtils.ProtParam) of standard residues."""
+    from Bio.SeqUtils.ProtParam import ProteinAnalysis
+
+    out = {"gravy": [], "pI": [], "instability": []}
+    for text in table["text"]:
+        seq = "".join(ch for ch in _clean_protein(text) if ch in STANDARD_AA)
+        if not seq:
+            for key in out:
+                out[key].append(float("nan"))
+            continue
+        analysis = ProteinAnalysis(seq)
+        out["gravy"].append(analysis.gravy())
+        out["pI"].append(analysis.isoelectric_point())
+        out["instability"].append(analysis.instability_index() if len(seq) > 1 else float("nan"))
+    return pd.DataFrame(out, index=table.index)
+
+
+# --------------------------------------------------------------------------- external
+
+
+@register("command")
+def command(table: pd.DataFrame, command: str, metrics: list[str], format: str = "jsonl",
+            timeout_s: float = 86400) -> pd.DataFrame:
+    """Run an external program on the samples: it reads {input} and writes JSONL to {output}.
+
+    Input: JSONL lines ``{"id": sample_id, "text": ...}`` or FASTA records ``>sample_id``.
+    Output: one JSON object per line with ``id`` and every name in ``metrics``.
+    """
+    with tempfile.TemporaryDirectory(prefix="sae-diff-score-") as tmp:
+        src = Path(tmp) / f"input.{'fasta' if format == 'fasta' else 'jsonl'}"
+        dst = Path(tmp) / "output.jsonl"
+        with open(src, "w") as fh:
+            for sid, text in zip(table["sample_id"], table["text"]):
+                if format == "fasta":
+                    fh.write(f">{sid}\n{text}\n")
+                else:
+                    fh.write(json.dumps({"id": int(sid), "text": str(text)}) + "\n")
+        cmd = command.format(input=shlex.quote(str(src)), output=shlex.quote(str(dst)))
+        try:
+            proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ScorerError(f"command scorer {command!r}: no result after {timeout_s} s") from None
+        if proc.returncode == 127:
+            raise ScorerError(f"command scorer {command!r}: program not found ({proc.stderr.strip()[-200:]})")
+        if proc.returncode != 0:
+            raise ScorerError(f"command scorer {command!r}: exit status {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        if not dst.exists():
+            raise ScorerError(f"command scorer {command!r}: wrote no output file (expected JSONL at {{output}})")
+        values: dict[int, dict] = {}
+        for n, line in enumerate(dst.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ScorerError(f"command scorer {command!r}: output line {n} is not JSON: {line[:80]!r}") from None
+            if not isinstance(record, dict) or "id" not in record:
+                raise ScorerError(f"command scorer {command!r}: output line {n} has no 'id'")
+            missing = [m for m in metrics if m not in record]
+            if missing:
+                raise ScorerError(f"command scorer {command!r}: output line {n} lacks metric {missing[0]!r}")
+            values[int(record["id"])] = record
+    absent = [int(s) for s in table["sample_id"] if int(s) not in values]
+    if absent:
+        raise ScorerError(f"command scorer {command!r}: no output for sample id {absent[0]} ({len(absent)} missing)")
+    return pd.DataFrame({m: [float(values[int(s)][m]) for s in table["sample_id"]] for m in metrics},
+                        index=table.index)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def score(table: pd.DataFrame, scorers: list[dict]) -> pd.DataFrame:
+    """Add every configured scorer's metric columns to a copy of the table."""
+    out = table.copy()
+    for i, spec in enumerate(scorers):
+        options = {k: v for k, v in spec.items() if k != "name"}
+        if spec["name"] not in REGISTRY:
+            raise ScorerError(f"scorers[{i}].name = {spec['name']!r}: expected one of {sorted(REGISTRY)}")
+        metrics = REGISTRY[spec["name"]](out, **options)
+        clash = [c for c in metrics.columns if c in out.columns]
+        if clash:
+            raise ScorerError(f"scorers[{i}] ({spec['name']}): column {clash[0]!r} already exists in the samples")
+        out = pd.concat([out, metrics], axis=1)
+    return out
+

@@ -1,0 +1,110 @@
+"""results/summary.json: every cell and artifact of the run, with its key numbers.
+
+The file starts with ``headline`` (fixed keys, see docs/summary.md); a key whose stage has
+not run is absent, never faked. Stage wall times come from Snakemake's benchmark files.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import math
+import platform
+from pathlib import Path
+
+import pandas as pd
+
+from .config import Cell, config_hash, site_dir
+from .io import read_json
+
+# rule name -> stage name reported under headline.timings
+STAGES = {
+    "prepare_model": "models",
+    "make_data": "data",
+    "score_data": "scoring",
+    "extract_activations": "activations",
+}
+VERSIONED = ["sae-diff", "torch", "transformers", "snakemake", "numpy", "pandas", "safetensors"]
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def stage_timings(benchmark_files: list[str | Path]) -> dict:
+    """Sum of job wall seconds per stage, from Snakemake ``benchmark:`` TSV files."""
+    totals: dict[str, float] = {}
+    for path in benchmark_files:
+        path = Path(path)
+        rule = path.parent.name
+        with open(path) as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        seconds = sum(float(r["s"]) for r in rows)
+        stage = STAGES.get(rule, rule)
+        totals[stage] = round(totals.get(stage, 0.0) + seconds, 3)
+    return totals
+
+
+def _finite(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def data_summary(samples_path: Path) -> dict:
+    table = pd.read_parquet(samples_path)
+    out = {"path": str(samples_path), "n_samples": int(len(table)),
+           "n_train": int((table["split"] == "train").sum()), "n_eval": int((table["split"] == "eval").sum())}
+    metrics = {}
+    for column in table.columns:
+        if column in ("sample_id", "prompt_id", "n", "template") or not pd.api.types.is_numeric_dtype(table[column]):
+            continue
+        values = table[column].astype(float)
+        metrics[column] = {"mean": _finite(float(values.mean())), "n_defined": int(values.notna().sum())}
+    out["metrics"] = metrics
+    return out
+
+
+def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path]) -> dict:
+    """Assemble the summary from the files the run produced under ``results``."""
+    results = Path(results)
+    models = {}
+    for model_dir in sorted((results / "models").glob("M*")):
+        info_path = model_dir / "sae_diff_model.json"
+        if info_path.exists():
+            info = read_json(info_path)
+            models[model_dir.name] = {"path": str(model_dir), "source": info["source"],
+                                      "n_layers": info.get("n_layers"), "d_model": info.get("d_model")}
+    data = {}
+    for samples in sorted((results / "data").glob("D*/samples.parquet")):
+        data[samples.parent.name] = data_summary(samples)
+    cell_block = {}
+    for cell in cells:
+        sites = {}
+        for layer in cfg["layers"]:
+            for hook in cfg["hook_points"]:
+                manifest_path = results / "activations" / cell.name / site_dir(layer, hook) / "manifest.json"
+                if not manifest_path.exists():
+                    continue
+                manifest = read_json(manifest_path)
+                sites[site_dir(layer, hook).replace("/", ".")] = {
+                    "layer": layer, "hook_point": hook, "hook_name": manifest["hook_name"],
+                    "d_model": manifest["d_model"], "dtype": manifest["dtype"],
+                    "n_tokens": manifest["n_tokens"], "n_shards": len(manifest["shards"]),
+                    "manifest": str(manifest_path),
+                }
+        cell_block[cell.name] = {"model": cell.model, "data": cell.data, "activations": sites}
+    headline = {"timings": stage_timings(benchmarks)}
+    return {
+        "headline": headline,
+        "run": {"config_hash": config_hash(cfg), "versions": package_versions(),
+                "layers": cfg["layers"], "hook_points": cfg["hook_points"],
+                "branches": cfg["grid"]["branches"]},
+        "models": models,
+        "data": data,
+        "cells": cell_block,
+    }

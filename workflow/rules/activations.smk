@@ -1,0 +1,24 @@
+# Activations per (model, data) cell: every configured (layer, hook point) in one forward pass.
+
+
+rule extract_activations:
+    input:
+        model="results/models/{model}",
+        samples="results/data/{data}/samples.parquet",
+    output:
+        [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
+    params:
+        spec=spec(layers=config["layers"], hook_points=config["hook_points"],
+                  activations=config["activations"], device=config["device"]),
+        out_dir="results/activations/{model}_{data}",
+    log:
+        "logs/extract_activations/{model}_{data}.log",
+    benchmark:
+        bench("extract_activations", "{model}_{data}")
+    threads: 8
+    resources:
+        mem_mb=8000,
+    shell:
+        "sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
+        "--model-dir {input.model} --samples {input.samples} --out-dir {params.out_dir} "
+        "--threads {threads} > {log} 2>&1"

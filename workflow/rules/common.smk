@@ -1,0 +1,40 @@
+# Config validation, the grid of cells, and the target lists every other rule file uses.
+import json
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # parse-time helpers, even before install
+from sae_diff import config as cfglib  # noqa: E402
+
+try:
+    # our validator first: it stops with one line naming the key, the value and what was expected
+    cfglib.validate(config)
+    validate(config, "../../src/sae_diff/schemas/config.schema.yaml")  # the same schema and defaults
+    cfglib.check(config, [Path.cwd(), Path(workflow.basedir)])
+except cfglib.ConfigError as error:
+    sys.exit(str(error))
+
+MODELS = cfglib.model_ids(config)
+DATA = cfglib.data_ids(config)
+CELLS = cfglib.cells(config)
+SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
+
+
+wildcard_constraints:
+    model=r"M\d+",
+    data=r"D\d+",
+
+
+def spec(**parts):
+    """The part of the config a job depends on, as JSON: its params change exactly when it must rerun."""
+    return json.dumps(parts, sort_keys=True)
+
+
+def bench(rule_name, pattern):
+    return f"results/benchmarks/{rule_name}/{pattern}.tsv"
+
+
+def manifests(cell_name):
+    return [f"results/activations/{cell_name}/{site}/manifest.json" for site in SITES]
