@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	snakemake --cores $(CORES) --configfile $(CONFIG) results/summary.json
+	snakemake results/summary.json --cores $(CORES) --configfile $(CONFIG)
 
 test: $(VENV)/.installed
 	pytest

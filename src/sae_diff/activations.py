@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -225,6 +227,7 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 save_file({"acts": stored.contiguous(), **meta}, str(tmp))
+        _crash_point(shard)
     bar.close()
 
     special_ids = sorted(set(tokenizer.all_special_ids))
@@ -253,6 +256,13 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         write_json(folder / "manifest.json", manifest)
         manifests[(layer, hook)] = folder / "manifest.json"
     return manifests
+
+
+def _crash_point(shard: Shard) -> None:
+    """Fault injection for the resume test: SIGKILL ourselves after the named shard."""
+    target = os.environ.get("SAE_DIFF_KILL_AFTER_SHARD")
+    if target and target == shard.name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- reading

@@ -76,8 +76,8 @@ def _describe(error) -> str:
     if kind == "required":
         missing = [r for r in error.validator_value if r not in (value or {})]
         return f"{key}: missing required key '{missing[0] if missing else '?'}'"
-    if kind == "propertyNames":
-        return f"{key}: key {error.instance!r} is not allowed; expected {schema.get('propertyNames')}"
+    if "propertyNames" in error.schema_path:
+        return f"{key}.{value}: key not allowed; expected a key matching {error.validator_value!r}"
     shown = json.dumps(value) if not isinstance(value, (dict, list)) else _short(value)
     if kind == "enum":
         expected = "one of: " + ", ".join(map(str, error.validator_value))

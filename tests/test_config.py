@@ -1,0 +1,118 @@
+"""Config validation: defaults, identical behaviour to snakemake.utils.validate, one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sae_diff import config as cfglib
+from sae_diff.config import Cell, ConfigError
+
+
+def _load(cfg: dict, tmp_path, root):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cfglib.load(path, base_dirs=[root])
+
+
+def test_test_config_is_valid_and_defaults_filled(test_config, tmp_path, root):
+    cfg = _load(test_config, tmp_path, root)
+    assert cfg["activations"]["exclude_first_position"] is True
+    assert cfg["grid"]["branches"] == ["MXDX", "M0DX"]
+    assert cfg["data"]["D0"]["sampling"]["temperature"] == 1.0  # nested default under a $ref
+    assert cfg["models"]["M0"]["trust_remote_code"] is False
+    assert cfg["data"]["D0"]["model"] == "M0" and cfg["data"]["D1"]["model"] == "M1"
+
+
+def test_same_defaults_as_snakemake_validate(test_config):
+    from snakemake.utils import validate as snakemake_validate
+
+    ours = cfglib.validate(copy.deepcopy(test_config))
+    theirs = copy.deepcopy(test_config)
+    snakemake_validate(theirs, str(cfglib.SCHEMA_PATH))
+    assert ours == theirs
+
+
+def test_grid_branches(test_config, tmp_path, root):
+    cfg = _load(test_config, tmp_path, root)
+    assert [c.name for c in cfglib.branch_cells(cfg, "MXDX")] == ["M0_D0", "M1_D1"]
+    assert [c.name for c in cfglib.branch_cells(cfg, "M0DX")] == ["M0_D0", "M0_D1"]
+    assert [c.name for c in cfglib.cells(cfg)] == ["M0_D0", "M0_D1", "M1_D1"]
+    cfg["grid"]["branches"] = ["MXDX"]
+    assert [c.name for c in cfglib.cells(cfg)] == ["M0_D0", "M1_D1"]
+    assert Cell.parse("M3_D2") == Cell("M3", "D2")
+
+
+def _set(cfg, dotted, value):
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        cfg = cfg[int(key)] if isinstance(cfg, list) else cfg[key]
+    cfg[keys[-1]] = value
+
+
+def _delete(cfg, dotted):
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        cfg = cfg[key]
+    del cfg[keys[-1]]
+
+
+# (description, mutation, substrings the one-line error must contain)
+BAD = [
+    ("unknown top-level key", lambda c: _set(c, "layerz", [1]), ["layerz", "unknown key"]),
+    ("unknown nested key", lambda c: _set(c, "activations.batchsize", 4), ["activations.batchsize", "unknown key", "batch_size"]),
+    ("unknown model key", lambda c: _set(c, "models.M0.package", "x"), ["models.M0.package", "unknown key"]),
+    ("wrong type", lambda c: _set(c, "activations.batch_size", "eight"), ["activations.batch_size", '"eight"', "integer"]),
+    ("out of range", lambda c: _set(c, "split.eval_fraction", 1.5), ["split.eval_fraction", "1.5", "<= 0.9"]),
+    ("bad enum", lambda c: _set(c, "models.M0.source", "s3"), ["models.M0.source", '"s3"', "gguf_package"]),
+    ("bad dtype", lambda c: _set(c, "activations.dtype", "int8"), ["activations.dtype", '"int8"', "float16"]),
+    ("unknown scorer", lambda c: _set(c, "scorers", [{"name": "toxicity"}]), ["scorers[0].name", '"toxicity"', "gender_pronouns"]),
+    ("unknown hook point", lambda c: _set(c, "hook_points", ["resid_pre"]), ["hook_points[0]", '"resid_pre"', "resid_post"]),
+    ("negative layer", lambda c: _set(c, "layers", [-1]), ["layers[0]", "-1", ">= 0"]),
+    ("layer beyond depth", lambda c: _set(c, "layers", [0, 3]), ["layers[1] = 3", "below 3", "M0"]),
+    ("missing prompts file", lambda c: _set(c, "data.D0.prompts", "resources/prompts/nope.txt"), ["data.D0.prompts", "nope.txt", "existing file"]),
+    ("missing table file", lambda c: _set(c, "data.D1", {"source": "table", "path": "no/such.csv"}), ["data.D1.path", "no/such.csv", "existing file"]),
+    ("missing required key", lambda c: _delete(c, "layers"), ["missing required key 'layers'"]),
+    ("bad model id", lambda c: _set(c, "models", {"base": c["models"]["M0"]}), ["models.base: key not allowed", "^M[0-9]+$"]),
+    ("data count differs", lambda c: _delete(c, "data.D1"), ["data", "one data set per model"]),
+    ("missing reference FASTA", lambda c: _set(c, "scorers", [{"name": "protein_identity", "reference": "x.fasta"}]), ["scorers[0].reference", "x.fasta"]),
+    ("missing command program", lambda c: _set(c, "scorers", [{"name": "command", "command": "no-such-folding-tool {input} {output}", "metrics": ["plddt"]}]), ["scorers[0].command", "no-such-folding-tool", "not found"]),
+    ("scorer option of another scorer", lambda c: _set(c, "scorers", [{"name": "length", "reference": "x"}]), ["scorers[0].reference", "unknown key"]),
+    ("init_from a later model", lambda c: _set(c, "models.M0.init_from", "M1"), ["models.M0.init_from", "earlier model"]),
+    ("non-divisible heads", lambda c: _set(c, "models.M0.d_model", 30), ["models.M0.d_model = 30", "multiple of n_heads"]),
+    ("top level not a mapping", None, ["expected a mapping"]),
+]
+
+
+@pytest.mark.parametrize("name,mutate,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_fails_with_one_clear_line(name, mutate, expected, test_config, tmp_path, root):
+    if mutate is None:
+        path = tmp_path / "c.yaml"
+        path.write_text("- just\n- a list\n")
+        with pytest.raises(ConfigError) as info:
+            cfglib.load(path)
+    else:
+        mutate(test_config)
+        with pytest.raises(ConfigError) as info:
+            _load(test_config, tmp_path, root)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_snakemake_stops_before_any_job_with_one_line(test_config, tmp_path, root):
+    """The same check at workflow parse time: exit status 1, the error line, no job planned."""
+    test_config["activations"]["batch_size"] = "eight"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(test_config))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(root / "Snakefile"),
+                           "--configfile", str(path), "-d", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode != 0
+    assert 'config error: activations.batch_size = "eight": expected a value of type integer' in proc.stderr
+    assert "Job stats" not in proc.stdout + proc.stderr
