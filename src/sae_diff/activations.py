@@ -164,10 +164,11 @@ def _shard_metadata(shard: Shard) -> dict:
 
 
 def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir: str | Path,
-            device: str = "cpu", progress: bool = True) -> dict[tuple[int, str], Path]:
+            device: str = "cpu", progress: bool = True, loaded=None) -> dict[tuple[int, str], Path]:
     """Extract one cell's activations at every site in ``spec``; resume from finished shards.
 
     spec: {model, data, layers, hook_points, activations: {...}} as in the config.
+    loaded: an already loaded (model, tokenizer) of ``model_dir`` (benchmarks reuse one).
     Returns the manifest path per (layer, hook) site.
     """
     import pandas as pd
@@ -193,7 +194,7 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
                 old.unlink()
     write_json(state_path, {"fingerprint": stamp})
 
-    model, tokenizer = models.load(model_dir, device=device)
+    model, tokenizer = loaded or models.load(model_dir, device=device)
     depth = models.n_blocks(model)
     for layer, _ in sites:
         if layer >= depth:

@@ -4,13 +4,16 @@
 rule extract_activations:
     input:
         model="results/models/{model}",
-        samples="results/data/{data}/samples.parquet",
+        # unscored samples: a scorer change must not re-extract activations
+        samples="results/data/{data}/raw.parquet",
     output:
         [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
     params:
         spec=spec(layers=config["layers"], hook_points=config["hook_points"],
                   activations=config["activations"], device=config["device"]),
         out_dir="results/activations/{model}_{data}",
+    conda:
+        "../envs/torch.yaml"
     log:
         "logs/extract_activations/{model}_{data}.log",
     benchmark:

@@ -38,3 +38,33 @@ def bench(rule_name, pattern):
 
 def manifests(cell_name):
     return [f"results/activations/{cell_name}/{site}/manifest.json" for site in SITES]
+
+
+# ----- input functions of the rule files
+
+
+def init_model_input(wildcards):
+    source = config["models"][wildcards.model].get("init_from")
+    return [f"results/models/{source}"] if source else []
+
+
+def data_model_input(wildcards):
+    spec_ = config["data"][wildcards.data]
+    return [f"results/models/{spec_['model']}"] if spec_["source"] == "generate" else []
+
+
+def summary_inputs(wildcards):
+    files = {
+        "models": [f"results/models/{m}" for m in MODELS],
+        "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
+        "manifests": [m for cell in CELLS for m in manifests(cell.name)],
+    }
+    return files
+
+
+BENCHMARKS = (
+    [bench("prepare_model", m) for m in MODELS]
+    + [bench("make_data", d) for d in DATA]
+    + [bench("score_data", d) for d in DATA]
+    + [bench("extract_activations", c.name) for c in CELLS]
+)

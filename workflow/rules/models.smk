@@ -1,11 +1,6 @@
 # M0..MX as safetensors HF folders, converted once.
 
 
-def init_model_input(wildcards):
-    source = config["models"][wildcards.model].get("init_from")
-    return [f"results/models/{source}"] if source else []
-
-
 rule prepare_model:
     input:
         init_model_input,
@@ -13,6 +8,8 @@ rule prepare_model:
         directory("results/models/{model}"),
     params:
         spec=lambda w: spec(models={w.model: config["models"][w.model]}),
+    conda:
+        "../envs/torch.yaml"
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
