@@ -261,9 +261,43 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
 
 def _crash_point(shard: Shard) -> None:
     """Fault injection for the resume test: SIGKILL ourselves after the named shard."""
-    target = os.environ.get("SAE_DIFF_KILL_AFTER_SHARD")
-    if target and target == shard.name:
+    crash_point("SAE_DIFF_KILL_AFTER_SHARD", shard.name)
+
+
+def crash_point(variable: str, here: str) -> None:
+    """SIGKILL this process when environment ``variable`` names ``here`` (resume tests only)."""
+    if os.environ.get(variable) == here:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_store(folder: str | Path, acts, split: str = "train", shard_tokens: int = 65536,
+                dtype: str = "float32", layer: int = 0, hook: str = "resid_post") -> Path:
+    """Write given activations [n, d] as a one-split store (outside tools' activations, tests)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    acts = acts.to(getattr(torch, dtype))
+    entries = []
+    for index, start in enumerate(range(0, len(acts), shard_tokens)):
+        part = acts[start:start + shard_tokens].contiguous()
+        n = len(part)
+        name = f"{split}-{index:05d}.safetensors"
+        with atomic_path(folder / name) as tmp:
+            save_file({"acts": part, "token_ids": torch.zeros(n, dtype=torch.int32),
+                       "sample_idx": torch.arange(start, start + n, dtype=torch.int64),
+                       "position": torch.zeros(n, dtype=torch.int32),
+                       "in_prompt": torch.zeros(n, dtype=torch.bool)}, str(tmp))
+        entries.append({"file": name, "split": split, "n_tokens": n, "n_sequences": n,
+                        "sha256": sha256_file(folder / name)})
+    write_json(folder / "manifest.json", {
+        "format": "sae-diff-activations/1", "model": "", "data": "", "cell": folder.name, "layer": layer,
+        "hook_point": hook, "hook_name": hook_name(layer, hook), "d_model": int(acts.shape[1]), "dtype": dtype,
+        "n_tokens": {s: (len(acts) if s == split else 0) for s in SPLITS},
+        "n_sequences": {s: (len(acts) if s == split else 0) for s in SPLITS},
+        "max_length": None, "masking": {}, "fingerprint": "", "shards": entries})
+    return folder
 
 
 # --------------------------------------------------------------------------- reading
@@ -324,18 +358,32 @@ class ActivationStore:
         return torch.cat(parts) if parts else torch.zeros((0, self.d_model))
 
     def iter_batches(self, batch_size: int, split: str = "train", shuffle_buffer: int = 0, seed: int = 0,
-                     drop_last: bool = False, dtype=None) -> Iterator:
+                     drop_last: bool = False, dtype=None, paired: "ActivationStore | None" = None) -> Iterator:
         """Batches of activations. With ``shuffle_buffer`` > 0, shard order is permuted and
-        tokens are mixed within a buffer of that many tokens (memory bounded by it)."""
+        tokens are mixed within a buffer of that many tokens (memory bounded by it).
+
+        paired: another site of the same cell (e.g. MLP output for a transcoder); its
+        activations of the same tokens are concatenated on the right of each row.
+        """
         import torch
 
         dtype = dtype or torch.float32
         generator = torch.Generator().manual_seed(seed)
         n_shards = len(self.shards(split))
         order = torch.randperm(n_shards, generator=generator).tolist() if shuffle_buffer else list(range(n_shards))
-        buffer = torch.zeros((0, self.d_model), dtype=dtype)
+        width = self.d_model + (paired.d_model if paired is not None else 0)
+        buffer = torch.zeros((0, width), dtype=dtype)
+        others = paired.iter_shards(split, order=order) if paired is not None else None
         for shard in self.iter_shards(split, order=order):
-            buffer = torch.cat([buffer, shard["acts"].to(dtype)])
+            rows = shard["acts"].to(dtype)
+            if others is not None:
+                other = next(others)
+                if not (torch.equal(other["sample_idx"], shard["sample_idx"])
+                        and torch.equal(other["position"], shard["position"])):
+                    raise ActivationStoreError(f"{paired.folder}: tokens differ from {self.folder}; "
+                                               "paired sites must come from the same extraction")
+                rows = torch.cat([rows, other["acts"].to(dtype)], dim=1)
+            buffer = torch.cat([buffer, rows])
             if not shuffle_buffer:
                 while len(buffer) >= batch_size:
                     yield buffer[:batch_size]

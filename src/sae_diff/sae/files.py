@@ -1,0 +1,122 @@
+"""SAE files in SAELens's layout: ``cfg.json`` + ``sae_weights.safetensors`` (never pickle).
+
+Our full training config goes beside them in ``sae_diff.json``, so the SAELens files stay
+exactly what SAELens expects. Architectures map as: relu -> "standard", topk -> "topk",
+jumprelu, batchtopk and matryoshka -> "jumprelu" (the latter two with their learned global
+threshold, which is how they run at inference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_dir
+from .model import SAE, SAEConfig
+
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                "matryoshka": "jumprelu"}
+OURS = "sae_diff.json"
+
+
+def saelens_cfg(sae: SAE) -> dict:
+    cfg = sae.cfg
+    out = {
+        "architecture": SAELENS_ARCH[cfg.architecture],
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": str(sae.W_dec.dtype).replace("torch.", ""),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "sae_lens_training_version": None},
+    }
+    if cfg.architecture == "topk":
+        out["k"] = cfg.k
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out
+        out["metadata"]["hook_name_out"] = cfg.target_hook_name
+    return out
+
+
+def weights(sae: SAE) -> dict[str, torch.Tensor]:
+    tensors = {
+        "W_enc": sae.W_enc_T.detach().t().contiguous(),
+        "b_enc": sae.b_enc.detach().clone(),
+        "W_dec": sae.W_dec.detach().contiguous(),
+        "b_dec": sae.b_dec.detach().clone(),
+    }
+    arch = sae.cfg.architecture
+    if arch == "jumprelu":
+        tensors["threshold"] = sae.log_threshold.detach().exp()
+    elif arch in ("batchtopk", "matryoshka"):
+        tensors["threshold"] = sae.threshold.detach().clone()
+    return tensors
+
+
+def save(sae: SAE, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write the SAE atomically: the folder appears complete or not at all."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        save_file(weights(sae), str(tmp / "sae_weights.safetensors"))
+        (tmp / "cfg.json").write_text(json.dumps(saelens_cfg(sae), indent=2))
+        (tmp / OURS).write_text(json.dumps({"config": sae.cfg.to_dict(), **(extra or {})}, indent=2, default=str))
+    return folder
+
+
+def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
+    """Load an SAE saved by us or by SAELens (standard, topk, jumprelu)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / "cfg.json", folder / "sae_weights.safetensors"
+    for path in (cfg_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing (expected a SAELens-layout SAE folder)")
+    lens = json.loads(cfg_path.read_text())
+    tensors = load_file(str(weights_path))
+    ours = folder / OURS
+    if ours.exists():
+        cfg = SAEConfig(**json.loads(ours.read_text())["config"])
+    else:
+        arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(lens.get("architecture"))
+        if arch is None:
+            raise ValueError(f"{cfg_path}: architecture {lens.get('architecture')!r} not supported; "
+                             "expected standard, topk or jumprelu")
+        meta = lens.get("metadata", {})
+        cfg = SAEConfig(architecture=arch, d_in=int(lens["d_in"]), d_sae=int(lens["d_sae"]), k=int(lens.get("k", 32)),
+                        d_out=lens.get("d_out"), hook_name=meta.get("hook_name", ""),
+                        model_name=meta.get("model_name", ""))
+    sae = SAE(cfg, dtype=dtype)
+    with torch.no_grad():
+        sae.W_enc_T.copy_(tensors["W_enc"].t())
+        sae.b_enc.copy_(tensors["b_enc"])
+        sae.W_dec.copy_(tensors["W_dec"])
+        sae.b_dec.copy_(tensors["b_dec"])
+        if cfg.architecture == "jumprelu":
+            sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+        elif "threshold" in tensors:
+            sae.threshold.copy_(tensors["threshold"])
+    if not lens.get("apply_b_dec_to_input", True) and not cfg.is_transcoder:
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input false is only supported for transcoders")
+    return sae.eval()
+
+
+def fold_scaling(sae: SAE, scale_in: float, scale_out: float | None = None) -> None:
+    """Make an SAE trained on (scale_in · x) -> (scale_out · y) apply to raw x and y.
+
+    pre = (s x - b) W + c = (x - b/s)(s W) + c;  ŷ = (f W_dec + b)/s_out.
+    """
+    scale_out = scale_in if scale_out is None else scale_out
+    if not (math.isfinite(scale_in) and math.isfinite(scale_out)) or scale_in <= 0 or scale_out <= 0:
+        raise ValueError(f"scaling factors must be positive and finite, got {scale_in}, {scale_out}")
+    with torch.no_grad():
+        sae.W_enc_T.mul_(scale_in)
+        sae.W_dec.div_(scale_out)
+        sae.b_dec.div_(scale_out)

@@ -1,0 +1,93 @@
+"""Sparse TopK kernels with hand-written backward passes (CPU, torch ops).
+
+With k active latents out of d_sae per token, only k encoder columns and k decoder rows
+take part in a token's reconstruction. The dense backward touches all d_sae of them; these
+functions touch only the active ones:
+
+* ``sparse_decode(idx, vals, W_dec)``: sum_j vals[b, j] * W_dec[idx[b, j]] (embedding_bag);
+  backward gathers the k decoder rows for grad_vals and scatter-adds into grad_W_dec.
+* ``topk_encode(x, W_enc_T, b_enc, k)``: ReLU(TopK(x @ W_enc_T.T + b_enc)); backward
+  gives gradient only to the k active encoder rows.
+
+Indices are sorted within each row before any sparse matrix is built: CSR/COO built from
+the unsorted output of ``topk(sorted=False)`` silently gives wrong gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+GATHER_CHUNK = 1024  # rows per chunk when gathering [rows, k, d] blocks (bounds memory)
+
+
+def _row_sparse(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A [B, n_cols] sparse COO matrix from per-row (sorted) column indices and values."""
+    batch, k = idx.shape
+    rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
+    indices = torch.stack([rows, idx.reshape(-1)])
+    return torch.sparse_coo_tensor(indices, vals.reshape(-1), (batch, n_cols), is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _gather_dot(idx: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = grad[b] . table[idx[b, j]], in chunks of rows."""
+    out = torch.empty(idx.shape, dtype=grad.dtype, device=grad.device)
+    for start in range(0, idx.shape[0], GATHER_CHUNK):
+        stop = start + GATHER_CHUNK
+        rows = table[idx[start:stop]]  # [chunk, k, d]
+        out[start:stop] = torch.bmm(rows, grad[start:stop].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+class SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, vals, W_dec):
+        ctx.save_for_backward(idx, vals, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, vals, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_vals = _gather_dot(idx, W_dec, grad_out) if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            sparse = _row_sparse(idx, vals, W_dec.shape[0])
+            grad_W = torch.sparse.mm(sparse.t().coalesce(), grad_out)
+        return None, grad_vals, grad_W
+
+
+class TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc_T, b_enc, k):
+        pre = torch.addmm(b_enc, x, W_enc_T.t())
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=-1)
+        vals = vals.gather(-1, order).clamp_min(0)
+        ctx.save_for_backward(x, W_enc_T, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals, _grad_idx):
+        x, W_enc_T, idx, vals = ctx.saved_tensors
+        grad_pre = grad_vals * (vals > 0)  # ReLU: no gradient through clipped latents
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W_enc_T, per_sample_weights=grad_pre, mode="sum")
+        if ctx.needs_input_grad[1]:
+            sparse = _row_sparse(idx, grad_pre, W_enc_T.shape[0])
+            grad_W = torch.sparse.mm(sparse.t().coalesce(), x)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc_T.shape[0], dtype=grad_pre.dtype, device=grad_pre.device)
+            grad_b.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))
+        return grad_x, grad_W, grad_b, None
+
+
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    return SparseDecode.apply(idx, vals, W_dec)
+
+
+def topk_encode(x: torch.Tensor, W_enc_T: torch.Tensor, b_enc: torch.Tensor, k: int):
+    return TopKEncode.apply(x, W_enc_T, b_enc, k)

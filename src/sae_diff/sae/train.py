@@ -1,0 +1,213 @@
+"""Training: several SAE configs from one pass over a cell's activations, resumable.
+
+Per step, one shuffled batch from the activation store is scaled so that E‖x‖ = √d and fed
+to every SAE being trained; each has its own Adam (fused where available), warmup + linear
+decay, unit-norm decoder (gradient projection, then renormalisation), and AuxK for dead
+latents. A checkpoint (safetensors + JSON, no pickle) every ``checkpoint_every`` steps
+lets a killed job resume and end with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..activations import ActivationStore, crash_point
+from ..io import atomic_path, write_json
+from . import files
+from .model import SAE, SAEConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite values); the message names the step and the SAE."""
+
+
+@dataclass
+class TrainSpec:
+    name: str
+    sae: SAEConfig
+    lr: float = 4e-4
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2          # linear decay to 0 over the last fraction of steps
+    seed: int = 0
+    init_sample: int = 4096              # tokens for the geometric median of b_dec
+    dead_tokens: int = 200_000           # a latent unfired for this many tokens counts as dead (AuxK)
+    warm_start: str | None = None        # folder of an SAE to start from (indices stay aligned)
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    decay_start = int(total * (1 - decay_fraction))
+    if step >= decay_start and total > decay_start:
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+def estimate_scale(store: ActivationStore, n_tokens: int = 16384) -> float:
+    """Factor s with E‖s·x‖ = √d over the first ``n_tokens`` training tokens."""
+    norms, seen = [], 0
+    for shard in store.iter_shards("train"):
+        acts = shard["acts"].float()
+        norms.append(acts.norm(dim=1))
+        seen += len(acts)
+        if seen >= n_tokens:
+            break
+    mean_norm = float(torch.cat(norms)[:n_tokens].mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise TrainingError(f"{store.folder}: mean activation norm is {mean_norm}; cannot scale")
+    return math.sqrt(store.d_model) / mean_norm
+
+
+class _Run:
+    """One SAE being trained, with its optimizer state and dead-latent counters."""
+
+    def __init__(self, spec: TrainSpec, total_steps: int, scale: float, sample: torch.Tensor, scale_out: float):
+        self.spec = spec
+        self.sae = SAE(spec.sae)
+        if spec.warm_start:
+            start = files.load(spec.warm_start)
+            if (start.cfg.d_in, start.cfg.d_sae) != (spec.sae.d_in, spec.sae.d_sae):
+                raise TrainingError(f"{spec.name}: warm start {spec.warm_start} has shape "
+                                    f"{start.cfg.d_in}x{start.cfg.d_sae}, expected {spec.sae.d_in}x{spec.sae.d_sae}")
+            self.sae.load_state_dict(start.state_dict(), strict=False)
+            files.fold_scaling(self.sae, 1 / scale, 1 / scale_out)  # saved SAEs apply to raw activations
+            self.sae.normalize_decoder()
+        else:
+            self.sae.initialize(sample, seed=spec.seed)
+        self.sae.train()
+        params = list(self.sae.parameters())
+        try:
+            self.opt = torch.optim.Adam(params, lr=spec.lr, fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.Adam(params, lr=spec.lr)
+        self.total = total_steps
+        self.since_fired = torch.zeros(spec.sae.d_sae, dtype=torch.long)
+
+    def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> dict:
+        for group in self.opt.param_groups:
+            group["lr"] = self.spec.lr * lr_factor(step, self.total, self.spec.warmup_steps, self.spec.decay_fraction)
+        dead = self.since_fired >= self.spec.dead_tokens
+        out = self.sae.training_losses(x, target, dead=dead)
+        if not torch.isfinite(out["loss"]):
+            raise TrainingError(f"SAE {self.spec.name}: non-finite loss at step {step}")
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.sae.project_decoder_grad()
+        self.opt.step()
+        self.sae.normalize_decoder()
+        self.since_fired += len(x)
+        self.since_fired[out["fired"]] = 0
+        return out
+
+    # ---------------------------------------------------------- checkpoint
+
+    def state_tensors(self, prefix: str) -> dict:
+        tensors = {f"{prefix}model.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
+        state = self.opt.state_dict()
+        for pid, pstate in state["state"].items():
+            for key, value in pstate.items():
+                tensors[f"{prefix}adam.{pid}.{key}"] = torch.as_tensor(value).clone()
+        tensors[f"{prefix}since_fired"] = self.since_fired.clone()
+        return tensors
+
+    def load_tensors(self, tensors: dict, prefix: str) -> None:
+        model_state = {k[len(prefix) + 6:]: v for k, v in tensors.items() if k.startswith(prefix + "model.")}
+        self.sae.load_state_dict(model_state)
+        state = self.opt.state_dict()
+        for key, value in tensors.items():
+            if key.startswith(prefix + "adam."):
+                pid, name = key[len(prefix) + 5:].split(".", 1)
+                state["state"].setdefault(int(pid), {})[name] = value
+        self.opt.load_state_dict(state)
+        self.since_fired = tensors[prefix + "since_fired"].clone()
+
+
+def _batch_stats(x: torch.Tensor, out: dict) -> dict:
+    var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    return {"fvu": float(out["mse"] / var.clamp_min(1e-12)), "mse": float(out["mse"]), "l0": float(out["l0"])}
+
+
+def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], n_tokens: int,
+          batch_size: int = 4096, shuffle_buffer: int = 1 << 18, seed: int = 0, checkpoint_every: int = 200,
+          log_every: int = 10, work_dir: Path | None = None, target_store: ActivationStore | None = None,
+          progress: bool = True) -> list[Path]:
+    """Train every spec on one pass of ``n_tokens`` tokens; write each SAE to its folder."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    total_steps = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
+    work_dir = Path(work_dir or out_dirs[0].parent / ".train_state")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    d_in = store.d_model
+    scale = estimate_scale(store)
+    scale_out = estimate_scale(target_store) if target_store is not None else scale
+    first = next(iter(store.iter_batches(max(s.init_sample for s in specs), paired=target_store)))
+    # b_dec lives in the output space: its initial value is the centre of the (scaled) targets
+    sample = first[:, d_in:] * scale_out if target_store is not None else first * scale
+    torch.manual_seed(seed)
+    runs = [_Run(spec, total_steps, scale, sample, scale_out) for spec in specs]
+
+    ckpt_tensors, ckpt_json = work_dir / "checkpoint.safetensors", work_dir / "checkpoint.json"
+    start_step = 0
+    logs: list[list[dict]] = [[] for _ in runs]
+    if ckpt_json.exists() and ckpt_tensors.exists():
+        meta = json.loads(ckpt_json.read_text())
+        if meta["names"] == [s.name for s in specs] and meta["total_steps"] == total_steps:
+            tensors = load_file(str(ckpt_tensors))
+            for i, run in enumerate(runs):
+                run.load_tensors(tensors, f"{i}.")
+            start_step, logs = meta["step"], meta["logs"]
+            log.info("resuming from step %d of %d", start_step, total_steps)
+
+    batches = store.iter_batches(batch_size, shuffle_buffer=shuffle_buffer, seed=seed, drop_last=True,
+                                 paired=target_store)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}", disable=not progress)
+    for step, batch in enumerate(batches):
+        if step >= total_steps:
+            break
+        if step < start_step:
+            continue  # the stream is deterministic: skip what the checkpoint already saw
+        if not torch.isfinite(batch).all():
+            raise TrainingError(f"{store.folder}: non-finite activation in the batch of step {step}")
+        x = batch[:, :d_in] * scale
+        y = batch[:, d_in:] * scale_out if target_store is not None else x
+        for i, run in enumerate(runs):
+            out = run.step(step, x, y)
+            if step % log_every == 0 or step == total_steps - 1:
+                logs[i].append({"step": step, "tokens": (step + 1) * batch_size, "loss": float(out["loss"]),
+                                **_batch_stats(y, out),
+                                "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
+                                "lr": run.opt.param_groups[0]["lr"]})
+        bar.update(1)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            tensors = {}
+            for i, run in enumerate(runs):
+                tensors.update(run.state_tensors(f"{i}."))
+            with atomic_path(ckpt_tensors) as tmp:
+                save_file(tensors, str(tmp))
+            write_json(ckpt_json, {"step": step + 1, "total_steps": total_steps,
+                                   "names": [s.name for s in specs], "logs": logs})
+            crash_point("SAE_DIFF_KILL_AFTER_STEP", str(step + 1))
+    bar.close()
+
+    for run, out_dir, run_log in zip(runs, out_dirs, logs):
+        run.sae.eval()
+        files.fold_scaling(run.sae, scale, scale_out)
+        files.save(run.sae, out_dir, extra={"training": {"n_tokens": total_steps * batch_size, "scale": scale,
+                                                          "scale_out": scale_out,
+                                                          "steps": total_steps, "lr": run.spec.lr,
+                                                          "seed": run.spec.seed, **run.spec.extra}})
+        with atomic_path(Path(out_dir) / "train_log.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in run_log))
+    for path in (ckpt_tensors, ckpt_json):
+        path.unlink(missing_ok=True)
+    return [Path(p) for p in out_dirs]
