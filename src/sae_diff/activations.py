@@ -341,9 +341,15 @@ class ActivationStore:
                     "(delete the cell's activations folder and rerun extraction)")
             self._verified.add(entry["file"])
         try:
-            return load(data)
+            tensors = load(data)
         except Exception as exc:  # safetensors raises its own error types
             raise ActivationStoreError(f"{path}: unreadable shard ({exc})") from None
+        finite = tensors["acts"].isfinite().all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ActivationStoreError(f"{path}: non-finite activation in row {row} "
+                                       f"(sample {int(tensors['sample_idx'][row])})")
+        return tensors
 
     def iter_shards(self, split: str = "train", verify: bool = True, order: list[int] | None = None) -> Iterator[dict]:
         entries = self.shards(split)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..activations import ActivationStore, crash_point
+from ..activations import ActivationStore, ActivationStoreError, crash_point
 from ..io import atomic_path, write_json
 from . import files
 from .model import SAE, SAEConfig
@@ -131,6 +131,14 @@ class _Run:
         self.since_fired = tensors[prefix + "since_fired"].clone()
 
 
+def _guarded(batches, current_step):
+    """Re-raise a store error (it names the shard) as a training error naming the step."""
+    try:
+        yield from batches
+    except ActivationStoreError as exc:
+        raise TrainingError(f"at step {current_step()}: {exc}") from None
+
+
 def _batch_stats(x: torch.Tensor, out: dict) -> dict:
     var = (x - x.mean(0)).pow(2).sum(-1).mean()
     return {"fvu": float(out["mse"] / var.clamp_min(1e-12)), "mse": float(out["mse"]), "l0": float(out["l0"])}
@@ -148,9 +156,12 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     work_dir = Path(work_dir or out_dirs[0].parent / ".train_state")
     work_dir.mkdir(parents=True, exist_ok=True)
     d_in = store.d_model
-    scale = estimate_scale(store)
-    scale_out = estimate_scale(target_store) if target_store is not None else scale
-    first = next(iter(store.iter_batches(max(s.init_sample for s in specs), paired=target_store)))
+    try:
+        scale = estimate_scale(store)
+        scale_out = estimate_scale(target_store) if target_store is not None else scale
+        first = next(iter(store.iter_batches(max(s.init_sample for s in specs), paired=target_store)))
+    except ActivationStoreError as exc:
+        raise TrainingError(f"before step 0 (input scaling and init): {exc}") from None
     # b_dec lives in the output space: its initial value is the centre of the (scaled) targets
     sample = first[:, d_in:] * scale_out if target_store is not None else first * scale
     torch.manual_seed(seed)
@@ -171,7 +182,8 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     batches = store.iter_batches(batch_size, shuffle_buffer=shuffle_buffer, seed=seed, drop_last=True,
                                  paired=target_store)
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}", disable=not progress)
-    for step, batch in enumerate(batches):
+    step = start_step
+    for step, batch in enumerate(_guarded(batches, lambda: step)):
         if step >= total_steps:
             break
         if step < start_step:
@@ -183,7 +195,7 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
         for i, run in enumerate(runs):
             out = run.step(step, x, y)
             if step % log_every == 0 or step == total_steps - 1:
-                logs[i].append({"step": step, "tokens": (step + 1) * batch_size, "loss": float(out["loss"]),
+                logs[i].append({"step": step, "tokens": (step + 1) * batch_size, "loss": float(out["loss"].detach()),
                                 **_batch_stats(y, out),
                                 "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
                                 "lr": run.opt.param_groups[0]["lr"]})
