@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-GATHER_CHUNK = 1024  # rows per chunk when gathering [rows, k, d] blocks (bounds memory)
+GATHER_CHUNK = 64  # rows per chunk when gathering [rows, k, d] blocks: small blocks stay in cache, no page faults
 
 
 def _row_sparse(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -58,10 +58,24 @@ class SparseDecode(torch.autograd.Function):
         return None, grad_vals, grad_W
 
 
+_BUFFERS: dict = {}
+
+
+def _scratch(shape, dtype, device) -> torch.Tensor:
+    """A reused buffer: fresh allocations over ~32 MB page-fault (about 25 ms each on CPU)."""
+    key = (tuple(shape), dtype, str(device))
+    if key not in _BUFFERS:
+        if len(_BUFFERS) >= 4:  # a few shapes at most (one per SAE width in a run)
+            _BUFFERS.clear()
+        _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return _BUFFERS[key]
+
+
 class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc_T, b_enc, k):
-        pre = torch.addmm(b_enc, x, W_enc_T.t())
+        # pre-activations are consumed by topk right here, so one scratch buffer serves every call
+        pre = torch.addmm(b_enc, x, W_enc_T.t(), out=_scratch((x.shape[0], W_enc_T.shape[0]), x.dtype, x.device))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)
         vals = vals.gather(-1, order).clamp_min(0)
