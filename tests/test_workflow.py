@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
     dry = snakemake(workdir, "-n")
     assert dry.returncode == 0, dry.stderr
     assert planned(dry) == {"all": 1, "prepare_model": 2, "make_data": 2, "score_data": 2,
-                            "extract_activations": 3, "summary": 1}
+                            "extract_activations": 3, "train_sae": 6, "summary": 1}
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -86,7 +86,30 @@ def test_scorer_change_reruns_scoring_only(finished_run):
 
 def test_activation_dtype_change_reruns_extraction_only(finished_run):
     path = _variant(finished_run, lambda c: c["activations"].update(dtype="float32"))
-    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "extract_activations": 3, "summary": 1}
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {
+        "all": 1, "extract_activations": 3, "train_sae": 6, "summary": 1}
+
+
+def test_sae_outputs_and_warm_start(finished_run):
+    from sae_diff.sae import files
+
+    summary = json.loads((finished_run / "results" / "summary.json").read_text())
+    assert summary["headline"]["timings"]["saes"] > 0
+    for cell in ("M0_D0", "M0_D1", "M1_D1"):
+        for layer in ("layer0", "layer2"):
+            block = summary["cells"][cell]["saes"][layer]
+            assert block["topk"]["d_sae"] == 128 and block["topk"]["train_final"]["l0"] == 4.0
+            assert block["relu"]["d_sae"] == 64 and block["relu"]["k"] is None
+            folder = finished_run / block["topk"]["path"]
+            assert (folder / "training_curve.png").stat().st_size > 10_000
+            assert files.load(folder).cfg.hook_name == f"blocks.{layer[5:]}.hook_resid_post"
+    log = (finished_run / "logs" / "train_sae" / "M1_D1_layer0.log").read_text()
+    assert "train done" in log
+
+
+def test_training_config_change_reruns_training_only(finished_run):
+    path = _variant(finished_run, lambda c: c["saes"]["relu"].update(l1_coefficient=0.1))
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "train_sae": 6, "summary": 1}
 
 
 def test_lint_is_clean():

@@ -85,6 +85,36 @@ def cmd_extract(args) -> None:
                         progress=not args.no_progress)
 
 
+def cmd_train(args) -> None:
+    """Train every configured SAE of one (cell, layer); configs sharing a site share one pass."""
+    from .activations import ActivationStore
+    from .config import site_dir
+    from .sae.train import spec_from_config, train
+
+    spec = _spec(args)
+    from . import models
+
+    models.set_threads(args.threads)
+    cell, layer = f"{args.model}_{args.data}", args.layer
+    acts = Path(args.acts_root) / cell
+    groups: dict = {}
+    for name, block in spec["saes"].items():
+        groups.setdefault((block["hook_point"], block.get("target_hook_point")), []).append(name)
+    opts = spec["training"]
+    for (hook, target), names in groups.items():
+        store = ActivationStore(acts / site_dir(layer, hook))
+        target_store = ActivationStore(acts / site_dir(layer, target)) if target else None
+        specs = [spec_from_config(
+            name, spec["saes"][name], d_in=store.d_model, d_out=target_store.d_model if target_store else None,
+            hook_name=store.manifest["hook_name"], target_hook_name=target_store.manifest["hook_name"] if target_store else "",
+            model_name=args.model, warm_start=spec.get("warm_start", {}).get(name)) for name in names]
+        out_dirs = [Path(args.out_root) / cell / f"layer{layer}" / name for name in names]
+        train(store, specs, out_dirs, n_tokens=opts["tokens"], batch_size=opts["batch_size"],
+              shuffle_buffer=opts["shuffle_buffer"], seed=opts["seed"], checkpoint_every=opts["checkpoint_every"],
+              epochs=opts["epochs"], target_store=target_store, progress=not args.no_progress,
+              work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}")
+
+
 def cmd_summary(args) -> None:
     from . import config as config_lib
     from . import io, summary
@@ -132,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(fn=cmd_extract)
 
+    p = sub.add_parser("train", help="train the configured SAEs of one (cell, layer)")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--acts-root", default="results/activations")
+    p.add_argument("--out-root", default="results/saes")
+    p.set_defaults(fn=cmd_train)
+
     p = sub.add_parser("summary", help="write results/summary.json")
     _common(p)
     p.add_argument("--results", default="results")
@@ -149,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     from .activations import ActivationStoreError
     from .config import ConfigError
     from .data import DataError
+    from .sae.train import TrainingError
     from .scorers import ScorerError
 
     start = time.perf_counter()
     try:
         args.fn(args)
-    except (ConfigError, DataError, ScorerError, ActivationStoreError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ScorerError, ActivationStoreError, TrainingError, FileNotFoundError) as exc:
         print(f"sae-diff {args.verb}: {exc}", file=sys.stderr)
         return 2
     log.info("%s done in %.1f s", args.verb, time.perf_counter() - start)

@@ -204,6 +204,17 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
                     f"config error: scorers[{i}].command = {scorer['command']!r}: "
                     f"expected an installed program, '{program}' was not found on PATH")
 
+    for name, sae in cfg.get("saes", {}).items():
+        for key in ("hook_point", "target_hook_point"):
+            if key in sae and sae[key] not in cfg["hook_points"]:
+                raise ConfigError(f"config error: saes.{name}.{key} = {sae[key]!r}: expected one of the extracted "
+                                  f"hook_points {cfg['hook_points']}")
+        if sae["architecture"] == "matryoshka":
+            fractions = sae["matryoshka_fractions"]
+            if fractions != sorted(set(fractions)) or fractions[-1] != 1.0:
+                raise ConfigError(f"config error: saes.{name}.matryoshka_fractions = {fractions}: expected "
+                                  "increasing fractions ending at 1.0")
+
     if check_depth:
         from . import models as model_lib
 
@@ -295,6 +306,22 @@ def cells(cfg: dict) -> list[Cell]:
         for cell in branch_cells(cfg, branch):
             seen.setdefault(cell.name, cell)
     return sorted(seen.values(), key=lambda c: (int(c.data[1:]), int(c.model[1:])))
+
+
+def warm_start_source(cfg: dict, cell: Cell, mode: str) -> Cell | None:
+    """The cell an SAE of ``cell`` starts from: the previous one of its branch, or the base cell."""
+    if mode == "none" or cell == Cell("M0", "D0"):
+        return None
+    if mode == "base":
+        return Cell("M0", "D0")
+    j = int(cell.data[1:])
+    if cell.model == "M0":
+        return Cell("M0", f"D{j - 1}")
+    return Cell(f"M{int(cell.model[1:]) - 1}", f"D{j - 1}")
+
+
+def sae_dir(cell: Cell, layer: int, name: str) -> str:
+    return f"results/saes/{cell.name}/layer{layer}/{name}"
 
 
 def site_dir(layer: int, hook: str) -> str:

@@ -23,6 +23,7 @@ STAGES = {
     "make_data": "data",
     "score_data": "scoring",
     "extract_activations": "activations",
+    "train_sae": "saes",
 }
 VERSIONED = ["sae-diff", "torch", "transformers", "snakemake", "numpy", "pandas", "safetensors"]
 
@@ -69,6 +70,29 @@ def data_summary(samples_path: Path) -> dict:
     return out
 
 
+def sae_summary(cell_dir: Path, cfg: dict) -> dict:
+    """Per layer and SAE: shape, training tokens and the last logged training statistics."""
+    import json
+
+    out: dict = {}
+    for layer in cfg["layers"]:
+        for name in cfg.get("saes", {}):
+            folder = cell_dir / f"layer{layer}" / name
+            if not (folder / "sae_diff.json").exists():
+                continue
+            ours = read_json(folder / "sae_diff.json")
+            rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
+            last = rows[-1] if rows else {}
+            out.setdefault(f"layer{layer}", {})[name] = {
+                "path": str(folder), "architecture": ours["config"]["architecture"],
+                "d_in": ours["config"]["d_in"], "d_sae": ours["config"]["d_sae"],
+                "k": ours["config"]["k"] if ours["config"]["architecture"] in ("topk", "batchtopk", "matryoshka") else None,
+                "hook_name": ours["config"]["hook_name"], "n_tokens": ours["training"]["n_tokens"],
+                "train_final": {key: last.get(key) for key in ("fvu", "l0", "dead_fraction", "loss")},
+            }
+    return out
+
+
 def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path]) -> dict:
     """Assemble the summary from the files the run produced under ``results``."""
     results = Path(results)
@@ -98,6 +122,9 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
                     "manifest": str(manifest_path),
                 }
         cell_block[cell.name] = {"model": cell.model, "data": cell.data, "activations": sites}
+        saes = sae_summary(results / "saes" / cell.name, cfg)
+        if saes:
+            cell_block[cell.name]["saes"] = saes
     headline = {"timings": stage_timings(benchmarks)}
     return {
         "headline": headline,

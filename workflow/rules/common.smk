@@ -20,11 +20,13 @@ MODELS = cfglib.model_ids(config)
 DATA = cfglib.data_ids(config)
 CELLS = cfglib.cells(config)
 SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
+SAES = list(config["saes"])
 
 
 wildcard_constraints:
     model=r"M\d+",
     data=r"D\d+",
+    layer=r"\d+",
 
 
 def spec(**parts):
@@ -53,11 +55,32 @@ def data_model_input(wildcards):
     return [f"results/models/{spec_['model']}"] if spec_["source"] == "generate" else []
 
 
+def sae_outputs():
+    return [f"{cfglib.sae_dir(cell, layer, name)}/sae_weights.safetensors"
+            for cell in CELLS for layer in config["layers"] for name in SAES]
+
+
+def warm_start_dirs(wildcards):
+    """SAE name -> folder it starts from, for the configs that warm-start."""
+    cell = cfglib.Cell(wildcards.model, wildcards.data)
+    out = {}
+    for name, block in config["saes"].items():
+        source = cfglib.warm_start_source(config, cell, block["warm_start"])
+        if source is not None:
+            out[name] = cfglib.sae_dir(source, int(wildcards.layer), name)
+    return out
+
+
+def warm_start_inputs(wildcards):
+    return [f"{folder}/sae_weights.safetensors" for folder in warm_start_dirs(wildcards).values()]
+
+
 def summary_inputs(wildcards):
     files = {
         "models": [f"results/models/{m}" for m in MODELS],
         "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
+        "saes": sae_outputs(),
     }
     return files
 
@@ -67,4 +90,5 @@ BENCHMARKS = (
     + [bench("make_data", d) for d in DATA]
     + [bench("score_data", d) for d in DATA]
     + [bench("extract_activations", c.name) for c in CELLS]
+    + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
 )

@@ -92,7 +92,23 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
         meta = lens.get("metadata", {})
         cfg = SAEConfig(architecture=arch, d_in=int(lens["d_in"]), d_sae=int(lens["d_sae"]), k=int(lens.get("k", 32)),
                         d_out=lens.get("d_out"), hook_name=meta.get("hook_name", ""),
-                        model_name=meta.get("model_name", ""))
+                        model_name=meta.get("model_name", ""),
+                        apply_b_dec_to_input=bool(lens.get("apply_b_dec_to_input", True)))
+    if lens.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{cfg_path}: normalize_activations {lens['normalize_activations']!r} not supported; "
+                         "expected 'none' (fold the scaling into the weights first)")
+    return _filled(cfg, tensors, dtype, cfg_path)
+
+
+def _filled(cfg: SAEConfig, tensors: dict, dtype, where) -> SAE:
+    """An SAE with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec, (threshold) copied in."""
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.out_dim),
+                "b_dec": (cfg.out_dim,)}
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise ValueError(f"{where}: tensor {key!r} missing; found {sorted(tensors)}")
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
     sae = SAE(cfg, dtype=dtype)
     with torch.no_grad():
         sae.W_enc_T.copy_(tensors["W_enc"].t())
@@ -103,9 +119,80 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
             sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
         elif "threshold" in tensors:
             sae.threshold.copy_(tensors["threshold"])
-    if not lens.get("apply_b_dec_to_input", True) and not cfg.is_transcoder:
-        raise ValueError(f"{cfg_path}: apply_b_dec_to_input false is only supported for transcoders")
     return sae.eval()
+
+
+def load_gemma_scope(path: str | Path, transcoder: bool = False, hook_name: str = "", model_name: str = "",
+                     dtype: torch.dtype = torch.float32) -> SAE:
+    """Gemma Scope JumpReLU SAEs and transcoders: ``params.npz`` or ``params.safetensors``.
+
+    Their encoder takes the raw input (no b_dec subtraction), for SAEs and transcoders alike.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("params.safetensors", "params.npz") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no params.safetensors or params.npz")
+        path = found[0]
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:  # untrusted file: arrays only, never pickle
+            tensors = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    tensors = {k.replace("W_enc.weight", "W_enc"): v for k, v in tensors.items()}
+    d_in, d_sae = tensors["W_enc"].shape
+    d_out = tensors["W_dec"].shape[1]
+    cfg = SAEConfig(architecture="jumprelu", d_in=d_in, d_sae=d_sae, d_out=d_out if transcoder else None,
+                    hook_name=hook_name, model_name=model_name, apply_b_dec_to_input=False)
+    return _filled(cfg, tensors, dtype, path)
+
+
+def load_sparsify(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
+    """EleutherAI sparsify TopK SAEs and transcoders: ``cfg.json`` + ``sae.safetensors``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / "cfg.json", folder / "sae.safetensors"
+    for path in (cfg_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing (expected a sparsify SAE folder)")
+    scfg = json.loads(cfg_path.read_text())
+    raw = load_file(str(weights_path))
+    if "W_skip" in raw or scfg.get("skip_connection"):
+        raise ValueError(f"{folder}: sparsify skip connections are not supported")
+    transcode = bool(scfg.get("transcode", False))
+    d_sae, d_in = raw["encoder.weight"].shape
+    d_out = raw["W_dec"].shape[1]
+    tensors = {"W_enc": raw["encoder.weight"].t(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"],
+               "b_dec": raw["b_dec"]}
+    cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=int(scfg["k"]),
+                    d_out=d_out if transcode else None, apply_b_dec_to_input=not transcode)
+    return _filled(cfg, tensors, dtype, weights_path)
+
+
+def load_any(path: str | Path, fmt: str = "auto", transcoder: bool = False, dtype: torch.dtype = torch.float32) -> SAE:
+    """Load an SAE in any supported layout; ``fmt`` auto-detects from the files present."""
+    path = Path(path)
+    if fmt == "auto":
+        if (path / "sae_weights.safetensors").exists():
+            fmt = "saelens"
+        elif (path / "sae.safetensors").exists():
+            fmt = "sparsify"
+        elif path.suffix in (".npz", ".safetensors") or (path / "params.npz").exists() or \
+                (path / "params.safetensors").exists():
+            fmt = "gemma_scope"
+        else:
+            raise FileNotFoundError(f"{path}: no SAE found (expected sae_weights.safetensors, sae.safetensors, "
+                                    "params.npz or params.safetensors)")
+    if fmt == "saelens":
+        return load(path, dtype=dtype)
+    if fmt == "sparsify":
+        return load_sparsify(path, dtype=dtype)
+    return load_gemma_scope(path, transcoder=transcoder, dtype=dtype)
 
 
 def fold_scaling(sae: SAE, scale_in: float, scale_out: float | None = None) -> None:

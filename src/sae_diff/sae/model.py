@@ -36,6 +36,7 @@ class SAEConfig:
     k_aux: int | None = None                      # AuxK latents (default d_in // 2)
     aux_coefficient: float = 1 / 32
     threshold_momentum: float = 0.99              # batchtopk: running estimate of the inference threshold
+    apply_b_dec_to_input: bool | None = None      # None: subtract b_dec for SAEs, not for transcoders
     hook_name: str = ""
     target_hook_name: str = ""
     model_name: str = ""
@@ -137,6 +138,8 @@ class SAE(nn.Module):
 
     @property
     def apply_b_dec_to_input(self) -> bool:
+        if self.cfg.apply_b_dec_to_input is not None:
+            return self.cfg.apply_b_dec_to_input
         return not self.cfg.is_transcoder
 
     def _centered(self, x: torch.Tensor) -> torch.Tensor:

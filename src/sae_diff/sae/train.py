@@ -147,12 +147,13 @@ def _batch_stats(x: torch.Tensor, out: dict) -> dict:
 def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], n_tokens: int,
           batch_size: int = 4096, shuffle_buffer: int = 1 << 18, seed: int = 0, checkpoint_every: int = 200,
           log_every: int = 10, work_dir: Path | None = None, target_store: ActivationStore | None = None,
-          progress: bool = True) -> list[Path]:
-    """Train every spec on one pass of ``n_tokens`` tokens; write each SAE to its folder."""
+          progress: bool = True, epochs: int = 1) -> list[Path]:
+    """Train every spec on one pass of ``n_tokens`` tokens (times ``epochs``); write each SAE to its folder."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    total_steps = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
+    steps_per_epoch = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
+    total_steps = steps_per_epoch * epochs
     work_dir = Path(work_dir or out_dirs[0].parent / ".train_state")
     work_dir.mkdir(parents=True, exist_ok=True)
     d_in = store.d_model
@@ -179,8 +180,14 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
             start_step, logs = meta["step"], meta["logs"]
             log.info("resuming from step %d of %d", start_step, total_steps)
 
-    batches = store.iter_batches(batch_size, shuffle_buffer=shuffle_buffer, seed=seed, drop_last=True,
-                                 paired=target_store)
+    def stream():
+        for epoch in range(epochs):  # each epoch reshuffles with its own seed
+            batches = store.iter_batches(batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
+                                         drop_last=True, paired=target_store)
+            for _, batch in zip(range(steps_per_epoch), batches):
+                yield batch
+
+    batches = stream()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}", disable=not progress)
     step = start_step
     for step, batch in enumerate(_guarded(batches, lambda: step)):
@@ -214,12 +221,34 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     for run, out_dir, run_log in zip(runs, out_dirs, logs):
         run.sae.eval()
         files.fold_scaling(run.sae, scale, scale_out)
-        files.save(run.sae, out_dir, extra={"training": {"n_tokens": total_steps * batch_size, "scale": scale,
+        files.save(run.sae, out_dir, extra={"training": {"n_tokens": total_steps * batch_size, "epochs": epochs,
+                                                          "scale": scale,
                                                           "scale_out": scale_out,
                                                           "steps": total_steps, "lr": run.spec.lr,
                                                           "seed": run.spec.seed, **run.spec.extra}})
         with atomic_path(Path(out_dir) / "train_log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in run_log))
+        from ..plots import training_curves
+
+        training_curves(run_log, Path(out_dir) / "training_curve.png",
+                        title=f"{run.spec.name} SAE · {Path(out_dir).parent.parent.name} · {run.sae.cfg.hook_name}")
     for path in (ckpt_tensors, ckpt_json):
         path.unlink(missing_ok=True)
     return [Path(p) for p in out_dirs]
+
+
+def spec_from_config(name: str, block: dict, d_in: int, d_out: int | None, hook_name: str, target_hook_name: str,
+                     model_name: str, warm_start: str | None) -> TrainSpec:
+    """A TrainSpec from one entry of the config's ``saes`` block."""
+    d_sae = block["expansion_factor"] * d_in
+    prefixes = sorted({max(1, round(f * d_sae)) for f in block["matryoshka_fractions"]})
+    cfg = SAEConfig(architecture=block["architecture"], d_in=d_in, d_sae=d_sae, k=min(block["k"], d_sae), d_out=d_out,
+                    l1_coefficient=block["l1_coefficient"], l0_coefficient=block["l0_coefficient"],
+                    jumprelu_bandwidth=block["jumprelu_bandwidth"],
+                    jumprelu_init_threshold=block["jumprelu_init_threshold"],
+                    matryoshka_prefixes=prefixes if block["architecture"] == "matryoshka" else [],
+                    k_aux=block.get("k_aux"), aux_coefficient=block["aux_coefficient"], hook_name=hook_name,
+                    target_hook_name=target_hook_name, model_name=model_name)
+    return TrainSpec(name=name, sae=cfg, lr=block["lr"], warmup_steps=block["warmup_steps"],
+                     decay_fraction=block["decay_fraction"], seed=block["seed"], dead_tokens=block["dead_tokens"],
+                     warm_start=warm_start, extra={"config": block})
