@@ -84,6 +84,11 @@ BAD = [
     ("scorer option of another scorer", lambda c: _set(c, "scorers", [{"name": "length", "reference": "x"}]), ["scorers[0].reference", "unknown key"]),
     ("init_from a later model", lambda c: _set(c, "models.M0.init_from", "M1"), ["models.M0.init_from", "earlier model"]),
     ("non-divisible heads", lambda c: _set(c, "models.M0.d_model", 30), ["models.M0.d_model = 30", "multiple of n_heads"]),
+    ("sae site not extracted", lambda c: _set(c, "saes", {"a": {"architecture": "topk", "hook_point": "attn_out"}}), ["saes.a.hook_point = 'attn_out'", "extracted hook_points"]),
+    ("sae without architecture", lambda c: _set(c, "saes", {"a": {"lr": 0.1}}), ["saes.a", "missing required key 'architecture'"]),
+    ("unknown sae architecture", lambda c: _set(c, "saes", {"a": {"architecture": "gated"}}), ["saes.a.architecture", '"gated"', "jumprelu"]),
+    ("pretrained SAE file missing", lambda c: _set(c, "saes", {"p": {"source": "pretrained", "path": "nowhere/{model}/layer{layer}"}}), ["saes.p.path", "nowhere/M0/layer0", "existing file"]),
+    ("bad matryoshka fractions", lambda c: _set(c, "saes", {"m": {"architecture": "matryoshka", "matryoshka_fractions": [0.5, 0.25]}}), ["saes.m.matryoshka_fractions", "ending at 1.0"]),
     ("top level not a mapping", None, ["expected a mapping"]),
 ]
 

@@ -48,7 +48,7 @@ def finished_run(tmp_path_factory):
 def test_summary_lists_every_cell_and_site(finished_run):
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     assert list(summary)[0] == "headline"
-    assert set(summary["headline"]["timings"]) == {"models", "data", "scoring", "activations"}
+    assert set(summary["headline"]["timings"]) == {"models", "data", "scoring", "activations", "saes"}
     assert all(v > 0 for v in summary["headline"]["timings"].values())
     assert set(summary["cells"]) == {"M0_D0", "M0_D1", "M1_D1"}
     for cell in summary["cells"].values():
@@ -115,3 +115,22 @@ def test_training_config_change_reruns_training_only(finished_run):
 def test_lint_is_clean():
     result = snakemake(ROOT, "--lint")
     assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout
+
+
+def test_pretrained_saes_are_imported(finished_run):
+    """SAEs the user already has (here: copies of trained ones) enter the grid through import_sae."""
+    import shutil
+
+    external = finished_run / "external"
+    shutil.copytree(finished_run / "results" / "saes", external, dirs_exist_ok=True)
+    path = _variant(finished_run, lambda c: c["saes"].update(
+        mine={"source": "pretrained", "path": str(external / "{model}_{data}" / "layer{layer}" / "topk")}))
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "import_sae": 6, "summary": 1}
+    target = "results/saes/M1_D1/layer2/mine/sae_weights.safetensors"
+    result = snakemake(finished_run, "--cores", "1", target, configfile=path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    ours = load_file(str(finished_run / target))
+    theirs = load_file(str(external / "M1_D1" / "layer2" / "topk" / "sae_weights.safetensors"))
+    assert all((ours[k] == theirs[k]).all() for k in theirs)

@@ -99,6 +99,8 @@ def cmd_train(args) -> None:
     acts = Path(args.acts_root) / cell
     groups: dict = {}
     for name, block in spec["saes"].items():
+        if block.get("source", "train") == "pretrained":
+            continue  # imported by its own rule
         groups.setdefault((block["hook_point"], block.get("target_hook_point")), []).append(name)
     opts = spec["training"]
     for (hook, target), names in groups.items():
@@ -113,6 +115,14 @@ def cmd_train(args) -> None:
               shuffle_buffer=opts["shuffle_buffer"], seed=opts["seed"], checkpoint_every=opts["checkpoint_every"],
               epochs=opts["epochs"], target_store=target_store, progress=not args.no_progress,
               work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}")
+
+
+def cmd_import_sae(args) -> None:
+    """Bring a pretrained SAE (SAELens, sparsify, Gemma Scope) into the results in SAELens layout."""
+    from .sae import files
+
+    sae = files.load_any(args.path, fmt=args.format, transcoder=args.transcoder)
+    files.save(sae, args.out, extra={"imported_from": str(args.path), "format": args.format})
 
 
 def cmd_summary(args) -> None:
@@ -170,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acts-root", default="results/activations")
     p.add_argument("--out-root", default="results/saes")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("import-sae", help="copy a pretrained SAE into SAELens layout")
+    p.add_argument("--path", required=True)
+    p.add_argument("--format", default="auto", choices=["auto", "saelens", "sparsify", "gemma_scope"])
+    p.add_argument("--transcoder", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_import_sae)
 
     p = sub.add_parser("summary", help="write results/summary.json")
     _common(p)

@@ -205,11 +205,20 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
                     f"expected an installed program, '{program}' was not found on PATH")
 
     for name, sae in cfg.get("saes", {}).items():
+        if sae["source"] == "pretrained":
+            for cell in cells(cfg):
+                for layer in cfg["layers"]:
+                    concrete = sae["path"].format(model=cell.model, data=cell.data, layer=layer)
+                    resolve_path(concrete, base_dirs, f"saes.{name}.path ({cell.name}, layer {layer})")
+            sae["path"] = str(Path(sae["path"]) if Path(sae["path"]).is_absolute() else
+                              next((b / sae["path"] for b in base_dirs
+                                    if (b / sae["path"].format(model="M0", data="D0", layer=cfg["layers"][0])).exists()),
+                                   Path(sae["path"])))
         for key in ("hook_point", "target_hook_point"):
             if key in sae and sae[key] not in cfg["hook_points"]:
                 raise ConfigError(f"config error: saes.{name}.{key} = {sae[key]!r}: expected one of the extracted "
                                   f"hook_points {cfg['hook_points']}")
-        if sae["architecture"] == "matryoshka":
+        if sae.get("architecture") == "matryoshka":
             fractions = sae["matryoshka_fractions"]
             if fractions != sorted(set(fractions)) or fractions[-1] != 1.0:
                 raise ConfigError(f"config error: saes.{name}.matryoshka_fractions = {fractions}: expected "

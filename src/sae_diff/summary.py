@@ -81,15 +81,20 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
             if not (folder / "sae_diff.json").exists():
                 continue
             ours = read_json(folder / "sae_diff.json")
-            rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
+            log_path = folder / "train_log.jsonl"
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
             last = rows[-1] if rows else {}
             out.setdefault(f"layer{layer}", {})[name] = {
                 "path": str(folder), "architecture": ours["config"]["architecture"],
                 "d_in": ours["config"]["d_in"], "d_sae": ours["config"]["d_sae"],
                 "k": ours["config"]["k"] if ours["config"]["architecture"] in ("topk", "batchtopk", "matryoshka") else None,
-                "hook_name": ours["config"]["hook_name"], "n_tokens": ours["training"]["n_tokens"],
-                "train_final": {key: last.get(key) for key in ("fvu", "l0", "dead_fraction", "loss")},
+                "hook_name": ours["config"]["hook_name"],
             }
+            if "training" in ours:
+                out[f"layer{layer}"][name]["n_tokens"] = ours["training"]["n_tokens"]
+                out[f"layer{layer}"][name]["train_final"] = {k: last.get(k) for k in ("fvu", "l0", "dead_fraction", "loss")}
+            else:
+                out[f"layer{layer}"][name]["imported_from"] = ours.get("imported_from")
     return out
 
 

@@ -9,7 +9,7 @@ rule extract_activations:
     output:
         [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
     params:
-        spec=spec(layers=config["layers"], hook_points=config["hook_points"],
+        spec=lambda w: spec(layers=config["layers"], hook_points=config["hook_points"],
                   activations=config["activations"], device=config["device"]),
         out_dir="results/activations/{model}_{data}",
     conda:

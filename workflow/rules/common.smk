@@ -21,6 +21,8 @@ DATA = cfglib.data_ids(config)
 CELLS = cfglib.cells(config)
 SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
 SAES = list(config["saes"])
+TRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "train"]
+PRETRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "pretrained"]
 
 
 wildcard_constraints:
@@ -30,7 +32,11 @@ wildcard_constraints:
 
 
 def spec(**parts):
-    """The part of the config a job depends on, as JSON: its params change exactly when it must rerun."""
+    """The part of the config a job depends on, as JSON: its params change exactly when it must rerun.
+
+    Rules call it inside a lambda: Snakemake would otherwise expand {...} in string params
+    (a pretrained SAE's path template) as wildcards.
+    """
     return json.dumps(parts, sort_keys=True)
 
 
@@ -65,6 +71,8 @@ def warm_start_dirs(wildcards):
     cell = cfglib.Cell(wildcards.model, wildcards.data)
     out = {}
     for name, block in config["saes"].items():
+        if block["source"] != "train":
+            continue
         source = cfglib.warm_start_source(config, cell, block["warm_start"])
         if source is not None:
             out[name] = cfglib.sae_dir(source, int(wildcards.layer), name)
@@ -90,5 +98,5 @@ BENCHMARKS = (
     + [bench("make_data", d) for d in DATA]
     + [bench("score_data", d) for d in DATA]
     + [bench("extract_activations", c.name) for c in CELLS]
-    + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
+    + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if TRAINED_SAES else [])
 )

@@ -28,7 +28,7 @@ rule score_data:
     output:
         "results/data/{data}/samples.parquet",
     params:
-        spec=spec(scorers=config["scorers"]),
+        spec=lambda w: spec(scorers=config["scorers"]),
     conda:
         "../envs/analysis.yaml"
     log:

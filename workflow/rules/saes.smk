@@ -6,9 +6,10 @@ rule train_sae:
         acts=lambda w: manifests(f"{w.model}_{w.data}"),
         warm=warm_start_inputs,
     output:
-        [f"results/saes/{{model}}_{{data}}/layer{{layer}}/{name}/sae_weights.safetensors" for name in SAES],
+        [f"results/saes/{{model}}_{{data}}/layer{{layer}}/{name}/sae_weights.safetensors" for name in TRAINED_SAES],
     params:
-        spec=lambda w: spec(saes=config["saes"], training=config["training"], warm_start=warm_start_dirs(w)),
+        spec=lambda w: spec(saes={n: config["saes"][n] for n in TRAINED_SAES}, training=config["training"],
+                            warm_start=warm_start_dirs(w)),
     conda:
         "../envs/torch.yaml"
     log:
@@ -21,3 +22,23 @@ rule train_sae:
     shell:
         "sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--layer {wildcards.layer} --threads {threads} > {log} 2>&1"
+
+
+rule import_sae:
+    input:
+        lambda w: config["saes"][w.sae]["path"].format(model=w.model, data=w.data, layer=w.layer),
+    output:
+        "results/saes/{model}_{data}/layer{layer}/{sae}/sae_weights.safetensors",
+    params:
+        format=lambda w: config["saes"][w.sae].get("format", "auto"),
+        transcoder=lambda w: "--transcoder" if config["saes"][w.sae].get("transcoder") else "",
+        out_dir="results/saes/{model}_{data}/layer{layer}/{sae}",
+    wildcard_constraints:
+        sae="|".join(PRETRAINED_SAES) or "(?!x)x",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/import_sae/{model}_{data}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff import-sae --path {input} --format {params.format} {params.transcoder} "
+        "--out {params.out_dir} > {log} 2>&1"

@@ -8,7 +8,7 @@ rule summary:
     output:
         "results/summary.json",
     params:
-        spec=spec(**config),
+        spec=lambda w: spec(**config),
     conda:
         "../envs/analysis.yaml"
     log:
