@@ -189,7 +189,9 @@ def test_initialization():
     cfg = SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K)
     sae = SAE(cfg, dtype=DT)
     sae.initialize(sample, seed=0)
-    torch.testing.assert_close(sae.W_enc_T, sae.W_dec)  # W_enc = W_decᵀ (stored transposed)
+    # W_enc = c·W_decᵀ (stored transposed): tied directions, encoder rows of norm c
+    torch.testing.assert_close(sae.W_enc_T, sae.W_dec * cfg.encoder_init_norm)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE, dtype=DT))
     torch.testing.assert_close(sae.b_dec, geometric_median(sample))
 
 

