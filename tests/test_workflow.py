@@ -58,6 +58,7 @@ def test_summary_lists_every_cell_and_site(finished_run):
             assert site["dtype"] == "float16" and site["d_model"] == 32
     assert summary["data"]["D0"]["n_samples"] == 16
     assert "female_ratio" in summary["data"]["D0"]["metrics"]
+    assert len(summary["data"]["D0"]["examples"]) == 3 and {"prompt", "text"} <= set(summary["data"]["D0"]["examples"][0])
     assert summary["run"]["versions"]["torch"]
 
 

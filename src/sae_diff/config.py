@@ -237,8 +237,7 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
     return cfg
 
 
-def load(path: str | Path, base_dirs: list[Path] | None = None, overrides: dict | None = None,
-         check_depth: bool = True) -> dict:
+def load(path: str | Path, base_dirs: list[Path] | None = None, check_depth: bool = True) -> dict:
     """Read a YAML config, validate it, fill in defaults and run the semantic checks."""
     path = Path(path)
     if not path.exists():
@@ -248,20 +247,8 @@ def load(path: str | Path, base_dirs: list[Path] | None = None, overrides: dict 
             cfg = yaml.safe_load(fh) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config error: {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if overrides:
-        cfg = deep_update(cfg, overrides)
     validate(cfg)
     return check(cfg, base_dirs or [Path.cwd(), path.parent.resolve()], check_depth=check_depth)
-
-
-def deep_update(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def config_hash(cfg: dict) -> str:

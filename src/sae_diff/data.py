@@ -241,5 +241,6 @@ def describe(table: pd.DataFrame) -> dict:
 
 
 def example_rows(table: pd.DataFrame, n: int = 3) -> list[dict]:
+    """The first ``n`` (prompt, completion) pairs, for summaries and reports."""
     return json.loads(table.head(n)[["prompt", "text"]].to_json(orient="records"))
 

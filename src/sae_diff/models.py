@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import string
 from pathlib import Path
 from typing import Callable, Iterator
@@ -319,13 +318,6 @@ def run_until_stopped(fn: Callable, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except StopForward:
         pass
-
-
-def copy_folder(src: str | Path, dst: str | Path) -> None:
-    """Copy a prepared folder atomically (used to re-export a model under another id)."""
-    with atomic_dir(dst) as tmp:
-        for item in Path(src).iterdir():
-            shutil.copy2(item, Path(tmp) / item.name)
 
 
 def set_threads(threads: int | None) -> None:

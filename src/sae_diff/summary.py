@@ -57,9 +57,10 @@ def _finite(value):
 
 
 def data_summary(samples_path: Path) -> dict:
+    from .data import describe, example_rows
+
     table = pd.read_parquet(samples_path)
-    out = {"path": str(samples_path), "n_samples": int(len(table)),
-           "n_train": int((table["split"] == "train").sum()), "n_eval": int((table["split"] == "eval").sum())}
+    out = {"path": str(samples_path), **describe(table)}
     metrics = {}
     for column in table.columns:
         if column in ("sample_id", "prompt_id", "n", "template") or not pd.api.types.is_numeric_dtype(table[column]):
@@ -67,6 +68,7 @@ def data_summary(samples_path: Path) -> dict:
         values = table[column].astype(float)
         metrics[column] = {"mean": _finite(float(values.mean())), "n_defined": int(values.notna().sum())}
     out["metrics"] = metrics
+    out["examples"] = example_rows(table, 3)
     return out
 
 
