@@ -13,14 +13,36 @@ functions touch only the active ones:
 
 Indices are sorted within each row before any sparse matrix is built: CSR/COO built from
 the unsorted output of ``topk(sorted=False)`` silently gives wrong gradients.
+
+On CUDA (with Triton installed) the same three primitives run as Triton kernels
+(``triton_kernels``); ``SAE_DIFF_KERNELS=triton`` forces that path for CPU tensors too,
+which only makes sense under Triton's interpreter (``TRITON_INTERPRET=1``, used by tests).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
 import torch
 from torch.nn import functional as F
+
+@functools.lru_cache(maxsize=1)
+def _triton_module():
+    try:
+        from . import triton_kernels
+    except ImportError:  # no triton: the torch path serves every device
+        return None
+    return triton_kernels
+
+
+def _triton_for(tensor: torch.Tensor):
+    """The Triton kernels module when ``tensor`` should use it, else None."""
+    if tensor.is_cuda or os.environ.get("SAE_DIFF_KERNELS") == "triton":
+        return _triton_module()
+    return None
+
 
 GATHER_CHUNK = 64  # rows per chunk when gathering [rows, k, d] blocks: small blocks stay in cache, no page faults
 
@@ -61,21 +83,27 @@ class SparseDecode(torch.autograd.Function):
             vals = vals.gather(-1, order)
         ctx.save_for_backward(idx, vals, W_dec, order if order is not None else torch.empty(0))
         ctx.sorted_here = order is not None
+        tk = _triton_for(W_dec)
+        if tk is not None:
+            return tk.gather_sum(idx, vals, W_dec)
         return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
         idx, vals, W_dec, order = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        tk = _triton_for(W_dec)
         grad_vals = None
         if ctx.needs_input_grad[1]:
-            grad_vals = _gather_dot(idx, W_dec, grad_out)
+            grad_vals = tk.gather_dot(idx, W_dec, grad_out) if tk else _gather_dot(idx, W_dec, grad_out)
             if ctx.sorted_here:  # back to the caller's order
                 grad_vals = torch.empty_like(grad_vals).scatter_(-1, order, grad_vals)
         grad_W = None
         if ctx.needs_input_grad[2]:
-            sparse = _row_sparse(idx, vals, W_dec.shape[0])
-            grad_W = torch.sparse.mm(sparse.t().coalesce(), grad_out)
+            if tk is not None:
+                grad_W = tk.scatter_add(idx, vals, grad_out, W_dec.shape[0])
+            else:
+                grad_W = torch.sparse.mm(_row_sparse(idx, vals, W_dec.shape[0]).t().coalesce(), grad_out)
         return None, grad_vals, grad_W
 
 
@@ -96,7 +124,10 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc_T, b_enc, k):
         # pre-activations are consumed by topk right here, so one scratch buffer serves every call
-        pre = torch.addmm(b_enc, x, W_enc_T.t(), out=_scratch((x.shape[0], W_enc_T.shape[0]), x.dtype, x.device))
+        if x.is_cuda:  # the caching allocator already reuses GPU memory
+            pre = torch.addmm(b_enc, x, W_enc_T.t())
+        else:
+            pre = torch.addmm(b_enc, x, W_enc_T.t(), out=_scratch((x.shape[0], W_enc_T.shape[0]), x.dtype, x.device))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)
         vals = vals.gather(-1, order).clamp_min(0)
@@ -109,11 +140,17 @@ class TopKEncode(torch.autograd.Function):
         x, W_enc_T, idx, vals = ctx.saved_tensors
         grad_pre = grad_vals * (vals > 0)  # ReLU: no gradient through clipped latents
         grad_x = grad_W = grad_b = None
+        tk = _triton_for(x)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc_T, per_sample_weights=grad_pre, mode="sum")
+            if tk is not None:
+                grad_x = tk.gather_sum(idx, grad_pre, W_enc_T)
+            else:
+                grad_x = F.embedding_bag(idx, W_enc_T, per_sample_weights=grad_pre, mode="sum")
         if ctx.needs_input_grad[1]:
-            sparse = _row_sparse(idx, grad_pre, W_enc_T.shape[0])
-            grad_W = torch.sparse.mm(sparse.t().coalesce(), x)
+            if tk is not None:
+                grad_W = tk.scatter_add(idx, grad_pre, x, W_enc_T.shape[0])
+            else:
+                grad_W = torch.sparse.mm(_row_sparse(idx, grad_pre, W_enc_T.shape[0]).t().coalesce(), x)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc_T.shape[0], dtype=grad_pre.dtype, device=grad_pre.device)
             grad_b.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))
