@@ -21,6 +21,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/summary.smk"
 
 

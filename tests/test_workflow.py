@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
     dry = snakemake(workdir, "-n")
     assert dry.returncode == 0, dry.stderr
     assert planned(dry) == {"all": 1, "prepare_model": 2, "make_data": 2, "score_data": 2,
-                            "extract_activations": 3, "train_sae": 6, "summary": 1}
+                            "extract_activations": 3, "train_sae": 3, "evaluate_saes": 3, "summary": 1}
     result = snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -48,11 +48,11 @@ def finished_run(tmp_path_factory):
 def test_summary_lists_every_cell_and_site(finished_run):
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     assert list(summary)[0] == "headline"
-    assert set(summary["headline"]["timings"]) == {"models", "data", "scoring", "activations", "saes"}
+    assert set(summary["headline"]["timings"]) == {"models", "data", "scoring", "activations", "saes", "evaluation"}
     assert all(v > 0 for v in summary["headline"]["timings"].values())
     assert set(summary["cells"]) == {"M0_D0", "M0_D1", "M1_D1"}
     for cell in summary["cells"].values():
-        assert set(cell["activations"]) == {"layer0", "layer0.mlp_out", "layer2", "layer2.mlp_out"}
+        assert set(cell["activations"]) == {"layer1", "layer1.mlp_out"}
         for site in cell["activations"].values():
             assert site["n_tokens"]["train"] > 0 and site["n_tokens"]["eval"] > 0
             assert site["dtype"] == "float16" and site["d_model"] == 32
@@ -66,6 +66,7 @@ def test_logs_per_rule(finished_run):
     logs = finished_run / "logs"
     assert (logs / "prepare_model" / "M1.log").exists()
     assert (logs / "extract_activations" / "M1_D1.log").read_text().count("extract") >= 1
+    assert "evaluate done" in (logs / "evaluate_saes" / "M0_D1_layer1.log").read_text()
 
 
 def test_rerun_is_a_no_op(finished_run):
@@ -88,7 +89,7 @@ def test_scorer_change_reruns_scoring_only(finished_run):
 def test_activation_dtype_change_reruns_extraction_only(finished_run):
     path = _variant(finished_run, lambda c: c["activations"].update(dtype="float32"))
     assert planned(snakemake(finished_run, "-n", configfile=path)) == {
-        "all": 1, "extract_activations": 3, "train_sae": 6, "summary": 1}
+        "all": 1, "extract_activations": 3, "train_sae": 3, "evaluate_saes": 3, "summary": 1}
 
 
 def test_sae_outputs_and_warm_start(finished_run):
@@ -97,20 +98,34 @@ def test_sae_outputs_and_warm_start(finished_run):
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     assert summary["headline"]["timings"]["saes"] > 0
     for cell in ("M0_D0", "M0_D1", "M1_D1"):
-        for layer in ("layer0", "layer2"):
-            block = summary["cells"][cell]["saes"][layer]
-            assert block["topk"]["d_sae"] == 128 and block["topk"]["train_final"]["l0"] == 4.0
-            assert block["relu"]["d_sae"] == 64 and block["relu"]["k"] is None
-            folder = finished_run / block["topk"]["path"]
-            assert (folder / "training_curve.png").stat().st_size > 10_000
-            assert files.load(folder).cfg.hook_name == f"blocks.{layer[5:]}.hook_resid_post"
-    log = (finished_run / "logs" / "train_sae" / "M1_D1_layer0.log").read_text()
+        block = summary["cells"][cell]["saes"]["layer1"]
+        assert block["topk"]["d_sae"] == 128 and block["topk"]["train_final"]["l0"] == 4.0
+        assert block["relu"]["d_sae"] == 64 and block["relu"]["k"] is None
+        folder = finished_run / block["topk"]["path"]
+        assert (folder / "training_curve.png").stat().st_size > 10_000
+        assert files.load(folder).cfg.hook_name == "blocks.1.hook_resid_post"
+    log = (finished_run / "logs" / "train_sae" / "M1_D1_layer1.log").read_text()
     assert "train done" in log
+
+
+def test_evaluation_outputs(finished_run):
+    summary = json.loads((finished_run / "results" / "summary.json").read_text())
+    for cell in ("M0_D0", "M0_D1", "M1_D1"):
+        for name in ("topk", "relu"):
+            ev = summary["cells"][cell]["saes"]["layer1"][name]["eval"]
+            assert 0 < ev["explained_variance"] <= 1 and ev["fvu"] == pytest.approx(1 - ev["explained_variance"])
+            assert ev["ce_loss_clean"] <= ev["ce_loss_with_ablation"] and ev["ce_loss_score"] == ev["ce_loss_score"]
+            assert set(ev["groups"]["prompt_id"]) <= {str(i) for i in range(8)}
+            figures = finished_run / "results" / "figures" / "eval" / cell / "layer1"
+            assert (figures / f"{name}_density.png").stat().st_size > 10_000
+            assert (figures / f"{name}_loss_by_position.png").stat().st_size > 10_000
+    assert summary["cells"]["M1_D1"]["saes"]["layer1"]["topk"]["eval"]["l0"] == 4.0
 
 
 def test_training_config_change_reruns_training_only(finished_run):
     path = _variant(finished_run, lambda c: c["saes"]["relu"].update(l1_coefficient=0.1))
-    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "train_sae": 6, "summary": 1}
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "train_sae": 3, "evaluate_saes": 3,
+                                                                       "summary": 1}
 
 
 def test_lint_is_clean():
@@ -126,12 +141,13 @@ def test_pretrained_saes_are_imported(finished_run):
     shutil.copytree(finished_run / "results" / "saes", external, dirs_exist_ok=True)
     path = _variant(finished_run, lambda c: c["saes"].update(
         mine={"source": "pretrained", "path": str(external / "{model}_{data}" / "layer{layer}" / "topk")}))
-    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "import_sae": 6, "summary": 1}
-    target = "results/saes/M1_D1/layer2/mine/sae_weights.safetensors"
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"all": 1, "import_sae": 3, "evaluate_saes": 3,
+                                                                       "summary": 1}
+    target = "results/saes/M1_D1/layer1/mine/sae_weights.safetensors"
     result = snakemake(finished_run, "--cores", "1", target, configfile=path)
     assert result.returncode == 0, result.stderr[-2000:]
     from safetensors.torch import load_file
 
     ours = load_file(str(finished_run / target))
-    theirs = load_file(str(external / "M1_D1" / "layer2" / "topk" / "sae_weights.safetensors"))
+    theirs = load_file(str(external / "M1_D1" / "layer1" / "topk" / "sae_weights.safetensors"))
     assert all((ours[k] == theirs[k]).all() for k in theirs)

@@ -39,8 +39,7 @@ STATE_FILE = ".extract_state.json"
 SPLITS = ("train", "eval")
 
 
-class ActivationStoreError(RuntimeError):
-    """A missing, corrupted or inconsistent activation store; the message names the file."""
+from .errors import ActivationStoreError  # noqa: F401
 
 
 def hook_name(layer: int, hook: str) -> str:

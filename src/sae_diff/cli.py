@@ -125,6 +125,67 @@ def cmd_import_sae(args) -> None:
     files.save(sae, args.out, extra={"imported_from": str(args.path), "format": args.format})
 
 
+def cmd_evaluate(args) -> None:
+    """Evaluate the SAEs of one (cell, layer) on the cell's eval split, loading the model once."""
+    from . import evaluate, models
+    from .config import site_dir
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    cell = f"{args.model}_{args.data}"
+    cell_acts = Path(args.acts_root) / cell
+    activations = spec["activations"]
+    options = {**spec["evaluation"], "max_length": activations["max_length"],
+               "exclude_special_tokens": activations["exclude_special_tokens"],
+               "exclude_first_position": activations["exclude_first_position"]}
+    loaded = models.load(args.model_dir, device=device) if args.model_dir and options["spliced"] else None
+    for name, block in spec["saes"].items():
+        hook, target = block.get("hook_point", "resid_post"), block.get("target_hook_point")
+        evaluate.evaluate_sae(
+            Path(args.saes_root) / cell / f"layer{args.layer}" / name, cell_acts / site_dir(args.layer, hook),
+            Path(args.out_dir) / f"{name}.json", model_dir=args.model_dir, samples_path=args.samples,
+            layer=args.layer, target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
+            options=options, device=device, figures_dir=args.figures, progress=not args.no_progress, loaded=loaded)
+
+
+def cmd_eval_recon(args) -> None:
+    """Reconstruction metrics of any SAELens-layout SAE on given activations; prints JSON."""
+    import torch
+
+    from . import evaluate, io
+    from .activations import ActivationStore
+    from .sae import files
+
+    sae = files.load_any(args.sae)
+    acts_path = Path(args.acts)
+    if acts_path.is_dir():
+        store = ActivationStore(acts_path)
+        make = evaluate.store_batches(store, args.batch_size, split=args.split)
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(acts_path))
+        if "acts" not in tensors or tensors["acts"].dim() != 2:
+            raise FileNotFoundError(f"{acts_path}: expected a tensor 'acts' of shape [n, d_in]")
+        make = evaluate.tensor_batches(tensors["acts"].to(torch.float32), args.batch_size)
+    metrics = evaluate.json_ready(evaluate.reconstruction_metrics(sae, make))
+    if args.out:
+        io.write_json(args.out, metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_compare(args) -> None:
+    """Two evaluation JSONs side by side, with the better SAE per metric."""
+    from . import evaluate, io
+
+    a, b = io.read_json(args.a), io.read_json(args.b)
+    rows, text = evaluate.compare(a, b, args.name_a, args.name_b)
+    io.write_json(args.out, {"a": str(args.a), "b": str(args.b), "metrics": rows})
+    Path(args.out).with_suffix(".txt").write_text(text)
+    print(text, end="")
+
+
 def cmd_summary(args) -> None:
     from . import config as config_lib
     from . import io, summary
@@ -188,6 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_import_sae)
 
+    p = sub.add_parser("evaluate", help="evaluate the SAEs of one (cell, layer)")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--model-dir")
+    p.add_argument("--samples")
+    p.add_argument("--acts-root", default="results/activations")
+    p.add_argument("--saes-root", default="results/saes")
+    p.add_argument("--figures", help="folder for the figures")
+    p.add_argument("--out-dir", required=True, help="one <sae>.json per SAE of the spec")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("eval-recon", help="reconstruction metrics of an SAE on given activations (prints JSON)")
+    p.add_argument("--sae", required=True, help="an SAE folder (SAELens, sparsify) or Gemma Scope params file")
+    p.add_argument("--acts", required=True, help="safetensors with 'acts' [n, d_in], or an activation store folder")
+    p.add_argument("--split", default="eval", help="store split to read (store folders only)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(fn=cmd_eval_recon)
+
+    p = sub.add_parser("compare", help="compare two SAEs' evaluation JSONs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--name-a", default="A")
+    p.add_argument("--name-b", default="B")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_compare)
+
     p = sub.add_parser("summary", help="write results/summary.json")
     _common(p)
     p.add_argument("--results", default="results")
@@ -202,16 +292,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    from .activations import ActivationStoreError
-    from .config import ConfigError
-    from .data import DataError
-    from .sae.train import TrainingError
-    from .scorers import ScorerError
+    from .errors import USER_ERRORS
 
     start = time.perf_counter()
     try:
         args.fn(args)
-    except (ConfigError, DataError, ScorerError, ActivationStoreError, TrainingError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"sae-diff {args.verb}: {exc}", file=sys.stderr)
         return 2
     log.info("%s done in %.1f s", args.verb, time.perf_counter() - start)

@@ -24,8 +24,7 @@ SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 HOOK_POINTS = ("resid_post", "mlp_in", "mlp_out", "attn_out")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, described in one line."""
+from .errors import ConfigError  # noqa: F401  (re-exported: sae_diff.config.ConfigError)
 
 
 # --------------------------------------------------------------------------- schema

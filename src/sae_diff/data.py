@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 BASE_COLUMNS = ["sample_id", "prompt_id", "prompt", "prompt_text", "text", "split"]
 
 
-class DataError(ValueError):
-    """A problem with an input data file, described in one line."""
+from .errors import DataError  # noqa: F401
 
 
 # --------------------------------------------------------------------------- prompts

@@ -313,6 +313,48 @@ def capture(model, sites: list[tuple[int, str]], stop: bool = True) -> Iterator[
             handle.remove()
 
 
+def final_norm(model):
+    """The norm applied after the last block, before the unembedding."""
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
+        obj = model
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            continue
+    raise TypeError(f"{type(model).__name__}: unsupported architecture (no final norm found)")
+
+
+@contextlib.contextmanager
+def branch_point(model, layer: int) -> Iterator[dict]:
+    """During a normal forward, keep block ``layer``'s output and how the next block was called.
+
+    ``continue_from`` then reruns only the blocks above ``layer`` from a modified activation,
+    so several variants share one pass through the blocks below.
+    """
+    state: dict = {}
+    stack = blocks(model)
+    handles = [stack[layer].register_forward_hook(lambda _m, _i, out: state.__setitem__("hidden", _first(out)))]
+    if layer + 1 < len(stack):
+        def keep_call(_module, args, kwargs):
+            state["call"] = (args[1:], dict(kwargs))
+        handles.append(stack[layer + 1].register_forward_pre_hook(keep_call, with_kwargs=True))
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def continue_from(model, layer: int, hidden, state: dict):
+    """Logits from a residual-stream activation after block ``layer`` (see ``branch_point``)."""
+    args, kwargs = state.get("call", ((), {}))
+    for block in blocks(model)[layer + 1:]:
+        hidden = _first(block(hidden, *args, **kwargs))
+    return model.get_output_embeddings()(final_norm(model)(hidden))
+
+
 def run_until_stopped(fn: Callable, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)

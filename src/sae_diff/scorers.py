@@ -21,8 +21,7 @@ import pandas as pd
 REGISTRY: dict[str, Callable[..., pd.DataFrame]] = {}
 
 
-class ScorerError(RuntimeError):
-    """A scorer could not produce its metrics; the message says which and why."""
+from .errors import ScorerError  # noqa: F401
 
 
 def register(name: str):

@@ -24,7 +24,11 @@ STAGES = {
     "score_data": "scoring",
     "extract_activations": "activations",
     "train_sae": "saes",
+    "evaluate_saes": "evaluation",
 }
+EVAL_KEYS = ("explained_variance", "fvu", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
+             "relative_reconstruction_bias", "dead_fraction", "ce_loss_clean", "ce_loss_with_sae",
+             "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score", "spliced_skipped")
 VERSIONED = ["sae-diff", "torch", "transformers", "snakemake", "numpy", "pandas", "safetensors"]
 
 
@@ -97,6 +101,13 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                 out[f"layer{layer}"][name]["train_final"] = {k: last.get(k) for k in ("fvu", "l0", "dead_fraction", "loss")}
             else:
                 out[f"layer{layer}"][name]["imported_from"] = ours.get("imported_from")
+            eval_path = cell_dir.parent.parent / "eval" / cell_dir.name / f"layer{layer}" / f"{name}.json"
+            if eval_path.exists():
+                evaluation = read_json(eval_path)
+                out[f"layer{layer}"][name]["eval"] = {k: evaluation[k] for k in EVAL_KEYS if k in evaluation}
+                out[f"layer{layer}"][name]["eval"]["path"] = str(eval_path)
+                if "groups" in evaluation:
+                    out[f"layer{layer}"][name]["eval"]["groups"] = evaluation["groups"]
     return out
 
 

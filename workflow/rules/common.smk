@@ -89,6 +89,8 @@ def summary_inputs(wildcards):
         "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
+        "evals": [f"results/eval/{cell.name}/layer{layer}/{name}.json"
+                  for cell in CELLS for layer in config["layers"] for name in SAES],
     }
     return files
 
@@ -99,4 +101,5 @@ BENCHMARKS = (
     + [bench("score_data", d) for d in DATA]
     + [bench("extract_activations", c.name) for c in CELLS]
     + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if TRAINED_SAES else [])
+    + ([bench("evaluate_saes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
 )

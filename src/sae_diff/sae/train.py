@@ -25,8 +25,7 @@ from .model import SAE, SAEConfig
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite values); the message names the step and the SAE."""
+from ..errors import TrainingError  # noqa: F401
 
 
 @dataclass
