@@ -17,6 +17,9 @@ import torch
 from ..io import atomic_dir
 from .model import SAE, SAEConfig
 
+# the SAELens config format we write; without a 6.x version SAELens reads cfg.json as pre-6.0
+# and rebuilds metadata from top-level keys (losing hook_name)
+SAELENS_FORMAT_VERSION = "6.54.0"
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
                 "matryoshka": "jumprelu"}
 OURS = "sae_diff.json"
@@ -33,7 +36,8 @@ def saelens_cfg(sae: SAE) -> dict:
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name, "sae_lens_training_version": None},
+        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name,
+                     "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None},
     }
     if cfg.architecture == "topk":
         out["k"] = cfg.k
@@ -89,7 +93,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
         if arch is None:
             raise ValueError(f"{cfg_path}: architecture {lens.get('architecture')!r} not supported; "
                              "expected standard, topk or jumprelu")
-        meta = lens.get("metadata", {})
+        meta = {**{k: lens[k] for k in ("hook_name", "model_name") if k in lens}, **lens.get("metadata", {})}
         cfg = SAEConfig(architecture=arch, d_in=int(lens["d_in"]), d_sae=int(lens["d_sae"]), k=int(lens.get("k", 32)),
                         d_out=lens.get("d_out"), hook_name=meta.get("hook_name", ""),
                         model_name=meta.get("model_name", ""),
