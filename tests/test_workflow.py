@@ -120,6 +120,8 @@ def test_evaluation_outputs(finished_run):
             assert (figures / f"{name}_density.png").stat().st_size > 10_000
             assert (figures / f"{name}_loss_by_position.png").stat().st_size > 10_000
     assert summary["cells"]["M1_D1"]["saes"]["layer1"]["topk"]["eval"]["l0"] == 4.0
+    # the tiny character tokenizer has no words: absorption is skipped with the reason, not faked
+    assert "text tokenizer" in summary["cells"]["M1_D1"]["saes"]["layer1"]["topk"]["eval"]["absorption_skipped"]
 
 
 def test_training_config_change_reruns_training_only(finished_run):

@@ -139,14 +139,47 @@ def cmd_evaluate(args) -> None:
     options = {**spec["evaluation"], "max_length": activations["max_length"],
                "exclude_special_tokens": activations["exclude_special_tokens"],
                "exclude_first_position": activations["exclude_first_position"]}
-    loaded = models.load(args.model_dir, device=device) if args.model_dir and options["spliced"] else None
+    absorption_cfg = options.pop("absorption", {"enabled": False})
+    needs_model = args.model_dir and (options["spliced"] or absorption_cfg["enabled"])
+    loaded = models.load(args.model_dir, device=device) if needs_model else None
+    extras = {name: {} for name in spec["saes"]}
+    if absorption_cfg["enabled"]:
+        extras = _absorption(spec, args, absorption_cfg, loaded, device)
     for name, block in spec["saes"].items():
         hook, target = block.get("hook_point", "resid_post"), block.get("target_hook_point")
         evaluate.evaluate_sae(
             Path(args.saes_root) / cell / f"layer{args.layer}" / name, cell_acts / site_dir(args.layer, hook),
             Path(args.out_dir) / f"{name}.json", model_dir=args.model_dir, samples_path=args.samples,
             layer=args.layer, target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
-            options=options, device=device, figures_dir=args.figures, progress=not args.no_progress, loaded=loaded)
+            options=options, device=device, figures_dir=args.figures, progress=not args.no_progress, loaded=loaded,
+            extra=extras[name])
+
+
+def _absorption(spec, args, cfg: dict, loaded, device) -> dict:
+    """First-letter absorption of every residual-stream SAE of the (cell, layer), one model pass."""
+    from . import absorption
+    from .sae import files
+
+    cell = f"{args.model}_{args.data}"
+    out: dict = {}
+    saes = {}
+    for name, block in spec["saes"].items():
+        if block.get("hook_point", "resid_post") != "resid_post" or block.get("target_hook_point"):
+            out[name] = {"absorption_skipped": "absorption is defined on residual-stream SAEs"}
+        else:
+            saes[name] = files.load_any(Path(args.saes_root) / cell / f"layer{args.layer}" / name)
+    if saes:
+        settings = absorption.AbsorptionConfig(max_words=cfg["max_words"], n_icl_examples=cfg["n_icl_examples"],
+                                               seed=cfg["seed"])
+        try:
+            scores = absorption.measure(*loaded, saes, args.layer, settings, device=device)
+            out.update({name: {"absorption": value} for name, value in scores.items()})
+            for name, value in scores.items():
+                log.info("absorption %s: %d words, fraction score %.4f, full score %.4f", name, value["n_words"],
+                         value["mean_absorption_fraction_score"], value["mean_full_absorption_score"])
+        except absorption.AbsorptionSkipped as reason:
+            out.update({name: {"absorption_skipped": str(reason)} for name in saes})
+    return out
 
 
 def cmd_eval_recon(args) -> None:

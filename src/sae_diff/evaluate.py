@@ -303,12 +303,13 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> tuple[dic
 
 def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=None, layer=None,
                  target_store_dir=None, options: dict | None = None, device: str = "cpu",
-                 figures_dir=None, progress: bool = False, loaded=None) -> dict:
+                 figures_dir=None, progress: bool = False, loaded=None, extra: dict | None = None) -> dict:
     """Every metric of one SAE on its cell's eval split; writes JSON, a per-position table and figures.
 
     The spliced metrics need the model, the samples and a residual-stream SAE; they are
     skipped with a stated reason otherwise. ``loaded``: the (model, tokenizer) of
-    ``model_dir`` when the caller evaluates several SAEs with one model.
+    ``model_dir`` when the caller evaluates several SAEs with one model. ``extra``: results
+    computed by the caller for several SAEs at once (absorption), stored as given.
     """
     from pathlib import Path
 
@@ -358,6 +359,7 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
         write_parquet(per_position, out_json.with_suffix(".loss_by_position.parquet"))
     else:
         result["spliced_skipped"] = reason
+    result.update(extra or {})
     write_json(out_json, result)
 
     if figures_dir is not None:

@@ -28,7 +28,10 @@ STAGES = {
 }
 EVAL_KEYS = ("explained_variance", "fvu", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
              "relative_reconstruction_bias", "dead_fraction", "ce_loss_clean", "ce_loss_with_sae",
-             "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score", "spliced_skipped")
+             "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score", "spliced_skipped",
+             "absorption_skipped")
+ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+                   "probe_test_accuracy", "n_words")
 VERSIONED = ["sae-diff", "torch", "transformers", "snakemake", "numpy", "pandas", "safetensors"]
 
 
@@ -106,6 +109,9 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                 evaluation = read_json(eval_path)
                 out[f"layer{layer}"][name]["eval"] = {k: evaluation[k] for k in EVAL_KEYS if k in evaluation}
                 out[f"layer{layer}"][name]["eval"]["path"] = str(eval_path)
+                if "absorption" in evaluation:
+                    out[f"layer{layer}"][name]["eval"]["absorption"] = {
+                        k: evaluation["absorption"][k] for k in ABSORPTION_KEYS}
                 if "groups" in evaluation:
                     out[f"layer{layer}"][name]["eval"]["groups"] = evaluation["groups"]
     return out
