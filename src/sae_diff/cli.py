@@ -182,39 +182,52 @@ def _absorption(spec, args, cfg: dict, loaded, device) -> dict:
     return out
 
 
-def cmd_eval_recon(args) -> None:
-    """Reconstruction metrics of any SAELens-layout SAE on given activations; prints JSON."""
+def _recon_on(sae_path, acts: str, batch_size: int = 4096, split: str = "eval") -> dict:
+    """Reconstruction metrics of any supported SAE on a safetensors 'acts' file or a store folder."""
     import torch
 
-    from . import evaluate, io
+    from . import evaluate
     from .activations import ActivationStore
     from .sae import files
 
-    sae = files.load_any(args.sae)
-    acts_path = Path(args.acts)
+    sae = files.load_any(sae_path)
+    acts_path = Path(acts)
     if acts_path.is_dir():
-        store = ActivationStore(acts_path)
-        make = evaluate.store_batches(store, args.batch_size, split=args.split)
+        make = evaluate.store_batches(ActivationStore(acts_path), batch_size, split=split)
     else:
         from safetensors.torch import load_file
 
+        if not acts_path.exists():
+            raise FileNotFoundError(f"{acts_path}: not found (expected safetensors with 'acts' or a store folder)")
         tensors = load_file(str(acts_path))
-        if "acts" not in tensors or tensors["acts"].dim() != 2:
-            raise FileNotFoundError(f"{acts_path}: expected a tensor 'acts' of shape [n, d_in]")
-        make = evaluate.tensor_batches(tensors["acts"].to(torch.float32), args.batch_size)
-    metrics = evaluate.json_ready(evaluate.reconstruction_metrics(sae, make))
+        if "acts" not in tensors or tensors["acts"].dim() != 2 or tensors["acts"].shape[1] != sae.cfg.d_in:
+            raise FileNotFoundError(f"{acts_path}: expected a tensor 'acts' of shape [n, {sae.cfg.d_in}]")
+        make = evaluate.tensor_batches(tensors["acts"].to(torch.float32), batch_size)
+    return evaluate.json_ready(evaluate.reconstruction_metrics(sae, make))
+
+
+def cmd_eval_recon(args) -> None:
+    """Reconstruction metrics of any SAELens-layout SAE on given activations; prints JSON."""
+    from . import io
+
+    metrics = _recon_on(args.sae, args.acts, args.batch_size, args.split)
     if args.out:
         io.write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2))
 
 
 def cmd_compare(args) -> None:
-    """Two evaluation JSONs side by side, with the better SAE per metric."""
+    """Two SAEs side by side with the better one per metric: evaluation JSONs, or two SAE
+    folders measured here on the same activations (``--acts``)."""
     from . import evaluate, io
 
-    a, b = io.read_json(args.a), io.read_json(args.b)
+    if args.acts:
+        a, b = _recon_on(args.a, args.acts, split=args.split), _recon_on(args.b, args.acts, split=args.split)
+    else:
+        a, b = io.read_json(args.a), io.read_json(args.b)
     rows, text = evaluate.compare(a, b, args.name_a, args.name_b)
-    io.write_json(args.out, {"a": str(args.a), "b": str(args.b), "metrics": rows})
+    io.write_json(args.out, {"a": str(args.a), "b": str(args.b), "acts": args.acts, "metrics": rows,
+                             args.name_a: a, args.name_b: b})
     Path(args.out).with_suffix(".txt").write_text(text)
     print(text, end="")
 
@@ -303,9 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON here")
     p.set_defaults(fn=cmd_eval_recon)
 
-    p = sub.add_parser("compare", help="compare two SAEs' evaluation JSONs")
-    p.add_argument("a")
+    p = sub.add_parser("compare", help="compare two SAEs: evaluation JSONs, or SAE folders with --acts")
+    p.add_argument("a", help="evaluation JSON, or an SAE folder / params file with --acts")
     p.add_argument("b")
+    p.add_argument("--acts", help="activations both SAEs are measured on (safetensors 'acts' or store folder)")
+    p.add_argument("--split", default="eval")
     p.add_argument("--name-a", default="A")
     p.add_argument("--name-b", default="B")
     p.add_argument("--out", required=True)
