@@ -87,7 +87,7 @@ BAD = [
     ("sae site not extracted", lambda c: _set(c, "saes", {"a": {"architecture": "topk", "hook_point": "attn_out"}}), ["saes.a.hook_point = 'attn_out'", "extracted hook_points"]),
     ("sae without architecture", lambda c: _set(c, "saes", {"a": {"lr": 0.1}}), ["saes.a", "missing required key 'architecture'"]),
     ("unknown sae architecture", lambda c: _set(c, "saes", {"a": {"architecture": "gated"}}), ["saes.a.architecture", '"gated"', "jumprelu"]),
-    ("pretrained SAE file missing", lambda c: _set(c, "saes", {"p": {"source": "pretrained", "path": "nowhere/{model}/layer{layer}"}}), ["saes.p.path", "nowhere/M0/layer0", "existing file"]),
+    ("pretrained SAE file missing", lambda c: _set(c, "saes", {"p": {"source": "pretrained", "path": "nowhere/{model}/layer{layer}"}}), ["saes.p.path", "nowhere/M0/layer1", "existing file"]),
     ("bad matryoshka fractions", lambda c: _set(c, "saes", {"m": {"architecture": "matryoshka", "matryoshka_fractions": [0.5, 0.25]}}), ["saes.m.matryoshka_fractions", "ending at 1.0"]),
     ("top level not a mapping", None, ["expected a mapping"]),
 ]
@@ -121,3 +121,16 @@ def test_snakemake_stops_before_any_job_with_one_line(test_config, tmp_path, roo
     assert proc.returncode != 0
     assert 'config error: activations.batch_size = "eight": expected a value of type integer' in proc.stderr
     assert "Job stats" not in proc.stdout + proc.stderr
+
+
+def test_pretrained_path_template_is_resolved_for_every_cell(test_config, tmp_path, root):
+    for cell in ("M0_D0", "M0_D1", "M1_D1"):
+        (tmp_path / "mine" / cell / "layer1").mkdir(parents=True)
+    test_config["saes"] = {"p": {"source": "pretrained", "path": "mine/{model}_{data}/layer{layer}"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(test_config))
+    cfg = cfglib.load(path, base_dirs=[tmp_path, root])
+    assert cfg["saes"]["p"]["path"] == str(tmp_path / "mine" / "{model}_{data}" / "layer{layer}")
+    (tmp_path / "mine" / "M1_D1" / "layer1").rmdir()  # one cell missing: named in the error
+    with pytest.raises(ConfigError, match=r"saes.p.path \(M1_D1, layer 1\)"):
+        cfglib.load(path, base_dirs=[tmp_path, root])

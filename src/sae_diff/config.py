@@ -138,6 +138,17 @@ def resolve_path(value: str, base_dirs: list[Path], key: str) -> Path:
     )
 
 
+def _resolve_template(cfg: dict, template: str, base_dirs: list[Path], key: str) -> str:
+    """An absolute path template ({model}, {data}, {layer}) whose every instance exists."""
+    instances = [(c, layer, template.format(model=c.model, data=c.data, layer=layer))
+                 for c in cells(cfg) for layer in cfg["layers"]]
+    first = resolve_path(instances[0][2], base_dirs, f"{key} ({instances[0][0].name}, layer {instances[0][1]})")
+    base = first.parents[len(Path(instances[0][2]).parts) - 1] if not Path(template).is_absolute() else Path("/")
+    for cell, layer, path in instances[1:]:
+        resolve_path(str(base / path), [base], f"{key} ({cell.name}, layer {layer})")
+    return str(base / template) if not Path(template).is_absolute() else template
+
+
 def _indexed(ids, prefix: str, key: str) -> list[str]:
     numbers = sorted(int(i[1:]) for i in ids)
     if numbers != list(range(len(numbers))):
@@ -205,14 +216,7 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
 
     for name, sae in cfg.get("saes", {}).items():
         if sae["source"] == "pretrained":
-            for cell in cells(cfg):
-                for layer in cfg["layers"]:
-                    concrete = sae["path"].format(model=cell.model, data=cell.data, layer=layer)
-                    resolve_path(concrete, base_dirs, f"saes.{name}.path ({cell.name}, layer {layer})")
-            sae["path"] = str(Path(sae["path"]) if Path(sae["path"]).is_absolute() else
-                              next((b / sae["path"] for b in base_dirs
-                                    if (b / sae["path"].format(model="M0", data="D0", layer=cfg["layers"][0])).exists()),
-                                   Path(sae["path"])))
+            sae["path"] = _resolve_template(cfg, sae["path"], base_dirs, f"saes.{name}.path")
         for key in ("hook_point", "target_hook_point"):
             if key in sae and sae[key] not in cfg["hook_points"]:
                 raise ConfigError(f"config error: saes.{name}.{key} = {sae[key]!r}: expected one of the extracted "
