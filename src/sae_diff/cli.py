@@ -35,6 +35,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _cell(parser: argparse.ArgumentParser, layer: bool = False) -> None:
+    """--model / --data (and --layer) naming the cell a verb works on."""
+    parser.add_argument("--model", required=True, help="model id, e.g. M1")
+    parser.add_argument("--data", required=True, help="data id, e.g. D1")
+    if layer:
+        parser.add_argument("--layer", type=int, required=True, help="block index")
+
+
 def cmd_validate(args) -> None:
     from . import config as config_lib
 
@@ -272,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract one cell's activations at every configured site")
     _common(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    _cell(p)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--samples", required=True)
     p.add_argument("--out-dir", required=True)
@@ -281,9 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the configured SAEs of one (cell, layer)")
     _common(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--layer", type=int, required=True)
+    _cell(p, layer=True)
     p.add_argument("--acts-root", default="results/activations")
     p.add_argument("--out-root", default="results/saes")
     p.set_defaults(fn=cmd_train)
@@ -297,9 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate the SAEs of one (cell, layer)")
     _common(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--layer", type=int, required=True)
+    _cell(p, layer=True)
     p.add_argument("--model-dir")
     p.add_argument("--samples")
     p.add_argument("--acts-root", default="results/activations")

@@ -238,9 +238,9 @@ def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_
 # --------------------------------------------------------------------------- hooks
 
 
-def blocks(model):
-    """The list of transformer blocks of a causal LM."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+def _first_attribute(model, paths: tuple[str, ...], what: str):
+    """The first dotted attribute path that exists on ``model`` (Llama, GPT-2, NeoX, OPT names)."""
+    for path in paths:
         obj = model
         try:
             for attr in path.split("."):
@@ -248,7 +248,13 @@ def blocks(model):
             return obj
         except AttributeError:
             continue
-    raise TypeError(f"{type(model).__name__}: unsupported architecture (no list of blocks found)")
+    raise TypeError(f"{type(model).__name__}: unsupported architecture (no {what} found)")
+
+
+def blocks(model):
+    """The list of transformer blocks of a causal LM."""
+    return _first_attribute(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"),
+                            "list of blocks")
 
 
 def n_blocks(model) -> int:
@@ -315,15 +321,8 @@ def capture(model, sites: list[tuple[int, str]], stop: bool = True) -> Iterator[
 
 def final_norm(model):
     """The norm applied after the last block, before the unembedding."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        obj = model
-        try:
-            for attr in path.split("."):
-                obj = getattr(obj, attr)
-            return obj
-        except AttributeError:
-            continue
-    raise TypeError(f"{type(model).__name__}: unsupported architecture (no final norm found)")
+    return _first_attribute(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                                    "model.decoder.final_layer_norm"), "final norm")
 
 
 @contextlib.contextmanager

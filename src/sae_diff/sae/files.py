@@ -74,17 +74,21 @@ def save(sae: SAE, folder: str | Path, extra: dict | None = None) -> Path:
     return folder
 
 
-def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
-    """Load an SAE saved by us or by SAELens (standard, topk, jumprelu)."""
+def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, dict, Path]:
+    """cfg.json and the safetensors weights of an SAE folder (never pickle)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    cfg_path, weights_path = folder / "cfg.json", folder / "sae_weights.safetensors"
+    cfg_path, weights_path = folder / "cfg.json", folder / weights_name
     for path in (cfg_path, weights_path):
         if not path.exists():
-            raise FileNotFoundError(f"{path}: missing (expected a SAELens-layout SAE folder)")
-    lens = json.loads(cfg_path.read_text())
-    tensors = load_file(str(weights_path))
+            raise FileNotFoundError(f"{path}: missing (expected a {layout} SAE folder)")
+    return json.loads(cfg_path.read_text()), load_file(str(weights_path)), cfg_path
+
+
+def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
+    """Load an SAE saved by us or by SAELens (standard, topk, jumprelu)."""
+    folder = Path(folder)
+    lens, tensors, cfg_path = _read_folder(folder, "sae_weights.safetensors", "SAELens-layout")
     ours = folder / OURS
     if ours.exists():
         cfg = SAEConfig(**json.loads(ours.read_text())["config"])
@@ -157,15 +161,8 @@ def load_gemma_scope(path: str | Path, transcoder: bool = False, hook_name: str 
 
 def load_sparsify(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
     """EleutherAI sparsify TopK SAEs and transcoders: ``cfg.json`` + ``sae.safetensors``."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    cfg_path, weights_path = folder / "cfg.json", folder / "sae.safetensors"
-    for path in (cfg_path, weights_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing (expected a sparsify SAE folder)")
-    scfg = json.loads(cfg_path.read_text())
-    raw = load_file(str(weights_path))
+    scfg, raw, _ = _read_folder(folder, "sae.safetensors", "sparsify")
     if "W_skip" in raw or scfg.get("skip_connection"):
         raise ValueError(f"{folder}: sparsify skip connections are not supported")
     transcode = bool(scfg.get("transcode", False))
@@ -175,7 +172,7 @@ def load_sparsify(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE
                "b_dec": raw["b_dec"]}
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=int(scfg["k"]),
                     d_out=d_out if transcode else None, apply_b_dec_to_input=not transcode)
-    return _filled(cfg, tensors, dtype, weights_path)
+    return _filled(cfg, tensors, dtype, folder / "sae.safetensors")
 
 
 def load_any(path: str | Path, fmt: str = "auto", transcoder: bool = False, dtype: torch.dtype = torch.float32) -> SAE:
