@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	snakemake results/summary.json --cores $(CORES) --configfile $(CONFIG)
+	# --rerun-incomplete: after a crash, interrupted jobs restart and resume from their shards/checkpoints
+	snakemake results/summary.json --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete
 
 test: $(VENV)/.installed
 	pytest
