@@ -1,0 +1,123 @@
+"""Weight diffs between two SAEs of the same layer: per-feature cosines, norms, matching.
+
+Features are compared twice: by index (meaningful when one SAE was warm-started from the
+other, so indices stay aligned) and by the best one-to-one match, a Hungarian assignment
+on 1 − cos of decoder directions (``scipy.optimize.linear_sum_assignment``). Whether a
+matched pair is "same", "changed" or unmatched ("new") is decided by thresholds calibrated
+on two SAEs trained with different seeds on the same cell: their matched similarity is the
+null distribution of "nothing changed but the seed".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+CHUNK = 2048  # rows per block when scanning a [n, n] similarity matrix
+
+
+def unit_rows(weight: torch.Tensor) -> np.ndarray:
+    w = weight.detach().double()
+    return (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+
+
+def match(dec_a: np.ndarray, dec_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian matching of unit rows: for each row of A, its partner in B and their cosine.
+
+    With more rows in A than in B, the surplus rows get partner -1 and cosine NaN.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cos = dec_a @ dec_b.T
+    rows, cols = linear_sum_assignment(-cos)  # maximise total cosine = minimise Σ (1 − cos)
+    partner = np.full(len(dec_a), -1, dtype=np.int64)
+    partner[rows] = cols
+    matched = np.full(len(dec_a), np.nan)
+    matched[rows] = cos[rows, cols]
+    return partner, matched
+
+
+def max_cos_to_others(unit: np.ndarray) -> np.ndarray:
+    """Each row's largest cosine with another row of the same matrix (chunked)."""
+    out = np.empty(len(unit))
+    for start in range(0, len(unit), CHUNK):
+        block = unit[start:start + CHUNK] @ unit.T
+        idx = np.arange(start, min(start + CHUNK, len(unit)))
+        block[idx - start, idx] = -np.inf
+        out[start:start + CHUNK] = block.max(axis=1)
+    return out
+
+
+def weight_diff(sae_a, sae_b, aligned: bool = False) -> pd.DataFrame:
+    """One row per feature of A: cosines with B (same index when ``aligned``, best match),
+    decoder and encoder norms and their relative difference, and max cosine within A."""
+    dec_a, dec_b = unit_rows(sae_a.W_dec), unit_rows(sae_b.W_dec)
+    enc_a, enc_b = unit_rows(sae_a.W_enc_T), unit_rows(sae_b.W_enc_T)
+    partner, dec_cos_match = match(dec_a, dec_b)
+    has = partner >= 0
+    norms = {name: w.detach().double().norm(dim=1).numpy() for name, w in
+             (("dec_a", sae_a.W_dec), ("dec_b", sae_b.W_dec), ("enc_a", sae_a.W_enc_T), ("enc_b", sae_b.W_enc_T))}
+    table = pd.DataFrame({"feature": np.arange(len(dec_a)), "match": partner, "dec_cos_match": dec_cos_match})
+    enc_cos_match = np.full(len(dec_a), np.nan)
+    enc_cos_match[has] = (enc_a[has] * enc_b[partner[has]]).sum(1)
+    table["enc_cos_match"] = enc_cos_match
+    for kind in ("dec", "enc"):
+        own = norms[f"{kind}_a"]
+        other = np.full(len(own), np.nan)
+        other[has] = norms[f"{kind}_b"][partner[has]]
+        table[f"{kind}_norm"] = own
+        table[f"{kind}_norm_match"] = other
+        table[f"{kind}_norm_rel_diff"] = (other - own) / np.maximum(own, 1e-12)
+    if aligned:
+        if dec_a.shape != dec_b.shape:
+            raise ValueError(f"index-aligned diff needs equal shapes, got {dec_a.shape} and {dec_b.shape}")
+        table["dec_cos_same"] = (dec_a * dec_b).sum(1)
+        table["enc_cos_same"] = (enc_a * enc_b).sum(1)
+    table["max_cos_within"] = max_cos_to_others(dec_a)
+    return table
+
+
+def mmcs(table: pd.DataFrame) -> float:
+    """Mean max cosine similarity: the mean matched decoder cosine over A's features."""
+    return float(np.nanmean(table["dec_cos_match"]))
+
+
+@dataclass
+class Thresholds:
+    same: float      # matched cosine at or above: the same feature
+    new: float       # below: no counterpart (died in A's view, born in B's)
+    same_quantile: float
+    new_quantile: float
+    n_null: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def calibrate(null_cos: np.ndarray, same_quantile: float = 0.05, new_quantile: float = 0.001) -> Thresholds:
+    """Thresholds from the matched cosines of a seed pair (two SAEs, same cell, other seed).
+
+    "same": at least the ``same_quantile`` quantile of the null (so about that fraction of
+    features would be called changed by seed noise alone); "new": below its
+    ``new_quantile`` quantile.
+    """
+    null = np.asarray(null_cos, dtype=np.float64)
+    null = null[np.isfinite(null)]
+    if not len(null):
+        raise ValueError("calibration needs at least one matched pair")
+    if not 0 <= new_quantile <= same_quantile <= 1:
+        raise ValueError(f"quantiles must satisfy 0 <= new ({new_quantile}) <= same ({same_quantile}) <= 1")
+    return Thresholds(same=float(np.quantile(null, same_quantile)), new=float(np.quantile(null, new_quantile)),
+                      same_quantile=same_quantile, new_quantile=new_quantile, n_null=len(null))
+
+
+def label(cos: np.ndarray, thresholds: Thresholds) -> np.ndarray:
+    """'same', 'changed' or 'new' for each matched cosine (NaN: no partner -> 'new')."""
+    cos = np.asarray(cos, dtype=np.float64)
+    out = np.full(len(cos), "changed", dtype=object)
+    out[cos >= thresholds.same] = "same"
+    out[~(cos >= thresholds.new)] = "new"  # also catches NaN
+    return out

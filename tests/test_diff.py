@@ -1,0 +1,106 @@
+"""SAE diffs on planted cases, and thresholds calibrated on seed pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_diff import diff
+from sae_diff.sae.model import SAE, SAEConfig
+
+D, N_SAME, N_CHANGED, N_REMOVED = 64, 80, 20, 20
+
+
+def sae_with_decoder(rows: np.ndarray) -> SAE:
+    sae = SAE(SAEConfig(architecture="topk", d_in=rows.shape[1], d_sae=len(rows), k=4))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.as_tensor(rows))
+        sae.W_enc_T.copy_(torch.as_tensor(rows) * 0.5)
+    return sae
+
+
+def planted():
+    """B = A's first 80 rows (permuted, tiny noise), the next 20 rotated to cos 0.7,
+    the last 20 replaced by fresh random directions."""
+    rng = np.random.default_rng(0)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    a = unit(rng.standard_normal((N_SAME + N_CHANGED + N_REMOVED, D)))
+    b = a.copy()
+    b[:N_SAME] = unit(a[:N_SAME] + 0.01 * rng.standard_normal((N_SAME, D)))
+    for i in range(N_SAME, N_SAME + N_CHANGED):
+        u = rng.standard_normal(D)
+        u -= (u @ a[i]) * a[i]
+        b[i] = 0.7 * a[i] + np.sqrt(1 - 0.49) * u / np.linalg.norm(u)
+    b[N_SAME + N_CHANGED:] = unit(rng.standard_normal((N_REMOVED, D)))
+    perm = rng.permutation(len(b))  # B's row j is the original row perm[j]
+    return a, b[perm], perm
+
+
+def test_planted_permuted_perturbed_removed_and_added_are_labelled_exactly():
+    a, b, perm = planted()
+    sae_a, sae_b = sae_with_decoder(a), sae_with_decoder(b)
+    thresholds = diff.Thresholds(same=0.9, new=0.45, same_quantile=0.05, new_quantile=0.001, n_null=0)
+    table = diff.weight_diff(sae_a, sae_b)
+    labels = diff.label(table["dec_cos_match"].to_numpy(), thresholds)
+    where_in_b = np.argsort(perm)  # original row i sits at B row where_in_b[i]
+    assert (labels[:N_SAME] == "same").all()
+    assert (table["match"].to_numpy()[:N_SAME] == where_in_b[:N_SAME]).all()
+    assert (labels[N_SAME:N_SAME + N_CHANGED] == "changed").all()
+    np.testing.assert_allclose(table["dec_cos_match"].to_numpy()[N_SAME:N_SAME + N_CHANGED], 0.7, atol=1e-6)
+    assert (labels[N_SAME + N_CHANGED:] == "new").all()  # died: nothing in B resembles them
+    # B's view: exactly the 20 fresh directions are new (born)
+    born = diff.label(diff.weight_diff(sae_b, sae_a)["dec_cos_match"].to_numpy(), thresholds) == "new"
+    assert set(np.nonzero(born)[0]) == set(where_in_b[N_SAME + N_CHANGED:])
+
+
+def test_weight_diff_columns_against_dense_math():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((30, 8)), rng.standard_normal((30, 8))
+    sae_a, sae_b = sae_with_decoder(a * 2.0), sae_with_decoder(b)
+    table = diff.weight_diff(sae_a, sae_b, aligned=True)
+    ua, ub = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    np.testing.assert_allclose(table["dec_cos_same"], (ua * ub).sum(1), atol=1e-6)  # weights held in float32
+    np.testing.assert_allclose(table["dec_norm"], 2 * np.linalg.norm(a, axis=1), rtol=1e-6)
+    cos_within = ua @ ua.T
+    np.fill_diagonal(cos_within, -np.inf)
+    np.testing.assert_allclose(table["max_cos_within"], cos_within.max(1), atol=1e-6)
+    # the Hungarian matching maximises the total cosine: no other permutation of B does better
+    from itertools import permutations
+
+    small_a, small_b = ua[:6], ub[:6]
+    partner, cos = diff.match(small_a, small_b)
+    best = max(sum(small_a[i] @ small_b[p[i]] for i in range(6)) for p in permutations(range(6)))
+    assert cos.sum() == pytest.approx(best)
+    assert diff.mmcs(table) == pytest.approx(float(np.nanmean(table["dec_cos_match"])))
+
+
+def test_calibration_quantiles_and_label_edges():
+    null = np.linspace(0.0, 1.0, 1001)
+    t = diff.calibrate(null, same_quantile=0.05, new_quantile=0.01)
+    assert t.same == pytest.approx(0.05) and t.new == pytest.approx(0.01)
+    assert list(diff.label(np.array([0.05, 0.04, 0.01, 0.0, np.nan]), t)) == ["same", "changed", "changed", "new", "new"]
+    with pytest.raises(ValueError, match="quantiles"):
+        diff.calibrate(null, same_quantile=0.01, new_quantile=0.05)
+
+
+def test_seed_pair_calibration_holds_on_an_independent_seed_pair(tmp_path):
+    """Thresholds from seeds (0, 1) call at most ~5% of features changed between seeds (2, 3)."""
+    from sae_diff.activations import ActivationStore, write_store
+    from sae_diff.sae import files
+    from sae_diff.sae.train import TrainSpec, train
+    from tests.test_sae_training import planted as planted_acts
+
+    acts, _ = planted_acts(n=30_000)
+    store = ActivationStore(write_store(tmp_path / "acts", acts, shard_tokens=5000))
+    specs = [TrainSpec(name=f"s{seed}", sae=SAEConfig(architecture="topk", d_in=16, d_sae=64, k=3), lr=1e-2,
+                       warmup_steps=5, seed=seed, dead_tokens=2000, init_sample=512) for seed in range(4)]
+    outs = train(store, specs, [tmp_path / s.name for s in specs], n_tokens=30_000, batch_size=128, epochs=2,
+                 shuffle_buffer=6000, checkpoint_every=0, progress=False)
+    saes = [files.load(o) for o in outs]
+    null = diff.weight_diff(saes[0], saes[1])["dec_cos_match"].to_numpy()
+    thresholds = diff.calibrate(null, same_quantile=0.05)
+    second = diff.weight_diff(saes[2], saes[3])["dec_cos_match"].to_numpy()
+    not_same = float((diff.label(second, thresholds) != "same").mean())
+    print(f"seed-pair calibration: {not_same:.3f} of features not \"same\" on the independent pair")
+    assert not_same <= 0.08, (not_same, thresholds)  # 5% by construction, plus sampling noise at 64 features
