@@ -194,8 +194,6 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
             break
         if step < start_step:
             continue  # the stream is deterministic: skip what the checkpoint already saw
-        if not torch.isfinite(batch).all():
-            raise TrainingError(f"{store.folder}: non-finite activation in the batch of step {step}")
         x = batch[:, :d_in] * scale
         y = batch[:, d_in:] * scale_out if target_store is not None else x
         for i, run in enumerate(runs):
