@@ -43,7 +43,6 @@ def ensure_venv(name: str) -> Path:
 
 def cached_activations(layer: int) -> Path:
     """Train/eval activations of the demo cell, scaled to E‖x‖ = √d, as one safetensors file."""
-    import torch
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "src"))

@@ -227,7 +227,7 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 save_file({"acts": stored.contiguous(), **meta}, str(tmp))
-        _crash_point(shard)
+        crash_point("SAE_DIFF_KILL_AFTER_SHARD", shard.name)  # fault injection for the resume test
     bar.close()
 
     special_ids = sorted(set(tokenizer.all_special_ids))
@@ -256,11 +256,6 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         write_json(folder / "manifest.json", manifest)
         manifests[(layer, hook)] = folder / "manifest.json"
     return manifests
-
-
-def _crash_point(shard: Shard) -> None:
-    """Fault injection for the resume test: SIGKILL ourselves after the named shard."""
-    crash_point("SAE_DIFF_KILL_AFTER_SHARD", shard.name)
 
 
 def crash_point(variable: str, here: str) -> None:

@@ -209,7 +209,9 @@ def _recon_on(sae_path, acts: str, batch_size: int = 4096, split: str = "eval") 
             raise FileNotFoundError(f"{acts_path}: not found (expected safetensors with 'acts' or a store folder)")
         tensors = load_file(str(acts_path))
         if "acts" not in tensors or tensors["acts"].dim() != 2 or tensors["acts"].shape[1] != sae.cfg.d_in:
-            raise FileNotFoundError(f"{acts_path}: expected a tensor 'acts' of shape [n, {sae.cfg.d_in}]")
+            from .errors import ActivationStoreError
+
+            raise ActivationStoreError(f"{acts_path}: expected a tensor 'acts' of shape [n, {sae.cfg.d_in}]")
         make = evaluate.tensor_batches(tensors["acts"].to(torch.float32), batch_size)
     return evaluate.json_ready(evaluate.reconstruction_metrics(sae, make))
 

@@ -41,10 +41,11 @@ class ReconstructionAccumulator:
         self.sum_sq_xhat = 0.0
         self.sum_x_dot_xhat = 0.0
         self.firings = torch.zeros(d_sae, dtype=torch.float64)
-
+        self.residuals: list[torch.Tensor] = []  # per-token ‖x - x̂‖², for the legacy EV
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         err = (x - x_hat).pow(2).sum(-1)
+        self.residuals.append(err)
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
         self.n += len(x)
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
@@ -84,8 +85,10 @@ class ReconstructionAccumulator:
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, make_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict:
-    """Metrics over every (input, target) batch; ``make_batches()`` is called twice (the
-    legacy EV needs the mean over all tokens first). For an SAE the target is the input."""
+    """Metrics over every (input, target) batch; ``make_batches()`` is called twice and must
+    yield the same tokens in the same order (the legacy EV needs the mean over all tokens
+    before its per-token ratios; the second pass reads targets only). For an SAE the target
+    is the input."""
     sae.eval()
     acc = ReconstructionAccumulator(sae.cfg.d_sae)
     for x, y in make_batches():
@@ -95,11 +98,9 @@ def reconstruction_metrics(sae: SAE, make_batches: Callable[[], Iterable[tuple[t
         raise ValueError("no tokens to evaluate")
     out = acc.metrics()
     mean_y = acc.sum_x / acc.n
-    total = 0.0
-    for x, y in make_batches():
-        y = y.double()
-        total += float((1 - (y - sae(x.float()).double()).pow(2).sum(-1) / (y - mean_y).pow(2).sum(-1)).sum())
-    out["explained_variance_legacy"] = total / acc.n
+    residuals = torch.cat(acc.residuals)
+    spread = torch.cat([(y.double() - mean_y).pow(2).sum(-1) for _, y in make_batches()])
+    out["explained_variance_legacy"] = float((1 - residuals / spread).mean())
     return out
 
 
@@ -163,9 +164,10 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     from .activations import tokenize
 
     sequences = tokenize(tokenizer, table, max_length, exclude_special, exclude_first)
-    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_ablated": 0.0, "kl_sae": 0.0, "kl_ablated": 0.0}
-    n_positions = 0
-    by_position: dict = {}
+    kl_sums = {"sae": 0.0, "ablated": 0.0}
+    # per predicted-token position: count and CE sums (clean, sae, ablated); grown as batches widen
+    counts = np.zeros(0)
+    ce_sums = {name: np.zeros(0) for name in ("clean", "sae", "ablated")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
     for start in tqdm(range(0, len(order), batch_size), desc="spliced eval", disable=not progress):
@@ -201,22 +203,20 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
             log_p = torch.log_softmax(models.continue_from(model, layer, h, state)[:, :-1].float(), dim=-1)
             ce[name] = -log_p.gather(-1, targets[..., None]).squeeze(-1)
             kl = (log_clean.exp() * (log_clean - log_p)).sum(-1)
-            sums[f"kl_{name}"] += float(kl[mask].double().sum())
+            kl_sums[name] += float(kl[mask].double().sum())
             del log_p
-        for name in ("clean", "sae", "ablated"):
-            sums[f"ce_{name}"] += float(ce[name][mask].double().sum())
-        n_positions += int(mask.sum())
         positions = torch.arange(width - 1, device=device).expand_as(mask)[mask].cpu().numpy()
-        for name in ("clean", "sae", "ablated"):
+        size = max(len(counts), width - 1)
+        counts = np.pad(counts, (0, size - len(counts))) + np.bincount(positions, minlength=size)
+        for name in ce_sums:
             values = ce[name][mask].double().cpu().numpy()
-            for pos, value in zip(positions, values):
-                entry = by_position.setdefault(int(pos), {"n": 0, "clean": 0.0, "sae": 0.0, "ablated": 0.0})
-                entry[name] += float(value)
-        for pos in positions:
-            by_position[int(pos)]["n"] += 1
+            ce_sums[name] = np.pad(ce_sums[name], (0, size - len(ce_sums[name]))) + \
+                np.bincount(positions, weights=values, minlength=size)
+    n_positions = int(counts.sum())
     if n_positions == 0:
         raise ValueError("no scored positions for the spliced evaluation")
-    mean = {k: v / n_positions for k, v in sums.items()}
+    mean = {f"ce_{name}": float(v.sum()) / n_positions for name, v in ce_sums.items()}
+    mean.update({f"kl_{name}": v / n_positions for name, v in kl_sums.items()})
     metrics = {
         "ce_loss_clean": mean["ce_clean"], "ce_loss_with_sae": mean["ce_sae"],
         "ce_loss_with_ablation": mean["ce_ablated"],
@@ -225,9 +225,10 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
         "kl_div_score": 1.0 - _ratio(mean["kl_sae"], mean["kl_ablated"]),
         "n_positions": n_positions,
     }
-    rows = [{"position": pos + 1,  # the position of the predicted token
-             "n": e["n"], "ce_clean": e["clean"] / e["n"], "ce_with_sae": e["sae"] / e["n"],
-             "ce_with_ablation": e["ablated"] / e["n"]} for pos, e in sorted(by_position.items())]
+    seen = counts > 0
+    rows = {"position": np.nonzero(seen)[0] + 1,  # the position of the predicted token
+            "n": counts[seen].astype(np.int64), "ce_clean": ce_sums["clean"][seen] / counts[seen],
+            "ce_with_sae": ce_sums["sae"][seen] / counts[seen], "ce_with_ablation": ce_sums["ablated"][seen] / counts[seen]}
     return metrics, pd.DataFrame(rows)
 
 

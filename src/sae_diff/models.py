@@ -13,7 +13,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import string
 from pathlib import Path
 from typing import Callable, Iterator
@@ -366,4 +365,3 @@ def set_threads(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(int(threads))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
