@@ -16,12 +16,17 @@ if not config:
     configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"
 
 

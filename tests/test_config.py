@@ -61,6 +61,15 @@ def _delete(cfg, dotted):
     del cfg[keys[-1]]
 
 
+def _explicit(cfg):
+    """The test config with M1, D0 and D1 written out instead of made by the iterations block."""
+    it = cfg.pop("iterations")
+    cfg["models"]["M1"] = dict(cfg["models"]["M0"], seed=1, init_from="M0")
+    cfg["data"] = {f"D{i}": {"source": "generate", "prompts": it["prompts"], "sampling": dict(it["sampling"], seed=i)}
+                   for i in range(2)}
+    return cfg
+
+
 # (description, mutation, substrings the one-line error must contain)
 BAD = [
     ("unknown top-level key", lambda c: _set(c, "layerz", [1]), ["layerz", "unknown key"]),
@@ -74,15 +83,15 @@ BAD = [
     ("unknown hook point", lambda c: _set(c, "hook_points", ["resid_pre"]), ["hook_points[0]", '"resid_pre"', "resid_post"]),
     ("negative layer", lambda c: _set(c, "layers", [-1]), ["layers[0]", "-1", ">= 0"]),
     ("layer beyond depth", lambda c: _set(c, "layers", [0, 3]), ["layers[1] = 3", "below 3", "M0"]),
-    ("missing prompts file", lambda c: _set(c, "data.D0.prompts", "resources/prompts/nope.txt"), ["data.D0.prompts", "nope.txt", "existing file"]),
-    ("missing table file", lambda c: _set(c, "data.D1", {"source": "table", "path": "no/such.csv"}), ["data.D1.path", "no/such.csv", "existing file"]),
+    ("missing prompts file", lambda c: _set(_explicit(c), "data.D0.prompts", "resources/prompts/nope.txt"), ["data.D0.prompts", "nope.txt", "existing file"]),
+    ("missing table file", lambda c: _set(_explicit(c), "data.D1", {"source": "table", "path": "no/such.csv"}), ["data.D1.path", "no/such.csv", "existing file"]),
     ("missing required key", lambda c: _delete(c, "layers"), ["missing required key 'layers'"]),
     ("bad model id", lambda c: _set(c, "models", {"base": c["models"]["M0"]}), ["models.base: key not allowed", "^M[0-9]+$"]),
-    ("data count differs", lambda c: _delete(c, "data.D1"), ["data", "one data set per model"]),
+    ("data count differs", lambda c: _delete(_explicit(c), "data.D1"), ["data", "one data set per model"]),
     ("missing reference FASTA", lambda c: _set(c, "scorers", [{"name": "protein_identity", "reference": "x.fasta"}]), ["scorers[0].reference", "x.fasta"]),
     ("missing command program", lambda c: _set(c, "scorers", [{"name": "command", "command": "no-such-folding-tool {input} {output}", "metrics": ["plddt"]}]), ["scorers[0].command", "no-such-folding-tool", "not found"]),
     ("scorer option of another scorer", lambda c: _set(c, "scorers", [{"name": "length", "reference": "x"}]), ["scorers[0].reference", "unknown key"]),
-    ("init_from a later model", lambda c: _set(c, "models.M0.init_from", "M1"), ["models.M0.init_from", "earlier model"]),
+    ("init_from a later model", lambda c: _set(_explicit(c), "models.M0.init_from", "M1"), ["models.M0.init_from", "earlier model"]),
     ("non-divisible heads", lambda c: _set(c, "models.M0.d_model", 30), ["models.M0.d_model = 30", "multiple of n_heads"]),
     ("sae site not extracted", lambda c: _set(c, "saes", {"a": {"architecture": "topk", "hook_point": "attn_out"}}), ["saes.a.hook_point = 'attn_out'", "extracted hook_points"]),
     ("sae without architecture", lambda c: _set(c, "saes", {"a": {"lr": 0.1}}), ["saes.a", "missing required key 'architecture'"]),

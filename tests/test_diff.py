@@ -104,3 +104,75 @@ def test_seed_pair_calibration_holds_on_an_independent_seed_pair(tmp_path):
     not_same = float((diff.label(second, thresholds) != "same").mean())
     print(f"seed-pair calibration: {not_same:.3f} of features not \"same\" on the independent pair")
     assert not_same <= 0.08, (not_same, thresholds)  # 5% by construction, plus sampling noise at 64 features
+
+
+def _stats(n, dead=()):
+    import pandas as pd
+
+    dead_mask = np.zeros(n, dtype=bool)
+    dead_mask[list(dead)] = True
+    return pd.DataFrame({"feature": np.arange(n), "dead": dead_mask, "freq": np.where(dead_mask, 0.0, 0.1),
+                         "enc_norm": np.ones(n)})
+
+
+THRESHOLDS = diff.Thresholds(same=0.9, new=0.45, same_quantile=0.05, new_quantile=0.001, n_null=0)
+
+
+def test_step_labels_died_for_each_reason_born_and_inactive():
+    """Planted: 80 same (2 of them silent in B, 3 with a collapsed encoder), 20 changed, 20 removed,
+    20 fresh in B; one feature of A that never fired is inactive, not died."""
+    a, b, perm = planted()
+    where_in_b = np.argsort(perm)
+    n = len(a)
+    silent_in_b = where_in_b[[0, 1]]
+    sae_b = sae_with_decoder(b)
+    with torch.no_grad():
+        sae_b.W_enc_T[torch.as_tensor(where_in_b[[2, 3, 4]])] *= 0.05    # encoder norm 0.5 -> 0.025
+    stats_a, stats_b = _stats(n, dead=[5]), _stats(n, dead=silent_in_b)
+    table, summary = diff.compare(sae_with_decoder(a), sae_b, stats_a, stats_b, THRESHOLDS, aligned=False,
+                                  collapse=0.1)
+    labels = table["label"].to_numpy()
+    reasons = table["died_reason"].to_numpy()
+    assert list(labels[:5]) == ["died", "died", "died", "died", "died"]
+    assert list(reasons[:5]) == ["silent", "silent", "norm_collapse", "norm_collapse", "norm_collapse"]
+    assert labels[5] == "inactive"
+    assert (labels[6:N_SAME] == "same").all()
+    assert (labels[N_SAME:N_SAME + N_CHANGED] == "changed").all()
+    assert (labels[N_SAME + N_CHANGED:] == "died").all() and (reasons[N_SAME + N_CHANGED:] == "unmatched").all()
+    # born: the 20 fresh directions, plus the partner of the inactive feature (it fires in B, nothing live matched it)
+    assert set(summary["born"]) == set(where_in_b[N_SAME + N_CHANGED:]) | {int(where_in_b[5])}
+    assert summary["counts"] == {"same": N_SAME - 6, "changed": N_CHANGED, "died": 25, "inactive": 1,
+                                 "died_unmatched": N_REMOVED, "died_silent": 2, "died_norm_collapse": 3,
+                                 "born": N_REMOVED + 1}
+
+
+def test_lineages_follow_matches_and_catch_a_reversion():
+    """Three cells: feature 0 rotates away (changed) then comes back (reverted); feature 1 stays;
+    feature 2 dies at step 1; a new direction is born at step 2."""
+    from sae_diff import evolution
+
+    rng = np.random.default_rng(4)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    base = unit(rng.standard_normal((4, 32)))
+    orth = unit(rng.standard_normal((1, 32)) - (rng.standard_normal((1, 32)) @ base[0]) * base[0])
+    away = unit(0.7 * base[:1] + 0.714 * orth)
+    fresh = unit(rng.standard_normal((1, 32)))
+    c0 = base
+    c1 = np.concatenate([away, base[1:2], fresh * 0 + unit(rng.standard_normal((1, 32))), base[3:4]])
+    c2 = np.concatenate([base[:1], base[1:2], fresh, base[3:4]])
+    decoders = [c0, c1, c2]
+    saes = [sae_with_decoder(m) for m in decoders]
+    stats = [_stats(4), _stats(4), _stats(4)]
+    steps, born = [], []
+    for t in range(2):
+        table, summary = diff.compare(saes[t], saes[t + 1], stats[t], stats[t + 1], THRESHOLDS, False, 0.1)
+        steps.append(table)
+        born.append(np.asarray(summary["born"]))
+    cells = ["M0_D0", "M1_D1", "M2_D2"]
+    table, counts = evolution.lineages(cells, steps, born, decoders, stats, THRESHOLDS)
+    first = table[table["origin_feature"] == 0].iloc[0]
+    assert first["label_M1_D1"] == "changed" and first["reverted_at"] == "M2_D2"
+    assert first["cos_origin_M2_D2"] == pytest.approx(1.0)
+    assert counts[0]["changed"] == 1 and counts[0]["died"] == 1 and counts[0]["born"] == 1
+    assert counts[1]["reverted"] == 1 and counts[1]["born"] == 1 and counts[1]["died"] == 1
+    assert table.loc[table["origin_feature"] == 1, "label_M2_D2"].item() == "same"

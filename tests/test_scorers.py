@@ -28,6 +28,7 @@ def test_gender_pronouns_hand_counts():
     assert out["female_ratio"][0] == pytest.approx(0.75)
     assert math.isnan(out["female_ratio"][1])  # no gendered word: undefined, not 0
     assert out["female_ratio"][2] == 0.0 and out["female_ratio"][3] == pytest.approx(0.5)
+    assert out["gender"].tolist() == ["female", "none", "male", "mixed"]
 
 
 def test_gender_words_are_whole_words():

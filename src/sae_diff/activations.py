@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import site_dir
-from .io import atomic_path, read_json, sha256_file, write_json
+from .io import atomic_path, crash_point, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -258,15 +256,13 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     return manifests
 
 
-def crash_point(variable: str, here: str) -> None:
-    """SIGKILL this process when environment ``variable`` names ``here`` (resume tests only)."""
-    if os.environ.get(variable) == here:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def write_store(folder: str | Path, acts, split: str = "train", shard_tokens: int = 65536,
-                dtype: str = "float32", layer: int = 0, hook: str = "resid_post") -> Path:
-    """Write given activations [n, d] as a one-split store (outside tools' activations, tests)."""
+                dtype: str = "float32", layer: int = 0, hook: str = "resid_post", meta: dict | None = None) -> Path:
+    """Write given activations [n, d] as a one-split store (outside tools' activations, tests).
+
+    meta: optional per-token token_ids, sample_idx, position, in_prompt (default: each token
+    its own sample at position 0).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -279,10 +275,13 @@ def write_store(folder: str | Path, acts, split: str = "train", shard_tokens: in
         n = len(part)
         name = f"{split}-{index:05d}.safetensors"
         with atomic_path(folder / name) as tmp:
-            save_file({"acts": part, "token_ids": torch.zeros(n, dtype=torch.int32),
+            columns = {"token_ids": torch.zeros(n, dtype=torch.int32),
                        "sample_idx": torch.arange(start, start + n, dtype=torch.int64),
                        "position": torch.zeros(n, dtype=torch.int32),
-                       "in_prompt": torch.zeros(n, dtype=torch.bool)}, str(tmp))
+                       "in_prompt": torch.zeros(n, dtype=torch.bool)}
+            for key, value in (meta or {}).items():
+                columns[key] = torch.as_tensor(value)[start:start + n].to(columns[key].dtype).contiguous()
+            save_file({"acts": part, **columns}, str(tmp))
         entries.append({"file": name, "split": split, "n_tokens": n, "n_sequences": n,
                         "sha256": sha256_file(folder / name)})
     write_json(folder / "manifest.json", {

@@ -81,6 +81,238 @@ def cmd_score(args) -> None:
     io.write_parquet(table, args.out)
 
 
+def cmd_finetune(args) -> None:
+    """One DPO round: pairs from the scored samples, then TRL's DPOTrainer on the parent model."""
+    import pandas as pd
+
+    from . import finetune, models
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    it, model = spec["iterations"], spec["models"][args.model]
+    pairs = finetune.build_pairs(pd.read_parquet(args.samples), it["target"]["metric"], it["target"]["direction"],
+                                 margin=it["pairs"]["margin"], missing=it["pairs"]["missing"],
+                                 max_per_prompt=it["pairs"]["max_per_prompt"], where=it["target"].get("where"))
+    log.info("%s: %d preference pairs from %s on %s (%s)", args.model, len(pairs), model["pairs_from"],
+             it["target"]["metric"], it["target"]["direction"])
+    root = Path(args.models_root)
+    record = finetune.dpo(root / model["parent"], root / model["reference"], pairs, it["dpo"], args.out,
+                          device=device, progress=not args.no_progress)
+    log.info("%s: DPO loss %.4f -> %.4f", args.model, record["loss_first"], record["loss_last"])
+
+
+def cmd_iterations(args) -> None:
+    """Per-iteration means of every metric with bootstrap CIs, and the M0 -> MX shift."""
+    import pandas as pd
+
+    from . import io, iterations, scorers
+
+    spec = _spec(args)
+    tables = {Path(path).parent.name: pd.read_parquet(path) for path in args.samples}
+    metrics = scorers.metric_names(spec["scorers"])
+    metrics += [c for d in spec["data"].values() for c in d.get("metric_columns", []) if c not in metrics]
+    target = (spec.get("iterations") or {}).get("target")
+    result = iterations.summarize(tables, metrics, target, seed=spec["seed"])
+    io.write_json(args.out, result)
+    if args.examples:
+        rows = [{"model": model, **row} for model, examples in result["examples"].items() for row in examples]
+        with io.atomic_path(args.examples) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def cmd_features(args) -> None:
+    """Feature statistics, examples, logit lens, group statistics of the SAEs of one (cell, layer)."""
+    import pandas as pd
+
+    from . import features, models
+    from .config import site_dir
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    cell = f"{args.model}_{args.data}"
+    model, tokenizer = models.load(args.model_dir, device="cpu")
+    samples = pd.read_parquet(args.samples)
+    for name, block in spec["saes"].items():
+        hook = block.get("hook_point", "resid_post")
+        summary = features.write(
+            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
+            Path(args.acts_root) / cell / site_dir(args.layer, hook), samples,
+            Path(args.out_root) / cell / f"layer{args.layer}" / name, spec["features"], model=model,
+            tokenizer=tokenizer, device=device, progress=not args.no_progress)
+        log.info("%s layer %d %s: %s", cell, args.layer, name, summary)
+
+
+def cmd_calibrate(args) -> None:
+    """Same / changed / new thresholds per SAE config from a seed pair on the base cell."""
+    from . import diff, io
+    from .sae import files
+
+    spec = _spec(args)
+    for name in spec["saes"]:
+        main = files.load(Path(args.saes) / name)
+        seed = files.load(Path(args.seed_saes) / name)
+        thresholds, null = diff.calibration(main, seed, spec["diff"]["same_quantile"], spec["diff"]["new_quantile"])
+        out = Path(args.out_dir)
+        io.write_parquet(null, out / f"{name}_null.parquet")
+        io.write_json(out / f"{name}.json", {"thresholds": thresholds.to_dict(), "mmcs": diff.mmcs(null),
+                                             "seed_pair": [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)],
+                                             "changed_fraction": float((diff.label(null["dec_cos_match"], thresholds)
+                                                                        != "same").mean())})
+        log.info("layer %d %s: thresholds %s", args.layer, name, thresholds.to_dict())
+
+
+def cmd_diff(args) -> None:
+    """Labelled weight diff of every SAE config between two cells of one layer."""
+    import pandas as pd
+
+    from . import diff, io
+    from .config import Cell, warm_start_source
+    from .sae import files
+
+    spec = _spec(args)
+    a, b = Cell.parse(args.a), Cell.parse(args.b)
+    layer = f"layer{args.layer}"
+    for name, block in spec["saes"].items():
+        thresholds = diff.Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
+        aligned = warm_start_source(spec, b, block.get("warm_start", "none")) == a
+        table, summary = diff.compare(
+            files.load(Path(args.saes_root) / a.name / layer / name), files.load(Path(args.saes_root) / b.name / layer / name),
+            pd.read_parquet(Path(args.features_root) / a.name / layer / name / "stats.parquet"),
+            pd.read_parquet(Path(args.features_root) / b.name / layer / name / "stats.parquet"),
+            thresholds, aligned, spec["diff"]["norm_collapse"])
+        out = Path(args.out_dir)
+        io.write_parquet(table, out / f"{name}.parquet")
+        io.write_json(out / f"{name}.json", {"a": a.name, "b": b.name, "layer": args.layer, "sae": name, **summary})
+        log.info("%s -> %s layer %d %s: %s", a.name, b.name, args.layer, name, summary["counts"])
+
+
+def cmd_evolution(args) -> None:
+    """Lineages and per-step counts along each branch, for every SAE config of one layer."""
+    from . import evolution, io
+
+    spec = _spec(args)
+    result = evolution.run(spec, args.layer, Path(args.results))
+    for name, block in result.items():
+        for branch, part in block["branches"].items():
+            io.write_parquet(part.pop("lineages"), Path(args.out_dir) / f"{name}_lineages_{branch}.parquet")
+        io.write_json(Path(args.out_dir) / f"{name}.json", block)
+
+
+def cmd_probe(args) -> None:
+    """Probes of every SAE of one (cell, layer) against every probed metric."""
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from . import features, io, probes
+    from .activations import ActivationStore
+    from .config import site_dir
+    from .diff import unit_rows
+    from .sae import files
+
+    spec = _spec(args)
+    cell, layer = f"{args.model}_{args.data}", f"layer{args.layer}"
+    samples = pd.read_parquet(args.samples)
+    opts = spec["probes"]
+    raw_by_site: dict = {}   # the dense baseline, pooled once per hook site
+    for name, block in spec["saes"].items():
+        folder = Path(args.features_root) / cell / layer / name
+        pooled = load_file(str(folder / "pooled.safetensors"))
+        table = samples.set_index("sample_id").loc[pooled["sample_id"]].reset_index()
+        stats = pd.read_parquet(folder / "stats.parquet")
+        site = site_dir(args.layer, block.get("hook_point", "resid_post"))
+        if site not in raw_by_site:
+            raw_by_site[site] = features.pool_raw(ActivationStore(Path(args.acts_root) / cell / site),
+                                                  pooled["sample_id"], opts["pooling"])
+        raw = raw_by_site[site]
+        sae = files.load(Path(args.saes_root) / cell / layer / name)
+        base = files.load(Path(args.saes_root) / "M0_D0" / layer / name)
+        cos = probes.max_cos_to(unit_rows(sae.W_dec), unit_rows(base.W_dec))
+        for metric in spec["metrics"]:
+            if metric not in table.columns:
+                raise ValueError(f"probes.metrics: {metric!r} is not a column of {args.samples}")
+            result, summary = probes.probe_metric(pooled[opts["pooling"]].astype("float64"),
+                                                  table[metric].to_numpy(dtype=float), stats, opts, raw, cos, metric)
+            out = Path(args.out_root) / cell / layer / name
+            if result is not None:
+                io.write_parquet(result, out / f"{metric}.parquet")
+            io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary})
+            log.info("%s %s %s %s: AUROC %s (random %s, raw %s)", cell, layer, name, metric, summary.get("auroc"),
+                     summary.get("auroc_random_features"), summary.get("auroc_raw_activations"))
+
+
+def cmd_probe_compare(args) -> None:
+    """Probe results across cells (intra- and inter-stage, through the diffs' matching) and metrics."""
+    import pandas as pd
+
+    from . import io, probes
+    from .config import diff_pairs, pair_name
+
+    spec = _spec(args)
+    layer, root, k = f"layer{args.layer}", Path(args.results), max(spec["probes"]["ks"])
+    out: dict = {"layer": args.layer, "k": k, "auroc": [], "cells": [], "metrics": {}}
+
+    def table(cell: str, name: str, metric: str):
+        path = root / "probes" / cell / layer / name / f"{metric}.parquet"
+        return pd.read_parquet(path) if path.exists() else None
+
+    for name in spec["saes"]:
+        for metric in spec["metrics"]:
+            for cell in spec["cells"]:
+                block = io.read_json(root / "probes" / cell / layer / name / f"{metric}.json")
+                out["auroc"].append({"cell": cell, "sae": name, "metric": metric, **{
+                    key: block.get(key) for key in ("auroc", "auroc_random_features", "auroc_raw_activations",
+                                                     "n_labelled", "skipped")}})
+            for a, b, kind in diff_pairs(spec):
+                ta, tb = table(a.name, name, metric), table(b.name, name, metric)
+                if name not in spec["diff_saes"] or ta is None or tb is None:
+                    continue
+                diff_table = pd.read_parquet(root / "diff" / pair_name(a, b) / layer / f"{name}.parquet")
+                out["cells"].append({"a": a.name, "b": b.name, "kind": kind, "sae": name, "metric": metric,
+                                     **probes.compare_cells(ta, tb, diff_table, k)})
+        for cell in spec["cells"]:
+            tables = {m: t for m in spec["metrics"] if (t := table(cell, name, m)) is not None}
+            if len(tables) > 1:
+                out["metrics"].setdefault(name, {})[cell] = probes.compare_metrics(tables, k)
+    io.write_json(args.out, out)
+
+
+def cmd_figure(args) -> None:
+    """One figure from a stage's tables; --spec carries the figure's own config block (and what it reads)."""
+    import pandas as pd
+
+    from . import figures
+
+    spec = _spec(args)
+    block, out, title = spec["figure"], Path(args.out), args.title or ""
+    named = dict(item.split("=", 1) for item in args.input)
+    samples = pd.read_parquet(named["samples"]) if "samples" in named else None
+    if args.kind == "statistics":
+        figures.statistics(Path(named["features"]), out, block, title)
+    elif args.kind == "bias":
+        figures.bias(Path(named["features"]), samples, spec["features"], out, block, title)
+    elif args.kind == "embeddings":
+        figures.embeddings(Path(named["features"]), samples, spec["features"], out, block, title)
+    elif args.kind in ("coactivation", "coactivation_top"):
+        figures.coactivation(Path(named["features"]), spec["column"], out, block, title, top=args.kind.endswith("top"))
+    elif args.kind == "coactivation_layers":
+        figures.coactivation_layers({k: Path(v) for k, v in named.items()}, spec["column"], out, block, title)
+    elif args.kind == "evolution":
+        figures.evolution(Path(named["evolution"]), out, block, title)
+    elif args.kind == "similarity":
+        null, thresholds = Path(named.pop("null")), Path(named.pop("thresholds"))
+        figures.similarity({k: Path(v) for k, v in named.items()}, null, thresholds, out, block, title)
+    elif args.kind == "iterations":
+        figures.iterations(Path(named["iterations"]), out, block)
+    elif args.kind == "probe_auroc":
+        figures.probe_auroc(Path(named["comparison"]), spec["branches"], spec["sae"], spec["metric"], out, block, title)
+    elif args.kind == "probe_importance":
+        figures.probe_importance(Path(named["probe"]), out, block, title)
+    elif args.kind == "probe_overlap":
+        figures.probe_overlap(Path(named["comparison"]), spec["cells"], spec["sae"], spec["metric"], out, block, title)
+
+
 def cmd_extract(args) -> None:
     from . import activations, models
 
@@ -247,8 +479,21 @@ def cmd_summary(args) -> None:
     from . import io, summary
 
     spec = _spec(args)
-    result = summary.build(spec, args.results, config_lib.cells(spec), args.benchmarks)
+    result = summary.build(spec, args.results, config_lib.cells(spec), args.benchmarks, args.figures)
     io.write_json(args.out, result)
+    if args.table:
+        with io.atomic_path(args.table) as tmp:
+            summary.table(result).round(4).to_csv(tmp, index=False)
+    tracking_cfg = spec.get("wandb", {"mode": "disabled"})
+    if args.wandb_out and tracking_cfg["mode"] != "disabled":
+        from . import tracking
+
+        figures = [Path(f) for f in args.figures] if tracking_cfg["log_figures"] else []
+        record = tracking.log_run(result, Path(args.table), figures, spec, Path(args.wandb_out).parent,
+                                  tracking_cfg["mode"], tracking_cfg["project"], tracking_cfg.get("entity"),
+                                  tracking_cfg.get("name"))
+        io.write_json(args.wandb_out, record)
+        log.info("W&B %s run: %s (%d keys per step)", record["mode"], record["run_dir"], len(record["step_keys"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +524,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("finetune", help="make one iteration by DPO on its parent's scored generations")
+    _common(p)
+    p.add_argument("--model", required=True, help="the model id this round makes, e.g. M1")
+    p.add_argument("--samples", required=True, help="scored samples the pairs come from")
+    p.add_argument("--models-root", default="results/models")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("iterations", help="per-iteration metric means with bootstrap CIs and the shift")
+    _common(p)
+    p.add_argument("--samples", nargs="+", required=True, help="results/data/Di/samples.parquet, in order")
+    p.add_argument("--examples", help="also write a few held-out generations per iteration (CSV) here")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_iterations)
+
+    p = sub.add_parser("features", help="feature statistics, examples, logit lens and groups of one (cell, layer)")
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--acts-root", default="results/activations")
+    p.add_argument("--saes-root", default="results/saes")
+    p.add_argument("--out-root", default="results/features")
+    p.set_defaults(fn=cmd_features)
+
+    p = sub.add_parser("calibrate", help="thresholds from a seed pair of SAEs on the base cell")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--saes", required=True, help="folder of the base cell's SAEs of this layer")
+    p.add_argument("--seed-saes", required=True, help="folder of the seed-pair SAEs")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("diff", help="labelled weight diff of the SAEs of two cells (one layer)")
+    _common(p)
+    p.add_argument("--a", required=True, help="cell, e.g. M0_D0")
+    p.add_argument("--b", required=True, help="cell, e.g. M1_D1")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--calibration", required=True, help="folder of the layer's calibration JSONs")
+    p.add_argument("--saes-root", default="results/saes")
+    p.add_argument("--features-root", default="results/features")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("evolution", help="lineages and counts per step along each branch (one layer)")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--results", default="results")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_evolution)
+
+    p = sub.add_parser("probe", help="sparse and difference-in-means probes of one (cell, layer)'s SAEs")
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--acts-root", default="results/activations")
+    p.add_argument("--saes-root", default="results/saes")
+    p.add_argument("--features-root", default="results/features")
+    p.add_argument("--out-root", default="results/probes")
+    p.set_defaults(fn=cmd_probe)
+
+    p = sub.add_parser("probe-compare", help="probe results across cells and metrics (one layer)")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_probe_compare)
+
+    p = sub.add_parser("figure", help="draw one figure from a stage's tables")
+    _common(p)
+    p.add_argument("kind", choices=["statistics", "bias", "embeddings", "coactivation", "coactivation_top",
+                                    "coactivation_layers", "evolution", "similarity", "iterations", "probe_auroc",
+                                    "probe_importance", "probe_overlap"])
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
+                        "or one NAME=PATH per panel")
+    p.add_argument("--title")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_figure)
 
     p = sub.add_parser("extract", help="extract one cell's activations at every configured site")
     _common(p)
@@ -335,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--results", default="results")
     p.add_argument("--benchmarks", nargs="*", default=[])
+    p.add_argument("--figures", nargs="*", default=[], help="every figure of the run (listed in the summary)")
+    p.add_argument("--table", help="also write the per-SAE summary table (CSV) here")
+    p.add_argument("--wandb-out", help="log the run to W&B (config key wandb) and write its record here")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_summary)
     return parser

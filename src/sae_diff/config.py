@@ -157,12 +157,70 @@ def _indexed(ids, prefix: str, key: str) -> list[str]:
     return [f"{prefix}{n}" for n in numbers]
 
 
+def _iteration_entries(cfg: dict) -> tuple[dict, dict]:
+    """The models M1..MX and data D0..DX an iterations block stands for."""
+    it = cfg["iterations"]
+    if it["method"] == "dpo":
+        models = {f"M{i}": {"source": "dpo", "parent": f"M{i - 1}", "pairs_from": f"D{i - 1}",
+                            "reference": "M0" if it["dpo"]["reference"] == "base" else f"M{i - 1}"}
+                  for i in range(1, it["rounds"] + 1)}
+        generate = {"source": "generate", "prompts": it["prompts"], "sampling": it["sampling"]}
+        generate.update({key: it[key] for key in ("where", "max_prompts") if key in it})
+        data = {f"D{i}": {**copy.deepcopy(generate), "model": f"M{i}"} for i in range(it["rounds"] + 1)}
+        return models, data
+    if len(it["data"]) != len(it["models"]) + 1:
+        raise ConfigError(f"config error: iterations.data has {len(it['data'])} tables: expected one per model "
+                          f"M0..M{len(it['models'])} ({len(it['models']) + 1})")
+    models = {f"M{i + 1}": {"source": "hf", "path": path} for i, path in enumerate(it["models"])}
+    data = {f"D{i}": {"source": "table", "path": path, **copy.deepcopy(it["table"])} for i, path in enumerate(it["data"])}
+    return models, data
+
+
+def _agrees(existing, wanted) -> bool:
+    """True when every key of ``wanted`` has the same value in ``existing`` (defaults may add keys)."""
+    if isinstance(wanted, dict):
+        return isinstance(existing, dict) and all(k in existing and _agrees(existing[k], v) for k, v in wanted.items())
+    return existing == wanted
+
+
+def expand_iterations(cfg: dict) -> dict:
+    """Turn an ``iterations`` block into model and data entries, so both methods give the same grid.
+
+    Idempotent: entries already expanded (and filled with defaults) are left as they are; an
+    entry the user wrote that contradicts the block is an error.
+    """
+    if "iterations" not in cfg:
+        if "data" not in cfg:
+            raise ConfigError("config error: <config>: missing required key 'data' (or an iterations block that makes it)")
+        return cfg
+    if "M0" not in cfg["models"]:
+        raise ConfigError("config error: models: missing 'M0', the base model the iterations start from")
+    models, data = _iteration_entries(cfg)
+    cfg.setdefault("data", {})
+    method = cfg["iterations"]["method"]
+    for section, entries in (("models", models), ("data", data)):
+        for key, entry in entries.items():
+            if key in cfg[section] and not _agrees(cfg[section][key], entry):
+                raise ConfigError(f"config error: {section}.{key}: also made by iterations (method {method}); "
+                                  f"expected it only in one place: remove {section}.{key} or the iterations block")
+            cfg[section].setdefault(key, entry)
+    extra = sorted(set(cfg["models"]) - {"M0", *models}) + sorted(set(cfg["data"]) - set(data))
+    if extra:
+        section = "models" if extra[0].startswith("M") else "data"
+        raise ConfigError(f"config error: {section}.{extra[0]}: not part of the iterations block "
+                          f"(method {method} makes M0..M{len(models)}); expected it to be removed")
+    return validate(cfg)  # fills the new entries' defaults
+
+
 def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = True) -> dict:
     """Semantic checks the schema cannot express; resolves input paths to absolute ones.
 
     base_dirs: where relative paths are looked up, in order (cwd, then the workflow root).
     """
     base_dirs = [Path(b) for b in (base_dirs or [Path.cwd()])]
+    if cfg.get("iterations", {}).get("method") == "dpo":
+        cfg["iterations"]["prompts"] = str(resolve_path(cfg["iterations"]["prompts"], base_dirs, "iterations.prompts"))
+    expand_iterations(cfg)
     models = _indexed(cfg["models"], "M", "models")
     datas = _indexed(cfg["data"], "D", "data")
     if len(datas) != len(models):
@@ -186,6 +244,15 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
             if cfg["models"][src]["source"] != "random":
                 raise ConfigError(
                     f"config error: models.{mid}.init_from = {src!r}: expected a model with source 'random'")
+        if spec["source"] == "dpo":
+            for key in ("parent", "reference"):
+                if spec[key] not in cfg["models"] or int(spec[key][1:]) >= int(mid[1:]):
+                    raise ConfigError(f"config error: models.{mid}.{key} = {spec[key]!r}: expected an earlier model id")
+            if spec["pairs_from"] not in cfg["data"]:
+                raise ConfigError(f"config error: models.{mid}.pairs_from = {spec['pairs_from']!r}: expected a data id")
+            if "iterations" not in cfg or cfg["iterations"]["method"] != "dpo":
+                raise ConfigError(f"config error: models.{mid}.source = 'dpo': expected an iterations block "
+                                  "with method dpo (it holds the target metric and the DPO settings)")
         if spec["source"] == "random" and spec["d_model"] % spec["n_heads"]:
             raise ConfigError(
                 f"config error: models.{mid}.d_model = {spec['d_model']}: expected a multiple of n_heads ({spec['n_heads']})")
@@ -212,6 +279,15 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
                 raise ConfigError(
                     f"config error: scorers[{i}].command = {scorer['command']!r}: "
                     f"expected an installed program, '{program}' was not found on PATH")
+
+    target = cfg.get("iterations", {}).get("target")
+    if target is not None:
+        from .scorers import metric_names
+
+        known = metric_names(cfg["scorers"]) + [c for d in datas for c in cfg["data"][d].get("metric_columns", [])]
+        if target["metric"] not in known:
+            raise ConfigError(f"config error: iterations.target.metric = {target['metric']!r}: expected a metric "
+                              f"of the configured scorers or tables ({', '.join(known) or 'none configured'})")
 
     for name, sae in cfg.get("saes", {}).items():
         if sae["source"] == "pretrained":
@@ -329,3 +405,26 @@ def site_dir(layer: int, hook: str) -> str:
 
 def sites(cfg: dict) -> list[tuple[int, str]]:
     return [(layer, hook) for layer in cfg["layers"] for hook in cfg["hook_points"]]
+
+
+def diff_pairs(cfg: dict) -> list[tuple[Cell, Cell, str]]:
+    """SAE pairs to diff: each step of each branch ('step': MiDi → Mi+1Di+1, M0Di → M0Di+1)
+    and, with both branches, each iteration against the base model on its data ('intra': M0Di vs MiDi)."""
+    pairs: dict[tuple[Cell, Cell], str] = {}
+    branches = cfg["grid"]["branches"]
+    for branch in branches:
+        chain = branch_cells(cfg, branch)
+        for a, b in zip(chain, chain[1:]):
+            pairs.setdefault((a, b), "step")
+    if {"MXDX", "M0DX"} <= set(branches):
+        for d in data_ids(cfg)[1:]:
+            pairs.setdefault((Cell("M0", d), Cell("M" + d[1:], d)), "intra")
+    return [(a, b, kind) for (a, b), kind in pairs.items()]
+
+
+def pair_name(a: Cell, b: Cell) -> str:
+    return f"{a.name}__{b.name}"
+
+
+def features_dir(cell: Cell, layer: int, name: str) -> str:
+    return f"results/features/{cell.name}/layer{layer}/{name}"

@@ -109,8 +109,15 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
     from tqdm.auto import tqdm
 
     rows = []
+    by = sampling.get("n_per_prompt_by")
     for _, prompt in prompts.iterrows():
-        for n in range(sampling["n_per_prompt"]):
+        count = sampling["n_per_prompt"]
+        if by is not None:
+            if by["column"] not in prompt.index:
+                raise DataError(f"sampling.n_per_prompt_by.column = {by['column']!r}: not a prompt column; "
+                                f"columns are {list(prompt.index)}")
+            count = by["counts"].get(str(prompt[by["column"]]), count)
+        for n in range(count):
             row = prompt.to_dict()
             row["n"] = n
             row["prompt_text"] = format_prompt(tokenizer, prompt["prompt"], sampling["chat_template"])
@@ -202,16 +209,33 @@ def load_table(spec: dict) -> pd.DataFrame:
 
 
 def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
-    """Mark a seeded random ``eval_fraction`` of the samples 'eval', the rest 'train'."""
-    n_eval = int(round(len(table) * eval_fraction))
-    if eval_fraction > 0 and len(table) > 1:
-        n_eval = min(max(n_eval, 1), len(table) - 1)
-    order = np.random.default_rng(seed).permutation(len(table))
-    split = np.full(len(table), "train", dtype=object)
-    split[order[:n_eval]] = "eval"
+    """Mark a seeded random ``eval_fraction`` of the prompts 'eval', the rest 'train'.
+
+    Whole prompts are split, so the samples of one prompt never sit on both sides (preference
+    pairs and probes are fit on train prompts and judged on unseen ones).
+    """
+    groups = table["prompt_id"].to_numpy() if "prompt_id" in table.columns else np.arange(len(table))
+    unique, index = np.unique(groups, return_inverse=True)
+    n_eval = int(round(len(unique) * eval_fraction))
+    if eval_fraction > 0 and len(unique) > 1:
+        n_eval = min(max(n_eval, 1), len(unique) - 1)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    is_eval = np.zeros(len(unique), dtype=bool)
+    is_eval[order[:n_eval]] = True
     table = table.copy()
-    table["split"] = split
+    table["split"] = np.where(is_eval[index], "eval", "train").astype(object)
     return table
+
+
+def select_prompts(prompts: pd.DataFrame, where: dict | None, source: str) -> pd.DataFrame:
+    """Keep the prompts whose columns take one of the listed values (``where: {template: [2]}``)."""
+    for column, values in (where or {}).items():
+        if column not in prompts.columns:
+            raise DataError(f"{source}: where.{column}: no such prompt column; columns are {list(prompts.columns)}")
+        prompts = prompts[prompts[column].isin(values)]
+    if prompts.empty:
+        raise DataError(f"{source}: where = {where}: no prompt is left")
+    return prompts.reset_index(drop=True)
 
 
 def order_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -228,7 +252,10 @@ def make(spec: dict, split: dict, models_root: str | Path, device: str = "cpu",
         from . import models
 
         model, tokenizer = models.load(Path(models_root) / spec["model"], device=device)
-        prompts = load_prompts(spec["prompts"], spec.get("max_prompts"))
+        prompts = select_prompts(load_prompts(spec["prompts"]), spec.get("where"), spec["prompts"])
+        if spec.get("max_prompts"):
+            prompts = prompts.iloc[:spec["max_prompts"]]
+        prompts["prompt_id"] = np.arange(len(prompts))
         table = generate(model, tokenizer, prompts, spec["sampling"], device=device, progress=progress)
         table["generator"] = spec["model"]
     return order_columns(assign_split(table, split["eval_fraction"], split["seed"]))

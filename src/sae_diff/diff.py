@@ -121,3 +121,60 @@ def label(cos: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     out[cos >= thresholds.same] = "same"
     out[~(cos >= thresholds.new)] = "new"  # also catches NaN
     return out
+
+
+def step_labels(table: pd.DataFrame, thresholds: Thresholds, alive_a: np.ndarray, alive_b: np.ndarray,
+                collapse: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
+    """Label A's features against B (``table`` from ``weight_diff(A, B)``) and find B's born ones.
+
+    A feature is 'died' when its best match is below the 'new' threshold (no counterpart),
+    when its counterpart never fires on B's held-out data (silent), or when the
+    counterpart's encoder norm fell below ``collapse`` times its own (norm collapse); else
+    'same' or 'changed' by the calibrated 'same' threshold. Features that never fire on A's
+    own held-out data are 'inactive': they cannot die. A live B feature is 'born' when
+    no A feature matches it at or above the 'new' threshold.
+    """
+    out = table.copy()
+    cos = out["dec_cos_match"].to_numpy(dtype=np.float64)
+    partner = out["match"].to_numpy()
+    has = partner >= 0
+    base = label(cos, thresholds)
+    reason = np.full(len(out), "", dtype=object)
+    reason[base == "new"] = "unmatched"
+    silent = np.zeros(len(out), dtype=bool)
+    silent[has] = ~alive_b[partner[has]]
+    collapsed = (out["enc_norm_match"].to_numpy() < collapse * np.maximum(out["enc_norm"].to_numpy(), 1e-12)) & has
+    reason[(base != "new") & silent] = "silent"
+    reason[(base != "new") & ~silent & collapsed] = "norm_collapse"
+    labels = np.where(reason != "", "died", base)
+    labels = np.where(alive_a, labels, "inactive")
+    reason = np.where(alive_a, reason, "")
+    out["label"] = labels
+    out["died_reason"] = reason
+    matched_b = np.zeros(len(alive_b), dtype=bool)
+    keep = has & (base != "new") & alive_a
+    matched_b[partner[keep]] = True
+    born = np.nonzero(alive_b & ~matched_b)[0]
+    return out, born
+
+
+def calibration(sae_main, sae_seed, same_quantile: float, new_quantile: float) -> tuple[Thresholds, pd.DataFrame]:
+    """Thresholds from a seed pair (same cell and config, other seeds) and the null table itself."""
+    null = weight_diff(sae_main, sae_seed)
+    return calibrate(null["dec_cos_match"].to_numpy(), same_quantile, new_quantile), null
+
+
+def compare(sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds,
+            aligned: bool, collapse: float) -> tuple[pd.DataFrame, dict]:
+    """Labelled per-feature diff of A against B and its summary (counts, MMCS, thresholds)."""
+    table = weight_diff(sae_a, sae_b, aligned=aligned)
+    table, born = step_labels(table, thresholds, ~stats_a["dead"].to_numpy(), ~stats_b["dead"].to_numpy(), collapse)
+    counts = {k: int(v) for k, v in table["label"].value_counts().items()}
+    for reason in ("unmatched", "silent", "norm_collapse"):
+        counts[f"died_{reason}"] = int((table["died_reason"] == reason).sum())
+    counts["born"] = int(len(born))
+    summary = {"mmcs": mmcs(table), "aligned": aligned, "thresholds": thresholds.to_dict(), "counts": counts,
+               "born": born.tolist()}
+    if aligned:
+        summary["mean_dec_cos_same_index"] = float(table["dec_cos_same"].mean())
+    return table, summary

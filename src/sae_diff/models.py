@@ -78,6 +78,8 @@ def model_depth(models_cfg: dict, model_id: str, base_dirs=None) -> int:
     """Number of transformer blocks, read from metadata without loading weights."""
     spec = models_cfg[model_id]
     source = spec["source"]
+    if source == "dpo":  # fine-tuning keeps the architecture
+        return model_depth(models_cfg, spec["parent"], base_dirs)
     if source == "random":
         return spec["n_layers"]
     if source == "gguf_package":

@@ -26,6 +26,15 @@ def _save(fig, out: str | Path, dpi: int) -> Path:
     return Path(out)
 
 
+def message(text: str, out: str | Path, size=(8, 3), dpi: int = 110) -> Path:
+    """A figure that states why a stage had nothing to draw (a skipped probe, say)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size)
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11)
+    ax.set_axis_off()
+    return _save(fig, out, dpi)
+
+
 def training_curves(rows: list[dict], out: str | Path, title: str = "", size=(10, 6.5), dpi: int = 110) -> Path:
     """Loss, FVU, L0 and dead fraction against training tokens (one SAE's train_log.jsonl)."""
     plt = _pyplot()
@@ -78,4 +87,372 @@ def loss_by_position(table, out: str | Path, title: str = "", size=(8, 4.5), dpi
     ax.set_title(title or "loss over context length")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
+    return _save(fig, out, dpi)
+
+
+def metric_per_iteration(metric_block: dict, metric: str, out: str | Path, subtitle: str = "", size=(7, 4.2),
+                         dpi: int = 110) -> Path:
+    """A metric's mean per iteration with bootstrap 95% CIs: all samples and held-out prompts."""
+    plt = _pyplot()
+    block = metric_block["per_iteration"]
+    names = list(block)
+    fig, ax = plt.subplots(figsize=size)
+    for offset, (part, label, color) in enumerate([("all", "all prompts", "tab:blue"),
+                                                    ("eval", "held-out prompts", "tab:orange")]):
+        xs, means, errs = [], [], [[], []]
+        for i, name in enumerate(names):
+            stats = block[name][part]
+            if stats["mean"] is None:
+                continue
+            xs.append(i + (offset - 0.5) * 0.12)
+            means.append(stats["mean"])
+            errs[0].append(stats["mean"] - stats["ci_low"])
+            errs[1].append(stats["ci_high"] - stats["mean"])
+        n = [block[name][part]["n"] for name in names]
+        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=4, lw=1.6, color=color,
+                    label=f"{label} (n = {', '.join(map(str, n))})")
+    ax.set_xticks(range(len(names)), [f"{m}\n({block[m]['data']})" for m in names])
+    ax.set_xlabel("iteration (model, and the data it generated)")
+    ax.set_ylabel(f"mean {metric} (95% bootstrap CI)")
+    shift_block = metric_block.get("shift", {})
+    shift = shift_block.get("all")
+    title = f"{metric} per iteration" + (f" ({subtitle})" if subtitle else "")
+    if shift and shift["diff"] is not None:
+        title += f"\nshift {shift_block['from']}→{shift_block['to']}: {shift['diff']:+.3f} [{shift['ci_low']:+.3f}, {shift['ci_high']:+.3f}]"
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, dpi)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _log10_positive(values):
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    return np.log10(values[values > 0])
+
+
+def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, title: str = "",
+                       size=(15, 12), dpi: int = 110) -> Path:
+    """Nine panels on one SAE's features: how often and how strongly they fire, where, for whom.
+
+    sample_l0: each sample's mean number of active features per token.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 3, figsize=size)
+    live = stats[~stats["dead"]]
+    ax = axes[0, 0]
+    ax.hist(_log10_positive(live["freq"]), bins=40, color="tab:blue", alpha=0.8)
+    ax.set(xlabel="log10 firing frequency (fraction of eval tokens)", ylabel="features", title="how often features fire")
+    ax = axes[0, 1]
+    ax.hist(live["mean_act"].dropna(), bins=40, color="tab:green", alpha=0.8)
+    ax.set(xlabel="mean activation when firing", ylabel="features", title="activation strength")
+    ax = axes[0, 2]
+    ax.scatter(live["freq"], live["max_act"], s=4, alpha=0.4, color="tab:purple")
+    ax.set_xscale("log")
+    ax.set(xlabel="firing frequency (log)", ylabel="max activation", title="strength vs frequency")
+    ax = axes[1, 0]
+    ax.hist(np.asarray(sample_l0, dtype=float), bins=30, color="tab:orange", alpha=0.8)
+    ax.set(xlabel="mean L0 per token of a sample (active features)", ylabel="samples", title="sparsity per sample")
+    ax = axes[1, 1]
+    counts = {"live": len(live), "dead": int(stats["dead"].sum()), "prompt-only": int(stats["prompt_only"].sum()),
+              "completion-only": int(stats["completion_only"].sum())}
+    bars = ax.bar(list(counts), list(counts.values()), color=["tab:blue", "tab:red", "tab:gray", "tab:cyan"])
+    ax.bar_label(bars, fmt="%d")
+    ax.set(ylabel="features", title="dictionary use")
+    ax = axes[1, 2]
+    ax.hist(live["mean_rel_position"].dropna(), bins=30, range=(0, 1), color="tab:brown", alpha=0.8)
+    ax.set(xlabel="mean relative firing position (0 = first kept token, 1 = last)", ylabel="features",
+           title="where in the sequence")
+    ax = axes[2, 0]
+    ax.scatter(live["freq"], live["seq_freq"], s=4, alpha=0.4, color="tab:olive")
+    ax.set_xscale("log")
+    ax.set(xlabel="token frequency (log)", ylabel="fraction of sequences", title="bursty vs spread out")
+    ax = axes[2, 1]
+    group_sets = groups_block.get("groups", {})
+    if group_sets:
+        column, values = next(iter(group_sets.items()))
+        names = list(values)
+        ax.bar(names, [values[n]["l0"] or 0 for n in names], color="tab:blue", alpha=0.8, label="L0 per token")
+        ax2 = ax.twinx()
+        ax2.plot(names, [values[n]["dead_features"] for n in names], "o-", color="tab:red", label="dead features")
+        ax2.set_ylabel("dead features", color="tab:red")
+        ax.set(ylabel="L0 per token", title=f"by {column}")
+    else:
+        ax.text(0.5, 0.5, "no group column configured\n(features.group_columns)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+    ax = axes[2, 2]
+    d_columns = [c for c in stats.columns if c.startswith("cohens_d_")]
+    if d_columns:
+        d = stats[d_columns[0]].dropna()
+        ax.hist(d, bins=40, color="tab:pink", alpha=0.8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlabel=d_columns[0].replace("cohens_d_", "Cohen's d, ").replace("_vs_", " vs "), ylabel="features",
+               title="group effect sizes")
+    else:
+        ax.hist(stats["enc_norm"], bins=40, color="tab:gray", alpha=0.8)
+        ax.set(xlabel="encoder norm", ylabel="features", title="encoder norms")
+    for a in axes.flat:
+        a.grid(alpha=0.3)
+    fig.suptitle(title or "feature statistics", fontsize=14)
+    return _save(fig, out, dpi)
+
+
+def group_bias(panels: list[tuple[str, dict]], out: str | Path, title: str = "", top: int = 10,
+               size=(13, 5), dpi: int = 110) -> Path:
+    """Top features each way by Cohen's d, one panel per subset (all samples, each language)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0], size[1]), squeeze=False)
+    for ax, (name, block) in zip(axes[0], panels):
+        a, b = block["a"], block["b"]
+        up, down = block[f"top_{a}"][:top], block[f"top_{b}"][:top]
+        labels = [f"#{j}" for j, _ in up] + [f"#{j}" for j, _ in down]
+        values = [v for _, v in up] + [v for _, v in down]
+        colors = ["tab:red"] * len(up) + ["tab:blue"] * len(down)
+        ypos = np.arange(len(values))[::-1]
+        ax.barh(ypos, values, color=colors)
+        ax.set_yticks(ypos, labels, fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlabel=f"Cohen's d ({a} − {b})", title=f"{name}: n={block['n_a']} {a}, {block['n_b']} {b}")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title or "features by group effect size (red: more active for the first group)")
+    return _save(fig, out, dpi)
+
+
+def embeddings(x, labels, out: str | Path, title: str = "", markers=None, perplexity: float = 30.0, seed: int = 0,
+               size=(13, 5.5), dpi: int = 110) -> Path:
+    """PCA and t-SNE of the per-sample feature activations, coloured by group."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels).astype(str)
+    pca = PCA(n_components=min(50, *x.shape), random_state=seed).fit(x)
+    reduced = pca.transform(x)
+    tsne = TSNE(n_components=2, perplexity=min(perplexity, max(2.0, (len(x) - 1) / 3)), random_state=seed,
+                init="pca").fit_transform(reduced)
+    fig, axes = plt.subplots(1, 2, figsize=size)
+    shapes = np.asarray(markers).astype(str) if markers is not None else None
+    marker_of = {m: s for m, s in zip(sorted(set(shapes)) if shapes is not None else [], "o^sDvP*X")}
+    for ax, points, name in ((axes[0], reduced[:, :2], "PCA"), (axes[1], tsne, "t-SNE")):
+        for value in sorted(set(labels)):
+            for shape in (sorted(marker_of) if shapes is not None else [None]):
+                rows = (labels == value) & ((shapes == shape) if shape is not None else True)
+                if rows.any():
+                    ax.scatter(points[rows, 0], points[rows, 1], s=14, alpha=0.7,
+                               marker=marker_of.get(shape, "o"),
+                               label=f"{value}" + (f" / {shape}" if shape is not None else ""))
+        ax.set(title=name, xlabel=f"{name} 1" + (f" ({pca.explained_variance_ratio_[0]:.0%} var.)" if name == "PCA" else ""),
+               ylabel=f"{name} 2" + (f" ({pca.explained_variance_ratio_[1]:.0%} var.)" if name == "PCA" else ""))
+        ax.grid(alpha=0.3)
+    axes[1].legend(frameon=False, fontsize=8, loc="best")
+    fig.suptitle(title or "samples in feature space")
+    return _save(fig, out, dpi)
+
+
+def coactivation_heatmap(matrix, classes: list[str], out: str | Path, title: str = "", top: int | None = None,
+                         cmap: str = "viridis", size=(14, 6), dpi: int = 110) -> Path:
+    """Class x feature mean activations: all live features (sorted by the class they peak for),
+    or the ``top`` features with the largest spread across classes."""
+    import numpy as np
+
+    plt = _pyplot()
+    matrix = np.asarray(matrix, dtype=np.float64)
+    live = np.nonzero(matrix.max(axis=0) > 0)[0]
+    if top is not None:
+        spread = matrix[:, live].max(axis=0) - matrix[:, live].min(axis=0)
+        columns = live[np.argsort(-spread, kind="stable")[:top]]
+        columns = columns[np.lexsort((-matrix[:, columns].max(axis=0), matrix[:, columns].argmax(axis=0)))]
+    else:
+        columns = live[np.lexsort((-matrix[:, live].max(axis=0), matrix[:, live].argmax(axis=0)))]
+    fig, ax = plt.subplots(figsize=(size[0], max(size[1], 0.25 * len(classes) + 2)))
+    shown = matrix[:, columns]
+    image = ax.imshow(shown, aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_yticks(range(len(classes)), classes, fontsize=7 if len(classes) > 20 else 9)
+    if top is not None and len(columns) <= 60:
+        ax.set_xticks(range(len(columns)), [str(j) for j in columns], rotation=90, fontsize=6)
+        ax.set_xlabel("feature")
+    else:
+        ax.set_xlabel(f"{len(columns)} live features, grouped by the class they peak for")
+    fig.colorbar(image, ax=ax, label="mean activation")
+    ax.set_title(title or "co-activation")
+    return _save(fig, out, dpi)
+
+
+def coactivation_layers(panels: list[tuple[str, object, list[str]]], out: str | Path, title: str = "", top: int = 50,
+                        cmap: str = "viridis", size=(14, 4), dpi: int = 110) -> Path:
+    """Top-``top`` co-activation heatmaps of one SAE config at every layer, one row per layer."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(size[0], size[1] * len(panels)), squeeze=False)
+    for ax, (name, matrix, classes) in zip(axes[:, 0], panels):
+        matrix = np.asarray(matrix, dtype=np.float64)
+        spread = matrix.max(axis=0) - matrix.min(axis=0)
+        columns = np.argsort(-spread, kind="stable")[:top]
+        columns = columns[np.argsort(matrix[:, columns].argmax(axis=0), kind="stable")]
+        normalised = matrix[:, columns] / np.maximum(matrix[:, columns].max(axis=0), 1e-12)
+        image = ax.imshow(normalised, aspect="auto", cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7 if len(classes) > 20 else 9)
+        ax.set_xticks([])
+        ax.set_title(f"{name}: top {len(columns)} features by spread across classes (each column scaled to its max)")
+        fig.colorbar(image, ax=ax, label="relative activation")
+    fig.suptitle(title or "co-activation across layers")
+    return _save(fig, out, dpi)
+
+
+# --------------------------------------------------------------------------- evolution
+
+
+def evolution_counts(block: dict, out: str | Path, title: str = "", size=(12, 4.8), dpi: int = 110) -> Path:
+    """Per branch and step: features same, changed, died, born, reverted (stacked bars)."""
+    import numpy as np
+
+    plt = _pyplot()
+    branches = block["branches"]
+    fig, axes = plt.subplots(1, len(branches), figsize=size, squeeze=False)
+    colors = {"same": "tab:gray", "changed": "tab:orange", "died": "tab:red", "born": "tab:green",
+              "reverted": "tab:purple"}
+    for ax, (branch, part) in zip(axes[0], branches.items()):
+        steps = part["steps"]
+        names = [f"{s['from']}\n→ {s['to']}" for s in steps]
+        bottom = np.zeros(len(steps))
+        for key, color in colors.items():
+            values = np.array([s[key] for s in steps], dtype=float)
+            bars = ax.bar(names, values, bottom=bottom, color=color, label=key)
+            ax.bar_label(bars, labels=[f"{int(v)}" if v else "" for v in values], label_type="center", fontsize=8)
+            bottom += values
+        ax.set(ylabel="features", title=f"branch {branch}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, -1].legend(frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    fig.suptitle(title or f"feature evolution (thresholds from a seed pair: same ≥ {block['thresholds']['same']:.3f}, "
+                          f"no counterpart < {block['thresholds']['new']:.3f})")
+    return _save(fig, out, dpi)
+
+
+def similarity_histograms(steps: list[tuple[str, object]], null, thresholds: dict, out: str | Path, title: str = "",
+                          size=(9, 5), dpi: int = 110) -> Path:
+    """Matched decoder cosine of each step against the seed-pair null, with the thresholds."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size)
+    bins = np.linspace(-0.2, 1.0, 61)
+    ax.hist(np.asarray(null, dtype=float), bins=bins, density=True, histtype="stepfilled", alpha=0.3, color="black",
+            label="seed pair (null: only the seed differs)")
+    for name, values in steps:
+        ax.hist(np.asarray(values, dtype=float), bins=bins, density=True, histtype="step", lw=1.6, label=name)
+    ax.axvline(thresholds["same"], color="tab:green", ls="--", label=f"same ≥ {thresholds['same']:.3f}")
+    ax.axvline(thresholds["new"], color="tab:red", ls=":", label=f"no counterpart < {thresholds['new']:.3f}")
+    ax.set(xlabel="decoder cosine with the Hungarian match", ylabel="density", title=title or "feature similarity")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, dpi)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_auroc(rows: list[dict], branches: dict[str, list[str]], out: str | Path, title: str = "",
+                size=(11, 4.5), dpi: int = 110) -> Path:
+    """Nested-CV AUROC per iteration along each branch: SAE-feature probe, random features, raw activations."""
+    plt = _pyplot()
+    by_cell = {r["cell"]: r for r in rows}
+    fig, axes = plt.subplots(1, len(branches), figsize=size, squeeze=False, sharey=True)
+    styles = [("auroc", "SAE features (top-k)", "tab:blue", "-o"),
+              ("auroc_random_features", "random features (same k)", "tab:gray", "--s"),
+              ("auroc_raw_activations", "raw activations (dense)", "tab:orange", ":^")]
+    for ax, (branch, cells) in zip(axes[0], branches.items()):
+        for key, label, color, style in styles:
+            values = [by_cell.get(c, {}).get(key) for c in cells]
+            ax.plot(range(len(cells)), [v if v is not None else float("nan") for v in values], style, color=color,
+                    label=label)
+        ax.axhline(0.5, color="black", lw=0.8, alpha=0.6)
+        ax.set_xticks(range(len(cells)), cells)
+        ax.set(title=f"branch {branch}", xlabel="cell (model_data)", ylim=(0.3, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("AUROC, nested CV (0.5 = chance)")
+    axes[0, -1].legend(frameon=False, fontsize=8)
+    fig.suptitle(title or "probe AUROC per iteration")
+    return _save(fig, out, dpi)
+
+
+def probe_importance(table, correlations: dict, out: str | Path, title: str = "", size=(15, 4.2),
+                     dpi: int = 110) -> Path:
+    """|standardised difference| against cosine to base, firing rate and encoder norm, and how the
+    correlation with the cosine moves with the activity threshold (connected scatter)."""
+    import numpy as np
+
+    plt = _pyplot()
+    live = table[~table["dead"]]
+    importance = live["smd"].abs()
+    panels = [(c, n) for c, n in (("cos_to_base", "decoder cosine to the base SAE"), ("freq", "firing rate"),
+                                  ("enc_norm", "encoder norm")) if c in live.columns]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=size)
+    keys = {"cos_to_base": "cos_to_base", "freq": "firing_rate", "enc_norm": "encoder_norm"}
+    for ax, (column, name) in zip(axes, panels):
+        significant = live["q"] < 0.05
+        ax.scatter(live.loc[~significant, column], importance[~significant], s=4, alpha=0.3, color="tab:gray",
+                   label="q ≥ 0.05")
+        ax.scatter(live.loc[significant, column], importance[significant], s=10, alpha=0.8, color="tab:red",
+                   label="q < 0.05")
+        if column == "freq":
+            ax.set_xscale("log")
+        rho = correlations.get(keys[column], {})
+        note = f"Spearman {rho['rho']:+.2f} [{rho['ci_low']:+.2f}, {rho['ci_high']:+.2f}]" if rho.get("rho") is not None else ""
+        ax.set(xlabel=name, ylabel="importance |Cohen's d|", title=note)
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False, fontsize=8)
+    ax = axes[-1]
+    steps = [s for s in correlations.get("by_activity", []) if s.get("rho") is not None]
+    if steps:
+        xs = [s["min_freq"] for s in steps]
+        ys = [s["rho"] for s in steps]
+        ax.plot(xs, ys, "-o", color="tab:blue")
+        ax.fill_between(xs, [s["ci_low"] for s in steps], [s["ci_high"] for s in steps], alpha=0.2, color="tab:blue")
+        for s in steps:
+            ax.annotate(f"n={s['n']}", (s["min_freq"], s["rho"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="minimum firing rate of the features kept", ylabel="Spearman(importance, cos to base)",
+           title="by activity threshold")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or "feature importance against weight and firing statistics")
+    return _save(fig, out, dpi)
+
+
+def probe_overlap(rows: list[dict], cells: list[str], out: str | Path, title: str = "", cmap: str = "viridis",
+                  size=(6.5, 5.5), dpi: int = 110) -> Path:
+    """Jaccard of the top-k feature sets between cells (through the diffs' matching; blank: no diff)."""
+    import numpy as np
+
+    plt = _pyplot()
+    matrix = np.full((len(cells), len(cells)), np.nan)
+    np.fill_diagonal(matrix, 1.0)
+    for r in rows:
+        if r.get("jaccard_top") is None:
+            continue
+        i, j = cells.index(r["a"]), cells.index(r["b"])
+        matrix[i, j] = matrix[j, i] = r["jaccard_top"]
+    fig, ax = plt.subplots(figsize=size)
+    image = ax.imshow(matrix, cmap=cmap, vmin=0, vmax=1)
+    for i in range(len(cells)):
+        for j in range(len(cells)):
+            if np.isfinite(matrix[i, j]):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] < 0.5 else "black")
+    ax.set_xticks(range(len(cells)), cells, rotation=45, ha="right")
+    ax.set_yticks(range(len(cells)), cells)
+    fig.colorbar(image, ax=ax, label="Jaccard of top-k features")
+    ax.set_title(title or "overlap of important features")
     return _save(fig, out, dpi)

@@ -19,16 +19,26 @@ import numpy as np
 import pandas as pd
 
 REGISTRY: dict[str, Callable[..., pd.DataFrame]] = {}
+METRICS: dict[str, tuple[str, ...]] = {}  # the columns each scorer writes (command: its config says)
 
 
 from .errors import ScorerError  # noqa: F401
 
 
-def register(name: str):
+def register(name: str, metrics: tuple[str, ...] = ()):
     def wrap(fn):
         REGISTRY[name] = fn
+        METRICS[name] = metrics
         return fn
     return wrap
+
+
+def metric_names(scorers: list[dict]) -> list[str]:
+    """Every metric column the configured scorers will write, in order."""
+    names = []
+    for spec in scorers:
+        names += list(spec["metrics"]) if spec["name"] == "command" else list(METRICS.get(spec["name"], ()))
+    return names
 
 
 # --------------------------------------------------------------------------- text
@@ -62,9 +72,10 @@ def count_gender_words(text: str, language: str = "en") -> tuple[int, int]:
     return male, female
 
 
-@register("gender_pronouns")
+@register("gender_pronouns", ("male_count", "female_count", "female_ratio"))
 def gender_pronouns(table: pd.DataFrame, language_column: str = "language") -> pd.DataFrame:
-    """male_count, female_count and female_ratio = female / (male + female), NaN when none."""
+    """male_count, female_count and female_ratio = female / (male + female), NaN when none; and
+    gender (female, male, mixed or none) for grouping."""
     languages = table[language_column] if language_column in table.columns else pd.Series("en", index=table.index)
     counts = [count_gender_words(t, lang) for t, lang in zip(table["text"], languages)]
     male = np.array([c[0] for c in counts], dtype=np.int64)
@@ -72,10 +83,13 @@ def gender_pronouns(table: pd.DataFrame, language_column: str = "language") -> p
     total = male + female
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(total > 0, female / np.maximum(total, 1), np.nan)
-    return pd.DataFrame({"male_count": male, "female_count": female, "female_ratio": ratio}, index=table.index)
+    # a categorical group column (not a metric): which gender the text's words lean to
+    gender = np.where(female > male, "female", np.where(male > female, "male", np.where(male > 0, "mixed", "none")))
+    return pd.DataFrame({"male_count": male, "female_count": female, "female_ratio": ratio, "gender": gender},
+                        index=table.index)
 
 
-@register("length")
+@register("length", ("n_chars", "n_words"))
 def length(table: pd.DataFrame) -> pd.DataFrame:
     texts = table["text"].astype(str)
     return pd.DataFrame({"n_chars": texts.str.len().astype(np.int64),
@@ -121,7 +135,7 @@ def _clean_protein(text: str) -> str:
     return "".join(ch for ch in str(text).upper() if ch.isalpha())
 
 
-@register("protein_identity")
+@register("protein_identity", ("identity",))
 def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", substitution_matrix: str = "BLOSUM62",
                      open_gap_score: float = -10.0, extend_gap_score: float = -0.5) -> pd.DataFrame:
     """Identity to the nearest reference sequence (max over the FASTA) and that reference's id."""
@@ -141,7 +155,7 @@ def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", 
     return pd.DataFrame({"identity": best_identity, "nearest_reference": best_ref}, index=table.index)
 
 
-@register("protparam")
+@register("protparam", ("gravy", "pI", "instability"))
 def protparam(table: pd.DataFrame) -> pd.DataFrame:
     """GRAVY, isoelectric point and instability index (Bio.SeqUtils.ProtParam) of standard residues."""
     from Bio.SeqUtils.ProtParam import ProteinAnalysis

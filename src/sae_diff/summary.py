@@ -23,8 +23,13 @@ STAGES = {
     "make_data": "data",
     "score_data": "scoring",
     "extract_activations": "activations",
+    "finetune_dpo": "dpo",
     "train_sae": "saes",
     "evaluate_saes": "evaluation",
+    "feature_stats": "features",
+    "train_seed_sae": "calibration",
+    "diff_saes": "diffs",
+    "probes": "probes",
 }
 EVAL_KEYS = ("explained_variance", "fvu", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
              "relative_reconstruction_bias", "dead_fraction", "ce_loss_clean", "ce_loss_with_sae",
@@ -114,10 +119,20 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                         k: evaluation["absorption"][k] for k in ABSORPTION_KEYS}
                 if "groups" in evaluation:
                     out[f"layer{layer}"][name]["eval"]["groups"] = evaluation["groups"]
+            feature_dir = cell_dir.parent.parent / "features" / cell_dir.name / f"layer{layer}" / name
+            if (feature_dir / "stats.parquet").exists():
+                stats = pd.read_parquet(feature_dir / "stats.parquet",
+                                        columns=["dead", "prompt_only", "completion_only"])
+                out[f"layer{layer}"][name]["features"] = {
+                    "path": str(feature_dir), "n_live": int((~stats["dead"]).sum()),
+                    "prompt_only": int(stats["prompt_only"].sum()),
+                    "completion_only": int(stats["completion_only"].sum()),
+                    **read_json(feature_dir / "groups.json")}
     return out
 
 
-def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path]) -> dict:
+def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path],
+          figures: list[str | Path] = ()) -> dict:
     """Assemble the summary from the files the run produced under ``results``."""
     results = Path(results)
     models = {}
@@ -149,7 +164,36 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
         saes = sae_summary(results / "saes" / cell.name, cfg)
         if saes:
             cell_block[cell.name]["saes"] = saes
-    headline = {"timings": stage_timings(benchmarks)}
+    headline = {}
+    iterations_path = results / "iterations.json"
+    iterations_block = None
+    if iterations_path.exists():
+        from .iterations import headline as iterations_headline
+
+        iterations_block = read_json(iterations_path)
+        shifted = iterations_headline(iterations_block)
+        if shifted:
+            headline["iterations"] = shifted
+    evolution_blocks = {}
+    for path in sorted((results / "evolution").glob("layer*/*.json")):
+        block = read_json(path)
+        evolution_blocks[(block["layer"], block["sae"])] = block
+    if evolution_blocks:
+        from .evolution import headline as evolution_headline
+
+        headline["evolution"] = evolution_headline(evolution_blocks, cfg.get("sae_order", list(cfg["saes"])))
+    probe_blocks = {}
+    for path in sorted((results / "probes").glob("*/layer*/*/*.json")):
+        block = read_json(path)
+        probe_blocks.setdefault(block["cell"], {}).setdefault(f"layer{block['layer']}", {}).setdefault(
+            block["sae"], {})[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
+    if probe_blocks:
+        headline["probes"] = probes_headline(probe_blocks, cfg)
+    headline["timings"] = stage_timings(benchmarks)
+    for model_id, info in models.items():
+        dpo = _dpo_record(results / "models" / model_id)
+        if dpo:
+            info["dpo"] = dpo
     return {
         "headline": headline,
         "run": {"config_hash": config_hash(cfg), "versions": package_versions(),
@@ -158,4 +202,80 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
         "models": models,
         "data": data,
         "cells": cell_block,
+        **({"iterations": {"path": str(iterations_path), **iterations_block}} if iterations_block else {}),
+        **({"evolution": {f"layer{layer}": {name: block} for (layer, name), block in evolution_blocks.items()}}
+           if evolution_blocks else {}),
+        **({"probes": probe_blocks} if probe_blocks else {}),
+        **({"figures": _figures_by_kind([*figures, *sorted((results / "figures" / "eval").glob("**/*.png"))])}
+           if figures else {}),
     }
+
+
+def probes_headline(blocks: dict, cfg: dict) -> dict:
+    """``headline.probes``: per metric, the last iteration's own cell (MX_DX), the deepest layer and the
+    first SAE config: its top features and nested-CV AUROC against the two baselines."""
+    from .config import branch_cells, cells as all_cells
+
+    chain = branch_cells(cfg, "MXDX") if "MXDX" in cfg["grid"]["branches"] else all_cells(cfg)
+    cell, layer = chain[-1].name, f"layer{max(cfg['layers'])}"
+    order = cfg.get("sae_order", list(cfg["saes"]))
+    saes = blocks.get(cell, {}).get(layer, {})
+    name = next((n for n in order if n in saes), None)
+    out = {}
+    for metric, block in (saes.get(name, {}) if name else {}).items():
+        if "auroc" not in block:
+            continue
+        out[metric] = {"cell": cell, "layer": layer, "sae": name, "top_features": block["top_features"][:10],
+                       "auroc": block["auroc"], "auroc_random_features": block["auroc_random_features"],
+                       "auroc_raw_activations": block["auroc_raw_activations"]}
+    return out
+
+
+def _figures_by_kind(paths) -> dict:
+    """Figure paths grouped by their stage folder (iterations, features, evolution, probes, eval)."""
+    out: dict = {}
+    for path in map(str, paths):
+        parts = Path(path).parts
+        kind = parts[parts.index("figures") + 1] if "figures" in parts else "other"
+        out.setdefault(kind, []).append(path)
+    return out
+
+
+def _dpo_record(model_dir: Path) -> dict | None:
+    path = model_dir / "dpo.json"
+    if not path.exists():
+        return None
+    record = read_json(path)
+    return {k: record.get(k) for k in ("n_pairs", "steps", "loss_first", "loss_last", "reward_accuracy_last")}
+
+
+def table(summary: dict) -> pd.DataFrame:
+    """One row per (cell, layer, SAE): the numbers a reader scans first (the report's summary table)."""
+    rows = []
+    probes = summary.get("probes", {})
+    for cell, block in summary["cells"].items():
+        for layer, saes in block.get("saes", {}).items():
+            for name, sae in saes.items():
+                ev = sae.get("eval", {})
+                row = {"cell": cell, "layer": layer, "sae": name, "d_sae": sae["d_sae"],
+                       "fvu": ev.get("fvu"), "l0": ev.get("l0"), "dead_fraction": ev.get("dead_fraction"),
+                       "ce_loss_score": ev.get("ce_loss_score"), "kl_div_score": ev.get("kl_div_score"),
+                       "live_features": sae.get("features", {}).get("n_live")}
+                for metric, probe in probes.get(cell, {}).get(layer, {}).get(name, {}).items():
+                    row[f"auroc_{metric}"] = probe.get("auroc")
+                    row[f"auroc_{metric}_random"] = probe.get("auroc_random_features")
+                    row[f"auroc_{metric}_raw"] = probe.get("auroc_raw_activations")
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "summary.schema.yaml"
+
+
+def validate(summary: dict) -> None:
+    """Check a summary against its JSON schema; raises jsonschema.ValidationError naming the key."""
+    import yaml
+    from jsonschema import Draft202012Validator
+
+    with open(SCHEMA_PATH) as fh:
+        Draft202012Validator(yaml.safe_load(fh)).validate(summary)

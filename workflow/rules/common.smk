@@ -1,5 +1,6 @@
 # Config validation, the grid of cells, and the target lists every other rule file uses.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,18 +18,35 @@ except cfglib.ConfigError as error:
     sys.exit(str(error))
 
 MODELS = cfglib.model_ids(config)
+DPO_MODELS = [m for m in MODELS if config["models"][m]["source"] == "dpo"]
+PREPARED_MODELS = [m for m in MODELS if m not in DPO_MODELS]
 DATA = cfglib.data_ids(config)
 CELLS = cfglib.cells(config)
 SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
 SAES = list(config["saes"])
 TRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "train"]
 PRETRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "pretrained"]
+PROBE_METRICS = config["probes"].get("metrics") or (
+    [config["iterations"]["target"]["metric"]] if "target" in config.get("iterations", {}) else [])
+
+
+wildcard_constraints:
+    # names joined by "_" in file names (e.g. {sae}_{metric}_auroc.png) must not swallow each other
+    sae="|".join(map(re.escape, SAES)) or "(?!x)x",
+    metric="|".join(map(re.escape, PROBE_METRICS)) or "(?!x)x",
+
+
+# diffs need a seed-pair calibration, so only SAEs trained here are diffed
+DIFF_SAES = TRAINED_SAES if config["diff"]["enabled"] else []
 
 
 wildcard_constraints:
     model=r"M\d+",
     data=r"D\d+",
     layer=r"\d+",
+    cell=r"M\d+_D\d+",
+    branch=r"MXDX|M0DX",
+    column=r"[A-Za-z0-9_]+",
 
 
 def spec(**parts):
@@ -38,6 +56,11 @@ def spec(**parts):
     (a pretrained SAE's path template) as wildcards.
     """
     return json.dumps(parts, sort_keys=True)
+
+
+def one_of(ids):
+    """A wildcard constraint matching exactly these ids (nothing when empty)."""
+    return "|".join(ids) if ids else "(?!x)x"
 
 
 def bench(rule_name, pattern):
@@ -54,6 +77,12 @@ def manifests(cell_name):
 def init_model_input(wildcards):
     source = config["models"][wildcards.model].get("init_from")
     return [f"results/models/{source}"] if source else []
+
+
+def dpo_inputs(wildcards):
+    model = config["models"][wildcards.model]
+    return {"parent": f"results/models/{model['parent']}", "reference": f"results/models/{model['reference']}",
+            "samples": f"results/data/{model['pairs_from']}/samples.parquet"}
 
 
 def data_model_input(wildcards):
@@ -83,10 +112,68 @@ def warm_start_inputs(wildcards):
     return [f"{folder}/sae_weights.safetensors" for folder in warm_start_dirs(wildcards).values()]
 
 
+def seed_pair_saes():
+    """The trained SAE configs as calibration partners: no warm start, and another init seed when
+    `diff.vary` asks for it (the data-order seed always changes, in seed_pair_training)."""
+    offset = config["diff"]["seed_offset"] if config["diff"]["vary"] == "init_and_shuffle" else 0
+    return {n: {**config["saes"][n], "seed": config["saes"][n]["seed"] + offset, "warm_start": "none"}
+            for n in DIFF_SAES}
+
+
+def seed_pair_training():
+    return {**config["training"], "seed": config["training"]["seed"] + config["diff"]["seed_offset"]}
+
+
+def figure_spec(kind):
+    """A figure rule's params: its own `figures.<kind>` block only."""
+    return lambda w: spec(figure=config["figures"][kind])
+
+
+def branch_steps(branch):
+    chain = cfglib.branch_cells(config, branch)
+    return list(zip(chain, chain[1:]))
+
+
+def figure_targets():
+    """Every figure file of the run, by kind (the summary lists them; the report shows them)."""
+    features = config["features"]
+    out = {"iterations": ["results/figures/iterations/target_metric.png"]}
+    per_sae = [(cell.name, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
+    out["statistics"] = [f"results/figures/features/{c}/layer{l}/{n}/statistics.png" for c, l, n in per_sae]
+    out["embeddings"] = [f"results/figures/features/{c}/layer{l}/{n}/embeddings.png" for c, l, n in per_sae]
+    if features.get("bias"):
+        out["bias"] = [f"results/figures/features/{c}/layer{l}/{n}/bias.png" for c, l, n in per_sae]
+    out["coactivation"] = [f"results/figures/features/{c}/layer{l}/{n}/coactivation_{col}{suffix}.png"
+                           for c, l, n in per_sae for col in features["coactivation_columns"] for suffix in ("", "_top")]
+    if len(config["layers"]) > 1:
+        out["coactivation_layers"] = [f"results/figures/features/{cell.name}/{n}_coactivation_{col}_layers.png"
+                                      for cell in CELLS for n in SAES for col in features["coactivation_columns"]]
+    out["evolution"] = [f"results/figures/evolution/layer{l}/{n}_counts.png" for l in config["layers"] for n in DIFF_SAES]
+    if PROBE_METRICS:
+        out["probe_auroc"] = [f"results/figures/probes/layer{l}/{n}_{m}_auroc.png" for l in config["layers"]
+                              for n in SAES for m in PROBE_METRICS]
+        out["probe_importance"] = [f"results/figures/probes/{c}/layer{l}/{n}_{m}_importance.png"
+                                   for c, l, n in per_sae for m in PROBE_METRICS]
+        out["probe_overlap"] = [f"results/figures/probes/layer{l}/{n}_{m}_overlap.png" for l in config["layers"]
+                                for n in DIFF_SAES for m in PROBE_METRICS]
+    out["similarity"] = [f"results/figures/evolution/layer{l}/{n}_similarity_{b}.png" for l in config["layers"]
+                         for n in DIFF_SAES for b in config["grid"]["branches"] if branch_steps(b)]
+    return out
+
+
 def summary_inputs(wildcards):
     files = {
         "models": [f"results/models/{m}" for m in MODELS],
         "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
+        "iterations": "results/iterations.json",
+        "features": [f"results/features/{cell.name}/layer{layer}/{name}/stats.parquet"
+                     for cell in CELLS for layer in config["layers"] for name in SAES],
+        "evolution": [f"results/evolution/layer{layer}/{name}.json" for layer in config["layers"] for name in DIFF_SAES],
+        "probes": [f"results/probes/{cell.name}/layer{layer}/{name}/{metric}.json" for cell in CELLS
+                   for layer in config["layers"] for name in SAES for metric in PROBE_METRICS],
+        "probe_comparisons": [f"results/probes/comparison_layer{layer}.json" for layer in config["layers"]]
+        if PROBE_METRICS else [],
+        "figures": [path for paths in figure_targets().values() for path in paths],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
         "evals": [f"results/eval/{cell.name}/layer{layer}/{name}.json"
@@ -96,10 +183,17 @@ def summary_inputs(wildcards):
 
 
 BENCHMARKS = (
-    [bench("prepare_model", m) for m in MODELS]
+    [bench("prepare_model", m) for m in PREPARED_MODELS]
+    + [bench("finetune_dpo", m) for m in DPO_MODELS]
     + [bench("make_data", d) for d in DATA]
     + [bench("score_data", d) for d in DATA]
     + [bench("extract_activations", c.name) for c in CELLS]
     + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if TRAINED_SAES else [])
     + ([bench("evaluate_saes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
+    + ([bench("feature_stats", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
+    + [bench("train_seed_sae", f"layer{layer}") for layer in config["layers"] if DIFF_SAES]
+    + ([bench("probes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
+       if SAES and PROBE_METRICS else [])
+    + [bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
+       for a, b, _ in cfglib.diff_pairs(config) for layer in config["layers"] if DIFF_SAES]
 )

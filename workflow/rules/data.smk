@@ -2,6 +2,7 @@
 
 
 rule make_data:
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
     input:
         data_model_input,
     output:
@@ -23,6 +24,7 @@ rule make_data:
 
 
 rule score_data:
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
     input:
         "results/data/{data}/raw.parquet",
     output:
@@ -38,3 +40,22 @@ rule score_data:
     threads: 1
     shell:
         "sae-diff score --spec {params.spec:q} --samples {input} --out {output} > {log} 2>&1"
+
+
+rule iterations:
+    input:
+        expand("results/data/{data}/samples.parquet", data=DATA),
+    output:
+        json="results/iterations.json",
+        examples=report("results/iterations_examples.csv", category="Iterations",
+                        caption="../report/iterations_examples.rst"),
+    params:
+        spec=lambda w: spec(scorers=config["scorers"], data=config["data"], iterations=config.get("iterations"),
+                            seed=config["seed"]),
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/iterations/iterations.log",
+    shell:
+        "sae-diff iterations --spec {params.spec:q} --samples {input} --examples {output.examples} "
+        "--out {output.json} > {log} 2>&1"

@@ -10,7 +10,8 @@ rule evaluate_saes:
         samples="results/data/{data}/raw.parquet",
     output:
         [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.json" for name in SAES],
-        [f"results/figures/eval/{{model}}_{{data}}/layer{{layer}}/{name}_density.png" for name in SAES],
+        [report(f"results/figures/eval/{{model}}_{{data}}/layer{{layer}}/{name}_density.png", category="Evaluation",
+                subcategory="layer {layer}", caption="../report/density.rst") for name in SAES],
     params:
         spec=lambda w: spec(saes=config["saes"], evaluation=config["evaluation"],
                             activations=config["activations"], device=config["device"]),

@@ -1,7 +1,10 @@
-# M0..MX as safetensors HF folders, converted once.
+# M0..MX as safetensors HF folders: converted once, or made by a DPO round of the iterations block.
 
 
 rule prepare_model:
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    wildcard_constraints:
+        model=one_of(PREPARED_MODELS),
     input:
         init_model_input,
     output:
@@ -20,3 +23,28 @@ rule prepare_model:
     shell:
         "sae-diff prepare-model --spec {params.spec:q} --model {wildcards.model} "
         "--threads {threads} --out {output} > {log} 2>&1"
+
+
+rule finetune_dpo:
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    input:
+        unpack(dpo_inputs),
+    output:
+        directory("results/models/{model}"),
+    wildcard_constraints:
+        model=one_of(DPO_MODELS),
+    params:
+        spec=lambda w: spec(models={w.model: config["models"][w.model]}, iterations=config["iterations"],
+                            device=config["device"]),
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/finetune_dpo/{model}.log",
+    benchmark:
+        bench("finetune_dpo", "{model}")
+    threads: 8
+    resources:
+        mem_mb=8000,
+    shell:
+        "sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples} "
+        "--threads {threads} --no-progress --out {output} > {log} 2>&1"

@@ -6,13 +6,18 @@ rule summary:
         unpack(summary_inputs),
         benchmarks=BENCHMARKS,
     output:
-        "results/summary.json",
+        json="results/summary.json",
+        table=report("results/summary_table.csv", category="Summary", caption="../report/summary_table.rst"),
+        wandb=["results/wandb/run.json"] if config["wandb"]["mode"] != "disabled" else [],
     params:
-        spec=lambda w: spec(**config),
+        spec=lambda w: spec(**config, sae_order=SAES),  # JSON sorts keys; the headline follows config order
+        wandb=lambda w, output: f"--wandb-out {output.wandb[0]}" if output.wandb else "",
     conda:
         "../envs/analysis.yaml"
     log:
         "logs/summary/summary.log",
     shell:
         "sae-diff summary --spec {params.spec:q} --results results "
-        "--benchmarks {input.benchmarks} --out {output} > {log} 2>&1"
+        "--benchmarks {input.benchmarks} --figures {input.figures} --table {output.table} "
+        "{params.wandb} "
+        "--out {output.json} > {log} 2>&1"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..activations import ActivationStore, ActivationStoreError, crash_point
-from ..io import atomic_path, write_json
+from ..activations import ActivationStore, ActivationStoreError
+from ..io import atomic_path, crash_point, write_json
 from . import files
 from .model import SAE, SAEConfig
 

@@ -1,0 +1,334 @@
+"""What each SAE feature is and where it fires, on its cell's data.
+
+One pass encodes every kept token of the cell once per SAE and produces:
+
+* per-feature firing statistics on the held-out (eval) tokens: frequency over tokens and
+  sequences, mean / max / quantiles of the activation when firing, firing positions (mean,
+  quantiles, relative rank within the sequence), prompt-only and completion-only flags;
+* the top-activating examples of each feature (eval tokens, the token marked in its context);
+* per-sample pooled activations over the completion tokens (max and mean; both splits),
+  with each sample's token L0 and activation sums, for group statistics and probes;
+* logit-lens tokens: the decoder direction through the final norm's scale and the
+  unembedding — the tokens it promotes and suppresses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .activations import ActivationStore
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.5, 0.9, 0.99)
+POSITION_QUANTILES = (0.1, 0.5, 0.9)
+MARK = ("⟦", "⟧")  # around the activating token in an example's context
+
+
+@dataclass
+class FeaturePass:
+    stats: pd.DataFrame            # one row per feature
+    examples: dict                 # feature -> list of top-activating examples
+    pooled: dict                   # sample_id, max, mean [n_samples, d_sae], l0_sum, act_sum, n_tokens
+
+
+def _pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values[index] with the index clipped into range (callers mask the clipped rows)."""
+    if not len(values):
+        return np.full(len(index), np.nan)
+    return values[np.clip(index, 0, len(values) - 1)]
+
+
+def _firing_table(feat, act, pos, rel, in_prompt, seq_keys, d_sae: int, n_tokens: int, n_sequences: int) -> pd.DataFrame:
+    """Per-feature statistics from the flat list of (feature, activation, ...) firings."""
+    order = np.lexsort((act, feat))                 # by feature, activation ascending within it
+    feat, act, pos, rel, in_prompt = feat[order], act[order], pos[order], rel[order], in_prompt[order]
+    counts = np.bincount(feat, minlength=d_sae)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    fires = counts > 0
+    table = pd.DataFrame({"feature": np.arange(d_sae), "fire_count": counts,
+                          "freq": counts / max(n_tokens, 1)})
+    seq_counts = np.bincount(np.unique(seq_keys) % d_sae, minlength=d_sae) if len(seq_keys) else np.zeros(d_sae, int)
+    table["seq_freq"] = seq_counts / max(n_sequences, 1)
+    safe = np.maximum(counts, 1)
+    sums = np.bincount(feat, weights=act, minlength=d_sae)
+    table["mean_act"] = np.where(fires, sums / safe, np.nan)
+    last = starts + counts - 1
+    table["max_act"] = np.where(fires, _pick(act, last), np.nan)
+    for q in QUANTILES:  # 'lower' quantile of each feature's sorted activations (exact order statistic)
+        idx = starts + np.floor(q * (counts - 1)).astype(np.int64)
+        table[f"act_q{int(q * 100)}"] = np.where(fires, _pick(act, idx), np.nan)
+    table["mean_position"] = np.where(fires, np.bincount(feat, weights=pos, minlength=d_sae) / safe, np.nan)
+    table["mean_rel_position"] = np.where(fires, np.bincount(feat, weights=rel, minlength=d_sae) / safe, np.nan)
+    # position quantiles need positions sorted within each feature
+    porder = np.lexsort((pos, feat))
+    spos = pos[porder]
+    for q in POSITION_QUANTILES:
+        idx = starts + np.floor(q * (counts - 1)).astype(np.int64)
+        table[f"position_q{int(q * 100)}"] = np.where(fires, _pick(spos, idx), np.nan)
+    n_prompt = np.bincount(feat, weights=in_prompt.astype(np.float64), minlength=d_sae).astype(np.int64)
+    table["prompt_fires"] = n_prompt
+    table["completion_fires"] = counts - n_prompt
+    table["prompt_only"] = fires & (n_prompt == counts)
+    table["completion_only"] = fires & (n_prompt == 0)
+    table["dead"] = ~fires
+    return table
+
+
+def _contexts(store: ActivationStore, split: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """sample id -> (positions, token ids) of its kept tokens, in position order."""
+    shards = list(store.iter_shards(split))
+    if not shards:
+        return {}
+    samples = np.concatenate([s["sample_idx"].numpy() for s in shards])
+    positions = np.concatenate([s["position"].numpy() for s in shards])
+    tokens = np.concatenate([s["token_ids"].numpy() for s in shards])
+    order = np.lexsort((positions, samples))
+    samples, positions, tokens = samples[order], positions[order], tokens[order]
+    ids, starts = np.unique(samples, return_index=True)
+    ends = np.append(starts[1:], len(samples))
+    return {int(i): (positions[a:b], tokens[a:b]) for i, a, b in zip(ids, starts, ends)}
+
+
+def _render(tokenizer, positions, tokens, at: int, window: int) -> str:
+    keep = np.abs(positions - at) <= window
+    pieces = []
+    for p, t in zip(positions[keep], tokens[keep]):
+        text = tokenizer.decode([int(t)]) if tokenizer is not None else f"[{int(t)}]"
+        pieces.append(f"{MARK[0]}{text}{MARK[1]}" if p == at else text)
+    return "".join(pieces)
+
+
+def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4096, n_examples: int = 5,
+        context_window: int = 8, tokenizer=None, device: str = "cpu", progress: bool = True) -> FeaturePass:
+    """Encode the store's tokens (both splits) once; statistics on eval, pooling on all samples.
+
+    sample_ids: every sample id of the cell's table (rows of the pooled matrices, in order).
+    """
+    from tqdm.auto import tqdm
+
+    d_sae = sae.cfg.d_sae
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    sorter = np.argsort(sample_ids)
+    n = len(sample_ids)
+    pooled_max = torch.zeros((n, d_sae))
+    pooled_sum = torch.zeros((n, d_sae))
+    n_completion = torch.zeros(n)
+    l0_sum, act_sum, n_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+    firings = {k: [] for k in ("feat", "act", "pos", "sample", "in_prompt")}
+    sae = sae.to(device).eval()
+    total = store.n_tokens("train") + store.n_tokens("eval")
+    bar = tqdm(total=total, desc="features", unit="tok", disable=not progress)
+    for split in ("eval", "train"):
+        for shard in store.iter_shards(split):
+            samples = shard["sample_idx"].numpy()
+            found = np.clip(np.searchsorted(sample_ids, samples, sorter=sorter), 0, n - 1)
+            rows_np = sorter[found]
+            if len(samples) and not np.array_equal(sample_ids[rows_np], samples):
+                bad = samples[sample_ids[rows_np] != samples][0]
+                raise ValueError(f"{store.folder}: sample {int(bad)} is not in the cell's sample table")
+            rows_all = torch.from_numpy(rows_np)
+            for start in range(0, len(samples), batch_size):
+                x = shard["acts"][start:start + batch_size].to(device, torch.float32)
+                with torch.no_grad():
+                    f = sae.encode(x).float().cpu()
+                rows = rows_all[start:start + batch_size]
+                in_prompt = shard["in_prompt"][start:start + batch_size]
+                active = f > 0
+                l0_sum.index_add_(0, rows, active.sum(1).double())
+                act_sum.index_add_(0, rows, f.sum(1).double())
+                n_tokens.index_add_(0, rows, torch.ones(len(rows)))
+                comp = ~in_prompt
+                if comp.any():
+                    pooled_sum.index_add_(0, rows[comp], f[comp])
+                    n_completion.index_add_(0, rows[comp], torch.ones(int(comp.sum())))
+                    index = rows[comp][:, None].expand(-1, d_sae)
+                    pooled_max.scatter_reduce_(0, index, f[comp], "amax", include_self=True)
+                if split == "eval":
+                    r, c = active.nonzero(as_tuple=True)
+                    firings["feat"].append(c.numpy())
+                    firings["act"].append(f[r, c].numpy())
+                    firings["pos"].append(shard["position"][start:start + batch_size][r].numpy())
+                    firings["sample"].append(samples[start:start + batch_size][r.numpy()])
+                    firings["in_prompt"].append(in_prompt[r].numpy())
+                bar.update(len(x))
+    bar.close()
+    flat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in firings.items()}
+    feat = flat["feat"].astype(np.int64)
+    act = flat["act"].astype(np.float64)
+    pos = flat["pos"].astype(np.int64)
+    sample = flat["sample"].astype(np.int64)
+    contexts = _contexts(store, "eval")
+    last_position = {s: int(p.max()) for s, (p, _) in contexts.items()}
+    first_position = {s: int(p.min()) for s, (p, _) in contexts.items()}
+    span = np.array([max(last_position[s] - first_position[s], 1) for s in sample], dtype=np.float64)
+    rel = (pos - np.array([first_position[s] for s in sample], dtype=np.float64)) / span if len(sample) else pos * 0.0
+    n_eval_tokens = store.n_tokens("eval")
+    stats = _firing_table(feat, act, pos, rel, flat["in_prompt"].astype(bool), sample * d_sae + feat,
+                          d_sae, n_eval_tokens, len(contexts))
+    examples = top_examples(feat, act, pos, sample, contexts, tokenizer, n_examples, context_window)
+    mean = pooled_sum / n_completion.clamp_min(1)[:, None]
+    pooled = {"sample_id": torch.as_tensor(np.asarray(sample_ids, dtype=np.int64)), "max": pooled_max,
+              "mean": mean, "l0_sum": l0_sum, "act_sum": act_sum, "n_tokens": n_tokens,
+              "n_completion_tokens": n_completion}
+    return FeaturePass(stats=stats, examples=examples, pooled=pooled)
+
+
+def top_examples(feat, act, pos, sample, contexts, tokenizer, n: int, window: int) -> dict:
+    """feature -> its ``n`` highest activations on eval tokens, each with the marked context."""
+    if not len(feat):
+        return {}
+    order = np.lexsort((sample, -act, feat))
+    feat_sorted = feat[order]
+    starts = np.searchsorted(feat_sorted, np.unique(feat_sorted))
+    out = {}
+    for start in starts:
+        j = int(feat_sorted[start])
+        rows = order[start:start + n]
+        rows = rows[feat[rows] == j]
+        out[j] = [{"sample_id": int(sample[r]), "position": int(pos[r]), "activation": float(act[r]),
+                   "context": _render(tokenizer, *contexts[int(sample[r])], at=int(pos[r]), window=window)}
+                  for r in rows]
+    return out
+
+
+def logit_lens(sae, model, tokenizer, k: int = 10, chunk: int = 512) -> pd.DataFrame:
+    """Top promoted and suppressed tokens of each decoder direction: W_U (γ ⊙ d_j).
+
+    γ is the final norm's scale; the norm's division by the residual's RMS is left out (it
+    rescales all logits of a direction alike, so the token ranking is unchanged).
+    """
+    from . import models
+
+    unembed = model.get_output_embeddings().weight.detach().float()        # [vocab, d]
+    norm = models.final_norm(model)
+    gamma = getattr(norm, "weight", None)
+    gamma = gamma.detach().float() if gamma is not None else torch.ones(unembed.shape[1])
+    dec = sae.W_dec.detach().float()
+    if dec.shape[1] != unembed.shape[1]:
+        raise ValueError(f"decoder width {dec.shape[1]} differs from the model's d_model {unembed.shape[1]}")
+    top_ids, bottom_ids, top_vals, bottom_vals = [], [], [], []
+    for start in range(0, len(dec), chunk):
+        logits = (dec[start:start + chunk] * gamma) @ unembed.T
+        t = logits.topk(k, dim=1)
+        b = logits.topk(k, dim=1, largest=False)
+        top_ids.append(t.indices), top_vals.append(t.values), bottom_ids.append(b.indices), bottom_vals.append(b.values)
+    top_ids, bottom_ids = torch.cat(top_ids).numpy(), torch.cat(bottom_ids).numpy()
+    decode = np.vectorize(lambda i: tokenizer.decode([int(i)]), otypes=[object])
+    return pd.DataFrame({
+        "feature": np.arange(len(dec)),
+        "promoted": [list(row) for row in decode(top_ids)],
+        "promoted_logit": [list(map(float, row)) for row in torch.cat(top_vals).numpy()],
+        "suppressed": [list(row) for row in decode(bottom_ids)],
+        "suppressed_logit": [list(map(float, row)) for row in torch.cat(bottom_vals).numpy()],
+    })
+
+
+def weight_columns(sae) -> pd.DataFrame:
+    """Encoder and decoder norms, encoder bias and (JumpReLU / BatchTopK) threshold per feature."""
+    out = pd.DataFrame({"enc_norm": sae.W_enc_T.detach().double().norm(dim=1).numpy(),
+                        "dec_norm": sae.W_dec.detach().double().norm(dim=1).numpy(),
+                        "b_enc": sae.b_enc.detach().double().numpy()})
+    if hasattr(sae, "log_threshold"):
+        out["threshold"] = sae.log_threshold.detach().double().exp().numpy()
+    elif bool((sae.threshold > 0).any()):
+        out["threshold"] = sae.threshold.detach().double().numpy()
+    return out
+
+
+def write(sae_dir: Path, store_dir: Path, samples: pd.DataFrame, out_dir: Path, opts: dict, model=None,
+          tokenizer=None, device: str = "cpu", progress: bool = True) -> dict:
+    """Run the feature pass of one SAE and write its files into ``out_dir`` (atomically):
+
+    stats.parquet (one row per feature, with weight columns and logit-lens tokens),
+    examples.json, pooled.safetensors (per-sample max / mean and L0 sums), groups.json and
+    coactivation_<column>.npy / .json for the configured columns. Returns a short summary.
+    """
+    from safetensors.torch import save_file
+
+    from . import groups
+    from .io import atomic_dir, write_json
+    from .sae import files
+
+    sae = files.load(sae_dir)
+    store = ActivationStore(store_dir)
+    result = run(sae, store, samples["sample_id"].to_numpy(), batch_size=opts["batch_size"],
+                 n_examples=opts["n_examples"], context_window=opts["context_window"], tokenizer=tokenizer,
+                 device=device, progress=progress)
+    stats = pd.concat([result.stats, weight_columns(sae)], axis=1)
+    writes_residual = sae.cfg.target_hook_name or sae.cfg.hook_name
+    if model is not None and not writes_residual.endswith("ln2.hook_normalized"):
+        stats = stats.merge(logit_lens(sae, model, tokenizer, k=opts["logit_lens_k"]), on="feature")
+    x = result.pooled[opts["pooling"]].double().numpy()
+    group_block = {"pooling": opts["pooling"], "groups": {}}
+    for column in opts["group_columns"]:
+        if column not in samples.columns:
+            raise ValueError(f"features.group_columns: column {column!r} is not in the samples table "
+                             f"(columns: {list(samples.columns)})")
+        group_block["groups"][column] = groups.per_group(result.pooled, samples, column, opts["pooling"],
+                                                         opts["rank_variance"])
+    bias = opts.get("bias")
+    if bias and bias["column"] in samples.columns:
+        block = groups.group_bias(x, samples, bias["column"], bias["a"], bias["b"])
+        stats[f"cohens_d_{bias['a']}_vs_{bias['b']}"] = block.pop("d")
+        group_block["bias"] = block
+        if opts["group_columns"] and opts["group_columns"][0] != bias["column"]:
+            group_block["bias_correlation"] = groups.bias_correlation(
+                x, samples, opts["group_columns"][0], bias["column"], bias["a"], bias["b"])
+    pair = opts.get("pair_column")
+    if pair and opts["group_columns"]:
+        column = opts["group_columns"][0]
+        values = [str(v) for v in pd.unique(samples[column].dropna())]
+        if len(values) == 2:
+            xa, xb, _ = groups.paired_matrices(x, samples, column, pair, values[0], values[1])
+            aligned = groups.alignment(xa, xb, opts["alignment_threshold"])
+            r = aligned.pop("r", None)
+            if r is not None:
+                stats[f"alignment_r_{values[0]}_{values[1]}"] = r
+            group_block["alignment"] = {"groups": values, **aligned}
+        else:
+            group_block["alignment"] = {"skipped": f"{column} has {len(values)} values; alignment pairs exactly 2"}
+    with atomic_dir(out_dir) as tmp:
+        stats.to_parquet(tmp / "stats.parquet", index=False)
+        write_json(tmp / "examples.json", {str(k): v for k, v in result.examples.items()})
+        save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous()
+                   for k, v in result.pooled.items()}, str(tmp / "pooled.safetensors"))
+        write_json(tmp / "groups.json", group_block)
+        for column in opts["coactivation_columns"]:
+            matrix, block = groups.coactivation(x, samples, column)
+            np.save(tmp / f"coactivation_{column}.npy", matrix)
+            write_json(tmp / f"coactivation_{column}.json", block)
+    live = int((~stats["dead"]).sum())
+    return {"n_features": int(len(stats)), "live": live, "prompt_only": int(stats["prompt_only"].sum()),
+            "completion_only": int(stats["completion_only"].sum())}
+
+
+def pool_raw(store: ActivationStore, sample_ids: np.ndarray, how: str = "mean") -> np.ndarray:
+    """The model's own activations pooled over each sample's completion tokens (both splits):
+    the dense baseline the probes compare SAE features with."""
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    sorter = np.argsort(sample_ids)
+    out = np.zeros((len(sample_ids), store.d_model))
+    counts = np.zeros(len(sample_ids))
+    if how == "max":
+        out[:] = -np.inf
+    for split in ("train", "eval"):
+        for shard in store.iter_shards(split):
+            keep = ~shard["in_prompt"].numpy()
+            rows = sorter[np.searchsorted(sample_ids, shard["sample_idx"].numpy()[keep], sorter=sorter)]
+            acts = shard["acts"].float().numpy()[keep].astype(np.float64)
+            if how == "max":
+                np.maximum.at(out, rows, acts)
+            else:
+                np.add.at(out, rows, acts)
+            np.add.at(counts, rows, 1)
+    if how == "max":
+        out[counts == 0] = 0.0
+        return out
+    return out / np.maximum(counts, 1)[:, None]

@@ -1,0 +1,115 @@
+"""What the iterations did to the metrics: per-iteration means with bootstrap CIs and the M0 -> MX shift.
+
+Di is what Mi generated, so the mean of a metric over Di is Mi's behaviour. Samples whose
+metric is undefined (NaN: e.g. ``female_ratio`` of a text with no gendered word) are left
+out and counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+N_BOOTSTRAP = 4000
+
+
+def bootstrap_mean(values, n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean with a percentile-bootstrap CI."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return {"n": 0, "mean": None, "ci_low": None, "ci_high": None}
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"n": int(len(x)), "mean": float(x.mean()), "ci_low": float(low), "ci_high": float(high)}
+
+
+def bootstrap_shift(before, after, n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
+    """Difference of means (after - before), two independent samples, with a percentile-bootstrap CI
+    and a two-sided permutation p-value."""
+    a = np.asarray(before, dtype=np.float64)
+    b = np.asarray(after, dtype=np.float64)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) == 0 or len(b) == 0:
+        return {"diff": None, "ci_low": None, "ci_high": None, "p": None, "n_before": int(len(a)),
+                "n_after": int(len(b))}
+    rng = np.random.default_rng(seed)
+    diffs = (b[rng.integers(0, len(b), size=(n_boot, len(b)))].mean(axis=1)
+             - a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1))
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    observed = b.mean() - a.mean()
+    pooled = np.concatenate([a, b])
+    null = np.empty(n_boot)
+    for i in range(n_boot):
+        perm = rng.permutation(pooled)
+        null[i] = perm[len(a):].mean() - perm[:len(a)].mean()
+    p = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (n_boot + 1)
+    return {"diff": float(observed), "ci_low": float(low), "ci_high": float(high), "p": float(p),
+            "n_before": int(len(a)), "n_after": int(len(b)), "significant": bool(low > 0 or high < 0)}
+
+
+def metric_block(tables: dict[str, pd.DataFrame], metric: str, seed: int = 0) -> dict:
+    """Per iteration: mean with CI over all samples and over held-out prompts; the first -> last shift."""
+    ids = [d for d in tables if metric in tables[d].columns]
+    per = {}
+    for d in ids:
+        table = tables[d]
+        values = table[metric].to_numpy(dtype=float)
+        held_out = table["split"].to_numpy() == "eval"
+        per["M" + d[1:]] = {"data": d, "n_samples": int(len(table)), "all": bootstrap_mean(values, seed=seed),
+                            "eval": bootstrap_mean(values[held_out], seed=seed)}
+    block = {"per_iteration": per}
+    if len(ids) > 1:
+        before, after = tables[ids[0]], tables[ids[-1]]
+        block["shift"] = {
+            "from": "M" + ids[0][1:], "to": "M" + ids[-1][1:],
+            "all": bootstrap_shift(before[metric], after[metric], seed=seed),
+            "eval": bootstrap_shift(before.loc[before["split"] == "eval", metric],
+                                    after.loc[after["split"] == "eval", metric], seed=seed),
+        }
+    return block
+
+
+def summarize(tables: dict[str, pd.DataFrame], metrics: list[str], target: dict | None, seed: int = 0,
+              n_examples: int = 4) -> dict:
+    """tables: data id (D0..DX, in order) -> scored samples.
+
+    Returns {target, iterations, metrics: {metric: block over all samples}, target_metric: the
+    target's block over its population (``target.where``), examples: {Mi: [...]}}; each block
+    also reports the held-out prompts alone (``eval``: never used for preference pairs).
+    """
+    from .finetune import select
+
+    out: dict = {"target": target, "iterations": ["M" + d[1:] for d in tables],
+                 "metrics": {m: metric_block(tables, m, seed) for m in metrics}, "examples": {}}
+    if target:
+        population = {d: select(t, target.get("where"), f"samples of {d}") for d, t in tables.items()}
+        out["target_metric"] = {"metric": target["metric"], "where": target.get("where"),
+                                **metric_block(population, target["metric"], seed)}
+    shown = [target["metric"]] if target else []
+    for d, table in tables.items():
+        held_out = table[table["split"] == "eval"]
+        pool = held_out if len(held_out) else table
+        if "prompt_id" in pool.columns:   # one generation per prompt: different prompts side by side
+            pool = pool.drop_duplicates("prompt_id")
+        rows = pool.head(n_examples)
+        keep = ["prompt", "text", *[m for m in shown if m in table.columns]]
+        out["examples"]["M" + d[1:]] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                         for k, v in row.items()} for row in rows[keep].to_dict("records")]
+    return out
+
+
+def headline(summary: dict) -> dict | None:
+    """The ``headline.iterations`` block: the target metric's means per model (over its
+    population) and the M0 -> MX shift."""
+    block = summary.get("target_metric")
+    if not block or not block["per_iteration"]:
+        return None
+    shift = block.get("shift", {}).get("all")
+    out = {"metric": block["metric"], "direction": summary["target"].get("direction"), "where": block.get("where"),
+           "means": {m: v["all"]["mean"] for m, v in block["per_iteration"].items()},
+           "ci": {m: [v["all"]["ci_low"], v["all"]["ci_high"]] for m, v in block["per_iteration"].items()}}
+    if shift:
+        out["shift"] = {k: shift[k] for k in ("diff", "ci_low", "ci_high", "p")}
+    return out

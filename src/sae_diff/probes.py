@@ -1,0 +1,408 @@
+"""Which features predict a metric, with statistics that survive review.
+
+Samples are labelled high / low by quantiles of the metric (or absolute thresholds); the
+middle is left out of the classification. Two probes rank features:
+
+* difference in means: standardised mean difference (Cohen's d) between high and low, with
+  permutation p-values (labels shuffled, all features at once) and Benjamini-Hochberg q;
+* sparse: L1 logistic regression along a regularisation path; a feature's importance is
+  where it enters the path, and the top-k at each sparsity k are the first k to enter.
+
+Honest evaluation: every AUROC comes from nested cross-validation, with the feature
+selection and the choice of k inside the training folds only; the baselines (a dense probe
+on the model's raw activations, and probes on randomly chosen features) use the same folds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def labels(values, quantiles=(0.25, 0.75), low: float | None = None, high: float | None = None) -> np.ndarray:
+    """1 for high, 0 for low, -1 for the middle and for missing values.
+
+    Quantile cut-offs are inclusive (values tied at the cut-off join that side), so a
+    two-valued metric such as a ratio that is mostly 0 or 1 still splits cleanly; when both
+    quantiles fall on one value, the samples split at it.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    if low is None or high is None:
+        if not finite.any():
+            return np.full(len(v), -1)
+        q_low, q_high = np.quantile(v[finite], quantiles)
+        low = q_low if low is None else low
+        high = q_high if high is None else high
+    out = np.full(len(v), -1)
+    if low >= high:
+        # the quantiles collapsed onto one value c (a metric that is mostly c): split at c, with
+        # c on the side that leaves both sides non-empty
+        c = high
+        above = finite & (v >= c) if (finite & (v < c)).any() else finite & (v > c)
+        out[finite] = 0
+        out[above] = 1
+        return out
+    out[finite & (v <= low)] = 0
+    out[finite & (v >= high)] = 1
+    return out
+
+
+# --------------------------------------------------------------------------- difference in means
+
+
+def standardized_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cohen's d of every column between y == 1 and y == 0 (0 where the pooled SD is 0)."""
+    from .groups import cohens_d
+
+    d = cohens_d(x[y == 1], x[y == 0])
+    return np.where(np.isfinite(d), d, 0.0)
+
+
+def permutation_pvalues(x: np.ndarray, y: np.ndarray, n_permutations: int = 1000, seed: int = 0,
+                        chunk: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided permutation p-values of the standardised difference, (1 + #{|null| >= |obs|}) / (1 + n).
+
+    Shuffles labels, never features: every feature sees the same permutations. Returns (d, p).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    observed = np.abs(standardized_difference(x, y))
+    n1, n0 = int((y == 1).sum()), int((y == 0).sum())
+    rng = np.random.default_rng(seed)
+    exceed = np.zeros(x.shape[1])
+    sq = x ** 2
+    total, total_sq = x.sum(0), sq.sum(0)
+    for start in range(0, n_permutations, chunk):
+        m = min(chunk, n_permutations - start)
+        perms = np.stack([rng.permutation(y) for _ in range(m)])             # [m, n]
+        ones = (perms == 1).astype(np.float64)
+        s1, q1 = ones @ x, ones @ sq
+        s0, q0 = total - s1, total_sq - q1
+        mean1, mean0 = s1 / n1, s0 / n0
+        var1 = (q1 - n1 * mean1 ** 2) / max(n1 - 1, 1)
+        var0 = (q0 - n0 * mean0 ** 2) / max(n0 - 1, 1)
+        pooled = np.sqrt(np.clip(((n1 - 1) * var1 + (n0 - 1) * var0) / max(n1 + n0 - 2, 1), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            null = np.where(pooled > 1e-12, np.abs(mean1 - mean0) / pooled, 0.0)
+        exceed += (null >= observed - 1e-12).sum(0)
+    return standardized_difference(x, y), (1 + exceed) / (1 + n_permutations)
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH-adjusted q-values (monotone, capped at 1)."""
+    p = np.asarray(p, dtype=np.float64)
+    n = len(p)
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.clip(q, 0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- L1 path
+
+
+def l1_path_order(x: np.ndarray, y: np.ndarray, n_cs: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Order in which features enter an L1 logistic-regression path (strong to weak penalty).
+
+    Returns (entry, coef): entry[j] = position at which feature j first has a nonzero
+    coefficient (ties at one C broken by |coef|), or -1 if never; coef = coefficients at the
+    weakest penalty of the path.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import l1_min_c
+
+    xs = _standardize(x)
+    c_min = l1_min_c(xs, y, loss="log")
+    entry = np.full(x.shape[1], -1)
+    position = 0
+    coef = np.zeros(x.shape[1])
+    model = LogisticRegression(l1_ratio=1.0, solver="liblinear", tol=1e-6, max_iter=1000, random_state=seed,
+                               intercept_scaling=100.0)
+    for c in c_min * np.logspace(0.05, 2.5, n_cs):
+        model.set_params(C=c)
+        model.fit(xs, y)
+        coef = model.coef_[0]
+        new = np.nonzero((coef != 0) & (entry < 0))[0]
+        for j in new[np.argsort(-np.abs(coef[new]), kind="stable")]:
+            entry[j] = position
+            position += 1
+    return entry, coef
+
+
+def top_k(entry: np.ndarray, k: int) -> np.ndarray:
+    """The first k features to enter the path (fewer if fewer ever enter)."""
+    entered = np.nonzero(entry >= 0)[0]
+    return entered[np.argsort(entry[entered], kind="stable")][:k]
+
+
+def _standardize(x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    ref = x if reference is None else reference
+    mean, sd = ref.mean(0), ref.std(0)
+    return (x - mean) / np.where(sd > 1e-12, sd, 1.0)
+
+
+def _dim_top_k(x, y, k):
+    return np.argsort(-np.abs(standardized_difference(x, y)), kind="stable")[:k]
+
+
+SELECTORS = {"dim": _dim_top_k, "l1": lambda x, y, k: top_k(l1_path_order(x, y)[0], k)}
+
+
+# --------------------------------------------------------------------------- nested CV
+
+
+def _fit_predict(x_train, y_train, x_test, c: float = 1.0, seed: int = 0) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    model.fit(_standardize(x_train), y_train)
+    return model.predict_proba(_standardize(x_test, x_train))[:, 1]
+
+
+def _auroc(y, scores) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def nested_cv(x: np.ndarray, y: np.ndarray, ks=DEFAULT_KS, selector: str = "dim", n_outer: int = 5,
+              n_inner: int = 3, seed: int = 0, raw: np.ndarray | None = None, leaky: bool = False) -> dict:
+    """Out-of-fold AUROC of a probe on the top-k features, k and the features chosen on the
+    training folds only; and, on the same folds, a probe on k random features and a dense
+    probe on ``raw`` (the model's own activations).
+
+    leaky=True selects features on all samples first (the mistake this guards against; tests only).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    select = SELECTORS[selector]
+    rng = np.random.default_rng(seed)
+    outer = StratifiedKFold(n_splits=n_outer, shuffle=True, random_state=seed)
+    oof = {"probe": np.zeros(len(y)), "random": np.zeros(len(y)), "raw": np.zeros(len(y))}
+    chosen_k = []
+    leaked = select(x, y, max(ks)) if leaky else None
+    for train, test in outer.split(x, y):
+        inner = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1)
+        scores = {k: [] for k in ks}
+        for itrain, ival in inner.split(x[train], y[train]):
+            a, b = train[itrain], train[ival]
+            order = leaked if leaky else select(x[a], y[a], max(ks))
+            for k in ks:
+                cols = order[:k]
+                scores[k].append(_auroc(y[b], _fit_predict(x[a][:, cols], y[a], x[b][:, cols], seed=seed)))
+        best = max(ks, key=lambda k: (np.nanmean(scores[k]), -k))
+        chosen_k.append(best)
+        cols = (leaked if leaky else select(x[train], y[train], max(ks)))[:best]
+        oof["probe"][test] = _fit_predict(x[train][:, cols], y[train], x[test][:, cols], seed=seed)
+        random_cols = rng.choice(x.shape[1], size=min(best, x.shape[1]), replace=False)
+        oof["random"][test] = _fit_predict(x[train][:, random_cols], y[train], x[test][:, random_cols], seed=seed)
+        if raw is not None:
+            oof["raw"][test] = _fit_predict(raw[train], y[train], raw[test], seed=seed)
+    out = {"auroc": _auroc(y, oof["probe"]), "auroc_random_features": _auroc(y, oof["random"]),
+           "chosen_k": [int(k) for k in chosen_k], "n_samples": int(len(y)), "n_high": int((y == 1).sum()),
+           "selector": selector}
+    if raw is not None:
+        out["auroc_raw_activations"] = _auroc(y, oof["raw"])
+    return out
+
+
+def spearman_cv(x: np.ndarray, values: np.ndarray, k: int, n_folds: int = 5, seed: int = 0) -> float:
+    """Spearman correlation of out-of-fold ridge predictions of the continuous metric from
+    the top-k features by |Spearman| on each training fold."""
+    from scipy.stats import spearmanr
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
+
+    x = np.asarray(x, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(v)
+    x, v = x[keep], v[keep]
+    if len(v) < 2 * n_folds or np.std(v) == 0:
+        return float("nan")
+    predictions = np.zeros(len(v))
+    for train, test in KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x):
+        xr = pd.DataFrame(x[train]).rank().to_numpy()
+        vr = pd.Series(v[train]).rank().to_numpy()
+        xc, vc = xr - xr.mean(0), vr - vr.mean()
+        denom = np.sqrt((xc ** 2).sum(0) * (vc ** 2).sum())
+        rho = np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1), 0.0)
+        cols = np.argsort(-np.abs(rho), kind="stable")[:k]
+        model = Ridge(alpha=1.0).fit(_standardize(x[train][:, cols]), v[train])
+        predictions[test] = model.predict(_standardize(x[test][:, cols], x[train][:, cols]))
+    return float(spearmanr(predictions, v).statistic)
+
+
+def iterative_annotation(x: np.ndarray, y: np.ndarray, k: int, max_rounds: int = 5, stop_auroc: float = 0.55,
+                         selector: str = "dim", seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
+    """Fit, record the top-k features, zero them, refit, until the nested-CV AUROC <= stop_auroc.
+
+    Returns (one row per recorded feature: round, rank), and per round its AUROC.
+    """
+    x = np.array(x, dtype=np.float64)
+    rows, rounds = [], []
+    for r in range(max_rounds):
+        result = nested_cv(x, y, ks=(k,), selector=selector, seed=seed)
+        rounds.append({"round": r, "auroc": result["auroc"]})
+        if not result["auroc"] > stop_auroc:
+            break
+        top = SELECTORS[selector](x, y, k)
+        rows += [{"feature": int(j), "round": r, "rank": i} for i, j in enumerate(top)]
+        x[:, top] = 0.0
+    return pd.DataFrame(rows, columns=["feature", "round", "rank"]), rounds
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def spearman_with_ci(a, b, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Spearman rho of two feature statistics with a percentile-bootstrap 95% CI (features resampled)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if len(a) < 4 or np.std(a) == 0 or np.std(b) == 0:
+        return {"rho": None, "ci_low": None, "ci_high": None, "n": int(len(a))}
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(a), len(a))
+        if np.std(a[idx]) > 0 and np.std(b[idx]) > 0:
+            boots.append(spearmanr(a[idx], b[idx]).statistic)
+    low, high = np.quantile(boots, [0.025, 0.975])
+    return {"rho": float(spearmanr(a, b).statistic), "ci_low": float(low), "ci_high": float(high), "n": int(len(a))}
+
+
+def jaccard(a, b) -> float | None:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else None
+
+
+# --------------------------------------------------------------------------- one SAE, one metric
+
+
+def max_cos_to(dec: np.ndarray, base: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Each unit decoder row's largest cosine with any row of ``base`` (unit rows)."""
+    return np.concatenate([(dec[i:i + chunk] @ base.T).max(axis=1) for i in range(0, len(dec), chunk)])
+
+
+def probe_metric(x: np.ndarray, values: np.ndarray, stats: pd.DataFrame, opts: dict, raw: np.ndarray | None,
+                 cos_to_base: np.ndarray | None, metric: str) -> tuple[pd.DataFrame | None, dict]:
+    """Everything the probes say about one metric for one SAE: (one row per feature, summary)."""
+    cut = opts["thresholds"].get(metric, {})
+    y_all = labels(values, opts["quantiles"], cut.get("low"), cut.get("high"))
+    keep = y_all >= 0
+    y = y_all[keep]
+    n_high, n_low = int((y == 1).sum()), int((y == 0).sum())
+    summary: dict = {"metric": metric, "n_labelled": int(keep.sum()), "n_high": n_high, "n_low": n_low,
+                     "cutoffs": cut or {"quantiles": opts["quantiles"]}}
+    if min(n_high, n_low) < max(opts["min_per_class"], opts["n_folds"]):
+        summary["skipped"] = (f"{n_high} high and {n_low} low samples; need {max(opts['min_per_class'], opts['n_folds'])} "
+                              "of each (probes.min_per_class)")
+        return None, summary
+    xl = x[keep]
+    d, p = permutation_pvalues(xl, y, opts["n_permutations"], seed=opts["seed"])
+    q = benjamini_hochberg(p)
+    entry, coef = l1_path_order(xl, y, seed=opts["seed"])
+    table = pd.DataFrame({"feature": np.arange(x.shape[1]), "smd": d, "p": p, "q": q, "l1_entry": entry,
+                          "l1_coef": coef})
+    for k in opts["ks"]:
+        table[f"top{k}"] = False
+        table.loc[top_k(entry, k), f"top{k}"] = True
+    table["importance"] = 1.0 / (1.0 + np.where(entry >= 0, entry, np.inf))   # earlier on the path: larger; never: 0
+    table["rank"] = np.where(entry >= 0, entry, -1)
+    cv = nested_cv(xl, y, ks=opts["ks"], selector=opts["selector"], n_outer=opts["n_folds"], seed=opts["seed"],
+                   raw=raw[keep] if raw is not None else None)
+    k_star = int(np.median(cv["chosen_k"]))
+    rows, rounds = iterative_annotation(xl, y, k_star, opts["rounds"], opts["stop_auroc"], opts["selector"],
+                                        seed=opts["seed"])
+    table["round"] = -1
+    table["round_rank"] = -1
+    table.loc[rows["feature"].to_numpy(), "round"] = rows["round"].to_numpy()
+    table.loc[rows["feature"].to_numpy(), "round_rank"] = rows["rank"].to_numpy()
+    for column in ("freq", "seq_freq", "enc_norm", "dead"):
+        table[column] = stats[column].to_numpy()
+    if cos_to_base is not None:
+        table["cos_to_base"] = cos_to_base
+    summary.update({
+        "auroc": cv["auroc"], "auroc_random_features": cv["auroc_random_features"],
+        "auroc_raw_activations": cv.get("auroc_raw_activations"), "chosen_k": cv["chosen_k"], "k": k_star,
+        "selector": opts["selector"],
+        "spearman": spearman_cv(x, values, k_star, n_folds=opts["n_folds"], seed=opts["seed"]),
+        "top_features": [int(j) for j in top_k(entry, max(opts["ks"]))],
+        "top_dim": [{"feature": int(j), "smd": float(d[j]), "q": float(q[j])}
+                    for j in np.argsort(-np.abs(d), kind="stable")[:10]],
+        "n_significant": int((q < opts["fdr"]).sum()), "fdr": opts["fdr"], "rounds": rounds,
+        "correlations": correlations(table),
+    })
+    return table, summary
+
+
+def correlations(table: pd.DataFrame, thresholds=(0.0, 1e-3, 1e-2, 5e-2)) -> dict:
+    """Importance (|standardised difference|) against weight and firing statistics, over live
+    features, and how the correlation with the cosine to base moves with the activity threshold."""
+    live = table[~table["dead"]]
+    importance = live["smd"].abs().to_numpy()
+    out = {name: spearman_with_ci(importance, live[column].to_numpy())
+           for name, column in (("cos_to_base", "cos_to_base"), ("firing_rate", "freq"), ("encoder_norm", "enc_norm"),
+                                ("prevalence", "seq_freq")) if column in live.columns}
+    if "cos_to_base" in live.columns:
+        out["by_activity"] = []
+        for t in thresholds:
+            part = live[live["freq"] >= t]
+            rho = spearman_with_ci(part["smd"].abs().to_numpy(), part["cos_to_base"].to_numpy(), n_boot=200)
+            out["by_activity"].append({"min_freq": t, **rho})
+    return out
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def compare_cells(table_a: pd.DataFrame, table_b: pd.DataFrame, diff_table: pd.DataFrame, k: int) -> dict:
+    """How the probe results of one SAE config move from cell A to cell B, through the
+    Hungarian matching of their features (``diff_table``: A's features, their match in B).
+
+    Jaccard of the top-k sets (A's mapped into B's indices); Spearman of importance across
+    matched features; and the change in importance against the decoder cosine and the change
+    in firing rate.
+    """
+    match = diff_table["match"].to_numpy()
+    has = match >= 0
+    top_a = table_a.loc[table_a[f"top{k}"], "feature"].to_numpy()
+    top_b = set(table_b.loc[table_b[f"top{k}"], "feature"].tolist())
+    mapped = {int(match[j]) for j in top_a if match[j] >= 0}
+    imp_a = table_a["smd"].abs().to_numpy()
+    imp_b = table_b["smd"].abs().to_numpy()
+    delta = np.full(len(match), np.nan)
+    delta[has] = imp_b[match[has]] - imp_a[has]
+    freq_delta = np.full(len(match), np.nan)
+    freq_delta[has] = table_b["freq"].to_numpy()[match[has]] - table_a["freq"].to_numpy()[has]
+    cos = diff_table["dec_cos_match"].to_numpy()
+    return {
+        "k": k, "jaccard_top": jaccard(mapped, top_b),
+        "importance_spearman": spearman_with_ci(imp_a[has], imp_b[match[has]], n_boot=200),
+        "importance_change_vs_cos": spearman_with_ci(delta[has], cos[has], n_boot=200),
+        "importance_change_vs_firing_change": spearman_with_ci(delta[has], freq_delta[has], n_boot=200),
+    }
+
+
+def compare_metrics(tables: dict[str, pd.DataFrame], k: int) -> dict:
+    """Jaccard of the top-k sets of every pair of metrics (one SAE, one cell), and features in several."""
+    names = sorted(tables)
+    tops = {m: set(tables[m].loc[tables[m][f"top{k}"], "feature"].tolist()) for m in names}
+    pairs = {f"{a}|{b}": jaccard(tops[a], tops[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    counts: dict[int, int] = {}
+    for top in tops.values():
+        for j in top:
+            counts[j] = counts.get(j, 0) + 1
+    return {"k": k, "jaccard": pairs, "shared_features": sorted(j for j, c in counts.items() if c > 1)}

@@ -1,0 +1,121 @@
+"""Feature statistics against a dense reference: every token encoded at once in float64 and
+each statistic computed by its textbook definition with numpy, feature by feature."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sae_diff import features
+from sae_diff.activations import ActivationStore, write_store
+from sae_diff.sae.model import SAE, SAEConfig
+
+
+def _sae(d_in=12, d_sae=40, k=3, seed=0):
+    sae = SAE(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k))
+    sae.initialize(torch.randn(256, d_in, generator=torch.Generator().manual_seed(seed)), seed=seed)
+    with torch.no_grad():
+        sae.b_enc.add_(torch.randn(d_sae, generator=torch.Generator().manual_seed(seed + 1)) * 0.3)
+    return sae.eval()
+
+
+def _store(tmp_path, d_in=12, n_samples=30, seed=0):
+    """Samples of 6-14 tokens at positions 1.., the first 4 tokens of each the prompt."""
+    rng = np.random.default_rng(seed)
+    meta = {"sample_idx": [], "position": [], "in_prompt": [], "token_ids": []}
+    for s in range(n_samples):
+        length = int(rng.integers(6, 15))
+        meta["sample_idx"] += [100 + s] * length
+        meta["position"] += list(range(1, length + 1))
+        meta["in_prompt"] += [p <= 4 for p in range(1, length + 1)]
+        meta["token_ids"] += list(rng.integers(0, 50, size=length))
+    acts = torch.from_numpy(rng.normal(size=(len(meta["position"]), d_in))).float()
+    meta = {k: np.asarray(v) for k, v in meta.items()}
+    store = write_store(tmp_path / "store", acts, split="eval", shard_tokens=50, meta=meta)
+    return ActivationStore(store), acts, meta
+
+
+def test_firing_statistics_match_dense_reference(tmp_path):
+    sae = _sae()
+    store, acts, meta = _store(tmp_path)
+    sample_ids = np.arange(100, 130)
+    result = features.run(sae, store, sample_ids, batch_size=17, n_examples=3, progress=False)
+    with torch.no_grad():
+        dense = sae.encode(acts).double().numpy()                    # [tokens, d_sae]
+    samples, positions, in_prompt = meta["sample_idx"], meta["position"], meta["in_prompt"]
+    first = {s: positions[samples == s].min() for s in np.unique(samples)}
+    last = {s: positions[samples == s].max() for s in np.unique(samples)}
+    rel = np.array([(p - first[s]) / (last[s] - first[s]) for s, p in zip(samples, positions)])
+    stats = result.stats.set_index("feature")
+    for j in range(dense.shape[1]):
+        on = dense[:, j] > 0
+        row = stats.loc[j]
+        assert row["fire_count"] == on.sum()
+        assert row["freq"] == pytest.approx(on.mean())
+        assert row["seq_freq"] == pytest.approx(len(np.unique(samples[on])) / 30)
+        assert bool(row["dead"]) == (not on.any())
+        if not on.any():
+            assert np.isnan(row["mean_act"])
+            continue
+        values = np.sort(dense[on, j])
+        assert row["mean_act"] == pytest.approx(values.mean(), rel=1e-5)
+        assert row["max_act"] == pytest.approx(values.max(), rel=1e-5)
+        for q in (0.5, 0.9, 0.99):
+            assert row[f"act_q{int(q * 100)}"] == pytest.approx(np.quantile(values, q, method="lower"), rel=1e-5)
+        assert row["mean_position"] == pytest.approx(positions[on].mean())
+        assert row["position_q50"] == np.quantile(positions[on], 0.5, method="lower")
+        assert row["mean_rel_position"] == pytest.approx(rel[on].mean())
+        assert row["prompt_fires"] == (on & in_prompt).sum()
+        assert bool(row["prompt_only"]) == bool((on & in_prompt).sum() == on.sum())
+        assert bool(row["completion_only"]) == bool((on & in_prompt).sum() == 0)
+        # top examples: the highest activations, in order, the token marked in its context
+        top = result.examples[j]
+        assert [e["activation"] for e in top] == pytest.approx(sorted(dense[on, j], reverse=True)[:3], rel=1e-5)
+        assert all(features.MARK[0] in e["context"] for e in top)
+
+
+def test_pooled_activations_over_completion_tokens(tmp_path):
+    sae = _sae()
+    store, acts, meta = _store(tmp_path)
+    result = features.run(sae, store, np.arange(100, 130), progress=False)
+    with torch.no_grad():
+        dense = sae.encode(acts).double().numpy()
+    for row, s in enumerate(range(100, 130)):
+        tokens = meta["sample_idx"] == s
+        completion = tokens & ~meta["in_prompt"]
+        assert result.pooled["max"][row].numpy() == pytest.approx(dense[completion].max(0), rel=1e-5, abs=1e-6)
+        assert result.pooled["mean"][row].numpy() == pytest.approx(dense[completion].mean(0), rel=1e-5, abs=1e-6)
+        assert float(result.pooled["l0_sum"][row]) == (dense[tokens] > 0).sum()
+        assert float(result.pooled["n_tokens"][row]) == tokens.sum()
+
+
+def test_unknown_sample_is_named(tmp_path):
+    store, _, _ = _store(tmp_path)
+    with pytest.raises(ValueError, match="sample 100 is not in the cell's sample table"):
+        features.run(_sae(), store, np.arange(200, 230), progress=False)
+
+
+def test_logit_lens_against_dense_product(tiny_model_dir):
+    from sae_diff import models
+
+    model, tokenizer = models.load(tiny_model_dir)
+    d = model.config.hidden_size
+    sae = _sae(d_in=d, d_sae=24)
+    table = features.logit_lens(sae, model, tokenizer, k=5, chunk=7)
+    gamma = models.final_norm(model).weight.detach().double()
+    unembed = model.get_output_embeddings().weight.detach().double()
+    logits = (sae.W_dec.detach().double() * gamma) @ unembed.T
+    for j in range(24):
+        expected = torch.argsort(logits[j], descending=True)[:5]
+        assert table.loc[j, "promoted"] == [tokenizer.decode([int(i)]) for i in expected]
+        assert table.loc[j, "promoted_logit"] == pytest.approx(logits[j, expected].tolist(), rel=1e-4)
+        assert table.loc[j, "suppressed_logit"][0] == pytest.approx(float(logits[j].min()), rel=1e-4)
+
+
+def test_weight_columns(tmp_path):
+    sae = _sae()
+    cols = features.weight_columns(sae)
+    assert cols["enc_norm"].to_numpy() == pytest.approx(np.linalg.norm(sae.W_enc_T.detach().double().numpy(), axis=1))
+    assert isinstance(cols, pd.DataFrame) and len(cols) == sae.cfg.d_sae

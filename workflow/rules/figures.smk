@@ -1,0 +1,213 @@
+# Figures: one rule per kind, fed by the stage tables. Each rule's params carry only its own
+# `figures.<kind>` block, so a style change reruns that kind's figures and nothing upstream.
+
+
+rule figure_iterations:
+    input:
+        "results/iterations.json",
+    output:
+        report("results/figures/iterations/target_metric.png", category="Iterations",
+               caption="../report/iterations.rst"),
+    params:
+        spec=figure_spec("iterations"),
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/iterations.log",
+    shell:
+        "sae-diff figure iterations --spec {params.spec:q} --input iterations={input} --out {output} > {log} 2>&1"
+
+
+rule figure_statistics:
+    input:
+        "results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+    output:
+        report("results/figures/features/{cell}/layer{layer}/{sae}/statistics.png", category="Features",
+               subcategory="layer {layer}", caption="../report/statistics.rst"),
+    params:
+        spec=figure_spec("statistics"),
+        title="{sae} SAE on {cell}, layer {layer}: feature statistics",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/statistics/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure statistics --spec {params.spec:q} --input features=$(dirname {input}) "
+        "--title {params.title:q} --out {output} > {log} 2>&1"
+
+
+rule figure_bias:
+    input:
+        stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
+    output:
+        report("results/figures/features/{cell}/layer{layer}/{sae}/bias.png", category="Features",
+               subcategory="layer {layer}", caption="../report/bias.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["bias"], features=config["features"]),
+        title="{sae} SAE on {cell}, layer {layer}: features by group effect size",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/bias/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure bias --spec {params.spec:q} --input features=$(dirname {input.stats}) "
+        "--input samples={input.samples} --title {params.title:q} --out {output} > {log} 2>&1"
+
+
+rule figure_embeddings:
+    input:
+        stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
+    output:
+        report("results/figures/features/{cell}/layer{layer}/{sae}/embeddings.png", category="Features",
+               subcategory="layer {layer}", caption="../report/embeddings.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["embeddings"], features=config["features"]),
+        title="{sae} SAE on {cell}, layer {layer}: samples in feature space",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/embeddings/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure embeddings --spec {params.spec:q} --input features=$(dirname {input.stats}) "
+        "--input samples={input.samples} --title {params.title:q} --out {output} > {log} 2>&1"
+
+
+rule figure_coactivation:
+    input:
+        "results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+    output:
+        full=report("results/figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}.png",
+                    category="Co-activation", subcategory="layer {layer}", caption="../report/coactivation.rst"),
+        top=report("results/figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}_top.png",
+                   category="Co-activation", subcategory="layer {layer}", caption="../report/coactivation.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["coactivation"], column=w.column),
+        title="{sae} SAE on {cell}, layer {layer}: mean activation by {column}",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/coactivation/{cell}_layer{layer}_{sae}_{column}.log",
+    shell:
+        "(sae-diff figure coactivation --spec {params.spec:q} --input features=$(dirname {input}) "
+        "--title {params.title:q} --out {output.full} && "
+        "sae-diff figure coactivation_top --spec {params.spec:q} --input features=$(dirname {input}) "
+        "--title {params.title:q} --out {output.top}) > {log} 2>&1"
+
+
+rule figure_coactivation_layers:
+    input:
+        [f"results/features/{{cell}}/layer{layer}/{{sae}}/stats.parquet" for layer in config["layers"]],
+    output:
+        report("results/figures/features/{cell}/{sae}_coactivation_{column}_layers.png", category="Co-activation",
+               subcategory="across layers", caption="../report/coactivation.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["coactivation_layers"], column=w.column),
+        panels=lambda w, input: " ".join(f"--input layer{layer}={Path(path).parent}"
+                                         for layer, path in zip(config["layers"], input)),
+        title="{sae} SAE on {cell}: mean activation by {column} across layers",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/coactivation_layers/{cell}_{sae}_{column}.log",
+    shell:
+        "sae-diff figure coactivation_layers --spec {params.spec:q} {params.panels} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_evolution:
+    input:
+        "results/evolution/layer{layer}/{sae}.json",
+    output:
+        report("results/figures/evolution/layer{layer}/{sae}_counts.png", category="Evolution",
+               subcategory="layer {layer}", caption="../report/evolution.rst"),
+    params:
+        spec=figure_spec("evolution"),
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/evolution/layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure evolution --spec {params.spec:q} --input evolution={input} --out {output} > {log} 2>&1"
+
+
+rule figure_similarity:
+    input:
+        diffs=lambda w: [f"results/diff/{cfglib.pair_name(a, b)}/layer{w.layer}/{w.sae}.json"
+                         for a, b in branch_steps(w.branch)],
+        calibration="results/calibration/layer{layer}/{sae}.json",
+    output:
+        report("results/figures/evolution/layer{layer}/{sae}_similarity_{branch}.png", category="Evolution",
+               subcategory="layer {layer}", caption="../report/similarity.rst"),
+    params:
+        spec=figure_spec("similarity"),
+        panels=lambda w, input: " ".join(
+            f"--input {a.name}→{b.name}={Path(path).with_suffix('.parquet')}"
+            for (a, b), path in zip(branch_steps(w.branch), input.diffs)),
+        null="results/calibration/layer{layer}/{sae}_null.parquet",
+        title="{sae} SAE, layer {layer}, branch {branch}: matched decoder cosine per step",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/similarity/layer{layer}_{sae}_{branch}.log",
+    shell:
+        "sae-diff figure similarity --spec {params.spec:q} {params.panels} --input null={params.null} "
+        "--input thresholds={input.calibration} --title {params.title:q} --out {output} > {log} 2>&1"
+
+
+rule figure_probe_auroc:
+    input:
+        "results/probes/comparison_layer{layer}.json",
+    output:
+        report("results/figures/probes/layer{layer}/{sae}_{metric}_auroc.png", category="Probes",
+               subcategory="layer {layer}", caption="../report/probe_auroc.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["probe_auroc"], sae=w.sae, metric=w.metric,
+                            branches={b: [c.name for c in cfglib.branch_cells(config, b)]
+                                      for b in config["grid"]["branches"]}),
+        title="{sae} SAE, layer {layer}: probes of {metric}",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/probe_auroc/layer{layer}_{sae}_{metric}.log",
+    shell:
+        "sae-diff figure probe_auroc --spec {params.spec:q} --input comparison={input} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_probe_importance:
+    input:
+        "results/probes/{cell}/layer{layer}/{sae}/{metric}.json",
+    output:
+        report("results/figures/probes/{cell}/layer{layer}/{sae}_{metric}_importance.png", category="Probes",
+               subcategory="layer {layer}", caption="../report/probe_importance.rst"),
+    params:
+        spec=figure_spec("probe_importance"),
+        title="{sae} SAE on {cell}, layer {layer}: importance for {metric}",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/probe_importance/{cell}_layer{layer}_{sae}_{metric}.log",
+    shell:
+        "sae-diff figure probe_importance --spec {params.spec:q} --input probe={input} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_probe_overlap:
+    input:
+        "results/probes/comparison_layer{layer}.json",
+    output:
+        report("results/figures/probes/layer{layer}/{sae}_{metric}_overlap.png", category="Probes",
+               subcategory="layer {layer}", caption="../report/probe_overlap.rst"),
+    params:
+        spec=lambda w: spec(figure=config["figures"]["probe_overlap"], sae=w.sae, metric=w.metric,
+                            cells=[c.name for c in CELLS]),
+        title="{sae} SAE, layer {layer}: overlap of the top features for {metric}",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/probe_overlap/layer{layer}_{sae}_{metric}.log",
+    shell:
+        "sae-diff figure probe_overlap --spec {params.spec:q} --input comparison={input} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
