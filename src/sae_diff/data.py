@@ -227,12 +227,19 @@ def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.Dat
     return table
 
 
-def select_prompts(prompts: pd.DataFrame, where: dict | None, source: str) -> pd.DataFrame:
-    """Keep the prompts whose columns take one of the listed values (``where: {template: [2]}``)."""
+def select(table: pd.DataFrame, where: dict | None, source: str) -> pd.DataFrame:
+    """The rows whose columns take one of the listed values (``where: {template: [2]}``);
+    values compare as text, so 2 and "2" are the same template."""
     for column, values in (where or {}).items():
-        if column not in prompts.columns:
-            raise DataError(f"{source}: where.{column}: no such prompt column; columns are {list(prompts.columns)}")
-        prompts = prompts[prompts[column].isin(values)]
+        if column not in table.columns:
+            raise DataError(f"{source}: where.{column}: no such column; columns are {list(table.columns)}")
+        table = table[table[column].astype(str).isin([str(v) for v in values])]
+    return table
+
+
+def select_prompts(prompts: pd.DataFrame, where: dict | None, source: str) -> pd.DataFrame:
+    """The prompts ``where`` keeps; none left is an error."""
+    prompts = select(prompts, where, source)
     if prompts.empty:
         raise DataError(f"{source}: where = {where}: no prompt is left")
     return prompts.reset_index(drop=True)

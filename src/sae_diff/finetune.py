@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import select
 from .errors import DataError
 from .io import atomic_dir, crash_point, write_parquet
 
@@ -22,15 +23,6 @@ log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["prompt_id", "prompt_text", "chosen", "rejected", "chosen_score", "rejected_score",
                 "chosen_sample", "rejected_sample"]
-
-
-def select(samples: pd.DataFrame, where: dict | None, source: str = "samples") -> pd.DataFrame:
-    """The rows whose columns take one of the listed values (``where: {language: [en]}``)."""
-    for column, values in (where or {}).items():
-        if column not in samples.columns:
-            raise DataError(f"{source}: where.{column}: no such column; columns are {list(samples.columns)}")
-        samples = samples[samples[column].astype(str).isin([str(v) for v in values])]
-    return samples
 
 
 def build_pairs(samples: pd.DataFrame, metric: str, direction: str = "up", margin: float = 0.0,

@@ -79,7 +79,7 @@ def summarize(tables: dict[str, pd.DataFrame], metrics: list[str], target: dict 
     target's block over its population (``target.where``), examples: {Mi: [...]}}; each block
     also reports the held-out prompts alone (``eval``: never used for preference pairs).
     """
-    from .finetune import select
+    from .data import select
 
     out: dict = {"target": target, "iterations": ["M" + d[1:] for d in tables],
                  "metrics": {m: metric_block(tables, m, seed) for m in metrics}, "examples": {}}
