@@ -52,7 +52,7 @@ def finished_run(tmp_path_factory):
         "figure_statistics": 6, "figure_embeddings": 6, "figure_coactivation": 6, "figure_evolution": 2,
         "figure_similarity": 4, "figure_probe_importance": 6, "figure_probe_auroc": 2, "figure_probe_overlap": 2,
         "summary": 1}
-    result = snakemake(workdir, "--cores", "2")
+    result = snakemake(workdir, "--cores", "2", timeout=1200)   # ~2.5 min on 2 idle cores; bounded, not tight
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -299,7 +299,7 @@ def test_protein_example_runs_end_to_end(tmp_path):
     cfg["grid"] = {"branches": ["MXDX"]}
     path = tmp_path / "protein.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = snakemake(tmp_path, "--cores", "2", configfile=path)
+    result = snakemake(tmp_path, "--cores", "2", configfile=path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert summary["models"]["M1"]["source"] == "dpo" and summary["models"]["M1"]["dpo"]["n_pairs"] > 0
