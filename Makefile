@@ -13,7 +13,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint dryrun bench-extract clean-results
+.PHONY: run test test-slurm lint dryrun bench-extract clean-results
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	pytest
+
+# the SLURM test alone (it starts and stops a local single-node cluster; root)
+test-slurm: $(VENV)/.installed
+	pytest -m slurm
 
 lint: $(VENV)/.installed
 	snakemake --lint --configfile config/test.yaml

@@ -26,6 +26,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/interventions.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sae_diff import evaluate, models  # noqa: E402
 from sae_diff.activations import tokenize  # noqa: E402
-from sae_diff.sae import files  # noqa: E402
+from demo_inputs import model_and_sae  # noqa: E402
 
 
 def three_forwards(model, tokenizer, sae, table, layer, batch_size, max_length=128):
@@ -64,11 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sae_dir = ROOT / "results" / "saes" / "M0_D0" / f"layer{args.layer}" / "topk"
-    if not (sae_dir / "sae_weights.safetensors").exists():
-        raise SystemExit(f"{sae_dir}: missing; run `make run` first")
-    model, tokenizer = models.load(ROOT / "results" / "models" / "M0")
-    sae = files.load(sae_dir)
+    model, tokenizer, sae = model_and_sae(args.layer)
     table = pd.read_parquet(ROOT / "results" / "data" / "D0" / "raw.parquet").head(args.samples)
     ours_s, ref_s = [], []
     for _ in range(args.rounds):

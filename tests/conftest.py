@@ -46,3 +46,24 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "G0"
     models.prepare("M0", {"M0": dict(TINY_SPEC, arch="gpt2")}, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The whole DAG of config/test.yaml, run once per session with 2 local cores."""
+    from .workflow_run import planned, snakemake
+
+    workdir = tmp_path_factory.mktemp("run")
+    dry = snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stderr
+    assert planned(dry) == {
+        "all": 1, "prepare_model": 1, "finetune_dpo": 1, "make_data": 2, "score_data": 2, "iterations": 1,
+        "extract_activations": 3, "train_sae": 3, "evaluate_saes": 3, "feature_stats": 3, "train_seed_sae": 1,
+        "calibrate": 1, "diff_saes": 3, "evolution": 1, "probes": 3, "probe_comparison": 1, "figure_iterations": 1,
+        "figure_statistics": 6, "figure_embeddings": 6, "figure_coactivation": 6, "figure_evolution": 2,
+        "figure_similarity": 4, "figure_probe_importance": 6, "figure_probe_auroc": 2, "figure_probe_overlap": 2,
+        "figure_training": 6, "figure_density": 6, "figure_loss_by_position": 6, "intervene": 4,
+        "figure_dose_response": 4, "summary": 1}
+    result = snakemake(workdir, "--cores", "2", timeout=1500)   # ~4 min on 2 idle cores; bounded, not tight
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -143,3 +143,24 @@ def test_pretrained_path_template_is_resolved_for_every_cell(test_config, tmp_pa
     (tmp_path / "mine" / "M1_D1" / "layer1").rmdir()  # one cell missing: named in the error
     with pytest.raises(ConfigError, match=r"saes.p.path \(M1_D1, layer 1\)"):
         cfglib.load(path, base_dirs=[tmp_path, root])
+
+
+def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
+    """Ablation in the iteration's model, steering in M0, one run per branch cell; subsets and
+    unknown names are checked."""
+    cfg = _load(test_config, tmp_path, root)
+    runs = {(r.experiment, r.cell.name, r.model) for r in cfglib.intervention_runs(cfg)}
+    assert runs == {("ablation", "M1_D1", "M1"), ("ablation", "M0_D1", "M1"),
+                    ("steering", "M1_D1", "M0"), ("steering", "M0_D1", "M0")}
+    run = cfglib.intervention_runs(cfg)[0]
+    assert run.out_dir == f"results/interventions/{run.experiment}/{run.cell.name}/layer1/topk/n_chars"
+    assert cfglib.metric_direction(cfg, "n_chars") == "up" and cfglib.metric_direction(cfg, "female_ratio") == "up"
+    for key, value, message in [("metrics", ["female_ratio"], "not probed"), ("layers", [7], "not among layers"),
+                                ("iterations", [3], "have no data"), ("saes", ["nope"], "not configured SAEs")]:
+        bad = copy.deepcopy(cfg)
+        bad["interventions"][key] = value
+        with pytest.raises(ConfigError, match=f"interventions.{key}.*{message}"):
+            cfglib.intervention_runs(bad)
+    off = copy.deepcopy(cfg)
+    off["interventions"]["enabled"] = False
+    assert cfglib.intervention_runs(off) == []

@@ -100,3 +100,22 @@ def test_generation_is_reproducible(tiny_model_dir, tmp_path):
     # greedy ignores the seed and gives identical samples per prompt
     assert greedy["text"][0] == greedy["text"][1]
     json.dumps(data.example_rows(first))
+
+
+def test_system_prompt_replaces_the_template_default():
+    """A ChatML-style template with a default system message (as SmolLM2's): None keeps it, a
+    string (even empty) replaces it; without chat_template the prompt is left as it is."""
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            if messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": "You are helpful"}, *messages]
+            return "".join(f"<{m['role']}>{m['content']}</>" for m in messages) + "<assistant>"
+
+    tok = Tok()
+    assert data.format_prompt(tok, "hi", True) == "<system>You are helpful</><user>hi</><assistant>"
+    assert data.format_prompt(tok, "hi", True, "") == "<system></><user>hi</><assistant>"
+    assert data.format_prompt(tok, "hi", True, "Be brief") == "<system>Be brief</><user>hi</><assistant>"
+    assert data.format_prompt(tok, "hi", False, "") == "hi"

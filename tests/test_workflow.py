@@ -3,65 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from .workflow_run import ROOT, planned, reruns, snakemake
+
 pytestmark = pytest.mark.slow
-
-
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 300):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(configfile or ROOT / "config" / "test.yaml"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def reruns(jobs: dict, counts: dict, never: tuple[str, ...]) -> None:
-    """The planned jobs include ``counts`` exactly and none of the ``never`` rules (upstream of the change)."""
-    for rule, count in counts.items():
-        assert jobs.get(rule) == count, (rule, jobs)
-    assert not set(jobs) & set(never), jobs
-
-
-def planned(result) -> dict[str, int]:
-    """Rule -> job count from the 'Job stats' table of a dry run."""
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
-            if m.group(1) != "total"}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    dry = snakemake(workdir, "-n")
-    assert dry.returncode == 0, dry.stderr
-    assert planned(dry) == {
-        "all": 1, "prepare_model": 1, "finetune_dpo": 1, "make_data": 2, "score_data": 2, "iterations": 1,
-        "extract_activations": 3, "train_sae": 3, "evaluate_saes": 3, "feature_stats": 3, "train_seed_sae": 1,
-        "calibrate": 1, "diff_saes": 3, "evolution": 1, "probes": 3, "probe_comparison": 1, "figure_iterations": 1,
-        "figure_statistics": 6, "figure_embeddings": 6, "figure_coactivation": 6, "figure_evolution": 2,
-        "figure_similarity": 4, "figure_probe_importance": 6, "figure_probe_auroc": 2, "figure_probe_overlap": 2,
-        "summary": 1}
-    result = snakemake(workdir, "--cores", "2", timeout=1200)   # ~2.5 min on 2 idle cores; bounded, not tight
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
 
 
 def test_summary_lists_every_cell_and_site(finished_run):
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     assert list(summary)[0] == "headline"
     assert set(summary["headline"]["timings"]) == {"models", "dpo", "data", "scoring", "activations", "saes",
-                                                   "evaluation", "features", "calibration", "diffs", "probes"}
+                                                   "evaluation", "features", "calibration", "diffs", "probes",
+                                                   "interventions"}
     assert all(v > 0 for v in summary["headline"]["timings"].values())
     assert set(summary["cells"]) == {"M0_D0", "M0_D1", "M1_D1"}
     for cell in summary["cells"].values():
@@ -144,7 +101,8 @@ def test_sae_outputs_and_warm_start(finished_run):
         assert block["topk"]["d_sae"] == 128 and block["topk"]["train_final"]["l0"] == 4.0
         assert block["relu"]["d_sae"] == 64 and block["relu"]["k"] is None
         folder = finished_run / block["topk"]["path"]
-        assert (folder / "training_curve.png").stat().st_size > 10_000
+        curve = finished_run / "results" / "figures" / "saes" / cell / "layer1" / "topk_training.png"
+        assert curve.stat().st_size > 10_000 and (folder / "train_log.jsonl").exists()
         assert files.load(folder).cfg.hook_name == "blocks.1.hook_resid_post"
     log = (finished_run / "logs" / "train_sae" / "M1_D1_layer1.log").read_text()
     assert "train done" in log
@@ -224,7 +182,7 @@ def test_summary_validates_against_its_schema(finished_run):
 
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     summary_lib.validate(summary)
-    assert list(summary["headline"]) == ["iterations", "evolution", "probes", "timings"]
+    assert list(summary["headline"]) == ["iterations", "evolution", "probes", "steering", "ablation", "timings"]
     broken = json.loads(json.dumps(summary))
     broken["headline"]["evolution"]["layer1"]["MXDX"]["born"] = -1
     with pytest.raises(jsonschema.ValidationError):
@@ -245,7 +203,8 @@ def test_wandb_offline_run_has_the_seed_keys(finished_run):
     # media are logged as nested keys (path, type, ...)
     assert any(k.startswith("figures/evolution/layer1/topk_counts/") for k in keys["history"])
     assert any(k.startswith("summary_table/") for k in keys["history"])
-    for key in ("layer_1/evolution/MXDX_born", "iterations/shift_diff", "timings/saes_s"):
+    for key in ("layer_1/evolution/MXDX_born", "iterations/shift_diff", "timings/saes_s",
+                "layer_1/steering/n_chars_effect", "layer_1/ablation/n_chars_control_effect"):
         assert key in keys["summary"], key
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     fvu = [summary["cells"][c]["saes"]["layer1"]["topk"]["eval"]["fvu"] for c in summary["cells"]]
@@ -259,9 +218,47 @@ def test_report_renders(finished_run):
     assert len(html) > 100_000 and "Evolution" in html and "summary_table.csv" in html
 
 
-def test_figure_style_change_reruns_only_that_figure(finished_run):
-    path = _variant(finished_run, lambda c: c.setdefault("figures", {}).update(embeddings={"dpi": 80}))
-    assert planned(snakemake(finished_run, "-n", configfile=path)) == {"figure_embeddings": 6, "summary": 1, "all": 1}
+@pytest.mark.parametrize("kind, rule, n", [("embeddings", "figure_embeddings", 6),
+                                           ("training", "figure_training", 6),
+                                           ("loss_by_position", "figure_loss_by_position", 6),
+                                           ("dose_response", "figure_dose_response", 4)])
+def test_figure_style_change_reruns_only_that_figure(finished_run, kind, rule, n):
+    path = _variant(finished_run, lambda c: c.setdefault("figures", {}).update({kind: {"dpi": 80}}))
+    assert planned(snakemake(finished_run, "-n", configfile=path)) == {rule: n, "summary": 1, "all": 1}
+
+
+def test_interventions_outputs_and_headline(finished_run):
+    """Every experiment wrote its generations, scores and effects; the no-op splice reproduced
+    the plain greedy generations; the headline carries the fixed keys."""
+    import pandas as pd
+
+    results = finished_run / "results"
+    for experiment in ("ablation", "steering"):
+        for cell in ("M1_D1", "M0_D1"):
+            folder = results / "interventions" / experiment / cell / "layer1" / "topk" / "n_chars"
+            effects = json.loads((folder / "effects.json").read_text())
+            assert effects["noop"]["identical"] and effects["noop"]["n"] == 8
+            assert effects["model"] == ("M1" if experiment == "ablation" else "M0")
+            scores = pd.read_parquet(folder / "scores.parquet")
+            generations = pd.read_parquet(folder / "generations.parquet")
+            assert len(scores) == len(generations) and {"n_chars", "perplexity_base", "repetition"} <= set(scores)
+            conditions = set(generations["condition"])
+            assert {"plain", "noop", "features", "random"} <= conditions
+            assert ("flipped" in conditions) == (experiment == "steering")
+            assert set(generations["half"]) == {"select", "report"}
+            figure = results / "figures" / "interventions" / experiment / cell / "layer1" / "topk_n_chars.png"
+            assert figure.stat().st_size > 10_000
+    head = json.loads((results / "summary.json").read_text())["headline"]
+    for experiment in ("steering", "ablation"):
+        block = head[experiment]["n_chars"]
+        assert block["cell"] == "M1_D1" and block["ci_low"] <= block["effect"] <= block["ci_high"]
+        assert 0 < block["p"] <= 1 and block["perplexity_change"] > -1
+
+
+def test_interventions_setting_change_reruns_interventions_only(finished_run):
+    path = _variant(finished_run, lambda c: c["interventions"].update(alphas=[1, 4]))
+    jobs = planned(snakemake(finished_run, "-n", configfile=path))
+    assert jobs == {"intervene": 4, "figure_dose_response": 4, "summary": 1, "all": 1}, jobs
 
 
 def test_lint_is_clean():

@@ -242,6 +242,52 @@ def cmd_probe(args) -> None:
                      summary.get("auroc_random_features"), summary.get("auroc_raw_activations"))
 
 
+def cmd_intervene(args) -> None:
+    """One causal experiment: edit a cell's top probe features during generation, with controls."""
+    import shutil
+
+    import pandas as pd
+
+    from . import data, interventions, io, models
+    from .errors import DataError
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    device = models.resolve_device(spec.get("device", "auto"))
+    opts = spec["interventions"]
+    prompts = data.load_prompts(spec["prompts"])
+    for where in spec["wheres"]:
+        prompts = data.select_prompts(prompts, where, spec["prompts"])
+    if opts.get("max_prompts"):
+        prompts = prompts.iloc[:opts["max_prompts"]]
+    if len(prompts) < 2:
+        raise DataError(f"interventions: {len(prompts)} prompt(s) left in {spec['prompts']} after the filters "
+                         f"{spec['wheres']}; need at least 2 (one to pick alpha, one to report)")
+    probe_json = json.loads(Path(args.probe).read_text())
+    probe_table = Path(args.probe).with_suffix(".parquet")
+    if not probe_table.exists():
+        raise DataError(f"{args.probe}: the probe was skipped ({probe_json.get('skipped', 'no table')}); "
+                         "nothing to intervene on")
+    out = Path(args.out_dir)
+    work = out.parent / f".{out.name}.work"
+    generations, scores, result = interventions.run(
+        args.experiment, Path(args.model_dir), Path(args.base_dir), Path(args.sae_dir), args.layer,
+        spec["hook_point"], probe_json, pd.read_parquet(probe_table), pd.read_parquet(args.stats), prompts, opts,
+        spec["scorers"], args.metric, spec["direction"], spec["metrics"], opts["sampling"], device=device,
+        progress=not args.no_progress, work_dir=work)
+    result.update(cell=args.cell, sae=args.sae, model=args.model)
+    io.write_parquet(generations.assign(completion_ids=generations["completion_ids"].map(list)),
+                     out / "generations.parquet")
+    io.write_parquet(scores, out / "scores.parquet")
+    io.write_json(out / "effects.json", result)
+    shutil.rmtree(work, ignore_errors=True)
+    report = result["report"] or {}
+    log.info("%s %s layer %d %s %s: effect %s [%s, %s] p=%s, random %s, perplexity %+.1f%%, no-op identical %s",
+             args.experiment, args.cell, args.layer, args.sae, args.metric, report.get("effect"), report.get("ci_low"),
+             report.get("ci_high"), report.get("p"), report.get("control_effect"),
+             100 * (report.get("perplexity_change") or 0.0), result["noop"]["identical"])
+
+
 def cmd_probe_compare(args) -> None:
     """Probe results across cells (intra- and inter-stage, through the diffs' matching) and metrics."""
     import pandas as pd
@@ -311,6 +357,14 @@ def cmd_figure(args) -> None:
         figures.probe_importance(Path(named["probe"]), out, block, title)
     elif args.kind == "probe_overlap":
         figures.probe_overlap(Path(named["comparison"]), spec["cells"], spec["sae"], spec["metric"], out, block, title)
+    elif args.kind == "dose_response":
+        figures.dose_response(Path(named["effects"]), out, block, title)
+    elif args.kind == "training":
+        figures.training(Path(named["log"]), out, block, title)
+    elif args.kind == "density":
+        figures.density(Path(named["eval"]), out, block, title)
+    elif args.kind == "loss_by_position":
+        figures.loss_by_position(Path(named["table"]), Path(named["eval"]), out, block, title)
 
 
 def cmd_extract(args) -> None:
@@ -391,7 +445,7 @@ def cmd_evaluate(args) -> None:
             Path(args.saes_root) / cell / f"layer{args.layer}" / name, cell_acts / site_dir(args.layer, hook),
             Path(args.out_dir) / f"{name}.json", model_dir=args.model_dir, samples_path=args.samples,
             layer=args.layer, target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
-            options=options, device=device, figures_dir=args.figures, progress=not args.no_progress, loaded=loaded,
+            options=options, device=device, progress=not args.no_progress, loaded=loaded,
             extra=extras[name])
 
 
@@ -586,6 +640,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-root", default="results/probes")
     p.set_defaults(fn=cmd_probe)
 
+    p = sub.add_parser("intervene", help="ablate / steer a cell's top probe features during generation, with controls")
+    _common(p)
+    p.add_argument("--experiment", required=True, choices=["ablation", "steering", "clamping"])
+    p.add_argument("--cell", required=True, help="the cell whose SAE and probe give the features, e.g. M2_D2")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--sae", required=True, help="SAE config name")
+    p.add_argument("--metric", required=True)
+    p.add_argument("--model", required=True, help="the model that generates (ablation: Mi, steering: M0)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--base-dir", required=True, help="M0: the perplexity reference")
+    p.add_argument("--sae-dir", required=True)
+    p.add_argument("--probe", required=True, help="the probe's JSON (its table beside it)")
+    p.add_argument("--stats", required=True, help="the SAE's feature stats.parquet")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_intervene)
+
     p = sub.add_parser("probe-compare", help="probe results across cells and metrics (one layer)")
     _common(p)
     p.add_argument("--layer", type=int, required=True)
@@ -597,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("kind", choices=["statistics", "bias", "embeddings", "coactivation", "coactivation_top",
                                     "coactivation_layers", "evolution", "similarity", "iterations", "probe_auroc",
-                                    "probe_importance", "probe_overlap"])
+                                    "probe_importance", "probe_overlap", "dose_response", "training", "density",
+                                    "loss_by_position"])
     p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
                    help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
                         "or one NAME=PATH per panel")
@@ -634,8 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples")
     p.add_argument("--acts-root", default="results/activations")
     p.add_argument("--saes-root", default="results/saes")
-    p.add_argument("--figures", help="folder for the figures")
-    p.add_argument("--out-dir", required=True, help="one <sae>.json per SAE of the spec")
+    p.add_argument("--out-dir", required=True, help="one <sae>.json and <sae>.loss_by_position.parquet per SAE")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("eval-recon", help="reconstruction metrics of an SAE on given activations (prints JSON)")

@@ -220,6 +220,9 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
     base_dirs = [Path(b) for b in (base_dirs or [Path.cwd()])]
     if cfg.get("iterations", {}).get("method") == "dpo":
         cfg["iterations"]["prompts"] = str(resolve_path(cfg["iterations"]["prompts"], base_dirs, "iterations.prompts"))
+    if cfg.get("interventions", {}).get("prompts"):
+        cfg["interventions"]["prompts"] = str(resolve_path(cfg["interventions"]["prompts"], base_dirs,
+                                                           "interventions.prompts"))
     expand_iterations(cfg)
     models = _indexed(cfg["models"], "M", "models")
     datas = _indexed(cfg["data"], "D", "data")
@@ -428,3 +431,97 @@ def pair_name(a: Cell, b: Cell) -> str:
 
 def features_dir(cell: Cell, layer: int, name: str) -> str:
     return f"results/features/{cell.name}/layer{layer}/{name}"
+
+
+def probe_metrics(cfg: dict) -> list[str]:
+    """The metrics probed: ``probes.metrics``, else the iterations' target metric."""
+    target = (cfg.get("iterations") or {}).get("target")
+    return list(cfg["probes"].get("metrics") or ([target["metric"]] if target else []))
+
+
+def metric_direction(cfg: dict, metric: str) -> str:
+    """Which way a metric should go: ``interventions.directions``, else the iterations target's
+    direction for its metric, else up."""
+    given = cfg["interventions"]["directions"].get(metric)
+    if given:
+        return given
+    target = (cfg.get("iterations") or {}).get("target") or {}
+    return target.get("direction", "up") if target.get("metric") == metric else "up"
+
+
+@dataclass(frozen=True)
+class InterventionRun:
+    """One causal experiment: which features (the probe of ``cell``'s SAE) are edited in which model."""
+
+    experiment: str
+    cell: Cell
+    layer: int
+    sae: str
+    metric: str
+    model: str          # the model generating: Mi for ablation, M0 for steering
+
+    @property
+    def out_dir(self) -> str:
+        return f"results/interventions/{self.experiment}/{self.cell.name}/layer{self.layer}/{self.sae}/{self.metric}"
+
+
+def intervention_runs(cfg: dict) -> list[InterventionRun]:
+    """Every experiment x iteration x branch x layer x SAE x metric the ``interventions`` block asks for.
+
+    Iteration i's cell is MiDi (branch MXDX) or M0Di (M0DX); ablation runs in Mi, steering and
+    clamping in M0. Iteration 0 (the base cell) has nothing to compare and is skipped.
+    """
+    from .interventions import EXPERIMENTS
+
+    block = cfg["interventions"]
+    probed = probe_metrics(cfg)
+    metrics = block.get("metrics") or probed
+    if not block["enabled"] or not metrics:
+        return []
+    unprobed = [m for m in metrics if m not in probed]
+    if unprobed:
+        raise ConfigError(f"interventions.metrics: {unprobed} are not probed (probes.metrics: {probed}); "
+                          "the features to test come from the probes")
+    datas = [d for d in data_ids(cfg) if int(d[1:]) > 0]
+    wanted = block.get("iterations")
+    if wanted is not None:
+        missing = [i for i in wanted if f"D{i}" not in datas]
+        if missing:
+            raise ConfigError(f"interventions.iterations: {missing} have no data D<i> (have {datas})")
+        datas = [d for d in datas if int(d[1:]) in wanted]
+    layers = block.get("layers") or cfg["layers"]
+    bad = [layer for layer in layers if layer not in cfg["layers"]]
+    if bad:
+        raise ConfigError(f"interventions.layers: {bad} are not among layers {cfg['layers']}")
+    saes = block.get("saes") or list(cfg["saes"])
+    bad = [name for name in saes if name not in cfg["saes"]]
+    if bad:
+        raise ConfigError(f"interventions.saes: {bad} are not configured SAEs ({list(cfg['saes'])})")
+    branches = block.get("branches") or cfg["grid"]["branches"]
+    runs = []
+    models = set(cfg["models"])
+    for experiment in block["experiments"]:
+        edit, runs_in = EXPERIMENTS[experiment]
+        for d in datas:
+            i = d[1:]
+            for branch in branches:
+                cell = Cell(f"M{i}", d) if branch == "MXDX" else Cell("M0", d)
+                model = f"M{i}" if runs_in == "iteration" else "M0"
+                if cell.model not in models or model not in models:
+                    continue
+                for layer in layers:
+                    for name in saes:
+                        for metric in metrics:
+                            runs.append(InterventionRun(experiment, cell, layer, name, metric, model))
+    return list(dict.fromkeys(runs))
+
+
+def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
+    """The interventions' prompt file and the row filters applied to it, in order: its own
+    ``prompts`` and ``where``, else the iterations' prompts, their ``where`` and the target's."""
+    block, it = cfg["interventions"], cfg.get("iterations") or {}
+    if block.get("prompts"):
+        return block["prompts"], [block.get("where")]
+    if not it.get("prompts"):
+        raise ConfigError("interventions.prompts: required when no iterations block names the prompts")
+    return it["prompts"], [it.get("where"), block.get("where", (it.get("target") or {}).get("where"))]

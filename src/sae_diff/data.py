@@ -88,10 +88,14 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> pd.DataFra
     return prompts.reset_index(drop=True)
 
 
-def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+def format_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: str | None = None) -> str:
+    """The prompt as the model sees it. ``system_prompt``: None keeps the template's own default
+    (SmolLM2 adds a 16-token one), a string (even empty) replaces it."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return prompt
 
 
@@ -99,11 +103,13 @@ def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
 
 
 def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: str = "cpu",
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, keep_ids: bool = False, desc: str = "generate") -> pd.DataFrame:
     """Generate ``n_per_prompt`` completions per prompt, in batches, reproducibly.
 
     Each batch reseeds from (seed, batch index), so a fixed config gives the same texts
-    whatever ran before.
+    whatever ran before (and whatever hooks are on the model: interventions compare
+    conditions on the same random draws). ``keep_ids`` adds the completion's token ids
+    (up to the first EOS), for token-exact comparisons.
     """
     import torch
     from tqdm.auto import tqdm
@@ -120,7 +126,8 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
         for n in range(count):
             row = prompt.to_dict()
             row["n"] = n
-            row["prompt_text"] = format_prompt(tokenizer, prompt["prompt"], sampling["chat_template"])
+            row["prompt_text"] = format_prompt(tokenizer, prompt["prompt"], sampling["chat_template"],
+                                               sampling.get("system_prompt"))
             rows.append(row)
     tokenizer.padding_side = "left"
     gen_kwargs = dict(max_new_tokens=sampling["max_new_tokens"], do_sample=sampling["do_sample"],
@@ -131,7 +138,7 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     batch_size = sampling["batch_size"]
     batches = range(0, len(rows), batch_size)
-    for b_index, start in enumerate(tqdm(batches, desc="generate", disable=not progress)):
+    for b_index, start in enumerate(tqdm(batches, desc=desc, disable=not progress)):
         batch = rows[start:start + batch_size]
         # prompt_text is always tokenized with the tokenizer's own special tokens (BOS where it
         # adds one), exactly as activation extraction tokenizes it later
@@ -144,6 +151,11 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
         completions = out[:, enc["input_ids"].shape[1]:]
         for row, ids in zip(batch, completions):
             row["text"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if keep_ids:
+                ids = ids.tolist()
+                if tokenizer.eos_token_id in ids:   # what follows EOS is padding
+                    ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+                row["completion_ids"] = ids
     table = pd.DataFrame(rows)
     table.insert(0, "sample_id", np.arange(len(table)))
     return table

@@ -232,6 +232,10 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     return metrics, pd.DataFrame(rows)
 
 
+POSITION_COLUMNS = {"position": "int64", "n": "int64", "ce_clean": "float64", "ce_with_sae": "float64",
+                    "ce_with_ablation": "float64"}
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if abs(b) > 1e-12 else float("nan")
 
@@ -304,8 +308,9 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> tuple[dic
 
 def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=None, layer=None,
                  target_store_dir=None, options: dict | None = None, device: str = "cpu",
-                 figures_dir=None, progress: bool = False, loaded=None, extra: dict | None = None) -> dict:
-    """Every metric of one SAE on its cell's eval split; writes JSON, a per-position table and figures.
+                 progress: bool = False, loaded=None, extra: dict | None = None) -> dict:
+    """Every metric of one SAE on its cell's eval split; writes JSON and the per-position loss table
+    (empty when the spliced metrics were skipped). Figures are drawn by their own jobs.
 
     The spliced metrics need the model, the samples and a residual-stream SAE; they are
     skipped with a stated reason otherwise. ``loaded``: the (model, tokenizer) of
@@ -316,7 +321,6 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
 
     import pandas as pd
 
-    from . import plots
     from .activations import ActivationStore
     from .io import write_json, write_parquet
     from .sae import files
@@ -357,18 +361,10 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
             exclude_special=opts["exclude_special_tokens"], exclude_first=opts["exclude_first_position"],
             device=device, progress=progress)
         result.update(json_ready(spliced))
-        write_parquet(per_position, out_json.with_suffix(".loss_by_position.parquet"))
     else:
         result["spliced_skipped"] = reason
+        per_position = pd.DataFrame({c: pd.Series(dtype=t) for c, t in POSITION_COLUMNS.items()})
+    write_parquet(per_position, out_json.with_suffix(".loss_by_position.parquet"))
     result.update(extra or {})
     write_json(out_json, result)
-
-    if figures_dir is not None:
-        figures_dir = Path(figures_dir)
-        name = out_json.stem
-        plots.density_histogram(result["log_density_histogram"], figures_dir / f"{name}_density.png",
-                                title=f"{name} · {result['hook_name']}: feature density (eval)")
-        if per_position is not None:
-            plots.loss_by_position(per_position, figures_dir / f"{name}_loss_by_position.png",
-                                   title=f"{name} · {result['hook_name']}: next-token loss by position")
     return result

@@ -133,3 +133,28 @@ def probe_overlap(comparison_json: Path, cells: list[str], sae: str, metric: str
                   title: str) -> Path:
     rows = [r for r in json.loads(Path(comparison_json).read_text())["cells"] if r["sae"] == sae and r["metric"] == metric]
     return plots.probe_overlap(rows, cells, out, title, cmap=block["cmap"], size=block["size"], dpi=block["dpi"])
+
+
+def dose_response(effects_json: Path, out: Path, block: dict, title: str) -> Path:
+    effects = json.loads(Path(effects_json).read_text())
+    if "skipped" in effects:
+        return plots.message(f"{title}\nnot run: {effects['skipped']}", out, size=block["size"], dpi=block["dpi"])
+    return plots.dose_response(effects, out, title, size=block["size"], dpi=block["dpi"])
+
+
+def training(train_log: Path, out: Path, block: dict, title: str) -> Path:
+    rows = [json.loads(line) for line in Path(train_log).read_text().splitlines() if line.strip()]
+    return plots.training_curves(rows, out, title, size=block["size"], dpi=block["dpi"])
+
+
+def density(eval_json: Path, out: Path, block: dict, title: str) -> Path:
+    result = json.loads(Path(eval_json).read_text())
+    return plots.density_histogram(result["log_density_histogram"], out, title, size=block["size"], dpi=block["dpi"])
+
+
+def loss_by_position(table_path: Path, eval_json: Path, out: Path, block: dict, title: str) -> Path:
+    table = pd.read_parquet(table_path)
+    if table.empty:   # the spliced metrics were skipped: the figure says why
+        reason = json.loads(Path(eval_json).read_text()).get("spliced_skipped", "no spliced evaluation")
+        return plots.message(f"{title}\nnot measured: {reason}", out, size=block["size"], dpi=block["dpi"])
+    return plots.loss_by_position(table, out, title, size=block["size"], dpi=block["dpi"])

@@ -391,8 +391,6 @@ def probe_importance(table, correlations: dict, out: str | Path, title: str = ""
                      dpi: int = 110) -> Path:
     """|standardised difference| against cosine to base, firing rate and encoder norm, and how the
     correlation with the cosine moves with the activity threshold (connected scatter)."""
-    import numpy as np
-
     plt = _pyplot()
     live = table[~table["dead"]]
     importance = live["smd"].abs()
@@ -456,3 +454,108 @@ def probe_overlap(rows: list[dict], cells: list[str], out: str | Path, title: st
     fig.colorbar(image, ax=ax, label="Jaccard of top-k features")
     ax.set_title(title or "overlap of important features")
     return _save(fig, out, dpi)
+
+
+# --------------------------------------------------------------------------- interventions
+
+
+def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6), dpi: int = 110) -> Path:
+    """An intervention's effect on its metric and on coherence, on the prompts that report.
+
+    Swept experiments (steering, clamping): the metric against the signed strength alpha
+    (sign-flipped steering at -alpha), for the chosen features, matched random features and
+    single features, with the no-op's mean and CI as a band and the alpha picked on the other
+    prompt half marked. Ablation: one bar per condition.
+    """
+    plt = _pyplot()
+    metric = block["metric"]
+    rows = [r for r in block["conditions"] if r["half"] == "report"]
+    noop = next(r for r in rows if r["condition"] == "noop")
+    fig, axes = plt.subplots(1, 3, figsize=size, gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    report = block.get("report") or {}
+    styles = {"features": ("tab:red", "o", 2.2), "flipped": ("tab:purple", "v", 1.6),
+              "random": ("tab:gray", "s", 1.6)}
+    swept = block.get("alphas") is not None
+    if swept:
+        def line(name, sign=1.0):
+            chosen = sorted((r for r in rows if r["condition"] == name), key=lambda r: r["alpha"])
+            xs = [sign * r["alpha"] for r in chosen]
+            return chosen, xs
+        names = ["features", "random"] + (["flipped"] if any(r["condition"] == "flipped" for r in rows) else [])
+        names += sorted({r["condition"] for r in rows if r["role"] == "single"})
+        for name in names:
+            chosen, xs = line(name, -1.0 if name == "flipped" else 1.0)
+            color, marker, width = styles.get(name, (None, ".", 1.0))
+            label = {"features": f"top features {block['features']}", "random": "matched random features",
+                     "flipped": "top features, sign flipped"}.get(name, name.replace("_", " "))
+            stats = [r["metrics"][metric] for r in chosen]
+            ok = [s["mean"] is not None for s in stats]
+            axes[0].errorbar([x for x, k in zip(xs, ok) if k], [s["mean"] for s, k in zip(stats, ok) if k],
+                             yerr=[[s["mean"] - s["ci_low"] for s, k in zip(stats, ok) if k],
+                                   [s["ci_high"] - s["mean"] for s, k in zip(stats, ok) if k]],
+                             color=color, marker=marker, lw=width, capsize=3, label=label,
+                             alpha=1.0 if name in styles else 0.6)
+            for x, s_, r in zip(xs, stats, chosen):   # a mean over few texts (metric undefined elsewhere)
+                if s_["mean"] is not None and s_["n"] < r["n"] / 2:
+                    axes[0].annotate(f"n={s_['n']}", (x, s_["mean"]), textcoords="offset points", xytext=(4, 4),
+                                     fontsize=7, color=color)
+            axes[1].plot(xs, [_ratio(r) for r in chosen], color=color, marker=marker,
+                         lw=width, alpha=1.0 if name in styles else 0.6)
+            axes[2].plot(xs, [r["repetition"] for r in chosen], color=color, marker=marker, lw=width,
+                         alpha=1.0 if name in styles else 0.6)
+        for ax in axes:
+            ax.set_xlabel("strength α (× typical activation; < 0: sign flipped)")
+            if report.get("alpha") is not None:
+                ax.axvline(report["alpha"], color="tab:red", ls=":", lw=1)
+        base = noop["metrics"][metric]
+        if base["mean"] is not None:
+            axes[0].axhspan(base["ci_low"], base["ci_high"], color="tab:blue", alpha=0.12)
+            axes[0].axhline(base["mean"], color="tab:blue", lw=1.2, label="no-op splice (95% CI)")
+    else:
+        order = ["noop", "features", "random"] + sorted({r["condition"] for r in rows if r["role"] == "single"})
+        chosen = [next(r for r in rows if r["condition"] == name) for name in order]
+        colors = ["tab:blue", "tab:red", "tab:gray"] + ["tab:orange"] * (len(order) - 3)
+        stats = [r["metrics"][metric] for r in chosen]
+        means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
+        errs = [[(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
+                [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats]]
+        labels = ["no-op", "top features", "matched random"] + [n.replace("_", " ") for n in order[3:]]
+        axes[0].bar(range(len(order)), means, yerr=errs, color=colors, capsize=4)
+        axes[0].set_xticks(range(len(order)), labels, rotation=20, ha="right")
+        axes[1].bar(range(len(order)), [_ratio(r) for r in chosen], color=colors)
+        axes[1].set_xticks(range(len(order)), labels, rotation=20, ha="right")
+        axes[2].bar(range(len(order)), [r["repetition"] for r in chosen], color=colors)
+        axes[2].set_xticks(range(len(order)), labels, rotation=20, ha="right")
+    axes[0].set_ylabel(f"mean {metric} (95% bootstrap CI)")
+    axes[1].set_ylabel("perplexity under M0 / no-op's")
+    axes[1].set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axes[1].yaxis.set_major_formatter(plain)
+    axes[1].yaxis.set_minor_formatter(plain)
+    axes[1].axhline(1.0, color="tab:blue", lw=1)
+    if block.get("max_perplexity_ratio"):
+        axes[1].axhline(block["max_perplexity_ratio"], color="black", ls="--", lw=0.8, label="coherence limit")
+        axes[1].legend(frameon=False, fontsize=8)
+    axes[2].set_ylabel("repeated word 3-grams (share)")
+    axes[0].set_title(metric)
+    axes[1].set_title("coherence: perplexity")
+    axes[2].set_title("coherence: repetition")
+    if swept:
+        axes[0].legend(frameon=False, fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if report and report.get("effect") is not None:
+        p_control = (report.get("vs_control") or {}).get("p")
+        title += (f"\neffect vs no-op {report['effect']:+.3f} [{report['ci_low']:+.3f}, {report['ci_high']:+.3f}], "
+                  f"p = {report['p']:.3g}; random control {report['control_effect']:+.3f}"
+                  + (f" (top vs random p = {p_control:.3g})" if p_control is not None else "")
+                  + f"; n = {report['n']} report prompts")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out, dpi)
+
+
+def _ratio(row: dict) -> float:
+    """Perplexity relative to the no-op's (1 = unchanged)."""
+    return 1.0 + (row["perplexity_change"] or 0.0)

@@ -30,6 +30,7 @@ STAGES = {
     "train_seed_sae": "calibration",
     "diff_saes": "diffs",
     "probes": "probes",
+    "intervene": "interventions",
 }
 EVAL_KEYS = ("explained_variance", "fvu", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
              "relative_reconstruction_bias", "dead_fraction", "ce_loss_clean", "ce_loss_with_sae",
@@ -189,6 +190,12 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
             block["sae"], {})[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
     if probe_blocks:
         headline["probes"] = probes_headline(probe_blocks, cfg)
+    intervention_blocks = [block for path in sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))
+                           if "skipped" not in (block := read_json(path))]
+    if intervention_blocks:
+        from .interventions import headline as interventions_headline
+
+        headline.update(interventions_headline(intervention_blocks, cfg))
     headline["timings"] = stage_timings(benchmarks)
     for model_id, info in models.items():
         dpo = _dpo_record(results / "models" / model_id)
@@ -206,8 +213,8 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
         **({"evolution": {f"layer{layer}": {name: block} for (layer, name), block in evolution_blocks.items()}}
            if evolution_blocks else {}),
         **({"probes": probe_blocks} if probe_blocks else {}),
-        **({"figures": _figures_by_kind([*figures, *sorted((results / "figures" / "eval").glob("**/*.png"))])}
-           if figures else {}),
+        **({"interventions": _interventions_block(intervention_blocks)} if intervention_blocks else {}),
+        **({"figures": _figures_by_kind(figures)} if figures else {}),
     }
 
 
@@ -231,8 +238,21 @@ def probes_headline(blocks: dict, cfg: dict) -> dict:
     return out
 
 
+def _interventions_block(blocks: list[dict]) -> dict:
+    """{experiment: {cell: {layer{L}: {sae: {metric: the report-half numbers and the controls}}}}}."""
+    out: dict = {}
+    for block in blocks:
+        out.setdefault(block["experiment"], {}).setdefault(block["cell"], {}).setdefault(
+            f"layer{block['layer']}", {}).setdefault(block["sae"], {})[block["metric"]] = {
+            "model": block.get("model"), "features": block["features"], "random_features": block["random_features"],
+            "alphas": block.get("alphas"), "noop_identical": block["noop"]["identical"], "report": block["report"],
+            "selection": block.get("selection")}
+    return out
+
+
 def _figures_by_kind(paths) -> dict:
-    """Figure paths grouped by their stage folder (iterations, features, evolution, probes, eval)."""
+    """Figure paths grouped by their stage folder (iterations, saes, eval, features, evolution, probes,
+    interventions)."""
     out: dict = {}
     for path in map(str, paths):
         parts = Path(path).parts

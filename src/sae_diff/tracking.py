@@ -61,7 +61,8 @@ def cell_metrics(summary: dict, cell: str, sae_order: list[str]) -> dict:
 
 
 def run_summary(summary: dict) -> dict:
-    """Keys for the run's W&B summary: evolution counts, iteration means and shift, timings."""
+    """Keys for the run's W&B summary: evolution counts, iteration means and shift, intervention
+    effects, timings."""
     out: dict = {}
     head = summary.get("headline", {})
     for layer_key, branches in head.get("evolution", {}).items():
@@ -79,6 +80,11 @@ def run_summary(summary: dict) -> dict:
             out[f"iterations/{iterations['metric']}_{model}"] = mean
         for key, value in iterations.get("shift", {}).items():
             out[f"iterations/shift_{key}"] = value
+    for experiment in ("steering", "ablation"):
+        for metric, block in head.get(experiment, {}).items():
+            n = block["layer"]
+            for key in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change"):
+                out[f"layer_{n}/{experiment}/{metric}_{key}"] = block[key]
     for stage, seconds in head.get("timings", {}).items():
         out[f"timings/{stage}_s"] = seconds
     return out

@@ -8,12 +8,14 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # parse-time helpers, even before install
 from sae_diff import config as cfglib  # noqa: E402
+from sae_diff import scorers as scorerlib  # noqa: E402
 
 try:
     # our validator first: it stops with one line naming the key, the value and what was expected
     cfglib.validate(config)
     validate(config, "../../src/sae_diff/schemas/config.schema.yaml")  # the same schema and defaults
     cfglib.check(config, [Path.cwd(), Path(workflow.basedir)])
+    INTERVENTION_RUNS = cfglib.intervention_runs(config)
 except cfglib.ConfigError as error:
     sys.exit(str(error))
 
@@ -26,8 +28,10 @@ SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
 SAES = list(config["saes"])
 TRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "train"]
 PRETRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "pretrained"]
-PROBE_METRICS = config["probes"].get("metrics") or (
-    [config["iterations"]["target"]["metric"]] if "target" in config.get("iterations", {}) else [])
+PROBE_METRICS = cfglib.probe_metrics(config)
+# every metric column the samples carry: the scorers' and the user's own tables'
+METRIC_NAMES = scorerlib.metric_names(config["scorers"]) + [
+    c for d in config["data"].values() for c in d.get("metric_columns", []) if c not in scorerlib.metric_names(config["scorers"])]
 
 
 wildcard_constraints:
@@ -139,6 +143,10 @@ def figure_targets():
     features = config["features"]
     out = {"iterations": ["results/figures/iterations/target_metric.png"]}
     per_sae = [(cell.name, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
+    out["training"] = [f"results/figures/saes/{c}/layer{l}/{n}_training.png" for c, l, n in per_sae
+                       if n in TRAINED_SAES]
+    out["density"] = [f"results/figures/eval/{c}/layer{l}/{n}_density.png" for c, l, n in per_sae]
+    out["loss_by_position"] = [f"results/figures/eval/{c}/layer{l}/{n}_loss_by_position.png" for c, l, n in per_sae]
     out["statistics"] = [f"results/figures/features/{c}/layer{l}/{n}/statistics.png" for c, l, n in per_sae]
     out["embeddings"] = [f"results/figures/features/{c}/layer{l}/{n}/embeddings.png" for c, l, n in per_sae]
     if features.get("bias"):
@@ -156,6 +164,8 @@ def figure_targets():
                                    for c, l, n in per_sae for m in PROBE_METRICS]
         out["probe_overlap"] = [f"results/figures/probes/layer{l}/{n}_{m}_overlap.png" for l in config["layers"]
                                 for n in DIFF_SAES for m in PROBE_METRICS]
+    out["dose_response"] = [f"results/figures/interventions/{r.experiment}/{r.cell.name}/layer{r.layer}/"
+                            f"{r.sae}_{r.metric}.png" for r in INTERVENTION_RUNS]
     out["similarity"] = [f"results/figures/evolution/layer{l}/{n}_similarity_{b}.png" for l in config["layers"]
                          for n in DIFF_SAES for b in config["grid"]["branches"] if branch_steps(b)]
     return out
@@ -173,6 +183,7 @@ def summary_inputs(wildcards):
                    for layer in config["layers"] for name in SAES for metric in PROBE_METRICS],
         "probe_comparisons": [f"results/probes/comparison_layer{layer}.json" for layer in config["layers"]]
         if PROBE_METRICS else [],
+        "interventions": [f"{run.out_dir}/effects.json" for run in INTERVENTION_RUNS],
         "figures": [path for paths in figure_targets().values() for path in paths],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
@@ -194,6 +205,7 @@ BENCHMARKS = (
     + [bench("train_seed_sae", f"layer{layer}") for layer in config["layers"] if DIFF_SAES]
     + ([bench("probes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
        if SAES and PROBE_METRICS else [])
+    + [bench("intervene", f"{r.experiment}_{r.cell.name}_layer{r.layer}_{r.sae}_{r.metric}") for r in INTERVENTION_RUNS]
     + [bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
        for a, b, _ in cfglib.diff_pairs(config) for layer in config["layers"] if DIFF_SAES]
 )

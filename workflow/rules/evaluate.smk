@@ -10,13 +10,11 @@ rule evaluate_saes:
         samples="results/data/{data}/raw.parquet",
     output:
         [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.json" for name in SAES],
-        [report(f"results/figures/eval/{{model}}_{{data}}/layer{{layer}}/{name}_density.png", category="Evaluation",
-                subcategory="layer {layer}", caption="../report/density.rst") for name in SAES],
+        [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.loss_by_position.parquet" for name in SAES],
     params:
         spec=lambda w: spec(saes=config["saes"], evaluation=config["evaluation"],
                             activations=config["activations"], device=config["device"]),
         out_dir="results/eval/{model}_{data}/layer{layer}",
-        figures="results/figures/eval/{model}_{data}/layer{layer}",
     conda:
         "../envs/torch.yaml"
     log:
@@ -29,4 +27,4 @@ rule evaluate_saes:
     shell:
         "sae-diff evaluate --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--layer {wildcards.layer} --model-dir {input.model} --samples {input.samples} "
-        "--figures {params.figures} --threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+        "--threads {threads} --out-dir {params.out_dir} > {log} 2>&1"

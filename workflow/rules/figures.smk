@@ -211,3 +211,80 @@ rule figure_probe_overlap:
     shell:
         "sae-diff figure probe_overlap --spec {params.spec:q} --input comparison={input} --title {params.title:q} "
         "--out {output} > {log} 2>&1"
+
+
+rule figure_dose_response:
+    input:
+        "results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/effects.json",
+    output:
+        report("results/figures/interventions/{experiment}/{cell}/layer{layer}/{sae}_{metric}.png",
+               category="Interventions", subcategory="{experiment}, layer {layer}",
+               caption="../report/dose_response.rst"),
+    params:
+        spec=figure_spec("dose_response"),
+        title="{experiment} with the top {metric} features of the {sae} SAE on {cell}, layer {layer}",
+    wildcard_constraints:
+        experiment="ablation|steering|clamping",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/dose_response/{experiment}_{cell}_layer{layer}_{sae}_{metric}.log",
+    shell:
+        "sae-diff figure dose_response --spec {params.spec:q} --input effects={input} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_training:
+    input:
+        "results/saes/{cell}/layer{layer}/{sae}/sae_weights.safetensors",
+    output:
+        report("results/figures/saes/{cell}/layer{layer}/{sae}_training.png", category="SAE training",
+               subcategory="layer {layer}", caption="../report/training.rst"),
+    params:
+        spec=figure_spec("training"),
+        log="results/saes/{cell}/layer{layer}/{sae}/train_log.jsonl",   # written with the weights
+        title="{sae} SAE on {cell}, layer {layer}: training",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/training/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure training --spec {params.spec:q} --input log={params.log} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_density:
+    input:
+        "results/eval/{cell}/layer{layer}/{sae}.json",
+    output:
+        report("results/figures/eval/{cell}/layer{layer}/{sae}_density.png", category="Evaluation",
+               subcategory="layer {layer}", caption="../report/density.rst"),
+    params:
+        spec=figure_spec("density"),
+        title="{sae} SAE on {cell}, layer {layer}: feature density (eval tokens)",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/density/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure density --spec {params.spec:q} --input eval={input} --title {params.title:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule figure_loss_by_position:
+    input:
+        table="results/eval/{cell}/layer{layer}/{sae}.loss_by_position.parquet",
+        eval="results/eval/{cell}/layer{layer}/{sae}.json",
+    output:
+        report("results/figures/eval/{cell}/layer{layer}/{sae}_loss_by_position.png", category="Evaluation",
+               subcategory="layer {layer}", caption="../report/loss_by_position.rst"),
+    params:
+        spec=figure_spec("loss_by_position"),
+        title="{sae} SAE on {cell}, layer {layer}: next-token loss over context length",
+    conda:
+        "../envs/analysis.yaml"
+    log:
+        "logs/figures/loss_by_position/{cell}_layer{layer}_{sae}.log",
+    shell:
+        "sae-diff figure loss_by_position --spec {params.spec:q} --input table={input.table} --input eval={input.eval} "
+        "--title {params.title:q} --out {output} > {log} 2>&1"

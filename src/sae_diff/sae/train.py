@@ -223,12 +223,9 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
                                                           "scale_out": scale_out,
                                                           "steps": total_steps, "lr": run.spec.lr,
                                                           "seed": run.spec.seed, **run.spec.extra}})
+        # the curve is drawn by its own figure job (figures.training) from this log
         with atomic_path(Path(out_dir) / "train_log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in run_log))
-        from ..plots import training_curves
-
-        training_curves(run_log, Path(out_dir) / "training_curve.png",
-                        title=f"{run.spec.name} SAE · {Path(out_dir).parent.parent.name} · {run.sae.cfg.hook_name}")
     for path in (ckpt_tensors, ckpt_json):
         path.unlink(missing_ok=True)
     return [Path(p) for p in out_dirs]

@@ -1,0 +1,510 @@
+"""Causal tests of SAE features: ablate, steer or clamp them at one layer during generation,
+and measure what that does to the metrics, against controls.
+
+Every edit is a correction added to the model's own activation x at the SAE's hook point:
+
+    ablation   x' = x - sum_j f_j(x) d_j
+    clamping   x' = x + sum_j (v_j - f_j(x)) d_j
+    steering   x' = x + sum_j c_j d_j                 (c_j = alpha * s_j, s_j a typical activation)
+
+which is the SAE's edited reconstruction spliced in with its error term kept
+(x' = x_hat(f') + (x - x_hat(f))), written so that nothing is rounded twice: the no-op splice
+(the SAE runs, nothing changes) adds an exact zero, so it reproduces unhooked greedy
+generation token for token. Hooks run on every forward of ``generate``, so the KV cache is
+kept: the prompt is edited once in the prefill and each new token as it is generated.
+
+An experiment (``run``) generates on one prompt set under each condition (plain, no-op,
+the chosen features, matched random features, sign-flipped steering, single features, over an
+alpha grid), scores every text with the configured scorers plus coherence (perplexity
+under M0, repetition), and reports effects against the no-op with bootstrap CIs and
+permutation p-values. The prompts are split in two: one half picks alpha, the other reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DataError
+from .sae.model import SAE
+from .stats import bootstrap_mean, bootstrap_shift
+
+log = logging.getLogger(__name__)
+
+EDIT_KINDS = ("noop", "ablate", "steer", "clamp")
+# experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
+# fine-tuned model and steers the base model
+EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
+SWEPT = ("steering", "clamping")   # experiments with an alpha grid
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What to do to the features at each edited position.
+
+    ``values``: per feature, the steering coefficient c_j (steer) or the clamped activation
+    v_j (clamp); unused by ablate and noop. ``positions``: ``all`` (prompt and every generated
+    token) or ``generated`` (new tokens only; the prompt's prefill is left alone).
+    """
+
+    kind: str
+    features: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()
+    positions: str = "all"
+
+    def __post_init__(self):
+        if self.kind not in EDIT_KINDS:
+            raise ValueError(f"edit kind {self.kind!r}: expected one of {EDIT_KINDS}")
+        if self.positions not in ("all", "generated"):
+            raise ValueError(f"edit positions {self.positions!r}: expected 'all' or 'generated'")
+        if self.kind in ("steer", "clamp") and len(self.values) != len(self.features):
+            raise ValueError(f"{self.kind}: {len(self.features)} features but {len(self.values)} values")
+
+
+def feature_acts(sae: SAE, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Activations of the given features, [n, len(features)], as ``sae.encode(x)[:, features]``.
+
+    TopK needs every pre-activation (a feature fires only inside the top k); ReLU and
+    JumpReLU need just the chosen encoder rows.
+    """
+    arch = sae.cfg.architecture
+    if arch == "topk":
+        pre = sae.encode_pre(x)
+        kth = pre.topk(sae.cfg.k, dim=-1).values[:, -1:]
+        chosen = pre[:, features]
+        return torch.where(chosen >= kth, chosen.clamp_min(0), torch.zeros_like(chosen))
+    if arch in ("relu", "jumprelu"):
+        pre = torch.addmm(sae.b_enc[features], sae._centered(x), sae.W_enc_T[features].t())
+        if arch == "relu":
+            return torch.relu(pre)
+        return pre * (pre > sae.log_threshold.exp()[features])
+    return sae.encode(x)[:, features]
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_first(output, value):
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    if isinstance(output, list):
+        return [value, *output[1:]]
+    return value
+
+
+@contextlib.contextmanager
+def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
+    """Apply ``edit`` at (layer, hook) on every forward of ``model`` inside the block."""
+    from . import models
+
+    param = next(model.parameters())
+    sae = sae.to(param.device)
+    idx = torch.tensor(edit.features, dtype=torch.long, device=param.device)
+    dtype = sae.W_dec.dtype   # the edit is computed in the SAE's precision, added in the model's
+    rows = sae.W_dec.detach()[idx]                               # [n_features, d]
+    values = torch.tensor(edit.values, dtype=dtype, device=param.device)
+    steer = values @ rows if edit.kind == "steer" else None       # one constant vector
+    state = {"prefill": False}
+
+    def note_prefill(_module, _args, kwargs):
+        cache = kwargs.get("past_key_values")
+        state["prefill"] = cache is None or cache.get_seq_length() == 0
+
+    def edit_output(_module, _inputs, output):
+        x = _first(output)
+        if edit.positions == "generated" and state["prefill"]:
+            return output
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        if edit.kind == "noop":
+            sae.encode(flat)   # the SAE runs (the splice's cost), and the exact-zero correction is skipped
+            return output
+        if edit.kind == "steer":
+            correction = steer.expand_as(flat)
+        else:
+            acts = feature_acts(sae, flat, idx)
+            target = torch.zeros_like(acts) if edit.kind == "ablate" else values.expand_as(acts)
+            correction = (target - acts) @ rows
+        return _replace_first(output, x + correction.reshape(x.shape).to(x.dtype))
+
+    handles = [models.hook_module(model, layer, hook).register_forward_hook(edit_output)]
+    if edit.positions == "generated":
+        handles.append(model.register_forward_pre_hook(note_prefill, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- feature choice
+
+
+def select_features(probe: pd.DataFrame, top: list[int], k: int, sign: str, direction: str) -> list[int]:
+    """The first ``k`` features of the probe's L1-path order whose difference in means points the
+    asked way: ``promote`` (higher metric in the target direction), ``suppress``, or ``any``.
+
+    After the probe's ``top`` list, features continue in path-entry order, then by |SMD|.
+    """
+    if sign not in ("promote", "suppress", "any"):
+        raise ValueError(f"interventions.sign = {sign!r}: expected promote, suppress or any")
+    smd = probe.set_index("feature")["smd"]
+    ordered = probe.assign(order=probe["l1_entry"].fillna(np.inf), size=-probe["smd"].abs())
+    ordered = ordered.sort_values(["order", "size", "feature"])["feature"].tolist()
+    want = 1.0 if direction == "up" else -1.0
+    if sign == "suppress":
+        want = -want
+    chosen: list[int] = []
+    for feature in [*top, *ordered]:
+        feature = int(feature)
+        if feature in chosen or not np.isfinite(smd.get(feature, np.nan)):
+            continue
+        if sign == "any" or np.sign(smd[feature]) == want:
+            chosen.append(feature)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def matched_random(stats: pd.DataFrame, features: list[int], seed: int, pool: int = 20,
+                   exclude: list[int] | None = None) -> list[int]:
+    """For each feature, a random live feature among the ``pool`` nearest in log firing frequency
+    (none chosen twice, none from ``features`` or ``exclude``)."""
+    rng = np.random.default_rng(seed)
+    table = stats.set_index("feature")
+    live = table[(table["freq"] > 0) & ~table["dead"].astype(bool)]
+    taken = set(features) | set(exclude or [])
+    out = []
+    for feature in features:
+        candidates = live.drop(index=[f for f in taken if f in live.index])
+        if candidates.empty:
+            raise ValueError("matched_random: no live feature left to draw a control from")
+        target = math.log(max(float(table.loc[feature, "freq"]), 1e-12))
+        distance = (np.log(candidates["freq"].clip(lower=1e-12)) - target).abs()
+        nearest = distance.sort_values(kind="stable").index[:pool]
+        pick = int(rng.choice(np.asarray(nearest)))
+        out.append(pick)
+        taken.add(pick)
+    return out
+
+
+def typical_activation(stats: pd.DataFrame, features: list[int], how: str) -> list[float]:
+    """s_j: the mean nonzero activation (``mean``) or the largest seen (``max``)."""
+    column = {"mean": "mean_act", "max": "max_act"}.get(how)
+    if column is None:
+        raise ValueError(f"interventions.scale = {how!r}: expected mean or max")
+    values = stats.set_index("feature").loc[features, column].to_numpy(dtype=float)
+    return [float(v) if np.isfinite(v) else 0.0 for v in values]
+
+
+# --------------------------------------------------------------------------- coherence
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of the text's word n-grams that already occurred earlier in it (0: no loops)."""
+    words = re.findall(r"\w+", str(text).lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def completion_nll(model, tokenizer, prompt_texts: list[str], completion_ids: list[list[int]],
+                   batch_size: int = 16, device: str = "cpu") -> np.ndarray:
+    """Mean negative log-likelihood per completion token under ``model`` (NaN for an empty completion)."""
+    out = np.full(len(prompt_texts), np.nan)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(prompt_texts), batch_size):
+        batch = range(start, min(start + batch_size, len(prompt_texts)))
+        seqs = []
+        for i in batch:
+            prompt = tokenizer(prompt_texts[i], add_special_tokens=True)["input_ids"]
+            seqs.append((list(prompt), list(completion_ids[i])))
+        width = max(len(p) + len(c) for p, c in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        scored = torch.zeros((len(seqs), width), dtype=torch.bool)   # positions whose token is scored
+        for j, (p, c) in enumerate(seqs):
+            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
+            attn[j, :len(p) + len(c)] = 1
+            scored[j, len(p):len(p) + len(c)] = True
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
+        log_p = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = scored[:, 1:]
+        for j, i in enumerate(batch):
+            if mask[j].any():
+                out[i] = float(-log_p[j][mask[j]].double().mean())
+    return out
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+@dataclass
+class Condition:
+    """One way of generating: ``edit`` None is the plain, unhooked model."""
+
+    name: str
+    role: str                   # baseline | target | control | single
+    edit: Edit | None
+    alpha: float | None = None
+    features: list[int] = field(default_factory=list)
+
+
+def conditions(experiment: str, features: list[int], random: list[int], typical: dict[int, float],
+               alphas: list[float], n_single: int, positions: str) -> list[Condition]:
+    """Every condition of one experiment: plain and no-op baselines, the features as a group,
+    matched random features, (steering) the sign-flipped group, and single features."""
+    edit_kind = EXPERIMENTS[experiment][0]
+    out = [Condition("plain", "baseline", None), Condition("noop", "baseline", Edit("noop", positions=positions))]
+
+    def make(name, role, group, alpha=None, sign=1.0):
+        values = () if alpha is None else tuple(sign * alpha * typical[j] for j in group)
+        return Condition(name, role, Edit(edit_kind, tuple(group), values, positions), alpha, list(group))
+
+    singles = features[:n_single]
+    if experiment not in SWEPT:
+        out += [make("features", "target", features), make("random", "control", random)]
+        out += [make(f"feature_{j}", "single", [j]) for j in singles]
+        return out
+    for alpha in alphas:
+        out += [make("features", "target", features, alpha), make("random", "control", random, alpha)]
+        if experiment == "steering":
+            out.append(make("flipped", "control", features, alpha, sign=-1.0))
+        out += [make(f"feature_{j}", "single", [j], alpha) for j in singles]
+    return out
+
+
+def split_prompts(prompts: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Half the prompts pick alpha (``select``), the other half report (``report``)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(prompts))
+    half = np.where(np.isin(np.arange(len(prompts)), order[: len(prompts) // 2]), "select", "report")
+    return prompts.assign(half=half)
+
+
+def generate_all(model, tokenizer, sae: SAE, layer: int, hook: str, prompts: pd.DataFrame,
+                 conds: list[Condition], sampling: dict, device: str = "cpu", progress: bool = True,
+                 work_dir: Path | None = None) -> pd.DataFrame:
+    """Generations of every condition on the same prompts and the same random draws.
+
+    With ``work_dir``, each finished condition is kept there, so an interrupted job resumes
+    at the first condition it had not finished.
+    """
+    from . import data, io
+
+    tables = []
+    for i, cond in enumerate(conds):
+        label = cond.name + ("" if cond.alpha is None else f"_a{cond.alpha:g}")
+        done = None if work_dir is None else Path(work_dir) / f"{i:03d}_{label}.parquet"
+        if done is not None and done.exists():
+            tables.append(pd.read_parquet(done))
+            log.info("condition %s: resumed from %s", label, done)
+            continue
+        context = contextlib.nullcontext() if cond.edit is None else intervene(model, sae, layer, hook, cond.edit)
+        with context:
+            table = data.generate(model, tokenizer, prompts, sampling, device=device, progress=progress,
+                                  keep_ids=True, desc=label)
+        table.insert(0, "condition", cond.name)
+        table.insert(1, "role", cond.role)
+        table.insert(2, "alpha", np.nan if cond.alpha is None else float(cond.alpha))
+        table.insert(3, "features", " ".join(map(str, cond.features)))
+        table.insert(4, "condition_index", i)
+        if done is not None:
+            io.write_parquet(table, done)
+        tables.append(table)
+    out = pd.concat(tables, ignore_index=True)
+    out.insert(0, "generation_id", np.arange(len(out)))
+    return out
+
+
+def score(generations: pd.DataFrame, scorer_specs: list[dict], base_model, tokenizer, batch_size: int = 16,
+          device: str = "cpu") -> pd.DataFrame:
+    """The scorers' metrics plus coherence: perplexity of the completion under M0 and repetition."""
+    from . import scorers
+
+    table = generations.drop(columns=["completion_ids"])
+    scored = scorers.score(table, scorer_specs)
+    nll = completion_nll(base_model, tokenizer, generations["prompt_text"].tolist(),
+                         generations["completion_ids"].tolist(), batch_size, device)
+    scored["nll_base"] = nll
+    scored["perplexity_base"] = np.exp(nll)
+    scored["repetition"] = [repetition_rate(t) for t in generations["text"]]
+    return scored
+
+
+def _shift(before: pd.Series, after: pd.Series, seed: int) -> dict:
+    return bootstrap_shift(before.to_numpy(dtype=float), after.to_numpy(dtype=float), seed=seed)
+
+
+def _perplexity_change(noop: pd.DataFrame, cond: pd.DataFrame) -> float | None:
+    """Relative change of the geometric-mean perplexity under M0: exp(mean NLL - mean NLL_noop) - 1."""
+    a, b = noop["nll_base"].dropna(), cond["nll_base"].dropna()
+    if a.empty or b.empty:
+        return None
+    return float(math.expm1(b.mean() - a.mean()))
+
+
+def expected_sign(direction: str, sign: str, experiment: str) -> float:
+    """Which way the metric should move: steering promoters pushes it the target's way, ablating
+    them pushes it back; suppressors the other way round."""
+    out = 1.0 if direction == "up" else -1.0
+    if sign == "suppress":
+        out = -out
+    return -out if experiment == "ablation" else out
+
+
+def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str, metrics: list[str],
+            max_perplexity_ratio: float, seed: int = 0) -> dict:
+    """Per condition and half: every metric's mean and its shift from the no-op; the chosen alpha
+    (picked on the ``select`` half: the largest effect the expected way among coherent alphas)
+    and the reported effects on the ``report`` half."""
+    rows = []
+    for (name, alpha, half), group in scores.groupby(["condition", "alpha", "half"], dropna=False, sort=False):
+        noop = scores[(scores["condition"] == "noop") & (scores["half"] == half)]
+        entry = {"condition": name, "role": group["role"].iloc[0], "alpha": None if pd.isna(alpha) else float(alpha),
+                 "half": half, "features": group["features"].iloc[0], "n": int(len(group)),
+                 "perplexity_change": _perplexity_change(noop, group),
+                 "repetition": float(group["repetition"].mean()),
+                 "metrics": {m: bootstrap_mean(group[m].to_numpy(dtype=float), seed=seed) for m in metrics},
+                 "vs_noop": {m: _shift(noop[m], group[m], seed) for m in metrics}}
+        rows.append(entry)
+
+    def find(name, half, alpha):
+        for row in rows:
+            if row["condition"] == name and row["half"] == half and (alpha is None or row["alpha"] == alpha):
+                return row
+        return None
+
+    chosen_alpha = None
+    selection = []
+    if experiment in SWEPT:
+        for row in rows:
+            if row["condition"] != "features" or row["half"] != "select":
+                continue
+            diff = row["vs_noop"][metric]["diff"]
+            ppl = row["perplexity_change"]
+            ok = ppl is None or ppl + 1.0 <= max_perplexity_ratio
+            selection.append({"alpha": row["alpha"], "effect": diff, "perplexity_change": ppl, "coherent": ok})
+        scored = [s for s in selection if s["coherent"] and s["effect"] is not None]
+        if scored:
+            chosen_alpha = max(scored, key=lambda s: (expected * s["effect"], -s["alpha"]))["alpha"]
+        else:   # nothing stays coherent: the gentlest alpha
+            chosen_alpha = min(s["alpha"] for s in selection) if selection else None
+    report = None
+    target = find("features", "report", chosen_alpha)
+    control = find("random", "report", chosen_alpha)
+    noop = scores[(scores["condition"] == "noop") & (scores["half"] == "report")]
+    if target is not None:
+        t_rows = scores[(scores["condition"] == "features") & (scores["half"] == "report")]
+        c_rows = scores[(scores["condition"] == "random") & (scores["half"] == "report")]
+        if chosen_alpha is not None:
+            t_rows, c_rows = t_rows[t_rows["alpha"] == chosen_alpha], c_rows[c_rows["alpha"] == chosen_alpha]
+        shift = target["vs_noop"][metric]
+        report = {"alpha": chosen_alpha, "expected_sign": expected,
+                  "effect": shift["diff"], "ci_low": shift["ci_low"], "ci_high": shift["ci_high"], "p": shift["p"],
+                  "control_effect": control["vs_noop"][metric]["diff"] if control else None,
+                  "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
+                  if control else None,
+                  "vs_control": _shift(c_rows[metric], t_rows[metric], seed) if control else None,
+                  "perplexity_change": target["perplexity_change"],
+                  "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
+                  "n": target["n"], "baseline_mean": float(noop[metric].mean()) if noop[metric].notna().any() else None}
+        flipped = find("flipped", "report", chosen_alpha)
+        if flipped is not None:
+            report["flipped_effect"] = flipped["vs_noop"][metric]["diff"]
+    return {"conditions": rows, "selection": selection, "report": report}
+
+
+def noop_check(generations: pd.DataFrame) -> dict:
+    """Does the no-op splice reproduce the plain generations token for token?"""
+    plain = generations[generations["condition"] == "plain"].set_index(["prompt_id", "n"])["completion_ids"]
+    noop = generations[generations["condition"] == "noop"].set_index(["prompt_id", "n"])["completion_ids"]
+    same = [list(plain[key]) == list(noop[key]) for key in plain.index]
+    return {"n": len(same), "n_identical": int(sum(same)), "identical": bool(all(same))}
+
+
+def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: int, hook: str,
+        probe_json: dict, probe_table: pd.DataFrame, stats: pd.DataFrame, prompts: pd.DataFrame, opts: dict,
+        scorer_specs: list[dict], metric: str, direction: str, metrics: list[str], sampling: dict,
+        device: str = "cpu", progress: bool = True, work_dir: Path | None = None
+        ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """One experiment on one (cell, layer, SAE, metric): generations, scores and effects."""
+    from . import models
+    from .sae import files
+
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"interventions.experiments: {experiment!r}: expected one of {sorted(EXPERIMENTS)}")
+    sae = files.load(sae_dir)
+    features = select_features(probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"], direction)
+    if not features:
+        raise DataError(f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric}")
+    random = matched_random(stats, features, seed=opts["seed"], pool=opts["random_pool"],
+                            exclude=probe_json.get("top_features") or [])
+    typical = dict(zip(features + random, typical_activation(stats, features + random, opts["scale"])))
+    conds = conditions(experiment, features, random, typical, opts["alphas"], opts["singles"], opts["positions"])
+    model, tokenizer = models.load(model_dir, device=device)
+    model.eval()
+    halves = split_prompts(prompts, opts["seed"])
+    generations = generate_all(model, tokenizer, sae, layer, hook, halves, conds, sampling, device, progress,
+                               work_dir)
+    base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else models.load(base_dir, device=device)
+    scores = score(generations, scorer_specs, base, base_tokenizer, sampling["batch_size"], device)
+    expected = expected_sign(direction, opts["sign"], experiment)
+    result = effects(scores, metric, expected, experiment, [m for m in metrics if m in scores.columns],
+                     opts["max_perplexity_ratio"], seed=opts["seed"])
+    result.update(experiment=experiment, metric=metric, direction=direction, layer=layer, hook_point=hook,
+                  features=features, random_features=random, typical_activation={str(k): v for k, v in typical.items()},
+                  scale=opts["scale"], alphas=opts["alphas"] if experiment in SWEPT else None,
+                  positions=opts["positions"], max_perplexity_ratio=opts["max_perplexity_ratio"],
+                  noop=noop_check(generations),
+                  prompts={"select": int((halves["half"] == "select").sum()),
+                           "report": int((halves["half"] == "report").sum())})
+    return generations, scores, result
+
+
+def headline(blocks: list[dict], cfg: dict) -> dict:
+    """``headline.steering`` / ``headline.ablation``: per metric, the report-half effect of the
+    chosen features with its CI and p, the matched random control's effect and the perplexity
+    change, for the last iteration's own cell (MXDX, else M0DX), the deepest layer tested and
+    the first SAE config.
+    """
+    from .config import Cell, data_ids
+
+    last = data_ids(cfg)[-1]
+    wanted_cells = [Cell("M" + last[1:], last).name, Cell("M0", last).name]
+    if "MXDX" not in cfg["grid"]["branches"]:
+        wanted_cells.reverse()
+    order = cfg.get("sae_order", list(cfg["saes"]))
+    out: dict = {}
+    for experiment in ("steering", "ablation"):
+        mine = [b for b in blocks if b["experiment"] == experiment and (b.get("report") or {}).get("effect") is not None]
+        for metric in dict.fromkeys(b["metric"] for b in mine):
+            candidates = [b for b in mine if b["metric"] == metric and b.get("cell") in wanted_cells]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda b: (wanted_cells.index(b["cell"]), -b["layer"],
+                                                  order.index(b["sae"]) if b.get("sae") in order else len(order)))
+            report = best["report"]
+            entry = {k: report[k] for k in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change")}
+            if any(v is None for v in entry.values()):
+                continue
+            entry.update(cell=best["cell"], layer=best["layer"], sae=best["sae"], model=best.get("model"),
+                         alpha=report["alpha"], features=best["features"], n=report["n"])
+            if report.get("vs_control"):
+                entry["p_vs_control"] = report["vs_control"]["p"]
+            out.setdefault(experiment, {})[metric] = entry
+    return out

@@ -1,0 +1,259 @@
+"""Interventions: hooks checked against plain tensor algebra on a tiny random model, and the
+experiment bookkeeping (feature choice, matched controls, effects) against hand-built tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sae_diff import interventions as iv
+from sae_diff import models
+from sae_diff.sae.model import SAE, SAEConfig
+
+GREEDY = {"n_per_prompt": 1, "max_new_tokens": 10, "do_sample": False, "batch_size": 3, "seed": 0,
+          "chat_template": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def _sae(d_in: int, arch: str = "topk", d_sae: int = 48, seed: int = 0) -> SAE:
+    sae = SAE(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=4))
+    sae.initialize(torch.randn(256, d_in, generator=torch.Generator().manual_seed(seed)), seed=seed)
+    with torch.no_grad():
+        sae.b_enc.add_(torch.randn(d_sae, generator=torch.Generator().manual_seed(seed + 1)) * 0.5)
+        if arch == "jumprelu":
+            sae.log_threshold.fill_(-1.0)
+    return sae.eval()
+
+
+def _prompts(n=5):
+    return pd.DataFrame({"prompt_id": np.arange(n), "prompt": [f"the cat {i} sat" for i in range(n)]})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = models.load(tiny_model_dir)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_feature_acts_equal_dense_encode(arch):
+    """feature_acts(S) == encode(x)[:, S] (dense float64 encode of the same SAE)."""
+    sae = _sae(16, arch).double()
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    chosen = torch.tensor([0, 5, 17, 33, 47])
+    with torch.no_grad():
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.2)   # inference: the learned global threshold
+        expected = sae.encode(x)[:, chosen]
+        got = iv.feature_acts(sae, x, chosen)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_noop_splice_reproduces_greedy_generation_token_for_token(tiny):
+    from sae_diff import data
+
+    model, tokenizer = tiny
+    sae = _sae(model.config.hidden_size)
+    plain = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
+    for positions in ("all", "generated"):
+        with iv.intervene(model, sae, 1, "resid_post", iv.Edit("noop", positions=positions)):
+            spliced = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
+        assert spliced["completion_ids"].tolist() == plain["completion_ids"].tolist()
+    # and the check is not vacuous: a real edit changes them
+    strong = iv.Edit("steer", (0,), (50.0,))
+    with iv.intervene(model, sae, 1, "resid_post", strong):
+        steered = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
+    assert steered["completion_ids"].tolist() != plain["completion_ids"].tolist()
+
+
+def _block_output(model, ids, layer=1):
+    with models.capture(model, [(layer, "resid_post")], stop=False) as store, torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return store[(layer, "resid_post")], logits
+
+
+def test_ablation_removes_the_planted_feature_direction(tiny):
+    """Plant feature j so it fires on the layer's activations; after ablation the hooked output
+    equals x - f_j(x) d_j (dense float64 algebra) and its projection on d_j drops by f_j."""
+    model, _ = tiny
+    d = model.config.hidden_size
+    ids = torch.randint(5, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    x, _ = _block_output(model, ids)
+    sae = SAE(SAEConfig(architecture="relu", d_in=d, d_sae=8)).double().eval()
+    j = 3
+    direction = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_enc_T.zero_()
+        sae.W_dec.copy_(torch.randn(8, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+        sae.W_dec[j] = direction / direction.norm()
+        sae.W_enc_T[j] = direction / direction.norm()
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-0.0)
+        sae.b_enc[j] = 10.0   # fires everywhere
+    f_j = torch.relu(x.double() @ sae.W_enc_T[j] + 10.0)
+    assert bool((f_j > 0).all())
+    captured = {}
+    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("ablate", (j,))):
+        with models.capture(model, [(1, "resid_post")], stop=True) as store:
+            models.run_until_stopped(model, input_ids=ids)
+        captured = store[(1, "resid_post")]
+    expected = x.double() - f_j[..., None] * sae.W_dec[j]
+    torch.testing.assert_close(captured.double(), expected, rtol=1e-5, atol=1e-5)
+    unit = sae.W_dec[j]
+    drop = (x.double() @ unit) - (captured.double() @ unit)
+    torch.testing.assert_close(drop, f_j, rtol=1e-5, atol=1e-5)
+
+
+def test_clamp_sets_the_feature_to_its_value(tiny):
+    """After clamping feature j to v, re-encoding the edited activation gives f_j = v
+    (a ReLU SAE with orthonormal encoder = decoder rows, so the algebra is exact)."""
+    model, _ = tiny
+    d = model.config.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    sae = SAE(SAEConfig(architecture="relu", d_in=d, d_sae=d)).double().eval()
+    with torch.no_grad():
+        sae.W_dec.copy_(q.t())
+        sae.W_enc_T.copy_(q.t())
+        sae.b_enc.fill_(5.0)       # every feature fires, so the ReLU is the identity here
+        sae.b_dec.zero_()
+    ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(4))
+    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("clamp", (2, 7), (1.5, 9.0))):
+        with models.capture(model, [(1, "resid_post")], stop=True) as store:
+            models.run_until_stopped(model, input_ids=ids)
+    f = sae.encode(store[(1, "resid_post")].double().reshape(-1, d))
+    torch.testing.assert_close(f[:, 2], torch.full_like(f[:, 2], 1.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f[:, 7], torch.full_like(f[:, 7], 9.0), rtol=1e-5, atol=1e-5)
+
+
+def test_steering_shifts_logits_along_the_decoder_direction(tiny):
+    """Steering at the last block adds c*d_j before the final norm: the logit change equals the
+    model's own unembedding of (norm(x + c d_j) - norm(x)), and it grows with c; the flipped
+    sign moves the other way."""
+    model, _ = tiny
+    d = model.config.hidden_size
+    last = models.n_blocks(model) - 1
+    sae = _sae(d)
+    j = 11
+    ids = torch.randint(5, 90, (2, 10), generator=torch.Generator().manual_seed(7))
+    x, clean = _block_output(model, ids, last)
+    unembed = model.get_output_embeddings()
+    norm = models.final_norm(model)
+    unit_logits = unembed(sae.W_dec[j][None]).squeeze(0).detach()   # the direction's own logits
+    previous = 0.0
+    for c in (2.0, 8.0):
+        with iv.intervene(model, sae, last, "resid_post", iv.Edit("steer", (j,), (c,))):
+            steered = model(input_ids=ids).logits
+        with torch.no_grad():
+            expected = unembed(norm(x + c * sae.W_dec[j]))
+        torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+        shift = float(((steered - clean).mean((0, 1)) * unit_logits).sum())
+        assert shift > previous
+        previous = shift
+    with iv.intervene(model, sae, last, "resid_post", iv.Edit("steer", (j,), (-8.0,))):
+        flipped = model(input_ids=ids).logits
+    assert float(((flipped - clean).mean((0, 1)) * unit_logits).sum()) < 0
+
+
+def test_generated_only_leaves_the_prompt_alone(tiny):
+    """positions=generated: the prefill's activations are untouched, each decoding step is edited."""
+    from sae_diff import data
+
+    model, tokenizer = tiny
+    sae = _sae(model.config.hidden_size)
+    settings = dict(GREEDY, max_new_tokens=3)
+
+    def record(into):
+        # registered after the editing hook, so it sees the block's output as edited
+        return models.hook_module(model, 1, "resid_post").register_forward_hook(
+            lambda _m, _i, out: into.append(iv._first(out).detach().clone()))
+
+    plain, edited = [], []
+    handle = record(plain)
+    data.generate(model, tokenizer, _prompts(2), settings, progress=False)
+    handle.remove()
+    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("steer", (0,), (30.0,), positions="generated")):
+        handle = record(edited)
+        data.generate(model, tokenizer, _prompts(2), settings, progress=False)
+        handle.remove()
+    assert len(plain) == len(edited) == 3            # prefill + 2 cached decoding steps
+    assert torch.equal(edited[0], plain[0])           # the prompt is left alone
+    assert edited[1].shape[1] == 1                    # decoding steps see one new token (KV cache kept)
+    # the unedited prefill gives the same first token, so step 1's input matches the plain run's
+    # and its output is exactly the plain one plus the steering vector
+    torch.testing.assert_close(edited[1], plain[1] + 30.0 * sae.W_dec[0].detach(), rtol=0, atol=1e-5)
+
+
+def test_select_features_follows_path_order_and_sign():
+    probe = pd.DataFrame({"feature": np.arange(8), "smd": [0.5, -2.0, 1.0, 0.1, -0.3, 2.0, np.nan, 0.7],
+                          "l1_entry": [3, 0, 1, np.nan, 2, np.nan, np.nan, 4]})
+    assert iv.select_features(probe, [5, 1], 3, "promote", "up") == [5, 2, 0]
+    assert iv.select_features(probe, [5, 1], 2, "promote", "down") == [1, 4]
+    assert iv.select_features(probe, [], 3, "any", "up") == [1, 2, 4]
+    with pytest.raises(ValueError, match="interventions.sign"):
+        iv.select_features(probe, [], 3, "both", "up")
+
+
+def test_matched_random_features_are_near_in_firing_frequency():
+    rng = np.random.default_rng(0)
+    freq = np.exp(rng.uniform(np.log(1e-4), np.log(0.3), size=400))
+    stats = pd.DataFrame({"feature": np.arange(400), "freq": freq, "dead": False})
+    chosen = [3, 50, 100, 200]
+    picks = iv.matched_random(stats, chosen, seed=1, pool=10)
+    assert len(set(picks)) == 4 and not set(picks) & set(chosen)
+    for c, p in zip(chosen, picks):
+        # within the 10 nearest of 396 log-uniform frequencies: a tight band around the target
+        nearest = np.sort(np.abs(np.log(np.delete(freq, chosen)) - np.log(freq[c])))[9]
+        assert abs(np.log(freq[p]) - np.log(freq[c])) <= nearest + 1e-12
+    assert iv.matched_random(stats, chosen, seed=1, pool=10) == picks   # deterministic
+
+
+def test_repetition_rate_and_completion_nll(tiny):
+    assert iv.repetition_rate("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert iv.repetition_rate("one two") == 0.0
+    model, tokenizer = tiny
+    prompt, completion = "hello there", tokenizer("abc def", add_special_tokens=False)["input_ids"]
+    nll = iv.completion_nll(model, tokenizer, [prompt, prompt], [completion, []])
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] + completion
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    start = len(ids) - len(completion)
+    reference = -np.mean([float(log_p[i - 1, ids[i]]) for i in range(start, len(ids))])
+    assert nll[0] == pytest.approx(reference, rel=1e-5)
+    assert np.isnan(nll[1])
+
+
+def _scores(effect_by_alpha: dict, control: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for half in ("select", "report"):
+        def add(name, role, alpha, shift, nll=1.0):
+            for i in range(n):
+                rows.append({"condition": name, "role": role, "alpha": alpha, "half": half, "features": "1",
+                             "m": 0.3 + shift + rng.normal(0, 0.05), "nll_base": nll, "repetition": 0.0})
+        add("plain", "baseline", np.nan, 0.0)
+        add("noop", "baseline", np.nan, 0.0)
+        for alpha, shift in effect_by_alpha.items():
+            add("features", "target", alpha, shift, nll=1.0 + (2.0 if alpha >= 8 else 0.0))
+            add("random", "control", alpha, control)
+    return pd.DataFrame(rows)
+
+
+def test_effects_pick_the_largest_coherent_alpha_on_the_select_half():
+    scores = _scores({1.0: 0.05, 4.0: 0.3, 8.0: 0.5}, control=0.0)
+    out = iv.effects(scores, "m", 1.0, "steering", ["m"], max_perplexity_ratio=2.0)
+    assert out["report"]["alpha"] == 4.0          # alpha 8 is stronger but its perplexity e^2 - 1 > 1
+    assert out["report"]["effect"] == pytest.approx(0.3, abs=0.03)
+    assert out["report"]["ci_low"] > 0.2 and out["report"]["p"] < 0.01
+    assert abs(out["report"]["control_effect"]) < 0.05
+    assert out["report"]["vs_control"]["p"] < 0.01
+    assert out["report"]["perplexity_change"] == pytest.approx(0.0, abs=1e-9)
+    ppl8 = [s for s in out["selection"] if s["alpha"] == 8.0][0]["perplexity_change"]
+    assert ppl8 == pytest.approx(np.expm1(2.0))
+
+
+def test_expected_sign():
+    assert iv.expected_sign("up", "promote", "steering") == 1.0
+    assert iv.expected_sign("up", "promote", "ablation") == -1.0
+    assert iv.expected_sign("down", "promote", "steering") == -1.0
+    assert iv.expected_sign("up", "suppress", "steering") == -1.0

@@ -1,0 +1,97 @@
+"""The workflow through Snakemake's SLURM executor with profiles/slurm, on a real single-node
+SLURM cluster this test starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh) and stops.
+
+Every job must go through sbatch, and the results must equal the local run's. Skipped only
+where the machine cannot run SLURM (not root, or neither SLURM nor apt-get).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .workflow_run import ROOT, planned, snakemake
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    check = subprocess.run(["bash", str(CLUSTER), "can-run"], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip(f"this machine cannot run a local SLURM cluster: {check.stdout.strip() or check.stderr.strip()}")
+    folder = Path(os.environ.get("SAE_DIFF_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True,
+                             timeout=600)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield folder / "slurm.conf"
+    finally:
+        pids = {p: p.read_text().strip() for p in (folder / "pid").glob("*.pid")}
+        subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, text=True, timeout=120)
+        # exactly the daemons it started are gone (by their pid files; nothing else is signalled)
+        for path, pid in pids.items():
+            assert not path.exists() and not Path(f"/proc/{pid}").exists(), (path, pid)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm_run")
+    env_conf = {"SLURM_CONF": str(slurm_cluster)}
+    old = {k: os.environ.get(k) for k in env_conf}
+    os.environ.update(env_conf)
+    try:
+        dry = snakemake(workdir, "-n", "--profile", str(ROOT / "profiles" / "slurm"))
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        # a short first status check: the tiny jobs finish in seconds (the profile's 20 s suits clusters)
+        result = snakemake(workdir, "--profile", str(ROOT / "profiles" / "slurm"),
+                           "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8", timeout=2400)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return workdir, planned(dry), result.stdout + result.stderr
+
+
+def test_every_job_went_through_sbatch(slurm_run):
+    workdir, jobs, output = slurm_run
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
+    n_jobs = sum(n for rule, n in jobs.items() if rule != "all")   # `all` runs no command
+    assert len(set(submitted)) == n_jobs, (len(set(submitted)), n_jobs)
+    logs = list((workdir / "logs" / "slurm").rglob("*.log"))
+    assert {p.stem for p in logs} == set(submitted)   # one kept SLURM log per job, named by its job id
+
+
+def _tables_equal(a: Path, b: Path) -> None:
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), check_exact=False, rtol=1e-5)
+
+
+def test_results_equal_the_local_run(slurm_run, finished_run):
+    """Same config, same seeds: the same samples, SAE metrics, probes and headline."""
+    workdir, _, _ = slurm_run
+    ours, local = workdir / "results", finished_run / "results"
+    for d in ("D0", "D1"):
+        _tables_equal(ours / "data" / d / "samples.parquet", local / "data" / d / "samples.parquet")
+    for path in sorted(local.glob("eval/*/layer1/*.json")):
+        a, b = json.loads(path.read_text()), json.loads((ours / path.relative_to(local)).read_text())
+        for key in ("fvu", "l0", "dead_fraction", "ce_loss_score", "kl_div_score"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (path, key)
+    for path in sorted(local.glob("probes/*/layer1/*/n_chars.json")):
+        a, b = json.loads(path.read_text()), json.loads((ours / path.relative_to(local)).read_text())
+        assert a.get("top_features") == b.get("top_features") and a.get("auroc") == pytest.approx(b.get("auroc"))
+    a = json.loads((local / "summary.json").read_text())["headline"]
+    b = json.loads((ours / "summary.json").read_text())["headline"]
+    assert a["iterations"] == b["iterations"]
+    assert a["evolution"] == b["evolution"]
+    assert {k: v["effect"] for k, v in a["steering"].items()} == {k: v["effect"] for k, v in b["steering"].items()}
