@@ -2,7 +2,11 @@
 with the no-op splice, an ablation and a steering edit at one layer (KV cache on).
 
 Same SmolLM2-135M model, prompts and settings (batch 16, 64 new tokens forced with
-min_new_tokens, greedy); the four variants alternate inside each round, best of ``--rounds``.
+min_new_tokens, greedy); one untimed warm-up, then the four variants in a rotated order each
+round (whichever runs first in a round is measurably slower here), best of ``--rounds``.
+End-to-end differences on this shared 2-core machine swing by ±5%, more than the edit costs, so
+the script also times the edit itself (``interventions.editor``, what the hook runs) on a
+decoding step's activation [batch, 1, d] and reports it against a plain decoding step.
 Needs `make run` (the prepared model and the demo's SAE).
 
     python bench/interventions.py [--layer 12] [--batch 16] [--new-tokens 64] [--rounds 3]
@@ -49,8 +53,13 @@ def main() -> None:
     }
     seconds = {name: [] for name in variants}
     outputs = {}
-    for _ in range(args.rounds):
-        for name, edit in variants.items():
+    names = list(variants)
+    with torch.inference_mode():   # warm-up: allocator and caches
+        model.generate(**enc, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
+                       pad_token_id=tokenizer.pad_token_id)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            edit = variants[name]
             context = (contextlib.nullcontext() if edit is None
                        else interventions.intervene(model, sae, args.layer, "resid_post", edit))
             with context, torch.inference_mode():
@@ -69,6 +78,22 @@ def main() -> None:
         print(f"{name:45s} {best:7.2f} s  {n_tokens / best:7.1f} tok/s  overhead {100 * (best / plain - 1):+6.2f}%")
     same = torch.equal(outputs["plain generate"], outputs["no-op splice (SAE encode, nothing changed)"])
     print(f"no-op splice output identical to plain: {same}")
+    step_ms = 1000 * plain / args.new_tokens   # one decoding step of the whole batch (prefill included)
+    x = torch.randn(args.batch, 1, model.config.hidden_size)
+    print(f"the edit alone on one decoding step [{args.batch}, 1, {model.config.hidden_size}] "
+          f"vs a plain step ({step_ms:.1f} ms):")
+    for name, edit in variants.items():
+        if edit is None:
+            continue
+        apply = interventions.editor(sae, edit, "cpu")
+        with torch.inference_mode():
+            for _ in range(20):
+                apply(x)
+            start = time.perf_counter()
+            for _ in range(500):
+                apply(x)
+            per_call = (time.perf_counter() - start) / 500
+        print(f"{name:45s} {1e6 * per_call:7.1f} us per step  edit_overhead={100 * per_call * 1000 / step_ms:.2f}%")
 
 
 if __name__ == "__main__":

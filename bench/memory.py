@@ -1,7 +1,7 @@
-"""Peak memory of extraction and SAE training as the data grows: 1x and 4x the demo's D0.
+"""Peak memory of extraction and SAE training as the data grows: 1x and 4x the demo's D0 (or --scales).
 
-The 4x table repeats D0's samples four times (new sample ids, same splits), so the token count
-grows 4x with everything else equal. Each step runs as its own `sae-diff` process under
+An Nx table repeats D0's samples four times (new sample ids, same splits), so the token count
+grows Nx with everything else equal. Each step runs as its own `sae-diff` process under
 /usr/bin/time; the script prints peak RSS (MB) and wall seconds side by side. Extraction writes
 shards of `activations.shard_tokens` tokens and training streams them through a bounded shuffle
 buffer, so both peaks should stay flat. Needs `make run` (the demo's M0 and D0).
@@ -42,14 +42,20 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="data sizes, in copies of D0")
+    parser.add_argument("--shuffle-buffer", type=int, default=None,
+                        help="training shuffle buffer in tokens (default: the demo's); the training peak "
+                             "grows until the data fills it")
     args = parser.parse_args()
     results = Path(args.results)
     raw = pd.read_parquet(results / "data" / "D0" / "raw.parquet")
     cfg = cfglib.load(ROOT / "config" / "config.yaml")
+    if args.shuffle_buffer is not None:
+        cfg["training"]["shuffle_buffer"] = args.shuffle_buffer
     work = Path(tempfile.mkdtemp(prefix="sae-diff-memory-"))
     rows = []
     try:
-        for scale in (1, 4):
+        for scale in args.scales:
             table = pd.concat([raw.assign(sample_id=raw["sample_id"] + i * len(raw)) for i in range(scale)],
                               ignore_index=True)
             samples = work / f"raw_{scale}x.parquet"
@@ -77,8 +83,9 @@ def main() -> None:
     print(f"{'data':>5} {'tokens':>8} {'extract peak RSS':>17} {'wall':>7} {'train peak RSS':>15} {'wall':>7}")
     for scale, tokens, rss_x, wall_x, rss_t, wall_t in rows:
         print(f"{scale:>4}x {tokens:>8} {rss_x:>14.0f} MB {wall_x:>6.1f}s {rss_t:>12.0f} MB {wall_t:>6.1f}s")
-    (one, four) = rows
-    print(f"extract_rss_4x_over_1x={four[2] / one[2]:.3f} train_rss_4x_over_1x={four[4] / one[4]:.3f}")
+    first, last = rows[0], rows[-1]
+    ratio = f"{last[0]}x_over_{first[0]}x"
+    print(f"extract_rss_{ratio}={last[2] / first[2]:.3f} train_rss_{ratio}={last[4] / first[4]:.3f}")
 
 
 if __name__ == "__main__":

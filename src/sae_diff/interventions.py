@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,18 +105,35 @@ def _replace_first(output, value):
     return value
 
 
+def editor(sae: SAE, edit: Edit, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The edit as a function of one activation tensor [..., d] (what the hook applies)."""
+    sae = sae.to(device)
+    dtype = sae.W_dec.dtype   # the edit is computed in the SAE's precision, added in the model's
+    idx = torch.tensor(edit.features, dtype=torch.long, device=device)
+    rows = sae.W_dec.detach()[idx]                               # [n_features, d]
+    values = torch.tensor(edit.values, dtype=dtype, device=device)
+    steer = values @ rows if edit.kind == "steer" else None       # one constant vector
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if edit.kind == "steer":
+            return x + steer.to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        if edit.kind == "noop":
+            sae.encode(flat)   # the SAE runs (the splice's cost); its exact-zero correction is skipped
+            return x
+        acts = feature_acts(sae, flat, idx)
+        target = torch.zeros_like(acts) if edit.kind == "ablate" else values.expand_as(acts)
+        return x + ((target - acts) @ rows).reshape(x.shape).to(x.dtype)
+
+    return apply
+
+
 @contextlib.contextmanager
 def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
     """Apply ``edit`` at (layer, hook) on every forward of ``model`` inside the block."""
     from . import models
 
-    param = next(model.parameters())
-    sae = sae.to(param.device)
-    idx = torch.tensor(edit.features, dtype=torch.long, device=param.device)
-    dtype = sae.W_dec.dtype   # the edit is computed in the SAE's precision, added in the model's
-    rows = sae.W_dec.detach()[idx]                               # [n_features, d]
-    values = torch.tensor(edit.values, dtype=dtype, device=param.device)
-    steer = values @ rows if edit.kind == "steer" else None       # one constant vector
+    apply = editor(sae, edit, next(model.parameters()).device)
     state = {"prefill": False}
 
     def note_prefill(_module, _args, kwargs):
@@ -123,20 +141,11 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
         state["prefill"] = cache is None or cache.get_seq_length() == 0
 
     def edit_output(_module, _inputs, output):
-        x = _first(output)
         if edit.positions == "generated" and state["prefill"]:
             return output
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        if edit.kind == "noop":
-            sae.encode(flat)   # the SAE runs (the splice's cost), and the exact-zero correction is skipped
-            return output
-        if edit.kind == "steer":
-            correction = steer.expand_as(flat)
-        else:
-            acts = feature_acts(sae, flat, idx)
-            target = torch.zeros_like(acts) if edit.kind == "ablate" else values.expand_as(acts)
-            correction = (target - acts) @ rows
-        return _replace_first(output, x + correction.reshape(x.shape).to(x.dtype))
+        x = _first(output)
+        edited = apply(x)
+        return output if edited is x else _replace_first(output, edited)
 
     handles = [models.hook_module(model, layer, hook).register_forward_hook(edit_output)]
     if edit.positions == "generated":

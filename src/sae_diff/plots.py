@@ -539,6 +539,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         axes[1].axhline(block["max_perplexity_ratio"], color="black", ls="--", lw=0.8, label="coherence limit")
         axes[1].legend(frameon=False, fontsize=8)
     axes[2].set_ylabel("repeated word 3-grams (share)")
+    top = max([r["repetition"] for r in rows] + [0.0])
+    axes[2].set_ylim(0, max(0.05, 1.1 * top))
     axes[0].set_title(metric)
     axes[1].set_title("coherence: perplexity")
     axes[2].set_title("coherence: repetition")

@@ -171,6 +171,23 @@ def figure_targets():
     return out
 
 
+def intervention_run(w):
+    """The configured run behind these wildcards (its generating model)."""
+    for run in INTERVENTION_RUNS:
+        if (run.experiment, run.cell.name, str(run.layer), run.sae, run.metric) == (
+                w.experiment, w.cell, w.layer, w.sae, w.metric):
+            return run
+    raise ValueError(f"no configured intervention {w.experiment} {w.cell} layer{w.layer} {w.sae} {w.metric}")
+
+
+def intervention_spec(w):
+    run = intervention_run(w)
+    path, wheres = cfglib.intervention_prompts(config)
+    return spec(interventions=config["interventions"], scorers=config["scorers"], prompts=path, wheres=wheres,
+                direction=cfglib.metric_direction(config, run.metric), metrics=METRIC_NAMES,
+                hook_point=config["saes"][run.sae].get("hook_point", "resid_post"), device=config["device"])
+
+
 def summary_inputs(wildcards):
     files = {
         "models": [f"results/models/{m}" for m in MODELS],

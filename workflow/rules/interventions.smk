@@ -2,23 +2,6 @@
 # steered into the base model during generation, against no-op, random and sign-flipped controls.
 
 
-def intervention_run(w):
-    """The configured run behind these wildcards (its generating model)."""
-    for run in INTERVENTION_RUNS:
-        if (run.experiment, run.cell.name, str(run.layer), run.sae, run.metric) == (
-                w.experiment, w.cell, w.layer, w.sae, w.metric):
-            return run
-    raise ValueError(f"no configured intervention {w.experiment} {w.cell} layer{w.layer} {w.sae} {w.metric}")
-
-
-def intervention_spec(w):
-    run = intervention_run(w)
-    path, wheres = cfglib.intervention_prompts(config)
-    return spec(interventions=config["interventions"], scorers=config["scorers"], prompts=path, wheres=wheres,
-                direction=cfglib.metric_direction(config, run.metric), metrics=METRIC_NAMES,
-                hook_point=config["saes"][run.sae].get("hook_point", "resid_post"), device=config["device"])
-
-
 rule intervene:
     input:
         model=lambda w: f"results/models/{intervention_run(w).model}",
