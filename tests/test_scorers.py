@@ -128,3 +128,9 @@ def test_registry_names_match_schema():
 
     names = load_schema()["$defs"]["scorer"]["properties"]["name"]["enum"]
     assert sorted(names) == sorted(scorers.REGISTRY)
+
+
+def test_metric_columns_are_the_scorers_then_the_tables_own_each_once():
+    specs = [{"name": "length"}, {"name": "command", "metrics": ["plddt"]}]
+    data = {"D0": {"metric_columns": ["activity", "n_chars"]}, "D1": {"metric_columns": ["activity"]}, "D2": {}}
+    assert scorers.metric_columns(specs, data) == ["n_chars", "n_words", "plddt", "activity"]

@@ -110,8 +110,7 @@ def cmd_iterations(args) -> None:
 
     spec = _spec(args)
     tables = {Path(path).parent.name: pd.read_parquet(path) for path in args.samples}
-    metrics = scorers.metric_names(spec["scorers"])
-    metrics += [c for d in spec["data"].values() for c in d.get("metric_columns", []) if c not in metrics]
+    metrics = scorers.metric_columns(spec["scorers"], spec["data"])
     target = (spec.get("iterations") or {}).get("target")
     result = iterations.summarize(tables, metrics, target, seed=spec["seed"])
     io.write_json(args.out, result)

@@ -41,6 +41,13 @@ def metric_names(scorers: list[dict]) -> list[str]:
     return names
 
 
+def metric_columns(scorers: list[dict], data: dict) -> list[str]:
+    """Every metric column the samples carry: the scorers' and then the user's tables' own
+    (``data.<id>.metric_columns``), each once."""
+    names = metric_names(scorers)
+    return names + list(dict.fromkeys(c for d in data.values() for c in d.get("metric_columns", []) if c not in names))
+
+
 # --------------------------------------------------------------------------- text
 
 # Pronouns and unambiguously gendered nouns. French possessives (son, sa) agree with the

@@ -29,9 +29,7 @@ SAES = list(config["saes"])
 TRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "train"]
 PRETRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "pretrained"]
 PROBE_METRICS = cfglib.probe_metrics(config)
-# every metric column the samples carry: the scorers' and the user's own tables'
-METRIC_NAMES = scorerlib.metric_names(config["scorers"]) + [
-    c for d in config["data"].values() for c in d.get("metric_columns", []) if c not in scorerlib.metric_names(config["scorers"])]
+METRIC_NAMES = scorerlib.metric_columns(config["scorers"], config["data"])
 
 
 wildcard_constraints:
