@@ -264,10 +264,16 @@ def cmd_intervene(args) -> None:
                          f"{spec['wheres']}; need at least 2 (one to pick alpha, one to report)")
     probe_json = json.loads(Path(args.probe).read_text())
     probe_table = Path(args.probe).with_suffix(".parquet")
-    if not probe_table.exists():
-        raise DataError(f"{args.probe}: the probe was skipped ({probe_json.get('skipped', 'no table')}); "
-                         "nothing to intervene on")
     out = Path(args.out_dir)
+    if not probe_table.exists():   # too few labelled samples: nothing was picked; every output says so
+        reason = f"the probe {args.probe} was skipped: {probe_json.get('skipped', 'no table')}"
+        log.warning("%s %s layer %d: %s", args.experiment, args.cell, args.layer, reason)
+        io.write_parquet(pd.DataFrame(), out / "generations.parquet")
+        io.write_parquet(pd.DataFrame(), out / "scores.parquet")
+        io.write_json(out / "effects.json", {"experiment": args.experiment, "cell": args.cell, "layer": args.layer,
+                                             "sae": args.sae, "metric": args.metric, "model": args.model,
+                                             "skipped": reason})
+        return
     work = out.parent / f".{out.name}.work"
     generations, scores, result = interventions.run(
         args.experiment, Path(args.model_dir), Path(args.base_dir), Path(args.sae_dir), args.layer,
