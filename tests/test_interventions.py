@@ -56,7 +56,7 @@ def test_noop_splice_reproduces_greedy_generation_token_for_token(tiny):
     model, tokenizer = tiny
     sae = _sae(model.config.hidden_size)
     plain = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
-    for positions in ("all", "generated"):
+    for positions in iv.POSITIONS:
         with iv.intervene(model, sae, 1, "resid_post", iv.Edit("noop", positions=positions)):
             spliced = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
         assert spliced["completion_ids"].tolist() == plain["completion_ids"].tolist()
@@ -182,6 +182,31 @@ def test_generated_only_leaves_the_prompt_alone(tiny):
     # the unedited prefill gives the same first token, so step 1's input matches the plain run's
     # and its output is exactly the plain one plus the steering vector
     torch.testing.assert_close(edited[1], plain[1] + 30.0 * sae.W_dec[0].detach(), rtol=0, atol=1e-5)
+
+
+def test_prompt_only_edits_the_prefill_alone(tiny):
+    """positions=prompt: at the same forward, the hook point's output before and after the edit
+    differ by exactly the steering vector in the prefill and not at all in the decoding steps."""
+    from sae_diff import data
+
+    model, tokenizer = tiny
+    sae = _sae(model.config.hidden_size)
+    site = models.hook_module(model, 1, "resid_post")
+    before, after = [], []
+    # forward hooks run in registration order: raw output, then the edit, then the edited output
+    first = site.register_forward_hook(lambda _m, _i, out: before.append(iv._first(out).detach().clone()))
+    try:
+        with iv.intervene(model, sae, 1, "resid_post", iv.Edit("steer", (0,), (30.0,), positions="prompt")):
+            last = site.register_forward_hook(lambda _m, _i, out: after.append(iv._first(out).detach().clone()))
+            data.generate(model, tokenizer, _prompts(2), dict(GREEDY, max_new_tokens=3), progress=False)
+            last.remove()
+    finally:
+        first.remove()
+    assert len(before) == len(after) == 3 and before[0].shape[1] > 1 and before[1].shape[1] == 1
+    steer = (30.0 * sae.W_dec[0].detach()).expand_as(before[0])
+    torch.testing.assert_close(after[0] - before[0], steer, rtol=0, atol=1e-5)
+    for raw, edited in zip(before[1:], after[1:]):
+        assert torch.equal(raw, edited)
 
 
 def test_select_features_follows_path_order_and_sign():

@@ -41,6 +41,7 @@ from .stats import bootstrap_mean, bootstrap_shift
 log = logging.getLogger(__name__)
 
 EDIT_KINDS = ("noop", "ablate", "steer", "clamp")
+POSITIONS = ("all", "generated", "prompt")
 # experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
 # fine-tuned model and steers the base model
 EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
@@ -56,7 +57,9 @@ class Edit:
 
     ``values``: per feature, the steering coefficient c_j (steer) or the clamped activation
     v_j (clamp); unused by ablate and noop. ``positions``: ``all`` (prompt and every generated
-    token) or ``generated`` (new tokens only; the prompt's prefill is left alone).
+    token), ``generated`` (new tokens only; the prompt's prefill is left alone) or ``prompt``
+    (the prefill only: what the model reads before it writes, whose cached keys and values
+    carry the edit into every later token).
     """
 
     kind: str
@@ -67,8 +70,8 @@ class Edit:
     def __post_init__(self):
         if self.kind not in EDIT_KINDS:
             raise ValueError(f"edit kind {self.kind!r}: expected one of {EDIT_KINDS}")
-        if self.positions not in ("all", "generated"):
-            raise ValueError(f"edit positions {self.positions!r}: expected 'all' or 'generated'")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"edit positions {self.positions!r}: expected one of {POSITIONS}")
         if self.kind in ("steer", "clamp") and len(self.values) != len(self.features):
             raise ValueError(f"{self.kind}: {len(self.features)} features but {len(self.values)} values")
 
@@ -141,14 +144,14 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
         state["prefill"] = cache is None or cache.get_seq_length() == 0
 
     def edit_output(_module, _inputs, output):
-        if edit.positions == "generated" and state["prefill"]:
+        if (edit.positions == "generated" and state["prefill"]) or (edit.positions == "prompt" and not state["prefill"]):
             return output
         x = _first(output)
         edited = apply(x)
         return output if edited is x else _replace_first(output, edited)
 
     handles = [models.hook_module(model, layer, hook).register_forward_hook(edit_output)]
-    if edit.positions == "generated":
+    if edit.positions != "all":
         handles.append(model.register_forward_pre_hook(note_prefill, with_kwargs=True))
     try:
         with torch.no_grad():
