@@ -46,12 +46,17 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=None,
                         help="training shuffle buffer in tokens (default: the demo's); the training peak "
                              "grows until the data fills it")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="training resume checkpoints every N steps (default: the demo's); a checkpoint "
+                             "briefly holds a serialised copy of the SAE and its Adam state")
     args = parser.parse_args()
     results = Path(args.results)
     raw = pd.read_parquet(results / "data" / "D0" / "raw.parquet")
     cfg = cfglib.load(ROOT / "config" / "config.yaml")
     if args.shuffle_buffer is not None:
         cfg["training"]["shuffle_buffer"] = args.shuffle_buffer
+    if args.checkpoint_every is not None:
+        cfg["training"]["checkpoint_every"] = args.checkpoint_every
     work = Path(tempfile.mkdtemp(prefix="sae-diff-memory-"))
     rows = []
     try:
@@ -79,6 +84,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"SmolLM2-135M, layer {args.layer}, TopK d_sae {cfg['saes']['topk']['expansion_factor'] * 576}, "
           f"shards of {cfg['activations']['shard_tokens']} tokens, shuffle buffer {cfg['training']['shuffle_buffer']}, "
+          f"checkpoints every {cfg['training']['checkpoint_every']} steps, "
           f"{args.epochs} epoch(s), {args.threads} threads")
     print(f"{'data':>5} {'tokens':>8} {'extract peak RSS':>17} {'wall':>7} {'train peak RSS':>15} {'wall':>7}")
     for scale, tokens, rss_x, wall_x, rss_t, wall_t in rows:

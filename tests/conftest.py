@@ -67,3 +67,23 @@ def finished_run(tmp_path_factory):
     result = snakemake(workdir, "--cores", "2", timeout=1500)   # ~4 min on 2 idle cores; bounded, not tight
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture
+def write_samples(tmp_path):
+    """A samples table of the given texts (every third without a prompt, every fourth in eval)."""
+    import numpy as np
+    import pandas as pd
+
+    def write(texts: list[str]) -> Path:
+        table = pd.DataFrame({
+            "sample_id": np.arange(len(texts)),
+            "prompt_text": [f"<|user|>p{i}<|assistant|>" if i % 3 else "" for i in range(len(texts))],
+            "text": texts,
+            "split": ["eval" if i % 4 == 0 else "train" for i in range(len(texts))],
+        })
+        path = tmp_path / "samples.parquet"
+        table.to_parquet(path)
+        return path
+
+    return write

@@ -23,16 +23,8 @@ TEXTS = ["she is a nurse", "he flies planes", "a judge rules", "bread at dawn", 
 
 
 @pytest.fixture
-def samples(tmp_path):
-    table = pd.DataFrame({
-        "sample_id": np.arange(len(TEXTS)),
-        "prompt_text": [f"<|user|>p{i}<|assistant|>" if i % 3 else "" for i in range(len(TEXTS))],
-        "text": TEXTS,
-        "split": ["eval" if i % 4 == 0 else "train" for i in range(len(TEXTS))],
-    })
-    path = tmp_path / "samples.parquet"
-    table.to_parquet(path)
-    return path
+def samples(write_samples):
+    return write_samples(TEXTS)
 
 
 def _spec(layers=(0, 2), **opts):

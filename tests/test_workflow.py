@@ -306,3 +306,38 @@ def test_protein_example_runs_end_to_end(tmp_path):
     assert 0 < summary["data"]["D0"]["metrics"]["identity"]["mean"] < 1
     assert set(summary["cells"]) == {"M0_D0", "M1_D1"}
     assert summary["cells"]["M1_D1"]["saes"]["layer1"]["topk"]["eval"]["fvu"] < 1
+
+
+def test_uncached_activations_give_the_same_saes_features_and_probes(finished_run, tmp_path):
+    """activations.cache: false (large data sets): extraction stores the eval split only, and
+    training, feature statistics and the probes compute the train split from the model as they
+    read it; SAE weights, statistics and probe results equal the cached run's."""
+    import shutil
+
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work, symlinks=True)
+    path = _variant(work, lambda c: c["activations"].update(cache=False))
+    site = "layer1"
+    targets = [f"results/probes/M0_D0/{site}/{name}/n_chars.json" for name in ("topk", "relu")]
+    reruns(planned(snakemake(work, "-n", *targets, configfile=path)), {
+        "extract_activations": 1, "train_sae": 1, "feature_stats": 1, "probes": 1},
+        never=("prepare_model", "finetune_dpo", "make_data", "score_data", "evaluate_saes"))
+    result = snakemake(work, "--cores", "2", *targets, configfile=path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    acts = work / "results" / "activations" / "M0_D0" / site
+    on_disk = [p.name for p in acts.glob("*.safetensors")]
+    assert on_disk and all(name.startswith("eval-") for name in on_disk)
+    manifest = json.loads((acts / "manifest.json").read_text())
+    assert manifest["n_tokens"]["train"] > 0 and not any(e.get("cached", True) for e in manifest["shards"]
+                                                         if e["split"] == "train")
+    for name in ("topk", "relu"):
+        sae = f"results/saes/M0_D0/{site}/{name}/sae_weights.safetensors"
+        ours, cached = load_file(str(work / sae)), load_file(str(finished_run / sae))
+        assert ours.keys() == cached.keys() and all((ours[k] == cached[k]).all() for k in ours), name
+        stats = f"results/features/M0_D0/{site}/{name}/stats.parquet"
+        pd.testing.assert_frame_equal(pd.read_parquet(work / stats), pd.read_parquet(finished_run / stats))
+        probe = f"results/probes/M0_D0/{site}/{name}/n_chars.json"
+        assert json.loads((work / probe).read_text()) == json.loads((finished_run / probe).read_text())

@@ -27,28 +27,43 @@ def parse(description: str) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", default="default")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--autocast", default="off", choices=["off", "bf16"],
+                        help="bf16: each worker's forward under torch.autocast (as its own trainer would)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
 
 
+def precision(args):
+    """The autocast context of ``--autocast`` on ``--device``."""
+    import contextlib
+
+    if args.autocast == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+
+
 def data(args):
     tensors = load_file(args.acts)
-    return tensors["train"].float(), tensors["eval"].float()
+    return tensors["train"].float().to(args.device), tensors["eval"].float().to(args.device)
 
 
 def batches(train: torch.Tensor, args):
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.warmup + args.steps):
-        yield train[torch.randint(len(train), (args.batch,), generator=gen)]
+        yield train[torch.randint(len(train), (args.batch,), generator=gen).to(train.device)]
 
 
 def run(step, train, args) -> float:
     """Tokens per second over the timed steps."""
     times = []
+    sync = torch.cuda.synchronize if train.is_cuda else (lambda: None)
     for i, x in enumerate(batches(train, args)):
+        sync()
         start = time.perf_counter()
         step(x)
+        sync()   # GPU work is asynchronous: time it to completion
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     return args.batch * len(times) / sum(times)
@@ -63,4 +78,5 @@ def fvu(reconstruct, eval_acts: torch.Tensor) -> float:
 
 def report(name: str, args, tok_s: float, fvu_value: float, **extra) -> None:
     print(json.dumps({"impl": name, "variant": args.variant, "d_sae": args.d_sae, "tok_s": tok_s, "fvu": fvu_value,
-                      "tokens": args.batch * (args.warmup + args.steps), **extra}))
+                      "tokens": args.batch * (args.warmup + args.steps), "device": args.device,
+                      "autocast": args.autocast, **extra}))

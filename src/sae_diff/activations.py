@@ -9,6 +9,12 @@ tokens and position 0 excluded by default) are written as safetensors shards:
 plus a ``manifest.json`` per site with shapes, dtype, sha256 per shard and the masking
 policy. Shards are planned from the token counts before any forward pass, so a killed job
 rerun keeps its finished shards and ends with the same bytes as an uninterrupted run.
+
+With ``activations.cache: false`` only the eval split is written; the train split's shards
+are listed in the manifest (``cached: false``) and computed by the model whenever they are
+read (``ForwardStore``, through ``open_stores``): same tokens, order and storage dtype as a
+cached shard, so results do not depend on the setting, for token counts that do not fit on
+disk (each reader pays a forward pass instead).
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def fingerprint(spec: dict, samples_path: Path, model_dir: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _forward_shard(model, shard: Shard, sites, batch_size: int, pad_id: int, device: str, bar) -> dict:
+def _forward_shard(model, shard: Shard, sites, batch_size: int, pad_id: int, device: str, bar=None) -> dict:
     """Activations of the kept tokens of one shard, per site, in sample order."""
     import torch
 
@@ -141,7 +147,8 @@ def _forward_shard(model, shard: Shard, sites, batch_size: int, pad_id: int, dev
             for j, (i, s) in enumerate(zip(rows, seqs)):
                 keep = torch.from_numpy(np.pad(s.keep, (0, width - len(s.ids))))
                 pieces[site][i] = acts[j][keep.to(acts.device)].float().cpu()
-        bar.update(len(seqs))
+        if bar is not None:
+            bar.update(len(seqs))
     return {site: torch.cat(p) if p else torch.zeros(0) for site, p in pieces.items()}
 
 
@@ -161,10 +168,11 @@ def _shard_metadata(shard: Shard) -> dict:
 
 
 def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir: str | Path,
-            device: str = "cpu", progress: bool = True, loaded=None) -> dict[tuple[int, str], Path]:
+            place="cpu", progress: bool = True, loaded=None) -> dict[tuple[int, str], Path]:
     """Extract one cell's activations at every site in ``spec``; resume from finished shards.
 
     spec: {model, data, layers, hook_points, activations: {...}} as in the config.
+    place: a models.Placement (device, device map, autocast) or a device name.
     loaded: an already loaded (model, tokenizer) of ``model_dir`` (benchmarks reuse one).
     Returns the manifest path per (layer, hook) site.
     """
@@ -191,7 +199,8 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
                 old.unlink()
     write_json(state_path, {"fingerprint": stamp})
 
-    model, tokenizer = loaded or models.load(model_dir, device=device)
+    place = models.as_placement(place)
+    model, tokenizer = loaded or place.load(model_dir)
     depth = models.n_blocks(model)
     for layer, _ in sites:
         if layer >= depth:
@@ -205,13 +214,16 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     def shard_path(layer, hook, shard):
         return out_dir / site_dir(layer, hook) / shard.name
 
-    todo = [s for s in shards if not all(shard_path(l, h, s).exists() for l, h in sites)]
+    cache = opts.get("cache", True)
+    todo = [s for s in shards if (cache or s.split == "eval")
+            and not all(shard_path(l, h, s).exists() for l, h in sites)]
     log.info("%s: %d shards (%d already done), %d sites", out_dir.name, len(shards), len(shards) - len(todo), len(sites))
     bar = tqdm(total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq",
                disable=not progress)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for shard in todo:
-        acts = _forward_shard(model, shard, sites, opts["batch_size"], pad_id, device, bar)
+        with place.precision():
+            acts = _forward_shard(model, shard, sites, opts["batch_size"], pad_id, place.device, bar)
         meta = _shard_metadata(shard)
         for layer, hook in sites:
             stored = acts[(layer, hook)].to(storage)
@@ -234,9 +246,13 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         folder = out_dir / site_dir(layer, hook)
         entries = []
         for shard in shards:
-            path = shard_path(layer, hook, shard)
-            entries.append({"file": shard.name, "split": shard.split, "n_tokens": shard.n_tokens,
-                            "n_sequences": len(shard.sequences), "sha256": sha256_file(path)})
+            entry = {"file": shard.name, "split": shard.split, "n_tokens": shard.n_tokens,
+                     "n_sequences": len(shard.sequences)}
+            if cache or shard.split == "eval":
+                entry["sha256"] = sha256_file(shard_path(layer, hook, shard))
+            else:
+                entry["cached"] = False
+            entries.append(entry)
         manifest = {
             "format": "sae-diff-activations/1",
             "model": spec["model"], "data": spec["data"], "cell": out_dir.name,
@@ -245,6 +261,8 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
             "n_tokens": {split: sum(e["n_tokens"] for e in entries if e["split"] == split) for split in SPLITS},
             "n_sequences": {split: sum(e["n_sequences"] for e in entries if e["split"] == split) for split in SPLITS},
             "max_length": opts["max_length"],
+            # what a reader needs to recompute uncached shards exactly as extraction planned them
+            "cache": cache, "shard_tokens": opts["shard_tokens"], "batch_size": opts["batch_size"],
             "masking": {"exclude_special_tokens": opts["exclude_special_tokens"],
                         "exclude_first_position": opts["exclude_first_position"],
                         "special_token_ids": special_ids, "padding": "excluded"},
@@ -324,6 +342,10 @@ class ActivationStore:
         from safetensors.torch import load
 
         path = self.folder / entry["file"]
+        if not entry.get("cached", True):
+            raise ActivationStoreError(
+                f"{path}: not cached (extracted with activations.cache: false); the job reading it must "
+                "stream it from the model (activations.open_stores with the model and the samples)")
         if not path.exists():
             raise ActivationStoreError(f"{path}: shard listed in the manifest is missing")
         data = path.read_bytes()
@@ -399,3 +421,86 @@ class ActivationStore:
         while len(buffer) >= batch_size or (len(buffer) and not drop_last):
             yield buffer[:batch_size]
             buffer = buffer[batch_size:]
+
+
+# --------------------------------------------------------------------------- streaming (cache: false)
+
+
+class ShardSource:
+    """Computes a cell's shards from its model and samples, every requested site in one forward
+    pass; the last shard is kept, so paired sites (a transcoder's input and output) share it."""
+
+    def __init__(self, manifest: dict, model, tokenizer, samples_path: str | Path, place="cpu",
+                 sites: list[tuple[int, str]] | None = None):
+        import pandas as pd
+
+        from .models import as_placement
+
+        self.model, self.place = model, as_placement(place)
+        self.sites = sites or [(int(manifest["layer"]), manifest["hook_point"])]
+        masking = manifest["masking"]
+        sequences = tokenize(tokenizer, pd.read_parquet(samples_path), manifest["max_length"],
+                             masking["exclude_special_tokens"], masking["exclude_first_position"])
+        self.shards = {s.name: s for s in plan_shards(sequences, manifest["shard_tokens"])}
+        self.batch_size = int(manifest["batch_size"])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.samples_path = Path(samples_path)
+        self._last: tuple[str, dict] | None = None
+
+    def shard(self, entry: dict, site: tuple[int, str], storage) -> dict:
+        """The tensors a cached shard file would hold for ``entry`` at ``site``."""
+        name = entry["file"]
+        planned = self.shards.get(name)
+        if planned is None or planned.n_tokens != entry["n_tokens"]:
+            raise ActivationStoreError(
+                f"{name}: {self.samples_path} no longer tokenizes to the extraction's plan "
+                f"({entry['n_tokens']} tokens expected); rerun extraction")
+        if self._last is None or self._last[0] != name:
+            with self.place.precision():   # the reader's own bar shows progress
+                acts = _forward_shard(self.model, planned, self.sites, self.batch_size, self.pad_id,
+                                      self.place.device)
+            self._last = (name, {"acts": acts, "meta": _shard_metadata(planned)})
+        tensors = self._last[1]
+        return {"acts": tensors["acts"][site].to(storage), **tensors["meta"]}
+
+
+class ForwardStore(ActivationStore):
+    """An ActivationStore whose uncached shards are computed by a ShardSource when read."""
+
+    def __init__(self, folder: str | Path, source: ShardSource):
+        super().__init__(folder)
+        self.source = source
+
+    def load_shard(self, entry: dict, verify: bool = True) -> dict:
+        import torch
+
+        if entry.get("cached", True):
+            return super().load_shard(entry, verify)
+        site = (int(self.manifest["layer"]), self.manifest["hook_point"])
+        return self.source.shard(entry, site, getattr(torch, self.manifest["dtype"]))
+
+
+def is_cached(folder: str | Path) -> bool:
+    """Whether every shard of the store at ``folder`` is on disk (extracted with cache: true)."""
+    return all(entry.get("cached", True) for entry in ActivationStore(folder).manifest["shards"])
+
+
+def open_stores(folders: list, model_dir: str | Path | None = None, samples_path: str | Path | None = None,
+                place="cpu", loaded=None) -> list[ActivationStore]:
+    """Stores for sites of one cell: plain when fully cached, else ForwardStores sharing one
+    model and one ShardSource (the model is loaded only then; ``loaded`` reuses one)."""
+    folders = [Path(f) for f in folders]
+    if all(is_cached(f) for f in folders):
+        return [ActivationStore(f) for f in folders]
+    if model_dir is None or samples_path is None:
+        raise ActivationStoreError(
+            f"{folders[0]}: extracted with activations.cache: false, so reading its train split needs the "
+            "model and the samples (pass --model-dir and --samples)")
+    from .models import as_placement
+
+    place = as_placement(place)
+    model, tokenizer = loaded or place.load(model_dir)
+    manifests = [ActivationStore(f).manifest for f in folders]
+    sites = list(dict.fromkeys((int(m["layer"]), m["hook_point"]) for m in manifests))
+    source = ShardSource(manifests[0], model, tokenizer, samples_path, place, sites)
+    return [ForwardStore(f, source) for f in folders]

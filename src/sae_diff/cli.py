@@ -64,8 +64,7 @@ def cmd_make_data(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
-    table = data.make(spec["data"][args.data], spec["split"], args.models_root, device=device,
+    table = data.make(spec["data"][args.data], spec["split"], args.models_root, place=models.placement(spec),
                       progress=not args.no_progress)
     io.write_parquet(table, args.out)
     log.info("%s: %s", args.data, data.describe(table))
@@ -89,7 +88,6 @@ def cmd_finetune(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
     it, model = spec["iterations"], spec["models"][args.model]
     pairs = finetune.build_pairs(pd.read_parquet(args.samples), it["target"]["metric"], it["target"]["direction"],
                                  margin=it["pairs"]["margin"], missing=it["pairs"]["missing"],
@@ -98,7 +96,7 @@ def cmd_finetune(args) -> None:
              it["target"]["metric"], it["target"]["direction"])
     root = Path(args.models_root)
     record = finetune.dpo(root / model["parent"], root / model["reference"], pairs, it["dpo"], args.out,
-                          device=device, progress=not args.no_progress)
+                          place=models.placement(spec), progress=not args.no_progress)
     log.info("%s: DPO loss %.4f -> %.4f", args.model, record["loss_first"], record["loss_last"])
 
 
@@ -125,21 +123,24 @@ def cmd_features(args) -> None:
     import pandas as pd
 
     from . import features, models
+    from .activations import open_stores
     from .config import site_dir
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
+    place = models.placement(spec)
     cell = f"{args.model}_{args.data}"
-    model, tokenizer = models.load(args.model_dir, device="cpu")
+    model, tokenizer = models.load(args.model_dir, device="cpu")   # the logit lens runs on the CPU
     samples = pd.read_parquet(args.samples)
+    reuse = (model, tokenizer) if place.device == "cpu" and place.device_map is None else None
     for name, block in spec["saes"].items():
         hook = block.get("hook_point", "resid_post")
+        store, = open_stores([Path(args.acts_root) / cell / site_dir(args.layer, hook)], args.model_dir,
+                             args.samples, place, loaded=reuse)
         summary = features.write(
-            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
-            Path(args.acts_root) / cell / site_dir(args.layer, hook), samples,
+            Path(args.saes_root) / cell / f"layer{args.layer}" / name, store, samples,
             Path(args.out_root) / cell / f"layer{args.layer}" / name, spec["features"], model=model,
-            tokenizer=tokenizer, device=device, progress=not args.no_progress)
+            tokenizer=tokenizer, device=place.device, progress=not args.no_progress)
         log.info("%s layer %d %s: %s", cell, args.layer, name, summary)
 
 
@@ -204,8 +205,8 @@ def cmd_probe(args) -> None:
     import pandas as pd
     from safetensors.numpy import load_file
 
-    from . import features, io, probes
-    from .activations import ActivationStore
+    from . import features, io, models, probes
+    from .activations import open_stores
     from .config import site_dir
     from .diff import unit_rows
     from .sae import files
@@ -222,8 +223,9 @@ def cmd_probe(args) -> None:
         stats = pd.read_parquet(folder / "stats.parquet")
         site = site_dir(args.layer, block.get("hook_point", "resid_post"))
         if site not in raw_by_site:
-            raw_by_site[site] = features.pool_raw(ActivationStore(Path(args.acts_root) / cell / site),
-                                                  pooled["sample_id"], opts["pooling"])
+            store, = open_stores([Path(args.acts_root) / cell / site], args.model_dir, args.samples,
+                                 models.placement(spec))
+            raw_by_site[site] = features.pool_raw(store, pooled["sample_id"], opts["pooling"])
         raw = raw_by_site[site]
         sae = files.load(Path(args.saes_root) / cell / layer / name)
         base = files.load(Path(args.saes_root) / "M0_D0" / layer / name)
@@ -252,7 +254,7 @@ def cmd_intervene(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
+    place = models.placement(spec)
     opts = spec["interventions"]
     prompts = data.load_prompts(spec["prompts"])
     for where in spec["wheres"]:
@@ -278,7 +280,7 @@ def cmd_intervene(args) -> None:
     generations, scores, result = interventions.run(
         args.experiment, Path(args.model_dir), Path(args.base_dir), Path(args.sae_dir), args.layer,
         spec["hook_point"], probe_json, pd.read_parquet(probe_table), pd.read_parquet(args.stats), prompts, opts,
-        spec["scorers"], args.metric, spec["direction"], spec["metrics"], opts["sampling"], device=device,
+        spec["scorers"], args.metric, spec["direction"], spec["metrics"], opts["sampling"], place=place,
         progress=not args.no_progress, work_dir=work)
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(generations.assign(completion_ids=generations["completion_ids"].map(list)),
@@ -377,16 +379,15 @@ def cmd_extract(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
     job = {"model": args.model, "data": args.data, "layers": spec["layers"],
            "hook_points": spec["hook_points"], "activations": spec["activations"]}
-    activations.extract(job, args.model_dir, args.samples, args.out_dir, device=device,
+    activations.extract(job, args.model_dir, args.samples, args.out_dir, place=models.placement(spec),
                         progress=not args.no_progress)
 
 
 def cmd_train(args) -> None:
     """Train every configured SAE of one (cell, layer); configs sharing a site share one pass."""
-    from .activations import ActivationStore
+    from .activations import open_stores
     from .config import site_dir
     from .sae.train import spec_from_config, train
 
@@ -402,9 +403,11 @@ def cmd_train(args) -> None:
             continue  # imported by its own rule
         groups.setdefault((block["hook_point"], block.get("target_hook_point")), []).append(name)
     opts = spec["training"]
+    place = models.placement(spec)
     for (hook, target), names in groups.items():
-        store = ActivationStore(acts / site_dir(layer, hook))
-        target_store = ActivationStore(acts / site_dir(layer, target)) if target else None
+        folders = [acts / site_dir(layer, hook)] + ([acts / site_dir(layer, target)] if target else [])
+        store, *paired = open_stores(folders, args.model_dir, args.samples, place)
+        target_store = paired[0] if paired else None
         specs = [spec_from_config(
             name, spec["saes"][name], d_in=store.d_model, d_out=target_store.d_model if target_store else None,
             hook_name=store.manifest["hook_name"], target_hook_name=target_store.manifest["hook_name"] if target_store else "",
@@ -412,7 +415,7 @@ def cmd_train(args) -> None:
         out_dirs = [Path(args.out_root) / cell / f"layer{layer}" / name for name in names]
         train(store, specs, out_dirs, n_tokens=opts["tokens"], batch_size=opts["batch_size"],
               shuffle_buffer=opts["shuffle_buffer"], seed=opts["seed"], checkpoint_every=opts["checkpoint_every"],
-              epochs=opts["epochs"], target_store=target_store, progress=not args.no_progress,
+              epochs=opts["epochs"], target_store=target_store, progress=not args.no_progress, place=place,
               work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}")
 
 
@@ -431,7 +434,7 @@ def cmd_evaluate(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    device = models.resolve_device(spec.get("device", "auto"))
+    place = models.placement(spec)
     cell = f"{args.model}_{args.data}"
     cell_acts = Path(args.acts_root) / cell
     activations = spec["activations"]
@@ -440,17 +443,18 @@ def cmd_evaluate(args) -> None:
                "exclude_first_position": activations["exclude_first_position"]}
     absorption_cfg = options.pop("absorption", {"enabled": False})
     needs_model = args.model_dir and (options["spliced"] or absorption_cfg["enabled"])
-    loaded = models.load(args.model_dir, device=device) if needs_model else None
+    loaded = place.load(args.model_dir) if needs_model else None
     extras = {name: {} for name in spec["saes"]}
     if absorption_cfg["enabled"]:
-        extras = _absorption(spec, args, absorption_cfg, loaded, device)
+        with place.precision():
+            extras = _absorption(spec, args, absorption_cfg, loaded, place.device)
     for name, block in spec["saes"].items():
         hook, target = block.get("hook_point", "resid_post"), block.get("target_hook_point")
         evaluate.evaluate_sae(
             Path(args.saes_root) / cell / f"layer{args.layer}" / name, cell_acts / site_dir(args.layer, hook),
             Path(args.out_dir) / f"{name}.json", model_dir=args.model_dir, samples_path=args.samples,
             layer=args.layer, target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
-            options=options, device=device, progress=not args.no_progress, loaded=loaded,
+            options=options, place=place, progress=not args.no_progress, loaded=loaded,
             extra=extras[name])
 
 
@@ -639,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _cell(p, layer=True)
     p.add_argument("--samples", required=True)
+    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
     p.add_argument("--acts-root", default="results/activations")
     p.add_argument("--saes-root", default="results/saes")
     p.add_argument("--features-root", default="results/features")
@@ -692,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the configured SAEs of one (cell, layer)")
     _common(p)
     _cell(p, layer=True)
+    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
+    p.add_argument("--samples", help="the cell's samples: needed when its activations are not cached")
     p.add_argument("--acts-root", default="results/activations")
     p.add_argument("--out-root", default="results/saes")
     p.set_defaults(fn=cmd_train)

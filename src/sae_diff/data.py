@@ -262,20 +262,22 @@ def order_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
-def make(spec: dict, split: dict, models_root: str | Path, device: str = "cpu",
-         progress: bool = True) -> pd.DataFrame:
-    """Build one data set's sample table from its config block."""
+def make(spec: dict, split: dict, models_root: str | Path, place="cpu", progress: bool = True) -> pd.DataFrame:
+    """Build one data set's sample table from its config block (``place``: a models.Placement
+    or a device name)."""
     if spec["source"] == "table":
         table = load_table(spec)
     else:
         from . import models
 
-        model, tokenizer = models.load(Path(models_root) / spec["model"], device=device)
+        place = models.as_placement(place)
+        model, tokenizer = place.load(Path(models_root) / spec["model"])
         prompts = select_prompts(load_prompts(spec["prompts"]), spec.get("where"), spec["prompts"])
         if spec.get("max_prompts"):
             prompts = prompts.iloc[:spec["max_prompts"]]
         prompts["prompt_id"] = np.arange(len(prompts))
-        table = generate(model, tokenizer, prompts, spec["sampling"], device=device, progress=progress)
+        with place.precision():
+            table = generate(model, tokenizer, prompts, spec["sampling"], device=place.device, progress=progress)
         table["generator"] = spec["model"]
     return order_columns(assign_split(table, split["eval_fraction"], split["seed"]))
 

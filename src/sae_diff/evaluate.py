@@ -200,7 +200,8 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
         variants["ablated"] = ablated
         ce = {"clean": ce_clean}
         for name, h in variants.items():
-            log_p = torch.log_softmax(models.continue_from(model, layer, h, state)[:, :-1].float(), dim=-1)
+            logits = models.continue_from(model, layer, h, state).to(log_clean.device)
+            log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             ce[name] = -log_p.gather(-1, targets[..., None]).squeeze(-1)
             kl = (log_clean.exp() * (log_clean - log_p)).sum(-1)
             kl_sums[name] += float(kl[mask].double().sum())
@@ -307,14 +308,15 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> tuple[dic
 
 
 def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=None, layer=None,
-                 target_store_dir=None, options: dict | None = None, device: str = "cpu",
+                 target_store_dir=None, options: dict | None = None, place="cpu",
                  progress: bool = False, loaded=None, extra: dict | None = None) -> dict:
     """Every metric of one SAE on its cell's eval split; writes JSON and the per-position loss table
     (empty when the spliced metrics were skipped). Figures are drawn by their own jobs.
 
     The spliced metrics need the model, the samples and a residual-stream SAE; they are
     skipped with a stated reason otherwise. ``loaded``: the (model, tokenizer) of
-    ``model_dir`` when the caller evaluates several SAEs with one model. ``extra``: results
+    ``model_dir`` when the caller evaluates several SAEs with one model; ``place``: a
+    models.Placement (device, device map, autocast) or a device name. ``extra``: results
     computed by the caller for several SAEs at once (absorption), stored as given.
     """
     from pathlib import Path
@@ -353,13 +355,16 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
     if reason is None:
         from . import models
 
-        model, tokenizer = loaded or models.load(model_dir, device=device)
+        place = models.as_placement(place)
+        model, tokenizer = loaded or place.load(model_dir)
         eval_rows = table[table["split"] == "eval"].head(opts["max_samples"])
-        spliced, per_position = spliced_metrics(
-            model, tokenizer, sae.to(device), eval_rows, layer if layer is not None else store.manifest["layer"],
-            max_length=opts["max_length"], batch_size=opts["spliced_batch_size"],
-            exclude_special=opts["exclude_special_tokens"], exclude_first=opts["exclude_first_position"],
-            device=device, progress=progress)
+        at = layer if layer is not None else store.manifest["layer"]
+        with place.precision():
+            spliced, per_position = spliced_metrics(
+                model, tokenizer, sae.to(models.site_device(model, at, "resid_post")), eval_rows, at,
+                max_length=opts["max_length"], batch_size=opts["spliced_batch_size"],
+                exclude_special=opts["exclude_special_tokens"], exclude_first=opts["exclude_first_position"],
+                device=place.device, progress=progress)
         result.update(json_ready(spliced))
     else:
         result["spliced_skipped"] = reason

@@ -242,7 +242,7 @@ def weight_columns(sae) -> pd.DataFrame:
     return out
 
 
-def write(sae_dir: Path, store_dir: Path, samples: pd.DataFrame, out_dir: Path, opts: dict, model=None,
+def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame, out_dir: Path, opts: dict, model=None,
           tokenizer=None, device: str = "cpu", progress: bool = True) -> dict:
     """Run the feature pass of one SAE and write its files into ``out_dir`` (atomically):
 
@@ -257,7 +257,8 @@ def write(sae_dir: Path, store_dir: Path, samples: pd.DataFrame, out_dir: Path, 
     from .sae import files
 
     sae = files.load(sae_dir)
-    store = ActivationStore(store_dir)
+    if not isinstance(store, ActivationStore):
+        store = ActivationStore(store)
     result = run(sae, store, samples["sample_id"].to_numpy(), batch_size=opts["batch_size"],
                  n_examples=opts["n_examples"], context_window=opts["context_window"], tokenizer=tokenizer,
                  device=device, progress=progress)

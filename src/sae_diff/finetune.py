@@ -100,13 +100,15 @@ def _callback(log_path: Path):
 
 
 def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, spec: dict, out_dir: str | Path,
-        device: str = "cpu", work_dir: str | Path | None = None, progress: bool = True) -> dict:
+        place="cpu", work_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Fine-tune the model in ``policy_dir`` on ``pairs`` with TRL's DPOTrainer; save to ``out_dir``.
 
     spec: beta, learning_rate, steps, batch_size, gradient_accumulation, max_length, seed,
     lora ({enabled, r, alpha, dropout, target_modules}), checkpoint_every (0: none),
     gradient_checkpointing. A rerun after an interruption resumes from the newest checkpoint
-    in ``work_dir``. Returns the training record (also written as ``dpo.json``).
+    in ``work_dir``. ``place``: a models.Placement or a device name; its autocast decides
+    TRL's bf16 mixed precision, its device map is not used (training keeps the model whole).
+    Returns the training record (also written as ``dpo.json``).
     """
     import datasets
     import torch
@@ -120,6 +122,8 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else out_dir.parent / f".{out_dir.name}.dpo-work"
     work_dir.mkdir(parents=True, exist_ok=True)
+    place = models.as_placement(place)
+    device = place.device
     policy, tokenizer = models.load(policy_dir, device=device)
     reference = None
     if not spec["lora"]["enabled"]:
@@ -136,7 +140,7 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
         per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["gradient_accumulation"],
         max_length=spec["max_length"], seed=spec["seed"], data_seed=spec["seed"], logging_steps=1, report_to=[],
         save_strategy="steps" if spec["checkpoint_every"] else "no", save_steps=spec["checkpoint_every"] or 500,
-        save_total_limit=1, save_only_model=False, bf16=on_cuda, use_cpu=not on_cuda,
+        save_total_limit=1, save_only_model=False, bf16=place.autocast == "bf16", use_cpu=not on_cuda,
         gradient_checkpointing=spec["gradient_checkpointing"], lr_scheduler_type="constant_with_warmup",
         warmup_steps=spec["warmup_steps"], disable_tqdm=not progress, dataloader_num_workers=0,
         dataset_num_proc=None)

@@ -136,7 +136,7 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
     """Apply ``edit`` at (layer, hook) on every forward of ``model`` inside the block."""
     from . import models
 
-    apply = editor(sae, edit, next(model.parameters()).device)
+    apply = editor(sae, edit, models.site_device(model, layer, hook))
     state = {"prefill": False}
 
     def note_prefill(_module, _args, kwargs):
@@ -452,9 +452,10 @@ def noop_check(generations: pd.DataFrame) -> dict:
 def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: int, hook: str,
         probe_json: dict, probe_table: pd.DataFrame, stats: pd.DataFrame, prompts: pd.DataFrame, opts: dict,
         scorer_specs: list[dict], metric: str, direction: str, metrics: list[str], sampling: dict,
-        device: str = "cpu", progress: bool = True, work_dir: Path | None = None
+        place="cpu", progress: bool = True, work_dir: Path | None = None
         ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """One experiment on one (cell, layer, SAE, metric): generations, scores and effects."""
+    """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
+    (``place``: a models.Placement or a device name)."""
     from . import models
     from .sae import files
 
@@ -468,13 +469,14 @@ def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: 
                             exclude=probe_json.get("top_features") or [])
     typical = dict(zip(features + random, typical_activation(stats, features + random, opts["scale"])))
     conds = conditions(experiment, features, random, typical, opts["alphas"], opts["singles"], opts["positions"])
-    model, tokenizer = models.load(model_dir, device=device)
-    model.eval()
+    place = models.as_placement(place)
+    model, tokenizer = place.load(model_dir)
     halves = split_prompts(prompts, opts["seed"])
-    generations = generate_all(model, tokenizer, sae, layer, hook, halves, conds, sampling, device, progress,
-                               work_dir)
-    base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else models.load(base_dir, device=device)
-    scores = score(generations, scorer_specs, base, base_tokenizer, sampling["batch_size"], device)
+    with place.precision():
+        generations = generate_all(model, tokenizer, sae, layer, hook, halves, conds, sampling, place.device,
+                                   progress, work_dir)
+        base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else place.load(base_dir)
+        scores = score(generations, scorer_specs, base, base_tokenizer, sampling["batch_size"], place.device)
     expected = expected_sign(direction, opts["sign"], experiment)
     result = effects(scores, metric, expected, experiment, [m for m in metrics if m in scores.columns],
                      opts["max_perplexity_ratio"], seed=opts["seed"])

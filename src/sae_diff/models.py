@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -220,8 +221,59 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
-    """Load a prepared model folder (safetensors only) and its tokenizer."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's model runs and in what precision: the config's ``device``, ``device_map``
+    and ``autocast``, resolved for this machine.
+
+    device: where inputs, SAEs and (without a device map) the model go.
+    device_map: accelerate's placement of the weights (``auto``, ``balanced``, ``sequential``),
+    for checkpoints larger than one device; None loads the whole model onto ``device``.
+    autocast: ``bf16`` runs matmuls in bfloat16 under ``torch.autocast`` (weights, residual
+    stream and SAE parameters stay float32), ``off`` runs everything in float32.
+    """
+
+    device: str = "cpu"
+    device_map: str | None = None
+    autocast: str = "off"
+
+    def precision(self):
+        """The autocast context of this placement (a no-op when off)."""
+        import torch
+
+        if self.autocast == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+
+    def load(self, folder: str | Path):
+        """``load`` with this placement."""
+        return load(folder, device=self.device, device_map=self.device_map)
+
+
+def as_placement(place: "Placement | str") -> Placement:
+    """A Placement, or a bare device name as one (float32, the whole model on it)."""
+    return place if isinstance(place, Placement) else Placement(device=place)
+
+
+def placement(spec: dict) -> Placement:
+    """The Placement of a job spec (``autocast: auto`` is bf16 on CUDA, off elsewhere)."""
+    device = resolve_device(spec.get("device", "auto"))
+    mode = spec.get("autocast", "auto")
+    if mode == "auto":
+        mode = "bf16" if device.startswith("cuda") else "off"
+    if mode not in ("bf16", "off"):
+        raise ConfigError(f"autocast = {mode!r}: expected auto, bf16 or off")
+    return Placement(device=device, device_map=spec.get("device_map"), autocast=mode)
+
+
+def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+         device_map: str | None = None):
+    """Load a prepared model folder (safetensors only) and its tokenizer.
+
+    With ``device_map``, accelerate streams the weights straight to their devices (no second
+    full copy in host memory) and may split the blocks over several GPUs and the CPU; hooks
+    and inputs work unchanged because accelerate moves activations between devices.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,9 +283,33 @@ def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    kwargs = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        return model.to(device).eval(), tokenizer
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(f"device_map = {device_map!r}: loading with a device map needs accelerate "
+                          "(pip install accelerate)")
+    if device_map not in DEVICE_MAPS:
+        raise ConfigError(f"device_map = {device_map!r}: expected one of {DEVICE_MAPS}")
+    # on a machine without CUDA every "auto" placement is the CPU: say so rather than guess
+    target = device_map if device.startswith("cuda") else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map=target, **kwargs)
+    log.info("%s: placed with device_map=%s: %s", folder, device_map,
+             sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {"": device}).values()}))
+    return model.eval(), tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def site_device(model, layer: int, hook: str):
+    """The device of the activation at (layer, hook): where an SAE editing it must live
+    (with a device map, blocks sit on different GPUs)."""
+    module = hook_module(model, layer, hook)
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return next(model.parameters()).device
 
 
 # --------------------------------------------------------------------------- hooks

@@ -10,7 +10,7 @@ rule extract_activations:
         [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
     params:
         spec=lambda w: spec(layers=config["layers"], hook_points=config["hook_points"],
-                  activations=config["activations"], device=config["device"]),
+                  activations=config["activations"], **placement()),
         out_dir="results/activations/{model}_{data}",
     conda:
         "../envs/torch.yaml"

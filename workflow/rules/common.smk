@@ -60,6 +60,24 @@ def spec(**parts):
     return json.dumps(parts, sort_keys=True)
 
 
+def placement():
+    """Where and in what precision a model-running job computes (models.placement reads it)."""
+    return dict(device=config["device"], device_map=config["device_map"], autocast=config["autocast"])
+
+
+def streaming_inputs(w, model=None, data=None):
+    """The model and samples a job computes uncached activations from (activations.cache: false)."""
+    if config["activations"]["cache"]:
+        return {}
+    model, data = model or w.model, data or w.data
+    return {"stream_model": f"results/models/{model}", "stream_samples": f"results/data/{data}/samples.parquet"}
+
+
+def streaming_args(w, model=None, data=None):
+    files = streaming_inputs(w, model, data)
+    return f"--model-dir {files['stream_model']} --samples {files['stream_samples']}" if files else ""
+
+
 def one_of(ids):
     """A wildcard constraint matching exactly these ids (nothing when empty)."""
     return "|".join(ids) if ids else "(?!x)x"
@@ -183,7 +201,7 @@ def intervention_spec(w):
     path, wheres = cfglib.intervention_prompts(config)
     return spec(interventions=config["interventions"], scorers=config["scorers"], prompts=path, wheres=wheres,
                 direction=cfglib.metric_direction(config, run.metric), metrics=METRIC_NAMES,
-                hook_point=config["saes"][run.sae].get("hook_point", "resid_post"), device=config["device"])
+                hook_point=config["saes"][run.sae].get("hook_point", "resid_post"), **placement())
 
 
 def summary_inputs(wildcards):

@@ -8,7 +8,7 @@ rule make_data:
     output:
         "results/data/{data}/raw.parquet",
     params:
-        spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], device=config["device"]),
+        spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], **placement()),
     conda:
         "../envs/torch.yaml"
     log:

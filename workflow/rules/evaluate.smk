@@ -13,7 +13,7 @@ rule evaluate_saes:
         [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.loss_by_position.parquet" for name in SAES],
     params:
         spec=lambda w: spec(saes=config["saes"], evaluation=config["evaluation"],
-                            activations=config["activations"], device=config["device"]),
+                            activations=config["activations"], **placement()),
         out_dir="results/eval/{model}_{data}/layer{layer}",
     conda:
         "../envs/torch.yaml"

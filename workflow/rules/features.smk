@@ -11,7 +11,7 @@ rule feature_stats:
     output:
         [f"results/features/{{model}}_{{data}}/layer{{layer}}/{name}/stats.parquet" for name in SAES],
     params:
-        spec=lambda w: spec(saes=config["saes"], features=config["features"], device=config["device"]),
+        spec=lambda w: spec(saes=config["saes"], features=config["features"], **placement()),
     conda:
         "../envs/torch.yaml"
     log:
@@ -30,11 +30,13 @@ rule feature_stats:
 rule train_seed_sae:
     """The calibration partner of each base-cell SAE: same config and data, other seeds."""
     input:
+        unpack(lambda w: streaming_inputs(w, "M0", "D0")),
         acts=manifests("M0_D0"),
     output:
         [f"results/calibration/seed_saes/M0_D0/layer{{layer}}/{name}/sae_weights.safetensors" for name in DIFF_SAES],
     params:
-        spec=lambda w: spec(saes=seed_pair_saes(), training=seed_pair_training()),
+        spec=lambda w: spec(saes=seed_pair_saes(), training=seed_pair_training(), **placement()),
+        stream=lambda w: streaming_args(w, "M0", "D0"),
     conda:
         "../envs/torch.yaml"
     log:
@@ -46,7 +48,7 @@ rule train_seed_sae:
         mem_mb=8000,
     shell:
         "sae-diff train --spec {params.spec:q} --model M0 --data D0 --layer {wildcards.layer} "
-        "--out-root results/calibration/seed_saes --threads {threads} --no-progress > {log} 2>&1"
+        "--out-root results/calibration/seed_saes {params.stream} --threads {threads} --no-progress > {log} 2>&1"
 
 
 rule calibrate:
@@ -121,11 +123,14 @@ rule probes:
                         for n in SAES],
         acts=lambda w: manifests(f"{w.model}_{w.data}"),
         samples="results/data/{data}/samples.parquet",
+        model=lambda w: [] if config["activations"]["cache"] else f"results/models/{w.model}",
     output:
         [f"results/probes/{{model}}_{{data}}/layer{{layer}}/{name}/{metric}.json" for name in SAES
          for metric in PROBE_METRICS],
     params:
-        spec=lambda w: spec(saes=config["saes"], probes=config["probes"], metrics=PROBE_METRICS),
+        spec=lambda w: spec(saes=config["saes"], probes=config["probes"], metrics=PROBE_METRICS,
+                            **({} if config["activations"]["cache"] else placement())),
+        model_dir=lambda w, input: f"--model-dir {input.model}" if input.model else "",
     conda:
         "../envs/analysis.yaml"
     log:
@@ -134,7 +139,7 @@ rule probes:
         bench("probes", "{model}_{data}_layer{layer}")
     shell:
         "sae-diff probe --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --samples {input.samples} > {log} 2>&1"
+        "--layer {wildcards.layer} --samples {input.samples} {params.model_dir} > {log} 2>&1"
 
 
 rule probe_comparison:

@@ -35,7 +35,7 @@ rule finetune_dpo:
         model=one_of(DPO_MODELS),
     params:
         spec=lambda w: spec(models={w.model: config["models"][w.model]}, iterations=config["iterations"],
-                            device=config["device"]),
+                            **placement()),
     conda:
         "../envs/torch.yaml"
     log:

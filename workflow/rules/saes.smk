@@ -3,13 +3,15 @@
 
 rule train_sae:
     input:
+        unpack(streaming_inputs),
         acts=lambda w: manifests(f"{w.model}_{w.data}"),
         warm=warm_start_inputs,
     output:
         [f"results/saes/{{model}}_{{data}}/layer{{layer}}/{name}/sae_weights.safetensors" for name in TRAINED_SAES],
     params:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in TRAINED_SAES}, training=config["training"],
-                            warm_start=warm_start_dirs(w)),
+                            warm_start=warm_start_dirs(w), **placement()),
+        stream=streaming_args,
     conda:
         "../envs/torch.yaml"
     log:
@@ -21,7 +23,7 @@ rule train_sae:
         mem_mb=8000,
     shell:
         "sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --threads {threads} > {log} 2>&1"
+        "--layer {wildcards.layer} {params.stream} --threads {threads} > {log} 2>&1"
 
 
 rule import_sae:

@@ -122,15 +122,17 @@ def _scratch(shape, dtype, device) -> torch.Tensor:
 
 class TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc_T, b_enc, k):
+    def forward(ctx, x, W_enc_T, b_enc, k, low=None):
         # pre-activations are consumed by topk right here, so one scratch buffer serves every call
-        if x.is_cuda:  # the caching allocator already reuses GPU memory
+        if low is not None:  # autocast: the step's largest matmul in its low precision
+            pre = torch.addmm(b_enc.to(low), x.to(low), W_enc_T.to(low).t())
+        elif x.is_cuda:  # the caching allocator already reuses GPU memory
             pre = torch.addmm(b_enc, x, W_enc_T.t())
         else:
             pre = torch.addmm(b_enc, x, W_enc_T.t(), out=_scratch((x.shape[0], W_enc_T.shape[0]), x.dtype, x.device))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)
-        vals = vals.gather(-1, order).clamp_min(0)
+        vals = vals.gather(-1, order).clamp_min(0).to(x.dtype)
         ctx.save_for_backward(x, W_enc_T, idx, vals)
         ctx.mark_non_differentiable(idx)
         return vals, idx
@@ -154,12 +156,24 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc_T.shape[0], dtype=grad_pre.dtype, device=grad_pre.device)
             grad_b.index_add_(0, idx.reshape(-1), grad_pre.reshape(-1))
-        return grad_x, grad_W, grad_b, None
+        return grad_x, grad_W, grad_b, None, None
+
+
+def _autocast_dtype(tensor: torch.Tensor):
+    """The low-precision dtype when autocast is on for this tensor's device, else None."""
+    device_type = tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    return SparseDecode.apply(idx, vals, W_dec)
+    # k rows per token: cheap and precision-sensitive, so in the parameters' dtype (also under autocast)
+    with torch.autocast(device_type=W_dec.device.type, enabled=False):
+        return SparseDecode.apply(idx, vals.to(W_dec.dtype), W_dec)
 
 
 def topk_encode(x: torch.Tensor, W_enc_T: torch.Tensor, b_enc: torch.Tensor, k: int):
-    return TopKEncode.apply(x, W_enc_T, b_enc, k)
+    """Under autocast the pre-activations are computed in its dtype (bf16); the chosen values,
+    every gradient and the parameters keep the parameters' dtype."""
+    low = _autocast_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return TopKEncode.apply(x.to(W_enc_T.dtype), W_enc_T, b_enc, k, low)

@@ -9,6 +9,7 @@ lets a killed job resume and end with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,8 +70,10 @@ def estimate_scale(store: ActivationStore, n_tokens: int = 16384) -> float:
 class _Run:
     """One SAE being trained, with its optimizer state and dead-latent counters."""
 
-    def __init__(self, spec: TrainSpec, total_steps: int, scale: float, sample: torch.Tensor, scale_out: float):
+    def __init__(self, spec: TrainSpec, total_steps: int, scale: float, sample: torch.Tensor, scale_out: float,
+                 device: str = "cpu", precision=None):
         self.spec = spec
+        self.precision = precision or contextlib.nullcontext
         self.sae = SAE(spec.sae)
         if spec.warm_start:
             start = files.load(spec.warm_start)
@@ -82,20 +85,21 @@ class _Run:
             self.sae.normalize_decoder()
         else:
             self.sae.initialize(sample, seed=spec.seed)
-        self.sae.train()
+        self.sae.to(device).train()
         params = list(self.sae.parameters())
         try:
             self.opt = torch.optim.Adam(params, lr=spec.lr, fused=True)
         except (RuntimeError, TypeError):
             self.opt = torch.optim.Adam(params, lr=spec.lr)
         self.total = total_steps
-        self.since_fired = torch.zeros(spec.sae.d_sae, dtype=torch.long)
+        self.since_fired = torch.zeros(spec.sae.d_sae, dtype=torch.long, device=device)
 
     def step(self, step: int, x: torch.Tensor, target: torch.Tensor) -> dict:
         for group in self.opt.param_groups:
             group["lr"] = self.spec.lr * lr_factor(step, self.total, self.spec.warmup_steps, self.spec.decay_fraction)
         dead = self.since_fired >= self.spec.dead_tokens
-        out = self.sae.training_losses(x, target, dead=dead)
+        with self.precision():   # the forward under autocast; backward and Adam in float32
+            out = self.sae.training_losses(x, target, dead=dead)
         if not torch.isfinite(out["loss"]):
             raise TrainingError(f"SAE {self.spec.name}: non-finite loss at step {step}")
         self.opt.zero_grad(set_to_none=True)
@@ -110,12 +114,13 @@ class _Run:
     # ---------------------------------------------------------- checkpoint
 
     def state_tensors(self, prefix: str) -> dict:
-        tensors = {f"{prefix}model.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
+        # no copies on the CPU: the checkpoint is written before the next step changes anything
+        tensors = {f"{prefix}model.{k}": v.detach().cpu() for k, v in self.sae.state_dict().items()}
         state = self.opt.state_dict()
         for pid, pstate in state["state"].items():
             for key, value in pstate.items():
-                tensors[f"{prefix}adam.{pid}.{key}"] = torch.as_tensor(value).clone()
-        tensors[f"{prefix}since_fired"] = self.since_fired.clone()
+                tensors[f"{prefix}adam.{pid}.{key}"] = torch.as_tensor(value).cpu()
+        tensors[f"{prefix}since_fired"] = self.since_fired.cpu()
         return tensors
 
     def load_tensors(self, tensors: dict, prefix: str) -> None:
@@ -126,8 +131,8 @@ class _Run:
             if key.startswith(prefix + "adam."):
                 pid, name = key[len(prefix) + 5:].split(".", 1)
                 state["state"].setdefault(int(pid), {})[name] = value
-        self.opt.load_state_dict(state)
-        self.since_fired = tensors[prefix + "since_fired"].clone()
+        self.opt.load_state_dict(state)   # moves the moments to each parameter's device
+        self.since_fired = tensors[prefix + "since_fired"].to(self.since_fired.device)
 
 
 def _guarded(batches, current_step):
@@ -146,8 +151,12 @@ def _batch_stats(x: torch.Tensor, out: dict) -> dict:
 def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], n_tokens: int,
           batch_size: int = 4096, shuffle_buffer: int = 1 << 18, seed: int = 0, checkpoint_every: int = 200,
           log_every: int = 10, work_dir: Path | None = None, target_store: ActivationStore | None = None,
-          progress: bool = True, epochs: int = 1) -> list[Path]:
-    """Train every spec on one pass of ``n_tokens`` tokens (times ``epochs``); write each SAE to its folder."""
+          progress: bool = True, epochs: int = 1, place=None) -> list[Path]:
+    """Train every spec on one pass of ``n_tokens`` tokens (times ``epochs``); write each SAE to its folder.
+
+    ``place`` (a models.Placement or a device name; default CPU): the device the SAEs train on
+    (batches are moved there as they come) and whether their forward runs under bf16 autocast.
+    """
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -164,8 +173,11 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
         raise TrainingError(f"before step 0 (input scaling and init): {exc}") from None
     # b_dec lives in the output space: its initial value is the centre of the (scaled) targets
     sample = first[:, d_in:] * scale_out if target_store is not None else first * scale
+    from ..models import as_placement
+
+    place = as_placement(place or "cpu")
     torch.manual_seed(seed)
-    runs = [_Run(spec, total_steps, scale, sample, scale_out) for spec in specs]
+    runs = [_Run(spec, total_steps, scale, sample, scale_out, place.device, place.precision) for spec in specs]
 
     ckpt_tensors, ckpt_json = work_dir / "checkpoint.safetensors", work_dir / "checkpoint.json"
     start_step = 0
@@ -194,6 +206,7 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
             break
         if step < start_step:
             continue  # the stream is deterministic: skip what the checkpoint already saw
+        batch = batch.to(place.device, non_blocking=True)
         x = batch[:, :d_in] * scale
         y = batch[:, d_in:] * scale_out if target_store is not None else x
         for i, run in enumerate(runs):
@@ -216,7 +229,7 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     bar.close()
 
     for run, out_dir, run_log in zip(runs, out_dirs, logs):
-        run.sae.eval()
+        run.sae.cpu().eval()
         files.fold_scaling(run.sae, scale, scale_out)
         files.save(run.sae, out_dir, extra={"training": {"n_tokens": total_steps * batch_size, "epochs": epochs,
                                                           "scale": scale,
