@@ -63,7 +63,7 @@ def finished_run(tmp_path_factory):
         "figure_statistics": 6, "figure_embeddings": 6, "figure_coactivation": 6, "figure_evolution": 2,
         "figure_similarity": 4, "figure_probe_importance": 6, "figure_probe_auroc": 2, "figure_probe_overlap": 2,
         "figure_training": 6, "figure_density": 6, "figure_loss_by_position": 6, "intervene": 4,
-        "figure_dose_response": 4, "summary": 1}
+        "figure_dose_response": 4, "attribute": 2, "summary": 1}
     result = snakemake(workdir, "--cores", "2", timeout=1500)   # ~4 min on 2 idle cores; bounded, not tight
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir

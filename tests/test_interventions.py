@@ -277,6 +277,53 @@ def test_effects_pick_the_largest_coherent_alpha_on_the_select_half():
     assert ppl8 == pytest.approx(np.expm1(2.0))
 
 
+def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on_the_select_half():
+    """Ablation: the group breaks coherence, a single feature moves the metric the expected way:
+    the single is reported, against its own matched random feature, not the group's control."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for half in ("select", "report"):
+        def add(name, role, shift, nll=1.0, features="7"):
+            for _ in range(40):
+                rows.append({"condition": name, "role": role, "alpha": np.nan, "half": half, "features": features,
+                             "m": 0.8 + shift + rng.normal(0, 0.05), "nll_base": nll, "repetition": 0.0})
+        add("plain", "baseline", 0.0)
+        add("noop", "baseline", 0.0)
+        add("features", "target", -0.5, nll=3.0, features="7 9")    # perplexity e^2: incoherent
+        add("random", "control", 0.0, features="3 4")
+        add("feature_7", "single", -0.2)
+        add("random_7", "control", 0.1, features="3")
+    out = iv.effects(pd.DataFrame(rows), "m", -1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
+    report = out["report"]
+    assert report["condition"] == "feature_7" and report["features"] == [7]
+    assert report["effect"] == pytest.approx(-0.2, abs=0.03) and report["ci_high"] < 0
+    assert report["control_effect"] == pytest.approx(0.1, abs=0.03)            # random_7, not "random"
+    assert report["vs_control"]["diff"] == pytest.approx(-0.3, abs=0.04)
+    assert {c["condition"] for c in out["selection"]} == {"features", "feature_7"}
+
+
+def test_conditions_give_each_single_its_own_matched_control():
+    conds = iv.conditions("ablation", [7, 9], [3, 4], {7: 1.0, 9: 1.0, 3: 1.0, 4: 1.0}, [1.0], 2, "all")
+    by_name = {c.name: c for c in conds}
+    assert by_name["random_7"].features == [3] and by_name["random_9"].features == [4]
+    assert by_name["random_7"].role == "control" and by_name["feature_9"].role == "single"
+    swept = iv.conditions("steering", [7], [3], {7: 2.0, 3: 0.5}, [1.0, 4.0], 1, "all")
+    assert [(c.name, c.alpha) for c in swept if c.name == "random_7"] == [("random_7", 1.0), ("random_7", 4.0)]
+    assert [c.edit.values for c in swept if c.name == "random_7"] == [(0.5,), (2.0,)]
+
+
+def test_select_attributed_orders_by_attribution_and_sign():
+    table = pd.DataFrame({"feature": np.arange(6), "attribution": [0.0, 0.5, -0.9, 0.2, -0.1, 0.7]})
+    assert iv.select_attributed(table, 2, "promote") == [5, 1]
+    assert iv.select_attributed(table, 2, "suppress") == [2, 4]
+    assert iv.select_attributed(table, 3, "any") == [2, 5, 1]
+    assert iv.select_attributed(table, 9, "promote") == [5, 1, 3]        # zero attributions never chosen
+    assert iv.selection_method({"select": {"ablation": "attribution"}}, "ablation") == "attribution"
+    assert iv.selection_method({"select": {"ablation": "attribution"}}, "steering") == "probe"
+    with pytest.raises(ValueError, match="expected probe or attribution"):
+        iv.selection_method({"select": {"ablation": "gradient"}}, "ablation")
+
+
 def test_expected_sign():
     assert iv.expected_sign("up", "promote", "steering") == 1.0
     assert iv.expected_sign("up", "promote", "ablation") == -1.0

@@ -44,7 +44,7 @@ def test_streamed_shards_equal_cached_shards(tiny_model_dir, samples, tmp_path, 
         folder = tmp_path / "streamed" / site
         on_disk = sorted(p.name for p in folder.glob("*.safetensors"))
         assert on_disk and all(name.startswith("eval-") for name in on_disk)
-        assert not activations.is_cached(folder) and activations.is_cached(tmp_path / "cached" / site)
+        assert not ActivationStore(folder).cached and cached.cached
         assert ActivationStore(folder).manifest["n_tokens"] == cached.manifest["n_tokens"]
         streamed, = open_stores([folder], tiny_model_dir, samples)
         for split in ("train", "eval"):

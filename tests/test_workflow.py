@@ -244,13 +244,28 @@ def test_interventions_outputs_and_headline(finished_run):
             assert len(scores) == len(generations) and {"n_chars", "perplexity_base", "repetition"} <= set(scores)
             conditions = set(generations["condition"])
             assert {"plain", "noop", "features", "random"} <= conditions
+            # ablation picks by fork attribution (demo default), steering by the probe
+            assert effects["select"] == ("attribution" if experiment == "ablation" else "probe")
+            single = f"feature_{effects['features'][0]}"
+            assert {single, f"random_{effects['features'][0]}"} <= conditions
+            assert effects["report"]["condition"] in {"features", single}
             assert ("flipped" in conditions) == (experiment == "steering")
             assert set(generations["half"]) == {"select", "report"}
             figure = results / "figures" / "interventions" / experiment / cell / "layer1" / "topk_n_chars.png"
             assert figure.stat().st_size > 10_000
+    for cell in ("M1_D1", "M0_D1"):   # the ablated features are the attribution table's top ones
+        attribution = results / "attribution" / cell / "layer1" / "topk" / "n_chars"
+        table = pd.read_parquet(attribution.with_suffix(".parquet"))
+        summary = json.loads(attribution.with_suffix(".json").read_text())
+        assert summary["n_forks"] > 0 and len(table) == 128 and table["attribution"].abs().sum() > 0
+        ablation = json.loads((results / "interventions" / "ablation" / cell / "layer1" / "topk" / "n_chars" /
+                               "effects.json").read_text())
+        positive = table[table["attribution"] > 0].sort_values("attribution", ascending=False)["feature"].tolist()
+        assert ablation["features"] == positive[:len(ablation["features"])]
     head = json.loads((results / "summary.json").read_text())["headline"]
     for experiment in ("steering", "ablation"):
         block = head[experiment]["n_chars"]
+        assert block["selected_by"] == ("attribution" if experiment == "ablation" else "probe")
         assert block["cell"] == "M1_D1" and block["ci_low"] <= block["effect"] <= block["ci_high"]
         assert 0 < block["p"] <= 1 and block["perplexity_change"] > -1
 

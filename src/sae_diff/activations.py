@@ -331,6 +331,11 @@ class ActivationStore:
     def d_model(self) -> int:
         return int(self.manifest["d_model"])
 
+    @property
+    def cached(self) -> bool:
+        """Whether every shard is on disk (extracted with activations.cache: true)."""
+        return all(entry.get("cached", True) for entry in self.manifest["shards"])
+
     def n_tokens(self, split: str = "train") -> int:
         return int(self.manifest["n_tokens"][split])
 
@@ -480,27 +485,21 @@ class ForwardStore(ActivationStore):
         return self.source.shard(entry, site, getattr(torch, self.manifest["dtype"]))
 
 
-def is_cached(folder: str | Path) -> bool:
-    """Whether every shard of the store at ``folder`` is on disk (extracted with cache: true)."""
-    return all(entry.get("cached", True) for entry in ActivationStore(folder).manifest["shards"])
-
-
 def open_stores(folders: list, model_dir: str | Path | None = None, samples_path: str | Path | None = None,
                 place="cpu", loaded=None) -> list[ActivationStore]:
     """Stores for sites of one cell: plain when fully cached, else ForwardStores sharing one
     model and one ShardSource (the model is loaded only then; ``loaded`` reuses one)."""
-    folders = [Path(f) for f in folders]
-    if all(is_cached(f) for f in folders):
-        return [ActivationStore(f) for f in folders]
+    plain = [ActivationStore(f) for f in folders]
+    if all(store.cached for store in plain):
+        return plain
     if model_dir is None or samples_path is None:
         raise ActivationStoreError(
-            f"{folders[0]}: extracted with activations.cache: false, so reading its train split needs the "
+            f"{plain[0].folder}: extracted with activations.cache: false, so reading its train split needs the "
             "model and the samples (pass --model-dir and --samples)")
     from .models import as_placement
 
     place = as_placement(place)
     model, tokenizer = loaded or place.load(model_dir)
-    manifests = [ActivationStore(f).manifest for f in folders]
-    sites = list(dict.fromkeys((int(m["layer"]), m["hook_point"]) for m in manifests))
-    source = ShardSource(manifests[0], model, tokenizer, samples_path, place, sites)
-    return [ForwardStore(f, source) for f in folders]
+    sites = list(dict.fromkeys((int(s.manifest["layer"]), s.manifest["hook_point"]) for s in plain))
+    source = ShardSource(plain[0].manifest, model, tokenizer, samples_path, place, sites)
+    return [ForwardStore(store.folder, source) for store in plain]

@@ -244,7 +244,8 @@ def cmd_probe(args) -> None:
 
 
 def cmd_intervene(args) -> None:
-    """One causal experiment: edit a cell's top probe features during generation, with controls."""
+    """One causal experiment: edit a cell's top features (by probe or attribution) during generation,
+    with controls."""
     import shutil
 
     import pandas as pd
@@ -267,8 +268,17 @@ def cmd_intervene(args) -> None:
     probe_json = json.loads(Path(args.probe).read_text())
     probe_table = Path(args.probe).with_suffix(".parquet")
     out = Path(args.out_dir)
-    if not probe_table.exists():   # too few labelled samples: nothing was picked; every output says so
+    method = interventions.selection_method(opts, args.experiment)
+    reason = None
+    if method == "probe" and not probe_table.exists():   # too few labelled samples: nothing was picked
         reason = f"the probe {args.probe} was skipped: {probe_json.get('skipped', 'no table')}"
+    if method == "attribution":
+        if not args.attribution:
+            raise SystemExit(f"interventions.select.{args.experiment} = attribution: give --attribution")
+        summary = json.loads(Path(args.attribution).with_suffix(".json").read_text())
+        if "skipped" in summary:
+            reason = f"the attribution {args.attribution} was skipped: {summary['skipped']}"
+    if reason is not None:   # every output says why nothing was run
         log.warning("%s %s layer %d: %s", args.experiment, args.cell, args.layer, reason)
         io.write_parquet(pd.DataFrame(), out / "generations.parquet")
         io.write_parquet(pd.DataFrame(), out / "scores.parquet")
@@ -279,9 +289,11 @@ def cmd_intervene(args) -> None:
     work = out.parent / f".{out.name}.work"
     generations, scores, result = interventions.run(
         args.experiment, Path(args.model_dir), Path(args.base_dir), Path(args.sae_dir), args.layer,
-        spec["hook_point"], probe_json, pd.read_parquet(probe_table), pd.read_parquet(args.stats), prompts, opts,
+        spec["hook_point"], probe_json, pd.read_parquet(probe_table) if probe_table.exists() else None,
+        pd.read_parquet(args.stats), prompts, opts,
         spec["scorers"], args.metric, spec["direction"], spec["metrics"], opts["sampling"], place=place,
-        progress=not args.no_progress, work_dir=work)
+        progress=not args.no_progress, work_dir=work,
+        attribution=pd.read_parquet(args.attribution) if args.attribution else None)
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(generations.assign(completion_ids=generations["completion_ids"].map(list)),
                      out / "generations.parquet")
@@ -293,6 +305,27 @@ def cmd_intervene(args) -> None:
              args.experiment, args.cell, args.layer, args.sae, args.metric, report.get("effect"), report.get("ci_low"),
              report.get("ci_high"), report.get("p"), report.get("control_effect"),
              100 * (report.get("perplexity_change") or 0.0), result["noop"]["identical"])
+
+
+def cmd_attribute(args) -> None:
+    """Fork attribution of one SAE's features for one metric (which features the model uses
+    where two completions of a prompt part ways on the metric)."""
+    import pandas as pd
+
+    from . import attribution, io, models
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    opts = spec["interventions"]["attribution"]
+    table, summary = attribution.run(args.model_dir, args.sae_dir, pd.read_parquet(args.samples), args.layer,
+                                     spec["hook_point"], args.metric, spec["direction"], max_pairs=opts["max_pairs"],
+                                     seed=spec["interventions"]["seed"], place=models.placement(spec),
+                                     progress=not args.no_progress)
+    out = Path(args.out)
+    io.write_parquet(table, out)
+    io.write_json(out.with_suffix(".json"), summary)
+    log.info("attribution %s layer %d %s: %d forks, top %s", args.sae_dir, args.layer, args.metric,
+             summary["n_forks"], summary.get("top_features"))
 
 
 def cmd_probe_compare(args) -> None:
@@ -663,8 +696,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae-dir", required=True)
     p.add_argument("--probe", required=True, help="the probe's JSON (its table beside it)")
     p.add_argument("--stats", required=True, help="the SAE's feature stats.parquet")
+    p.add_argument("--attribution", help="the fork attribution table (when interventions.select picks by attribution)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(fn=cmd_intervene)
+
+    p = sub.add_parser("attribute", help="fork attribution of one SAE's features for one metric on its cell's samples")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--metric", required=True)
+    p.add_argument("--model-dir", required=True, help="the cell's model")
+    p.add_argument("--samples", required=True, help="the cell's scored samples")
+    p.add_argument("--sae-dir", required=True)
+    p.add_argument("--out", required=True, help="table (.parquet); its summary goes beside it as .json")
+    p.set_defaults(fn=cmd_attribute)
 
     p = sub.add_parser("probe-compare", help="probe results across cells and metrics (one layer)")
     _common(p)

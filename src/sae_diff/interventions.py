@@ -13,11 +13,14 @@ which is the SAE's edited reconstruction spliced in with its error term kept
 generation token for token. Hooks run on every forward of ``generate``, so the KV cache is
 kept: the prompt is edited once in the prefill and each new token as it is generated.
 
-An experiment (``run``) generates on one prompt set under each condition (plain, no-op,
-the chosen features, matched random features, sign-flipped steering, single features, over an
-alpha grid), scores every text with the configured scorers plus coherence (perplexity
-under M0, repetition), and reports effects against the no-op with bootstrap CIs and
-permutation p-values. The prompts are split in two: one half picks alpha, the other reports.
+An experiment (``run``) takes its features from the probe (features that carry the metric)
+or from fork attribution (``sae_diff.attribution``: features the model uses where it decides),
+generates on one prompt set under each condition (plain, no-op, the group, matched random
+features, sign-flipped steering, single features with their own random controls, over an
+alpha grid), scores every text with the configured scorers plus coherence (perplexity under
+M0, repetition), and reports effects against the no-op with bootstrap CIs and permutation
+p-values. The prompts are split in two: one half picks what is reported (the group or a
+single feature, and alpha), the other reports it.
 """
 
 from __future__ import annotations
@@ -164,14 +167,18 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
 # --------------------------------------------------------------------------- feature choice
 
 
+def _check_sign(sign: str) -> None:
+    if sign not in ("promote", "suppress", "any"):
+        raise ValueError(f"interventions.sign = {sign!r}: expected promote, suppress or any")
+
+
 def select_features(probe: pd.DataFrame, top: list[int], k: int, sign: str, direction: str) -> list[int]:
     """The first ``k`` features of the probe's L1-path order whose difference in means points the
     asked way: ``promote`` (higher metric in the target direction), ``suppress``, or ``any``.
 
     After the probe's ``top`` list, features continue in path-entry order, then by |SMD|.
     """
-    if sign not in ("promote", "suppress", "any"):
-        raise ValueError(f"interventions.sign = {sign!r}: expected promote, suppress or any")
+    _check_sign(sign)
     smd = probe.set_index("feature")["smd"]
     ordered = probe.assign(order=probe["l1_entry"].fillna(np.inf), size=-probe["smd"].abs())
     ordered = ordered.sort_values(["order", "size", "feature"])["feature"].tolist()
@@ -188,6 +195,26 @@ def select_features(probe: pd.DataFrame, top: list[int], k: int, sign: str, dire
         if len(chosen) == k:
             break
     return chosen
+
+
+def selection_method(opts: dict, experiment: str) -> str:
+    """How an experiment's features are chosen: ``probe`` or ``attribution``."""
+    select = opts.get("select", "probe")
+    method = select.get(experiment, "probe") if isinstance(select, dict) else select
+    if method not in ("probe", "attribution"):
+        raise ValueError(f"interventions.select.{experiment} = {method!r}: expected probe or attribution")
+    return method
+
+
+def select_attributed(attribution: pd.DataFrame, k: int, sign: str) -> list[int]:
+    """The ``k`` features with the largest fork attribution toward the better continuation
+    (``promote``), away from it (``suppress``) or either way (``any``); zero attributions
+    (features that never fire before a fork) are never chosen."""
+    _check_sign(sign)
+    score = attribution.set_index("feature")["attribution"]
+    score = {"promote": score, "suppress": -score, "any": score.abs()}[sign]
+    score = score[score > 0].sort_values(ascending=False, kind="stable")
+    return [int(f) for f in score.index[:k]]
 
 
 def matched_random(stats: pd.DataFrame, features: list[int], seed: int, pool: int = 20,
@@ -279,7 +306,8 @@ class Condition:
 def conditions(experiment: str, features: list[int], random: list[int], typical: dict[int, float],
                alphas: list[float], n_single: int, positions: str) -> list[Condition]:
     """Every condition of one experiment: plain and no-op baselines, the features as a group,
-    matched random features, (steering) the sign-flipped group, and single features."""
+    matched random features, (steering) the sign-flipped group, and single features, each with
+    its own matched random feature."""
     edit_kind = EXPERIMENTS[experiment][0]
     out = [Condition("plain", "baseline", None), Condition("noop", "baseline", Edit("noop", positions=positions))]
 
@@ -287,16 +315,14 @@ def conditions(experiment: str, features: list[int], random: list[int], typical:
         values = () if alpha is None else tuple(sign * alpha * typical[j] for j in group)
         return Condition(name, role, Edit(edit_kind, tuple(group), values, positions), alpha, list(group))
 
-    singles = features[:n_single]
-    if experiment not in SWEPT:
-        out += [make("features", "target", features), make("random", "control", random)]
-        out += [make(f"feature_{j}", "single", [j]) for j in singles]
-        return out
-    for alpha in alphas:
+    # each single feature has its own matched random control (random[i] was drawn for features[i])
+    singles = list(zip(features[:n_single], random[:n_single]))
+    for alpha in alphas if experiment in SWEPT else [None]:
         out += [make("features", "target", features, alpha), make("random", "control", random, alpha)]
         if experiment == "steering":
             out.append(make("flipped", "control", features, alpha, sign=-1.0))
-        out += [make(f"feature_{j}", "single", [j], alpha) for j in singles]
+        for j, r in singles:
+            out += [make(f"feature_{j}", "single", [j], alpha), make(f"random_{j}", "control", [r], alpha)]
     return out
 
 
@@ -381,9 +407,9 @@ def expected_sign(direction: str, sign: str, experiment: str) -> float:
 
 def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str, metrics: list[str],
             max_perplexity_ratio: float, seed: int = 0) -> dict:
-    """Per condition and half: every metric's mean and its shift from the no-op; the chosen alpha
-    (picked on the ``select`` half: the largest effect the expected way among coherent alphas)
-    and the reported effects on the ``report`` half."""
+    """Per condition and half: every metric's mean and its shift from the no-op; the condition
+    (the group or a single feature) and alpha picked on the ``select`` half, and its effects on
+    the ``report`` half against the no-op and against its own matched random control."""
     rows = []
     for (name, alpha, half), group in scores.groupby(["condition", "alpha", "half"], dropna=False, sort=False):
         noop = scores[(scores["condition"] == "noop") & (scores["half"] == half)]
@@ -401,32 +427,37 @@ def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str,
                 return row
         return None
 
-    chosen_alpha = None
+    # the reported condition is picked on the select half: among the group and each single
+    # feature (at each alpha when swept), the largest effect the expected way whose perplexity
+    # stays within max_perplexity_ratio of the no-op's; ties go to the group, then the smaller alpha
     selection = []
-    if experiment in SWEPT:
-        for row in rows:
-            if row["condition"] != "features" or row["half"] != "select":
-                continue
-            diff = row["vs_noop"][metric]["diff"]
-            ppl = row["perplexity_change"]
-            ok = ppl is None or ppl + 1.0 <= max_perplexity_ratio
-            selection.append({"alpha": row["alpha"], "effect": diff, "perplexity_change": ppl, "coherent": ok})
-        scored = [s for s in selection if s["coherent"] and s["effect"] is not None]
-        if scored:
-            chosen_alpha = max(scored, key=lambda s: (expected * s["effect"], -s["alpha"]))["alpha"]
-        else:   # nothing stays coherent: the gentlest alpha
-            chosen_alpha = min(s["alpha"] for s in selection) if selection else None
+    for row in rows:
+        if row["half"] != "select" or row["role"] not in ("target", "single"):
+            continue
+        ppl = row["perplexity_change"]
+        selection.append({"condition": row["condition"], "alpha": row["alpha"],
+                          "effect": row["vs_noop"][metric]["diff"], "perplexity_change": ppl,
+                          "coherent": ppl is None or ppl + 1.0 <= max_perplexity_ratio})
+    scored = [c for c in selection if c["coherent"] and c["effect"] is not None]
+    group = [c for c in selection if c["condition"] == "features"]
+    if scored:
+        chosen = max(scored, key=lambda c: (expected * c["effect"], c["condition"] == "features", -(c["alpha"] or 0)))
+    else:   # nothing stays coherent: the group at its gentlest alpha
+        chosen = min(group, key=lambda c: c["alpha"] or 0) if group else {"condition": "features", "alpha": None}
+    name, chosen_alpha = chosen["condition"], chosen["alpha"]
+    control_name = "random" if name == "features" else "random_" + name.split("_", 1)[1]
     report = None
-    target = find("features", "report", chosen_alpha)
-    control = find("random", "report", chosen_alpha)
+    target = find(name, "report", chosen_alpha)
+    control = find(control_name, "report", chosen_alpha)
     noop = scores[(scores["condition"] == "noop") & (scores["half"] == "report")]
     if target is not None:
-        t_rows = scores[(scores["condition"] == "features") & (scores["half"] == "report")]
-        c_rows = scores[(scores["condition"] == "random") & (scores["half"] == "report")]
+        t_rows = scores[(scores["condition"] == name) & (scores["half"] == "report")]
+        c_rows = scores[(scores["condition"] == control_name) & (scores["half"] == "report")]
         if chosen_alpha is not None:
             t_rows, c_rows = t_rows[t_rows["alpha"] == chosen_alpha], c_rows[c_rows["alpha"] == chosen_alpha]
         shift = target["vs_noop"][metric]
-        report = {"alpha": chosen_alpha, "expected_sign": expected,
+        report = {"condition": name, "features": [int(f) for f in str(target["features"]).split()],
+                  "alpha": chosen_alpha, "expected_sign": expected,
                   "effect": shift["diff"], "ci_low": shift["ci_low"], "ci_high": shift["ci_high"], "p": shift["p"],
                   "control_effect": control["vs_noop"][metric]["diff"] if control else None,
                   "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
@@ -435,7 +466,7 @@ def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str,
                   "perplexity_change": target["perplexity_change"],
                   "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
                   "n": target["n"], "baseline_mean": float(noop[metric].mean()) if noop[metric].notna().any() else None}
-        flipped = find("flipped", "report", chosen_alpha)
+        flipped = find("flipped", "report", chosen_alpha) if name == "features" else None
         if flipped is not None:
             report["flipped_effect"] = flipped["vs_noop"][metric]["diff"]
     return {"conditions": rows, "selection": selection, "report": report}
@@ -452,19 +483,28 @@ def noop_check(generations: pd.DataFrame) -> dict:
 def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: int, hook: str,
         probe_json: dict, probe_table: pd.DataFrame, stats: pd.DataFrame, prompts: pd.DataFrame, opts: dict,
         scorer_specs: list[dict], metric: str, direction: str, metrics: list[str], sampling: dict,
-        place="cpu", progress: bool = True, work_dir: Path | None = None
-        ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+        place="cpu", progress: bool = True, work_dir: Path | None = None,
+        attribution: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
-    (``place``: a models.Placement or a device name)."""
+    (``place``: a models.Placement or a device name). The features come from the probe or, when
+    ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table."""
     from . import models
     from .sae import files
 
     if experiment not in EXPERIMENTS:
         raise ValueError(f"interventions.experiments: {experiment!r}: expected one of {sorted(EXPERIMENTS)}")
     sae = files.load(sae_dir)
-    features = select_features(probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"], direction)
+    method = selection_method(opts, experiment)
+    if method == "attribution":
+        if attribution is None:
+            raise ValueError(f"interventions.select.{experiment} = attribution: no attribution table given")
+        features = select_attributed(attribution, opts["k"], opts["sign"])
+    else:
+        features = select_features(probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"],
+                                   direction)
     if not features:
-        raise DataError(f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric}")
+        raise DataError(f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric} "
+                        f"(selected by {method})")
     random = matched_random(stats, features, seed=opts["seed"], pool=opts["random_pool"],
                             exclude=probe_json.get("top_features") or [])
     typical = dict(zip(features + random, typical_activation(stats, features + random, opts["scale"])))
@@ -481,7 +521,7 @@ def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: 
     result = effects(scores, metric, expected, experiment, [m for m in metrics if m in scores.columns],
                      opts["max_perplexity_ratio"], seed=opts["seed"])
     result.update(experiment=experiment, metric=metric, direction=direction, layer=layer, hook_point=hook,
-                  features=features, random_features=random, typical_activation={str(k): v for k, v in typical.items()},
+                  select=method, features=features, random_features=random, typical_activation={str(k): v for k, v in typical.items()},
                   scale=opts["scale"], alphas=opts["alphas"] if experiment in SWEPT else None,
                   positions=opts["positions"], max_perplexity_ratio=opts["max_perplexity_ratio"],
                   noop=noop_check(generations),
@@ -517,7 +557,9 @@ def headline(blocks: list[dict], cfg: dict) -> dict:
             if any(v is None for v in entry.values()):
                 continue
             entry.update(cell=best["cell"], layer=best["layer"], sae=best["sae"], model=best.get("model"),
-                         alpha=report["alpha"], features=best["features"], n=report["n"])
+                         alpha=report["alpha"], condition=report.get("condition", "features"),
+                         features=report.get("features", best["features"]), selected_by=best.get("select", "probe"),
+                         n=report["n"])
             if report.get("vs_control"):
                 entry["p_vs_control"] = report["vs_control"]["p"]
             out.setdefault(experiment, {})[metric] = entry

@@ -488,6 +488,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             color, marker, width = styles.get(name, (None, ".", 1.0))
             label = {"features": f"top features {block['features']}", "random": "matched random features",
                      "flipped": "top features, sign flipped"}.get(name, name.replace("_", " "))
+            if name == report.get("condition"):
+                label += " (reported)"
             stats = [r["metrics"][metric] for r in chosen]
             ok = [s["mean"] is not None for s in stats]
             axes[0].errorbar([x for x, k in zip(xs, ok) if k], [s["mean"] for s, k in zip(stats, ok) if k],
@@ -512,14 +514,21 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             axes[0].axhspan(base["ci_low"], base["ci_high"], color="tab:blue", alpha=0.12)
             axes[0].axhline(base["mean"], color="tab:blue", lw=1.2, label="no-op splice (95% CI)")
     else:
-        order = ["noop", "features", "random"] + sorted({r["condition"] for r in rows if r["role"] == "single"})
+        # each single feature next to its own matched random control
+        singles = sorted({r["condition"] for r in rows if r["role"] == "single"})
+        order, colors = ["noop", "features", "random"], ["tab:blue", "tab:red", "tab:gray"]
+        for name in singles:
+            control = "random_" + name.split("_", 1)[1]
+            order += [name] + ([control] if any(r["condition"] == control for r in rows) else [])
+            colors += ["tab:orange"] + (["silver"] if order[-1] == control else [])
         chosen = [next(r for r in rows if r["condition"] == name) for name in order]
-        colors = ["tab:blue", "tab:red", "tab:gray"] + ["tab:orange"] * (len(order) - 3)
         stats = [r["metrics"][metric] for r in chosen]
         means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
         errs = [[(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
                 [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats]]
         labels = ["no-op", "top features", "matched random"] + [n.replace("_", " ") for n in order[3:]]
+        labels = [label + (" (reported)" if name == report.get("condition") else "")
+                  for name, label in zip(order, labels)]
         axes[0].bar(range(len(order)), means, yerr=errs, color=colors, capsize=4)
         axes[0].set_xticks(range(len(order)), labels, rotation=20, ha="right")
         axes[1].bar(range(len(order)), [_ratio(r) for r in chosen], color=colors)

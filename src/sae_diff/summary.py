@@ -244,8 +244,8 @@ def _interventions_block(blocks: list[dict]) -> dict:
     for block in blocks:
         out.setdefault(block["experiment"], {}).setdefault(block["cell"], {}).setdefault(
             f"layer{block['layer']}", {}).setdefault(block["sae"], {})[block["metric"]] = {
-            "model": block.get("model"), "features": block["features"], "random_features": block["random_features"],
-            "alphas": block.get("alphas"), "noop_identical": block["noop"]["identical"], "report": block["report"],
+            "model": block.get("model"), "select": block.get("select", "probe"), "features": block["features"],
+            "random_features": block["random_features"], "alphas": block.get("alphas"), "noop_identical": block["noop"]["identical"], "report": block["report"],
             "selection": block.get("selection")}
     return out
 

@@ -196,6 +196,13 @@ def intervention_run(w):
     raise ValueError(f"no configured intervention {w.experiment} {w.cell} layer{w.layer} {w.sae} {w.metric}")
 
 
+def selected_by(experiment):
+    """probe or attribution: how this experiment picks its features."""
+    from sae_diff.interventions import selection_method
+
+    return selection_method(config["interventions"], experiment)
+
+
 def intervention_spec(w):
     run = intervention_run(w)
     path, wheres = cfglib.intervention_prompts(config)

@@ -1,5 +1,37 @@
-# Causal tests: the probes' top features of each cell, ablated in the iteration's model and
-# steered into the base model during generation, against no-op, random and sign-flipped controls.
+# Causal tests: each cell's top features (by probe, or by fork attribution), ablated in the
+# iteration's model and steered into the base model during generation, against no-op, random
+# and sign-flipped controls.
+
+
+rule attribute:
+    """Fork attribution: which of a cell's SAE features the cell's model uses where two of its
+    completions of one prompt part ways on the metric."""
+    input:
+        model=lambda w: f"results/models/{cfglib.Cell.parse(w.cell).model}",
+        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
+        sae="results/saes/{cell}/layer{layer}/{sae}/sae_weights.safetensors",
+    output:
+        table="results/attribution/{cell}/layer{layer}/{sae}/{metric}.parquet",
+        summary="results/attribution/{cell}/layer{layer}/{sae}/{metric}.json",
+    params:
+        spec=lambda w: spec(interventions={"attribution": config["interventions"]["attribution"],
+                                           "seed": config["interventions"]["seed"]},
+                            direction=cfglib.metric_direction(config, w.metric),
+                            hook_point=config["saes"][w.sae].get("hook_point", "resid_post"), **placement()),
+        sae_dir=lambda w, input: str(Path(input.sae).parent),
+    conda:
+        "../envs/torch.yaml"
+    log:
+        "logs/attribute/{cell}_layer{layer}_{sae}_{metric}.log",
+    benchmark:
+        bench("attribute", "{cell}_layer{layer}_{sae}_{metric}")
+    threads: 8
+    resources:
+        mem_mb=8000,
+    shell:
+        "sae-diff attribute --spec {params.spec:q} --layer {wildcards.layer} --metric {wildcards.metric} "
+        "--model-dir {input.model} --samples {input.samples} --sae-dir {params.sae_dir} --out {output.table} "
+        "--threads {threads} --no-progress > {log} 2>&1"
 
 
 rule intervene:
@@ -9,6 +41,8 @@ rule intervene:
         sae=lambda w: f"results/saes/{w.cell}/layer{w.layer}/{w.sae}/sae_weights.safetensors",
         probe="results/probes/{cell}/layer{layer}/{sae}/{metric}.json",
         stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+        attribution=lambda w: [f"results/attribution/{w.cell}/layer{w.layer}/{w.sae}/{w.metric}.parquet"]
+        if selected_by(w.experiment) == "attribution" else [],
     output:
         generations="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/generations.parquet",
         scores="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/scores.parquet",
@@ -18,6 +52,7 @@ rule intervene:
         out_dir=lambda w, output: str(Path(output.effects).parent),
         sae_dir=lambda w, input: str(Path(input.sae).parent),
         model=lambda w: intervention_run(w).model,
+        attribution=lambda w, input: f"--attribution {input.attribution}" if input.attribution else "",
     wildcard_constraints:
         experiment="ablation|steering|clamping",
     conda:
@@ -33,5 +68,5 @@ rule intervene:
         "sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
         "--model {params.model} --model-dir {input.model} --base-dir {input.base} --sae-dir {params.sae_dir} "
-        "--probe {input.probe} --stats {input.stats} --out-dir {params.out_dir} "
+        "--probe {input.probe} --stats {input.stats} {params.attribution} --out-dir {params.out_dir} "
         "--threads {threads} --no-progress > {log} 2>&1"
