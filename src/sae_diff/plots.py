@@ -526,7 +526,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
         errs = [[(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
                 [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats]]
-        labels = ["no-op", "top features", "matched random"] + [n.replace("_", " ") for n in order[3:]]
+        labels = ["no-op", "top features", "matched random"] + [
+            n.replace("random_", "random for ").replace("_", " ") for n in order[3:]]
         labels = [label + (" (reported)" if name == report.get("condition") else "")
                   for name, label in zip(order, labels)]
         axes[0].bar(range(len(order)), means, yerr=errs, color=colors, capsize=4)
