@@ -174,7 +174,7 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
                           d_sae, n_eval_tokens, len(contexts))
     examples = top_examples(feat, act, pos, sample, contexts, tokenizer, n_examples, context_window)
     mean = pooled_sum / n_completion.clamp_min(1)[:, None]
-    pooled = {"sample_id": torch.as_tensor(np.asarray(sample_ids, dtype=np.int64)), "max": pooled_max,
+    pooled = {"sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)), "max": pooled_max,
               "mean": mean, "l0_sum": l0_sum, "act_sum": act_sum, "n_tokens": n_tokens,
               "n_completion_tokens": n_completion}
     return FeaturePass(stats=stats, examples=examples, pooled=pooled)
