@@ -130,13 +130,14 @@ def cmd_features(args) -> None:
     models.set_threads(args.threads)
     place = models.placement(spec)
     cell = f"{args.model}_{args.data}"
-    model, tokenizer = models.load(args.model_dir, device="cpu")   # the logit lens runs on the CPU
+    # one copy of the model, placed like every other model job: the logit lens and (with
+    # activations.cache: false) the streamed shards both use it
+    model, tokenizer = place.load(args.model_dir)
     samples = pd.read_parquet(args.samples)
-    reuse = (model, tokenizer) if place.device == "cpu" and place.device_map is None else None
     for name, block in spec["saes"].items():
         hook = block.get("hook_point", "resid_post")
         store, = open_stores([Path(args.acts_root) / cell / site_dir(args.layer, hook)], args.model_dir,
-                             args.samples, place, loaded=reuse)
+                             args.samples, place, loaded=(model, tokenizer))
         summary = features.write(
             Path(args.saes_root) / cell / f"layer{args.layer}" / name, store, samples,
             Path(args.out_root) / cell / f"layer{args.layer}" / name, spec["features"], model=model,

@@ -206,19 +206,20 @@ def logit_lens(sae, model, tokenizer, k: int = 10, chunk: int = 512) -> pd.DataF
     """
     from . import models
 
-    unembed = model.get_output_embeddings().weight.detach().float()        # [vocab, d]
+    unembed = model.get_output_embeddings().weight.detach().float()        # [vocab, d], on the model's device
+    device = unembed.device                                                 # the products run there, not on the CPU
     norm = models.final_norm(model)
     gamma = getattr(norm, "weight", None)
-    gamma = gamma.detach().float() if gamma is not None else torch.ones(unembed.shape[1])
+    gamma = gamma.detach().float().to(device) if gamma is not None else torch.ones(unembed.shape[1], device=device)
     dec = sae.W_dec.detach().float()
     if dec.shape[1] != unembed.shape[1]:
         raise ValueError(f"decoder width {dec.shape[1]} differs from the model's d_model {unembed.shape[1]}")
     top_ids, bottom_ids, top_vals, bottom_vals = [], [], [], []
     for start in range(0, len(dec), chunk):
-        logits = (dec[start:start + chunk] * gamma) @ unembed.T
-        t = logits.topk(k, dim=1)
-        b = logits.topk(k, dim=1, largest=False)
-        top_ids.append(t.indices), top_vals.append(t.values), bottom_ids.append(b.indices), bottom_vals.append(b.values)
+        logits = (dec[start:start + chunk].to(device) * gamma) @ unembed.T
+        t, b = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+        top_ids.append(t.indices.cpu()), top_vals.append(t.values.cpu())
+        bottom_ids.append(b.indices.cpu()), bottom_vals.append(b.values.cpu())
     top_ids, bottom_ids = torch.cat(top_ids).numpy(), torch.cat(bottom_ids).numpy()
     decode = np.vectorize(lambda i: tokenizer.decode([int(i)]), otypes=[object])
     return pd.DataFrame({
