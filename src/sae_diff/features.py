@@ -211,12 +211,12 @@ def logit_lens(sae, model, tokenizer, k: int = 10, chunk: int = 512) -> pd.DataF
     norm = models.final_norm(model)
     gamma = getattr(norm, "weight", None)
     gamma = gamma.detach().float().to(device) if gamma is not None else torch.ones(unembed.shape[1], device=device)
-    dec = sae.W_dec.detach().float()
+    dec = sae.W_dec.detach().float().to(device)
     if dec.shape[1] != unembed.shape[1]:
         raise ValueError(f"decoder width {dec.shape[1]} differs from the model's d_model {unembed.shape[1]}")
     top_ids, bottom_ids, top_vals, bottom_vals = [], [], [], []
     for start in range(0, len(dec), chunk):
-        logits = (dec[start:start + chunk].to(device) * gamma) @ unembed.T
+        logits = (dec[start:start + chunk] * gamma) @ unembed.T
         t, b = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         top_ids.append(t.indices.cpu()), top_vals.append(t.values.cpu())
         bottom_ids.append(b.indices.cpu()), bottom_vals.append(b.values.cpu())
