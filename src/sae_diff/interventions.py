@@ -26,6 +26,7 @@ single feature, and alpha), the other reports it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -140,28 +141,65 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
     from . import models
 
     apply = editor(sae, edit, models.site_device(model, layer, hook))
-    state = {"prefill": False}
-
-    def note_prefill(_module, _args, kwargs):
-        cache = kwargs.get("past_key_values")
-        state["prefill"] = cache is None or cache.get_seq_length() == 0
+    prefill = PrefillTracker()
 
     def edit_output(_module, _inputs, output):
-        if (edit.positions == "generated" and state["prefill"]) or (edit.positions == "prompt" and not state["prefill"]):
+        if edit.positions != "all" and (edit.positions == "prompt") != prefill.now:
             return output
         x = _first(output)
         edited = apply(x)
         return output if edited is x else _replace_first(output, edited)
 
-    handles = [models.hook_module(model, layer, hook).register_forward_hook(edit_output)]
-    if edit.positions != "all":
-        handles.append(model.register_forward_pre_hook(note_prefill, with_kwargs=True))
+    handle = models.hook_module(model, layer, hook).register_forward_hook(edit_output)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (prefill.track(model) if edit.positions != "all" else contextlib.nullcontext()):
             yield
     finally:
-        for handle in handles:
+        handle.remove()
+
+
+class PrefillTracker:
+    """Tells whether the model's current forward reads the prompt (the prefill) or decodes.
+
+    A counter reset per ``generate`` call: the first forward of a call is its prefill, every later
+    one a decoding step; a forward outside ``generate`` reads its whole input, like a prefill.
+    This relies on nothing but ``generate`` and the forward being called, not on what transformers
+    passes to the forward (the cache's keyword, ``cache_position`` and the attention mask all
+    changed or vanished across releases: 5.24 passes ``cache=`` and no mask when nothing is padded).
+    """
+
+    def __init__(self) -> None:
+        self.calls: int | None = None   # forwards so far in the running generate call; None outside
+        self.now = True
+
+    def _on_forward(self, _module, _args) -> None:
+        self.now = self.calls is None or self.calls == 0
+        if self.calls is not None:
+            self.calls += 1
+
+    @contextlib.contextmanager
+    def track(self, model):
+        original = model.generate   # the bound method; an instance attribute shadows it below
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            outer, self.calls = self.calls, 0
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls = outer
+
+        shadowed = vars(model).get("generate")
+        model.generate = generate
+        handle = model.register_forward_pre_hook(self._on_forward)
+        try:
+            yield self
+        finally:
             handle.remove()
+            if shadowed is None:
+                del model.generate
+            else:
+                model.generate = shadowed
 
 
 # --------------------------------------------------------------------------- feature choice
