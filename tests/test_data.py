@@ -75,6 +75,36 @@ def test_table_missing_column_names_file_and_column(tmp_path, frame):
         data.load_table(dict(TABLE_SPEC, path=str(path), metric_columns=["pLDDT"]))
 
 
+@pytest.mark.parametrize("content, message", [
+    ("seq,family,activity\n", r"t.csv: no rows \(a header without data\?\)"),
+    ("seq,family,activity\nMKV,a,0.1\n,b,0.5\n", r"column 'seq': 1 of 2 rows have no text .* first rows \[1\]"),
+    ("seq,family,activity\nMKV,a,0.1\nMKL,b,high\n", r"column 'activity': 1 values are not numbers, first 'high' in row 1"),
+    ("seq,family,activity\nMKV,a,0.1\nMKL,b,inf\nMAA,a,\n",
+     r"column 'activity': 2 values are missing, NaN or infinite, first rows \[1, 2\].*non_finite: drop"),
+])
+def test_bad_table_cells_are_named_at_the_door(tmp_path, content, message):
+    """Each bad input stops at load with the file, column, count and first row named."""
+    path = tmp_path / "t.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        data.load_table(dict(TABLE_SPEC, path=str(path)))
+
+
+def test_non_finite_metrics_are_dropped_only_when_asked(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("seq,family,activity\nMKV,a,0.1\nMKL,b,nan\nMAA,a,0.9\n")
+    table = data.load_table(dict(TABLE_SPEC, path=str(path), non_finite="drop"))
+    assert table["text"].tolist() == ["MKV", "MAA"] and table["sample_id"].tolist() == [0, 1]
+    np.testing.assert_allclose(table["activity"], [0.1, 0.9])
+
+
+def test_non_utf8_table_names_the_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"seq,family,activity\nMKV,a,0.1\nMK\xe9L,b,0.5\n")
+    with pytest.raises(DataError, match=r"t.csv: not UTF-8 text at line 3 \(data row 1 .*\), byte 3"):
+        data.load_table(dict(TABLE_SPEC, path=str(path)))
+
+
 def test_split_is_seeded_and_sized():
     table = pd.DataFrame({"sample_id": range(100), "text": ["x"] * 100})
     a = data.assign_split(table, 0.2, seed=3)

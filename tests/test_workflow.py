@@ -282,10 +282,12 @@ def test_lint_is_clean():
 
 
 def test_pretrained_saes_are_imported(finished_run):
-    """SAEs the user already has (here: copies of trained ones) enter the grid through import_sae."""
+    """SAEs the user already has (here: copies of trained ones) enter the grid through import_sae,
+    from a folder whose name holds a space, ';', '$(...)' and backticks: the path reaches the
+    command as one quoted argument and nothing in it runs."""
     import shutil
 
-    external = finished_run / "external"
+    external = finished_run / "external SAEs;$(touch pwned_dollar);`touch pwned_tick`"
     shutil.copytree(finished_run / "results" / "saes", external, dirs_exist_ok=True)
     path = _variant(finished_run, lambda c: c["saes"].update(
         mine={"source": "pretrained", "path": str(external / "{model}_{data}" / "layer{layer}" / "topk")}))
@@ -301,6 +303,7 @@ def test_pretrained_saes_are_imported(finished_run):
     ours = load_file(str(finished_run / target))
     theirs = load_file(str(external / "M1_D1" / "layer1" / "topk" / "sae_weights.safetensors"))
     assert all((ours[k] == theirs[k]).all() for k in theirs)
+    assert not list(finished_run.rglob("pwned*")) and not list(ROOT.glob("pwned*"))
 
 
 def test_protein_example_runs_end_to_end(tmp_path):

@@ -471,7 +471,7 @@ def intervention_runs(cfg: dict) -> list[InterventionRun]:
     Iteration i's cell is MiDi (branch MXDX) or M0Di (M0DX); ablation runs in Mi, steering and
     clamping in M0. Iteration 0 (the base cell) has nothing to compare and is skipped.
     """
-    from .interventions import EXPERIMENTS
+    from .experiments import EXPERIMENTS
 
     block = cfg["interventions"]
     probed = probe_metrics(cfg)

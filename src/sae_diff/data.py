@@ -174,7 +174,7 @@ def _read_any(path: Path, fmt: str) -> pd.DataFrame:
                             "expected .csv, .parquet, .jsonl or .fasta, or set format")
     try:
         if fmt == "csv":
-            return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", encoding="utf-8")
         if fmt == "parquet":
             return pd.read_parquet(path)
         if fmt == "jsonl":
@@ -186,10 +186,60 @@ def _read_any(path: Path, fmt: str) -> pd.DataFrame:
             raise DataError(f"{path}: no FASTA records found")
         return pd.DataFrame({"id": [r.id for r in records], "description": [r.description for r in records],
                              "text": [str(r.seq) for r in records]})
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text at {_first_bad_utf8(path)}; save the file as UTF-8") from None
     except (ValueError, OSError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: could not read as {fmt} ({str(exc).splitlines()[0]})") from None
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """Where a file's first byte that is not UTF-8 sits: its line (line 1 is a CSV's header, so
+    data row r, counted from 0 as in every other message, is line r + 2) and byte in that line
+    (the reader's own error gives an offset into whatever chunk it was decoding)."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (f"line {number} (data row {number - 2} for a CSV with a header), byte {exc.start + 1} of "
+                    f"that line ({line[exc.start:exc.start + 1]!r})")
+    return "an unknown place"
+
+
+def check_table(table: pd.DataFrame, path: Path, text_column: str, metric_columns: list[str],
+                non_finite: str = "error") -> pd.DataFrame:
+    """Stop at the door on what would crash or mislead a later stage: no rows, text cells that are
+    missing, empty or not text, metric cells that are not numbers or not finite (each named by
+    column, count and first row). ``non_finite: drop`` drops those rows instead, with a count."""
+    if table.empty:
+        raise DataError(f"{path}: no rows (a header without data?); expected at least one sample")
+    text = table["text"]
+    bad = text.map(lambda v: not isinstance(v, str) or not v.strip())
+    if bad.any():
+        rows = list(table.index[bad][:5])
+        raise DataError(f"{path}: column {text_column!r}: {int(bad.sum())} of {len(table)} rows have no text "
+                        f"(missing, empty or not a string), first rows {rows}; expected text in every row")
+    for column in metric_columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        unreadable = values.isna() & table[column].notna()
+        if unreadable.any():
+            row = int(table.index[unreadable][0])
+            raise DataError(f"{path}: column {column!r}: {int(unreadable.sum())} values are not numbers, first "
+                            f"{table[column][row]!r} in row {row}; expected numbers")
+        table[column] = values.astype(float)
+        infinite = ~np.isfinite(table[column].to_numpy())
+        if infinite.any():
+            rows = list(table.index[infinite][:5])
+            if non_finite != "drop":
+                raise DataError(f"{path}: column {column!r}: {int(infinite.sum())} values are missing, NaN or "
+                                f"infinite, first rows {rows}; fill them or set non_finite: drop")
+            log.warning("%s: column %r: dropped %d rows whose value is missing, NaN or infinite (first rows %s)",
+                        path, column, int(infinite.sum()), rows)
+            table = table[~infinite]
+    table = table.reset_index(drop=True)
+    table["sample_id"] = np.arange(len(table))
+    return table
 
 
 def load_table(spec: dict) -> pd.DataFrame:
@@ -212,12 +262,10 @@ def load_table(spec: dict) -> pd.DataFrame:
         "text": raw[spec["text_column"]].astype(str).to_numpy(),
     })
     table["prompt_text"] = table["prompt"]
+    table["text"] = raw[spec["text_column"]].to_numpy()   # as read: check_table names non-text cells
     for column in [*spec["group_columns"], *spec["metric_columns"]]:
         table[column] = raw[column].to_numpy()
-    if table["text"].str.len().eq(0).any():
-        bad = int(table.index[table["text"].str.len().eq(0)][0])
-        raise DataError(f"{path}: row {bad} has an empty {spec['text_column']!r}")
-    return table
+    return check_table(table, path, spec["text_column"], spec["metric_columns"], spec.get("non_finite", "error"))
 
 
 def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:

@@ -83,6 +83,14 @@ def _lora_config(spec: dict):
                       target_modules=spec["target_modules"], task_type="CAUSAL_LM")
 
 
+def _checkpointing_argument(config_class) -> str:
+    """The training-arguments field that turns activation (gradient) checkpointing on."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _callback(log_path: Path):
     """A TrainerCallback writing every logged dict as one JSON line (loss, rewards, margins)."""
     from transformers import TrainerCallback
@@ -135,13 +143,15 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
     train = datasets.Dataset.from_pandas(
         pairs.rename(columns={"prompt_text": "prompt"})[["prompt", "chosen", "rejected"]], preserve_index=False)
     on_cuda = device.startswith("cuda")
+    # transformers 5.24 renamed gradient_checkpointing (removed in v6): pass the name this release has
+    checkpointing = {_checkpointing_argument(DPOConfig): spec["gradient_checkpointing"]}
     args = DPOConfig(
         output_dir=str(work_dir), beta=spec["beta"], learning_rate=spec["learning_rate"], max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["gradient_accumulation"],
         max_length=spec["max_length"], seed=spec["seed"], data_seed=spec["seed"], logging_steps=1, report_to=[],
         save_strategy="steps" if spec["checkpoint_every"] else "no", save_steps=spec["checkpoint_every"] or 500,
         save_total_limit=1, save_only_model=False, bf16=place.autocast == "bf16", use_cpu=not on_cuda,
-        gradient_checkpointing=spec["gradient_checkpointing"], lr_scheduler_type="constant_with_warmup",
+        **checkpointing, lr_scheduler_type="constant_with_warmup",
         warmup_steps=spec["warmup_steps"], disable_tqdm=not progress, dataloader_num_workers=0,
         dataset_num_proc=None)
     log_path = work_dir / "dpo_log.jsonl"

@@ -39,17 +39,12 @@ import pandas as pd
 import torch
 
 from .errors import DataError
+from .experiments import EDIT_KINDS, EXPERIMENTS, POSITIONS, SWEPT, selection_method  # noqa: F401
 from .sae.model import SAE
 from .stats import bootstrap_mean, bootstrap_shift
 
 log = logging.getLogger(__name__)
 
-EDIT_KINDS = ("noop", "ablate", "steer", "clamp")
-POSITIONS = ("all", "generated", "prompt")
-# experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
-# fine-tuned model and steers the base model
-EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
-SWEPT = ("steering", "clamping")   # experiments with an alpha grid
 
 
 # --------------------------------------------------------------------------- hooks
@@ -233,15 +228,6 @@ def select_features(probe: pd.DataFrame, top: list[int], k: int, sign: str, dire
         if len(chosen) == k:
             break
     return chosen
-
-
-def selection_method(opts: dict, experiment: str) -> str:
-    """How an experiment's features are chosen: ``probe`` or ``attribution``."""
-    select = opts.get("select", "probe")
-    method = select.get(experiment, "probe") if isinstance(select, dict) else select
-    if method not in ("probe", "attribution"):
-        raise ValueError(f"interventions.select.{experiment} = {method!r}: expected probe or attribution")
-    return method
 
 
 def select_attributed(attribution: pd.DataFrame, k: int, sign: str) -> list[int]:

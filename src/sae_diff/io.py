@@ -29,20 +29,44 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+# written into every folder atomic_dir makes: only such folders (or empty ones) are ever replaced
+OWNER_MARKER = ".written-by-sae-diff"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; it replaces ``target`` on success."""
+    """Yield a temporary folder beside ``target``; it replaces ``target`` on success.
+
+    An existing ``target`` is replaced only if this tool wrote it (its marker file is inside) or
+    it is empty: a user's folder given as an output is an error before any work starts, never
+    deleted.
+    """
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        (tmp / OWNER_MARKER).write_text("written by sae-diff, which replaces this folder when it rebuilds it\n")
         if target.exists():
+            check_replaceable(target)
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(target: Path) -> None:
+    """Raise unless ``target`` is absent, an empty folder, or a folder this tool wrote."""
+    from .errors import DataError
+
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and ((target / OWNER_MARKER).exists() or not any(target.iterdir())):
+        return
+    raise DataError(f"{target}: exists and was not written by sae-diff (no {OWNER_MARKER} inside); refusing to "
+                    "replace it. Move it away or choose another output folder")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

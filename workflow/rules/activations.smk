@@ -23,5 +23,5 @@ rule extract_activations:
         mem_mb=8000,
     shell:
         "sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--model-dir {input.model} --samples {input.samples} --out-dir {params.out_dir} "
-        "--threads {threads} > {log} 2>&1"
+        "--model-dir {input.model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
+        "--threads {threads} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 # Config validation, the grid of cells, and the target lists every other rule file uses.
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def streaming_inputs(w, model=None, data=None):
 
 def streaming_args(w, model=None, data=None):
     files = streaming_inputs(w, model, data)
-    return f"--model-dir {files['stream_model']} --samples {files['stream_samples']}" if files else ""
+    if not files:
+        return ""
+    return f"--model-dir {shlex.quote(files['stream_model'])} --samples {shlex.quote(files['stream_samples'])}"
 
 
 def one_of(ids):
@@ -198,7 +201,7 @@ def intervention_run(w):
 
 def selected_by(experiment):
     """probe or attribution: how this experiment picks its features."""
-    from sae_diff.interventions import selection_method
+    from sae_diff.experiments import selection_method
 
     return selection_method(config["interventions"], experiment)
 

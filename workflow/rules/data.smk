@@ -20,7 +20,7 @@ rule make_data:
         mem_mb=4000,
     shell:
         "sae-diff make-data --spec {params.spec:q} --data {wildcards.data} "
-        "--threads {threads} --out {output} > {log} 2>&1"
+        "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule score_data:
@@ -39,7 +39,7 @@ rule score_data:
         bench("score_data", "{data}")
     threads: 1
     shell:
-        "sae-diff score --spec {params.spec:q} --samples {input} --out {output} > {log} 2>&1"
+        "sae-diff score --spec {params.spec:q} --samples {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule iterations:
@@ -57,5 +57,5 @@ rule iterations:
     log:
         "logs/iterations/iterations.log",
     shell:
-        "sae-diff iterations --spec {params.spec:q} --samples {input} --examples {output.examples} "
-        "--out {output.json} > {log} 2>&1"
+        "sae-diff iterations --spec {params.spec:q} --samples {input:q} --examples {output.examples:q} "
+        "--out {output.json:q} > {log:q} 2>&1"

@@ -26,5 +26,5 @@ rule evaluate_saes:
         mem_mb=8000,
     shell:
         "sae-diff evaluate --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --model-dir {input.model} --samples {input.samples} "
-        "--threads {threads} --out-dir {params.out_dir} > {log} 2>&1"
+        "--layer {wildcards.layer} --model-dir {input.model:q} --samples {input.samples:q} "
+        "--threads {threads} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -23,8 +23,8 @@ rule feature_stats:
         mem_mb=8000,
     shell:
         "sae-diff features --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --model-dir {input.model} --samples {input.samples} "
-        "--threads {threads} --no-progress > {log} 2>&1"
+        "--layer {wildcards.layer} --model-dir {input.model:q} --samples {input.samples:q} "
+        "--threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule train_seed_sae:
@@ -48,7 +48,7 @@ rule train_seed_sae:
         mem_mb=8000,
     shell:
         "sae-diff train --spec {params.spec:q} --model M0 --data D0 --layer {wildcards.layer} "
-        "--out-root results/calibration/seed_saes {params.stream} --threads {threads} --no-progress > {log} 2>&1"
+        "--out-root results/calibration/seed_saes {params.stream} --threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule calibrate:
@@ -69,7 +69,7 @@ rule calibrate:
         "sae-diff calibrate --spec {params.spec:q} --layer {wildcards.layer} "
         "--saes results/saes/M0_D0/layer{wildcards.layer} "
         "--seed-saes results/calibration/seed_saes/M0_D0/layer{wildcards.layer} "
-        "--out-dir results/calibration/layer{wildcards.layer} > {log} 2>&1"
+        "--out-dir results/calibration/layer{wildcards.layer} > {log:q} 2>&1"
 
 
 rule diff_saes:
@@ -95,7 +95,7 @@ rule diff_saes:
     shell:
         "sae-diff diff --spec {params.spec:q} --a {wildcards.a} --b {wildcards.b} --layer {wildcards.layer} "
         "--calibration results/calibration/layer{wildcards.layer} "
-        "--out-dir results/diff/{wildcards.a}__{wildcards.b}/layer{wildcards.layer} > {log} 2>&1"
+        "--out-dir results/diff/{wildcards.a}__{wildcards.b}/layer{wildcards.layer} > {log:q} 2>&1"
 
 
 rule evolution:
@@ -113,7 +113,7 @@ rule evolution:
         "logs/evolution/layer{layer}.log",
     shell:
         "sae-diff evolution --spec {params.spec:q} --layer {wildcards.layer} "
-        "--out-dir results/evolution/layer{wildcards.layer} > {log} 2>&1"
+        "--out-dir results/evolution/layer{wildcards.layer} > {log:q} 2>&1"
 
 
 rule probes:
@@ -130,7 +130,7 @@ rule probes:
     params:
         spec=lambda w: spec(saes=config["saes"], probes=config["probes"], metrics=PROBE_METRICS,
                             **({} if config["activations"]["cache"] else placement())),
-        model_dir=lambda w, input: f"--model-dir {input.model}" if input.model else "",
+        model_dir=lambda w, input: f"--model-dir {shlex.quote(str(input.model))}" if input.model else "",
     conda:
         "../envs/analysis.yaml"
     log:
@@ -139,7 +139,7 @@ rule probes:
         bench("probes", "{model}_{data}_layer{layer}")
     shell:
         "sae-diff probe --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --samples {input.samples} {params.model_dir} > {log} 2>&1"
+        "--layer {wildcards.layer} --samples {input.samples:q} {params.model_dir:q} > {log:q} 2>&1"
 
 
 rule probe_comparison:
@@ -159,4 +159,4 @@ rule probe_comparison:
     log:
         "logs/probe_comparison/layer{layer}.log",
     shell:
-        "sae-diff probe-compare --spec {params.spec:q} --layer {wildcards.layer} --out {output} > {log} 2>&1"
+        "sae-diff probe-compare --spec {params.spec:q} --layer {wildcards.layer} --out {output:q} > {log:q} 2>&1"

@@ -15,7 +15,7 @@ rule figure_iterations:
     log:
         "logs/figures/iterations.log",
     shell:
-        "sae-diff figure iterations --spec {params.spec:q} --input iterations={input} --out {output} > {log} 2>&1"
+        "sae-diff figure iterations --spec {params.spec:q} --input iterations={input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_statistics:
@@ -32,8 +32,8 @@ rule figure_statistics:
     log:
         "logs/figures/statistics/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure statistics --spec {params.spec:q} --input features=$(dirname {input}) "
-        "--title {params.title:q} --out {output} > {log} 2>&1"
+        "sae-diff figure statistics --spec {params.spec:q} --input features=$(dirname {input:q}) "
+        "--title {params.title:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_bias:
@@ -51,8 +51,8 @@ rule figure_bias:
     log:
         "logs/figures/bias/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure bias --spec {params.spec:q} --input features=$(dirname {input.stats}) "
-        "--input samples={input.samples} --title {params.title:q} --out {output} > {log} 2>&1"
+        "sae-diff figure bias --spec {params.spec:q} --input features=$(dirname {input.stats:q}) "
+        "--input samples={input.samples:q} --title {params.title:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_embeddings:
@@ -70,8 +70,8 @@ rule figure_embeddings:
     log:
         "logs/figures/embeddings/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure embeddings --spec {params.spec:q} --input features=$(dirname {input.stats}) "
-        "--input samples={input.samples} --title {params.title:q} --out {output} > {log} 2>&1"
+        "sae-diff figure embeddings --spec {params.spec:q} --input features=$(dirname {input.stats:q}) "
+        "--input samples={input.samples:q} --title {params.title:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_coactivation:
@@ -90,10 +90,10 @@ rule figure_coactivation:
     log:
         "logs/figures/coactivation/{cell}_layer{layer}_{sae}_{column}.log",
     shell:
-        "(sae-diff figure coactivation --spec {params.spec:q} --input features=$(dirname {input}) "
-        "--title {params.title:q} --out {output.full} && "
-        "sae-diff figure coactivation_top --spec {params.spec:q} --input features=$(dirname {input}) "
-        "--title {params.title:q} --out {output.top}) > {log} 2>&1"
+        "(sae-diff figure coactivation --spec {params.spec:q} --input features=$(dirname {input:q}) "
+        "--title {params.title:q} --out {output.full:q} && "
+        "sae-diff figure coactivation_top --spec {params.spec:q} --input features=$(dirname {input:q}) "
+        "--title {params.title:q} --out {output.top:q}) > {log:q} 2>&1"
 
 
 rule figure_coactivation_layers:
@@ -113,7 +113,7 @@ rule figure_coactivation_layers:
         "logs/figures/coactivation_layers/{cell}_{sae}_{column}.log",
     shell:
         "sae-diff figure coactivation_layers --spec {params.spec:q} {params.panels} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_evolution:
@@ -129,7 +129,7 @@ rule figure_evolution:
     log:
         "logs/figures/evolution/layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure evolution --spec {params.spec:q} --input evolution={input} --out {output} > {log} 2>&1"
+        "sae-diff figure evolution --spec {params.spec:q} --input evolution={input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_similarity:
@@ -152,8 +152,8 @@ rule figure_similarity:
     log:
         "logs/figures/similarity/layer{layer}_{sae}_{branch}.log",
     shell:
-        "sae-diff figure similarity --spec {params.spec:q} {params.panels} --input null={params.null} "
-        "--input thresholds={input.calibration} --title {params.title:q} --out {output} > {log} 2>&1"
+        "sae-diff figure similarity --spec {params.spec:q} {params.panels} --input null={params.null:q} "
+        "--input thresholds={input.calibration:q} --title {params.title:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure_probe_auroc:
@@ -172,8 +172,8 @@ rule figure_probe_auroc:
     log:
         "logs/figures/probe_auroc/layer{layer}_{sae}_{metric}.log",
     shell:
-        "sae-diff figure probe_auroc --spec {params.spec:q} --input comparison={input} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure probe_auroc --spec {params.spec:q} --input comparison={input:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_probe_importance:
@@ -190,8 +190,8 @@ rule figure_probe_importance:
     log:
         "logs/figures/probe_importance/{cell}_layer{layer}_{sae}_{metric}.log",
     shell:
-        "sae-diff figure probe_importance --spec {params.spec:q} --input probe={input} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure probe_importance --spec {params.spec:q} --input probe={input:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_probe_overlap:
@@ -209,8 +209,8 @@ rule figure_probe_overlap:
     log:
         "logs/figures/probe_overlap/layer{layer}_{sae}_{metric}.log",
     shell:
-        "sae-diff figure probe_overlap --spec {params.spec:q} --input comparison={input} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure probe_overlap --spec {params.spec:q} --input comparison={input:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_dose_response:
@@ -230,8 +230,8 @@ rule figure_dose_response:
     log:
         "logs/figures/dose_response/{experiment}_{cell}_layer{layer}_{sae}_{metric}.log",
     shell:
-        "sae-diff figure dose_response --spec {params.spec:q} --input effects={input} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure dose_response --spec {params.spec:q} --input effects={input:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_training:
@@ -249,8 +249,8 @@ rule figure_training:
     log:
         "logs/figures/training/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure training --spec {params.spec:q} --input log={params.log} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure training --spec {params.spec:q} --input log={params.log:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_density:
@@ -267,8 +267,8 @@ rule figure_density:
     log:
         "logs/figures/density/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure density --spec {params.spec:q} --input eval={input} --title {params.title:q} "
-        "--out {output} > {log} 2>&1"
+        "sae-diff figure density --spec {params.spec:q} --input eval={input:q} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule figure_loss_by_position:
@@ -286,5 +286,5 @@ rule figure_loss_by_position:
     log:
         "logs/figures/loss_by_position/{cell}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff figure loss_by_position --spec {params.spec:q} --input table={input.table} --input eval={input.eval} "
-        "--title {params.title:q} --out {output} > {log} 2>&1"
+        "sae-diff figure loss_by_position --spec {params.spec:q} --input table={input.table:q} --input eval={input.eval:q} "
+        "--title {params.title:q} --out {output:q} > {log:q} 2>&1"

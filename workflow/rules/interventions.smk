@@ -30,8 +30,8 @@ rule attribute:
         mem_mb=8000,
     shell:
         "sae-diff attribute --spec {params.spec:q} --layer {wildcards.layer} --metric {wildcards.metric} "
-        "--model-dir {input.model} --samples {input.samples} --sae-dir {params.sae_dir} --out {output.table} "
-        "--threads {threads} --no-progress > {log} 2>&1"
+        "--model-dir {input.model:q} --samples {input.samples:q} --sae-dir {params.sae_dir:q} --out {output.table:q} "
+        "--threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule intervene:
@@ -52,7 +52,7 @@ rule intervene:
         out_dir=lambda w, output: str(Path(output.effects).parent),
         sae_dir=lambda w, input: str(Path(input.sae).parent),
         model=lambda w: intervention_run(w).model,
-        attribution=lambda w, input: f"--attribution {input.attribution}" if input.attribution else "",
+        attribution=lambda w, input: f"--attribution {shlex.quote(str(input.attribution))}" if input.attribution else "",
     wildcard_constraints:
         experiment="ablation|steering|clamping",
     conda:
@@ -67,6 +67,6 @@ rule intervene:
     shell:
         "sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
-        "--model {params.model} --model-dir {input.model} --base-dir {input.base} --sae-dir {params.sae_dir} "
-        "--probe {input.probe} --stats {input.stats} {params.attribution} --out-dir {params.out_dir} "
-        "--threads {threads} --no-progress > {log} 2>&1"
+        "--model {params.model:q} --model-dir {input.model:q} --base-dir {input.base:q} --sae-dir {params.sae_dir:q} "
+        "--probe {input.probe:q} --stats {input.stats:q} {params.attribution} --out-dir {params.out_dir:q} "
+        "--threads {threads} --no-progress > {log:q} 2>&1"

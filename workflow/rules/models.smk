@@ -22,7 +22,7 @@ rule prepare_model:
         mem_mb=4000,
     shell:
         "sae-diff prepare-model --spec {params.spec:q} --model {wildcards.model} "
-        "--threads {threads} --out {output} > {log} 2>&1"
+        "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_dpo:
@@ -46,5 +46,5 @@ rule finetune_dpo:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples} "
-        "--threads {threads} --no-progress --out {output} > {log} 2>&1"
+        "sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples:q} "
+        "--threads {threads} --no-progress --out {output:q} > {log:q} 2>&1"

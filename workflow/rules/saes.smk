@@ -23,7 +23,7 @@ rule train_sae:
         mem_mb=8000,
     shell:
         "sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} {params.stream} --threads {threads} > {log} 2>&1"
+        "--layer {wildcards.layer} {params.stream} --threads {threads} > {log:q} 2>&1"
 
 
 rule import_sae:
@@ -42,5 +42,5 @@ rule import_sae:
     log:
         "logs/import_sae/{model}_{data}_layer{layer}_{sae}.log",
     shell:
-        "sae-diff import-sae --path {input} --format {params.format} {params.transcoder} "
-        "--out {params.out_dir} > {log} 2>&1"
+        "sae-diff import-sae --path {input:q} --format {params.format:q} {params.transcoder} "
+        "--out {params.out_dir:q} > {log:q} 2>&1"

@@ -18,6 +18,6 @@ rule summary:
         "logs/summary/summary.log",
     shell:
         "sae-diff summary --spec {params.spec:q} --results results "
-        "--benchmarks {input.benchmarks} --figures {input.figures} --table {output.table} "
+        "--benchmarks {input.benchmarks:q} --figures {input.figures:q} --table {output.table:q} "
         "{params.wandb} "
-        "--out {output.json} > {log} 2>&1"
+        "--out {output.json:q} > {log:q} 2>&1"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_dir
+from ..errors import DataError
+from ..io import atomic_dir, sha256_file
 from .model import SAE, SAEConfig
 
 # the SAELens config format we write; without a 6.x version SAELens reads cfg.json as pre-6.0
@@ -23,6 +24,7 @@ SAELENS_FORMAT_VERSION = "6.54.0"
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
                 "matryoshka": "jumprelu"}
 OURS = "sae_diff.json"
+WEIGHTS = "sae_weights.safetensors"
 
 
 def saelens_cfg(sae: SAE) -> dict:
@@ -68,10 +70,27 @@ def save(sae: SAE, folder: str | Path, extra: dict | None = None) -> Path:
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        save_file(weights(sae), str(tmp / "sae_weights.safetensors"))
+        save_file(weights(sae), str(tmp / WEIGHTS))
         (tmp / "cfg.json").write_text(json.dumps(saelens_cfg(sae), indent=2))
-        (tmp / OURS).write_text(json.dumps({"config": sae.cfg.to_dict(), **(extra or {})}, indent=2, default=str))
+        # checksums of the files later stages trust, verified by load(): a flipped byte in the
+        # weights would otherwise give plausible but wrong metrics
+        sums = {name: sha256_file(tmp / name) for name in (WEIGHTS, "cfg.json")}
+        (tmp / OURS).write_text(json.dumps({"config": sae.cfg.to_dict(), **(extra or {}), "sha256": sums},
+                                           indent=2, default=str))
     return folder
+
+
+def verify(folder: Path, recorded: dict) -> None:
+    """The folder's files match the checksums save() wrote beside them (a clear error if not)."""
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.exists():
+            raise DataError(f"{path}: missing (listed in {folder / OURS}); rebuild the SAE: delete {folder} "
+                            "and rerun the workflow (rule train_sae or import_sae)")
+        if sha256_file(path) != digest:
+            raise DataError(f"{path}: corrupted (sha256 differs from the one recorded in {folder / OURS} when it "
+                            "was written); rebuild the SAE: delete its folder and rerun the workflow "
+                            "(rule train_sae or import_sae), e.g. snakemake --forcerun train_sae <target>")
 
 
 def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, dict, Path]:
@@ -82,16 +101,24 @@ def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, di
     for path in (cfg_path, weights_path):
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing (expected a {layout} SAE folder)")
-    return json.loads(cfg_path.read_text()), load_file(str(weights_path)), cfg_path
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:   # safetensors raises its own SafetensorError on a truncated file
+        raise DataError(f"{weights_path}: not a readable safetensors file ({error}); rebuild or re-export it "
+                        "(for an SAE of this workflow: delete its folder and rerun)") from error
+    return json.loads(cfg_path.read_text()), tensors, cfg_path
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
     """Load an SAE saved by us or by SAELens (standard, topk, jumprelu)."""
     folder = Path(folder)
-    lens, tensors, cfg_path = _read_folder(folder, "sae_weights.safetensors", "SAELens-layout")
     ours = folder / OURS
-    if ours.exists():
-        cfg = SAEConfig(**json.loads(ours.read_text())["config"])
+    record = json.loads(ours.read_text()) if ours.exists() else None
+    if record is not None and "sha256" in record:
+        verify(folder, record["sha256"])
+    lens, tensors, cfg_path = _read_folder(folder, WEIGHTS, "SAELens-layout")
+    if record is not None:
+        cfg = SAEConfig(**record["config"])
     else:
         arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(lens.get("architecture"))
         if arch is None:

@@ -1,0 +1,23 @@
+"""The intervention experiments as the grid sees them: their kinds, edits and feature choice.
+
+Torch-free on purpose: the Snakefile reads these while it parses (every local run and every
+SLURM job step parses it), and ``sae_diff.interventions`` imports torch.
+"""
+
+from __future__ import annotations
+
+EDIT_KINDS = ("noop", "ablate", "steer", "clamp")
+POSITIONS = ("all", "generated", "prompt")
+# experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
+# fine-tuned model and steers the base model
+EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
+SWEPT = ("steering", "clamping")   # experiments with an alpha grid
+
+
+def selection_method(opts: dict, experiment: str) -> str:
+    """How an experiment's features are chosen: ``probe`` or ``attribution``."""
+    select = opts.get("select", "probe")
+    method = select.get(experiment, "probe") if isinstance(select, dict) else select
+    if method not in ("probe", "attribution"):
+        raise ValueError(f"interventions.select.{experiment} = {method!r}: expected probe or attribution")
+    return method
