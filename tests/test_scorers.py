@@ -108,6 +108,8 @@ def test_command_scorer_fasta_input(tmp_path):
     ("open(__import__('sys').argv[2], 'w').write('not json\\n')", "line 1 is not JSON"),
     ("open(__import__('sys').argv[2], 'w').write('{\"id\": 0}\\n')", "lacks metric 'plddt'"),
     ("open(__import__('sys').argv[2], 'w').write('{\"id\": 5, \"plddt\": 1}\\n')", "no output for sample id 0"),
+    ("open(__import__('sys').argv[2], 'w').write('{\"id\": 0, \"plddt\": \"high\"}\\n')",
+     "output line 1: metric 'plddt' = 'high' is not a number"),
     ("raise SystemExit(3)", "exit status 3"),
     ("pass", "wrote no output file"),
 ])
@@ -115,6 +117,14 @@ def test_command_scorer_bad_output_is_clear(tmp_path, body, message):
     cmd = _script(tmp_path, body)
     with pytest.raises(ScorerError, match=message):
         scorers.score(_table(["MKV"]), [{"name": "command", "command": cmd, "metrics": ["plddt"]}])
+
+
+def test_command_scorer_keeps_braces_other_than_its_placeholders():
+    """Only {input} and {output} are filled: a dict literal (or awk's '{print}') needs no escaping."""
+    code = "import json, sys; r = {'id': 0, 'plddt': 1.5}; open(sys.argv[2], 'w').write(json.dumps(r))"
+    cmd = f'{sys.executable} -c "{code}" {{input}} {{output}}'
+    out = scorers.score(_table(["MKV"]), [{"name": "command", "command": cmd, "metrics": ["plddt"]}])
+    assert out["plddt"].tolist() == [1.5]
 
 
 def test_command_scorer_missing_program():

@@ -184,10 +184,21 @@ def protparam(table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- external
 
 
+def fill_command(template: str, src: Path, dst: Path) -> str:
+    """The user's command line with its ``{input}`` and ``{output}`` placeholders filled (quoted).
+
+    Only these two placeholders are replaced; every other brace stays as written, so
+    ``awk '{print $1}'`` needs no escaping. The line runs in a shell (``shell=True``): it is the
+    user's own command, like a Snakemake ``shell:`` line; nothing else in sae-diff uses a shell.
+    """
+    return template.replace("{input}", shlex.quote(str(src))).replace("{output}", shlex.quote(str(dst)))
+
+
 @register("command")
 def command(table: pd.DataFrame, command: str, metrics: list[str], format: str = "jsonl",
             timeout_s: float = 86400) -> pd.DataFrame:
-    """Run an external program on the samples: it reads {input} and writes JSONL to {output}.
+    """Run an external program on the samples: it reads {input} and writes JSONL to {output}
+    (the only placeholders: other braces in the command stay as written).
 
     Input: JSONL lines ``{"id": sample_id, "text": ...}`` or FASTA records ``>sample_id``.
     Output: one JSON object per line with ``id`` and every name in ``metrics``.
@@ -201,7 +212,7 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
                     fh.write(f">{sid}\n{text}\n")
                 else:
                     fh.write(json.dumps({"id": int(sid), "text": str(text)}) + "\n")
-        cmd = command.format(input=shlex.quote(str(src)), output=shlex.quote(str(dst)))
+        cmd = fill_command(command, src, dst)
         try:
             proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -225,6 +236,12 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
             missing = [m for m in metrics if m not in record]
             if missing:
                 raise ScorerError(f"command scorer {command!r}: output line {n} lacks metric {missing[0]!r}")
+            for metric in metrics:
+                try:
+                    record[metric] = float(record[metric])
+                except (TypeError, ValueError):
+                    raise ScorerError(f"command scorer {command!r}: output line {n}: metric {metric!r} = "
+                                      f"{record[metric]!r} is not a number") from None
             values[int(record["id"])] = record
     absent = [int(s) for s in table["sample_id"] if int(s) not in values]
     if absent:
