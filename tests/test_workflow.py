@@ -359,3 +359,20 @@ def test_uncached_activations_give_the_same_saes_features_and_probes(finished_ru
         pd.testing.assert_frame_equal(pd.read_parquet(work / stats), pd.read_parquet(finished_run / stats))
         probe = f"results/probes/M0_D0/{site}/{name}/n_chars.json"
         assert json.loads((work / probe).read_text()) == json.loads((finished_run / probe).read_text())
+
+
+def test_a_users_model_folder_edited_in_place_reruns_its_conversion(finished_run, tmp_path):
+    """A model the user brings (source: hf, a local folder) is tracked by its files' sizes and
+    times: editing a file inside reruns prepare_model (Snakemake alone sees only the folder)."""
+    import shutil
+
+    user_model = tmp_path / "my checkpoint"
+    shutil.copytree(finished_run / "results" / "models" / "M0", user_model)
+    path = _variant(tmp_path, lambda c: c["models"].update(M0={"source": "hf", "path": str(user_model)}))
+    target = "results/models/M0"
+    built = snakemake(tmp_path, "--cores", "1", target, configfile=path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert planned(snakemake(tmp_path, "-n", target, configfile=path)) == {}
+    config_json = user_model / "config.json"
+    config_json.write_text(config_json.read_text())          # the same bytes, written again in place
+    assert planned(snakemake(tmp_path, "-n", target, configfile=path)) == {"prepare_model": 1}

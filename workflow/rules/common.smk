@@ -81,6 +81,35 @@ def streaming_args(w, model=None, data=None):
     return f"--model-dir {shlex.quote(files['stream_model'])} --samples {shlex.quote(files['stream_samples'])}"
 
 
+def source_fingerprint(path):
+    """What the user brought (a model folder, a data table), as (name, size, mtime) of every file:
+    an in-place edit changes the job's params and reruns it. Snakemake compares a folder input's
+    own mtime, which a changed file inside does not touch; hashing contents would read every
+    checkpoint at every parse."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return None   # a hub id resolved from the local cache: its revision is in the spec
+    digest = hashlib.sha256()
+    for item in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        if item.is_file():
+            stat = item.stat()
+            name = item.relative_to(root) if root.is_dir() else item.name
+            digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_source(w):
+    block = config["models"][w.model]
+    return source_fingerprint(block["path"]) if block["source"] == "hf" else None
+
+
+def data_source(w):
+    block = config["data"][w.data]
+    return source_fingerprint(block["path"]) if block["source"] == "table" else None
+
+
 def one_of(ids):
     """A wildcard constraint matching exactly these ids (nothing when empty)."""
     return "|".join(ids) if ids else "(?!x)x"

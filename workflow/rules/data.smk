@@ -9,6 +9,7 @@ rule make_data:
         "results/data/{data}/raw.parquet",
     params:
         spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], **placement()),
+        source=data_source,   # a user's table edited in place reruns what reads it
     conda:
         "../envs/torch.yaml"
     log:

@@ -139,7 +139,7 @@ rule probes:
         bench("probes", "{model}_{data}_layer{layer}")
     shell:
         "sae-diff probe --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --samples {input.samples:q} {params.model_dir:q} > {log:q} 2>&1"
+        "--layer {wildcards.layer} --samples {input.samples:q} {params.model_dir} > {log:q} 2>&1"
 
 
 rule probe_comparison:

@@ -11,6 +11,7 @@ rule prepare_model:
         directory("results/models/{model}"),
     params:
         spec=lambda w: spec(models={w.model: config["models"][w.model]}),
+        source=model_source,   # a user's model folder edited in place reruns its conversion
     conda:
         "../envs/torch.yaml"
     log:
