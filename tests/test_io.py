@@ -78,3 +78,26 @@ def test_a_truncated_sae_file_is_a_named_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(DataError, match=r"sae_weights.safetensors: not a readable safetensors file"):
         files.load(folder)
+
+
+def test_folders_written_before_the_marker_are_still_ours(tmp_path):
+    """An SAE folder from an earlier sae-diff (sae_diff.json, no marker) is rebuilt, not refused."""
+    target = tmp_path / "sae"
+    target.mkdir()
+    (target / "sae_diff.json").write_text("{}")
+    (target / "cfg.json").write_text("{}")
+    with io.atomic_dir(target) as tmp:
+        (tmp / "cfg.json").write_text('{"new": true}')
+    assert json.loads((target / "cfg.json").read_text()) == {"new": True} and not (target / "sae_diff.json").exists()
+
+
+def test_training_refuses_a_users_folder_before_it_trains(tmp_path):
+    """The check runs at the start of the job, not after hours of training."""
+    from sae_diff.sae import train as train_lib
+
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.md").write_text("mine")
+    with pytest.raises(DataError, match="exists and was not written by sae-diff"):
+        train_lib.train(store=None, specs=[], out_dirs=[target], n_tokens=1)   # fails before reading the store
+    assert (target / "notes.md").read_text() == "mine"

@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "cpu.lock"
 
 
-def _pins(path: Path) -> dict[str, str]:
+def _pins(path: Path, here_only: bool = False) -> dict[str, str]:
+    """name -> locked version; ``here_only``: only the lines whose environment marker holds here."""
+    from packaging.markers import Marker
+
     pins = {}
     for line in path.read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9._-]+)==(\S+)", line)
-        if match:
+        match = re.match(r"^([A-Za-z0-9._-]+)==([^\s;]+)\s*(?:;\s*(.+))?$", line)
+        if match and not (here_only and match.group(3) and not Marker(match.group(3)).evaluate()):
             pins[_norm(match.group(1))] = match.group(2)
     return pins
 
@@ -55,7 +58,7 @@ def test_the_running_venv_is_the_lock():
     """Every locked package is installed at exactly its locked version (make test installs the lock);
     torch's build label (+cpu, +cu128) may differ: GPU users bring their own build of the same release."""
     wrong = {}
-    for name, version in _pins(LOCK).items():
+    for name, version in _pins(LOCK, here_only=True).items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -127,6 +127,15 @@ def test_command_scorer_keeps_braces_other_than_its_placeholders():
     assert out["plddt"].tolist() == [1.5]
 
 
+def test_command_scorer_null_is_nan_and_old_doubled_braces_still_work(tmp_path):
+    """JSON null (no value for a sample) becomes NaN; a template written for the earlier
+    str.format filling, with literal braces doubled, keeps its meaning."""
+    code = "import json, sys; open(sys.argv[2], 'w').write(json.dumps({{'id': 0, 'plddt': None}}))"
+    cmd = f'{sys.executable} -c "{code}" {{input}} {{output}}'
+    out = scorers.score(_table(["MKV"]), [{"name": "command", "command": cmd, "metrics": ["plddt"]}])
+    assert np.isnan(out["plddt"].iloc[0])
+
+
 def test_command_scorer_missing_program():
     with pytest.raises(ScorerError, match="program not found"):
         scorers.score(_table(["MKV"]), [{"name": "command", "command": "no-such-folding-tool {input} {output}",

@@ -59,3 +59,13 @@ def test_a_live_run_in_the_folder_keeps_its_lock(tmp_path):
         alive.kill()
         alive.wait()
     assert any(locks.iterdir())
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([b"/work/.venv/bin/snakemake", b"--cores", b"2"], True),
+    ([b"/usr/bin/python3", b"-m", b"snakemake", b"results/summary.json"], True),
+    ([b"tail", b"-f", b".snakemake/log/2026-11-30T1200.snakemake.log"], False),   # reads a log, runs nothing
+    ([b"vim", b"Snakefile"], False),
+])
+def test_only_snakemake_itself_counts_as_a_live_run(argv, expected):
+    assert unlock._is_snakemake(argv) is expected

@@ -237,6 +237,8 @@ def check_table(table: pd.DataFrame, path: Path, text_column: str, metric_column
             log.warning("%s: column %r: dropped %d rows whose value is missing, NaN or infinite (first rows %s)",
                         path, column, int(infinite.sum()), rows)
             table = table[~infinite]
+            if table.empty:
+                raise DataError(f"{path}: column {column!r}: no row is left after dropping the non-finite values")
     table = table.reset_index(drop=True)
     table["sample_id"] = np.arange(len(table))
     return table

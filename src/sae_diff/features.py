@@ -254,9 +254,10 @@ def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame,
     from safetensors.torch import save_file
 
     from . import groups
-    from .io import atomic_dir, write_json
+    from .io import atomic_dir, check_replaceable, write_json
     from .sae import files
 
+    check_replaceable(Path(out_dir))   # before the feature pass, not after it
     sae = files.load(sae_dir)
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)

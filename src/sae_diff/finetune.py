@@ -17,7 +17,7 @@ import pandas as pd
 
 from .data import select
 from .errors import DataError
-from .io import atomic_dir, crash_point, write_parquet
+from .io import atomic_dir, check_replaceable, crash_point, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
         raise DataError(f"DPO for {out_dir}: no preference pairs (every prompt's samples tie on the target "
                         "metric); generate more samples per prompt, lower pairs.margin or use pairs.missing: worst")
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)   # a user's folder at out_dir: an error before the DPO round
     work_dir = Path(work_dir) if work_dir else out_dir.parent / f".{out_dir.name}.dpo-work"
     work_dir.mkdir(parents=True, exist_ok=True)
     place = models.as_placement(place)

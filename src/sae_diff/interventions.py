@@ -161,6 +161,8 @@ class PrefillTracker:
     This relies on nothing but ``generate`` and the forward being called, not on what transformers
     passes to the forward (the cache's keyword, ``cache_position`` and the attention mask all
     changed or vanished across releases: 5.24 passes ``cache=`` and no mask when nothing is padded).
+    It assumes one forward reads the whole prompt, as plain ``generate`` does; a chunked prefill
+    (``prefill_chunk_size``) or assisted decoding would need another rule.
     """
 
     def __init__(self) -> None:

@@ -31,6 +31,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 # written into every folder atomic_dir makes: only such folders (or empty ones) are ever replaced
 OWNER_MARKER = ".written-by-sae-diff"
+# files that sae-diff folders written before the marker existed always hold (SAE, model, features)
+LEGACY_SIGNATURES = ("sae_diff.json", "sae_diff_model.json", "groups.json")
 
 
 @contextlib.contextmanager
@@ -63,8 +65,10 @@ def check_replaceable(target: Path) -> None:
 
     if not target.exists() and not target.is_symlink():
         return
-    if target.is_dir() and not target.is_symlink() and ((target / OWNER_MARKER).exists() or not any(target.iterdir())):
-        return
+    if target.is_dir() and not target.is_symlink():
+        ours = [target / name for name in (OWNER_MARKER, *LEGACY_SIGNATURES)]
+        if any(path.exists() for path in ours) or not any(target.iterdir()):
+            return
     raise DataError(f"{target}: exists and was not written by sae-diff (no {OWNER_MARKER} inside); refusing to "
                     "replace it. Move it away or choose another output folder")
 

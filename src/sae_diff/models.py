@@ -165,6 +165,9 @@ def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .io import check_replaceable
+
+    check_replaceable(Path(out_dir))   # a user's folder at out_dir: an error before the conversion
     spec = models_cfg[model_id]
     source = spec["source"]
     info = {"model_id": model_id, "source": source, "spec": spec}

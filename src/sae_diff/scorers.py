@@ -190,8 +190,17 @@ def fill_command(template: str, src: Path, dst: Path) -> str:
     Only these two placeholders are replaced; every other brace stays as written, so
     ``awk '{print $1}'`` needs no escaping. The line runs in a shell (``shell=True``): it is the
     user's own command, like a Snakemake ``shell:`` line; nothing else in sae-diff uses a shell.
+    A template written for the earlier ``str.format`` filling (literal braces doubled as ``{{ }}``)
+    is still filled that way, so existing configs keep their meaning.
     """
-    return template.replace("{input}", shlex.quote(str(src))).replace("{output}", shlex.quote(str(dst)))
+    src, dst = shlex.quote(str(src)), shlex.quote(str(dst))
+    if "{{" in template or "}}" in template:
+        try:
+            return template.format(input=src, output=dst)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ScorerError(f"command scorer {template!r}: doubled braces mark a format template, whose only "
+                              f"placeholders are {{input}} and {{output}} ({exc!r}); write single braces instead") from None
+    return template.replace("{input}", src).replace("{output}", dst)
 
 
 @register("command")
@@ -237,6 +246,9 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
             if missing:
                 raise ScorerError(f"command scorer {command!r}: output line {n} lacks metric {missing[0]!r}")
             for metric in metrics:
+                if record[metric] is None:      # JSON null: no value for this sample, kept as NaN
+                    record[metric] = float("nan")
+                    continue
                 try:
                     record[metric] = float(record[metric])
                 except (TypeError, ValueError):

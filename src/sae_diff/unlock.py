@@ -4,7 +4,8 @@
 
 A run killed with SIGKILL (or a closed laptop) leaves ``.snakemake/locks/``; the next run then
 stops with a LockException. Unlocking while another run is alive would let two runs write the
-same files, so this looks for a live Snakemake process whose working folder is this one first.
+same files, so this looks for a live Snakemake process whose working folder is this one first
+(on this machine only: a run on another host of a shared file system is not seen).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ def live_snakemake_here(workdir: Path) -> list[int]:
             cwd = Path(os.readlink(entry / "cwd")).resolve()
         except OSError:
             continue   # gone meanwhile, or not ours to read
-        if cwd == here and any(b"snakemake" in part for part in argv[:3]):
+        if cwd == here and _is_snakemake(argv):
             found.append(int(entry.name))
     return found
+
+
+def _is_snakemake(argv: list[bytes]) -> bool:
+    """A Snakemake process by its command line: the snakemake executable, or python -m snakemake
+    (not any command that merely names a file under .snakemake/, such as tail -f of a log)."""
+    names = [os.path.basename(part.decode(errors="replace")) for part in argv[:3]]
+    return "snakemake" in names or any(a == "-m" and b == "snakemake" for a, b in zip(names, names[1:]))
 
 
 def unlock(workdir: Path, configfile: Path | None = None) -> str:

@@ -110,6 +110,11 @@ def data_source(w):
     return source_fingerprint(block["path"]) if block["source"] == "table" else None
 
 
+def input_args(named_paths):
+    """`--input NAME=PATH` flags for a figure verb, each NAME=PATH quoted as one argument."""
+    return " ".join(f"--input {shlex.quote(f'{name}={path}')}" for name, path in named_paths)
+
+
 def one_of(ids):
     """A wildcard constraint matching exactly these ids (nothing when empty)."""
     return "|".join(ids) if ids else "(?!x)x"

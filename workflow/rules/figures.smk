@@ -104,8 +104,8 @@ rule figure_coactivation_layers:
                subcategory="across layers", caption="../report/coactivation.rst"),
     params:
         spec=lambda w: spec(figure=config["figures"]["coactivation_layers"], column=w.column),
-        panels=lambda w, input: " ".join(f"--input layer{layer}={Path(path).parent}"
-                                         for layer, path in zip(config["layers"], input)),
+        panels=lambda w, input: input_args((f"layer{layer}", Path(path).parent)
+                                           for layer, path in zip(config["layers"], input)),
         title="{sae} SAE on {cell}: mean activation by {column} across layers",
     conda:
         "../envs/analysis.yaml"
@@ -142,9 +142,8 @@ rule figure_similarity:
                subcategory="layer {layer}", caption="../report/similarity.rst"),
     params:
         spec=figure_spec("similarity"),
-        panels=lambda w, input: " ".join(
-            f"--input {a.name}→{b.name}={Path(path).with_suffix('.parquet')}"
-            for (a, b), path in zip(branch_steps(w.branch), input.diffs)),
+        panels=lambda w, input: input_args((f"{a.name}→{b.name}", Path(path).with_suffix(".parquet"))
+                                           for (a, b), path in zip(branch_steps(w.branch), input.diffs)),
         null="results/calibration/layer{layer}/{sae}_null.parquet",
         title="{sae} SAE, layer {layer}, branch {branch}: matched decoder cosine per step",
     conda:

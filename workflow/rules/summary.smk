@@ -11,7 +11,7 @@ rule summary:
         wandb=["results/wandb/run.json"] if config["wandb"]["mode"] != "disabled" else [],
     params:
         spec=lambda w: spec(**config, sae_order=SAES),  # JSON sorts keys; the headline follows config order
-        wandb=lambda w, output: f"--wandb-out {output.wandb[0]}" if output.wandb else "",
+        wandb=lambda w, output: f"--wandb-out {shlex.quote(output.wandb[0])}" if output.wandb else "",
     conda:
         "../envs/analysis.yaml"
     log:

@@ -160,6 +160,10 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from ..io import check_replaceable
+
+    for out_dir in out_dirs:   # a user's folder at an output path: an error before training, not after
+        check_replaceable(Path(out_dir))
     steps_per_epoch = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
     total_steps = steps_per_epoch * epochs
     work_dir = Path(work_dir or out_dirs[0].parent / ".train_state")
