@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import site_dir
-from .io import atomic_path, crash_point, read_json, sha256_file, write_json
+from .io import atomic_path, crash_point, file_stamps, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,7 @@ def plan_shards(sequences: list[Sequence], shard_tokens: int) -> list[Shard]:
 
 def fingerprint(spec: dict, samples_path: Path, model_dir: Path) -> str:
     """What the shards depend on: the job spec, the samples file and the model files."""
-    parts = [json.dumps(spec, sort_keys=True), sha256_file(samples_path)]
-    for item in sorted(model_dir.iterdir()):
-        if item.is_file():
-            stat = item.stat()
-            parts.append(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    parts = [json.dumps(spec, sort_keys=True), sha256_file(samples_path), *file_stamps(model_dir, recursive=False)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -108,6 +108,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_stamps(root: str | Path, recursive: bool = True) -> list[str]:
+    """``name:size:mtime_ns`` of every file under ``root`` (or of ``root`` itself), sorted: a cheap
+    signature of a folder or file that changes when any file is rewritten, without reading it."""
+    root = Path(root)
+    items = (sorted(root.rglob("*") if recursive else root.iterdir())) if root.is_dir() else [root]
+    stamps = []
+    for item in items:
+        if item.is_file():
+            stat = item.stat()
+            name = item.relative_to(root) if root.is_dir() else item.name
+            stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return stamps
+
+
 def setup_logging(log_file: str | Path | None = None, level: str = "INFO") -> None:
     """Log to stderr (which rules redirect into logs/{rule}/...) and optionally to a file."""
     import logging

@@ -88,16 +88,11 @@ def source_fingerprint(path):
     checkpoint at every parse."""
     import hashlib
 
-    root = Path(path)
-    if not root.exists():
+    from sae_diff.io import file_stamps
+
+    if not Path(path).exists():
         return None   # a hub id resolved from the local cache: its revision is in the spec
-    digest = hashlib.sha256()
-    for item in sorted(root.rglob("*")) if root.is_dir() else [root]:
-        if item.is_file():
-            stat = item.stat()
-            name = item.relative_to(root) if root.is_dir() else item.name
-            digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256("\n".join(file_stamps(path)).encode()).hexdigest()[:16]
 
 
 def model_source(w):
