@@ -126,6 +126,8 @@ def test_non_finite_storage_is_a_clear_error(tiny_model_dir, samples, tmp_path):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1e6)  # residual stream far beyond float16's range
     model.save_pretrained(blown)
+    info = json.loads((blown / models.MODEL_INFO).read_text())   # an edit on purpose: record its checksums
+    (blown / models.MODEL_INFO).write_text(json.dumps({**info, "sha256": models.checksums(blown)}))
     with pytest.raises(ActivationStoreError, match="non-finite activation in float16.*sample"):
         activations.extract(_spec(dtype="float16", layers=[0]), blown, samples, tmp_path / "c", progress=False)
 
@@ -163,3 +165,14 @@ def test_shuffle_buffer_yields_every_token_once(tiny_model_dir, samples, tmp_pat
     torch.testing.assert_close(key(shuffled), key(plain))
     batches = list(store.iter_batches(7, shuffle_buffer=50, seed=1, drop_last=True))
     assert all(len(b) == 7 for b in batches)
+
+
+def test_a_character_the_tokenizer_cannot_read_stops_extraction_naming_the_row(tiny_model_dir, write_samples,
+                                                                               tmp_path):
+    """The tiny model's character vocabulary has no '∂': it would silently become <unk>."""
+    from sae_diff.errors import DataError
+
+    samples = write_samples(["she is a nurse", "a ∂ symbol", "fine"])
+    with pytest.raises(DataError, match=r"row 1 \(sample 1\), column 'text': characters \['∂'\] are not in the "
+                                        r"vocabulary"):
+        activations.extract(_spec(layers=[0]), tiny_model_dir, samples, tmp_path / "out", progress=False)

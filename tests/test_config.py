@@ -136,6 +136,7 @@ def test_pretrained_path_template_is_resolved_for_every_cell(test_config, tmp_pa
     for cell in ("M0_D0", "M0_D1", "M1_D1"):
         (tmp_path / "mine" / cell / "layer1").mkdir(parents=True)
     test_config["saes"] = {"p": {"source": "pretrained", "path": "mine/{model}_{data}/layer{layer}"}}
+    test_config["interventions"]["saes"] = ["p"]   # the interventions' SAEs must be configured ones
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(test_config))
     cfg = cfglib.load(path, base_dirs=[tmp_path, root])

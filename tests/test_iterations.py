@@ -108,6 +108,7 @@ def test_given_method_resolves_the_same_grid_as_dpo(test_config, tmp_path, root,
     given["iterations"] = {"method": "given", "models": [str(tiny_model_dir)],
                            "data": [str(tmp_path / "D0.csv"), str(tmp_path / "D1.csv")],
                            "table": {"metric_columns": ["score"]}, "target": {"metric": "score"}}
+    given["interventions"] = {**given["interventions"], "prompts": "resources/prompts/tiny.txt"}
     given_cfg = _load(given, tmp_path, root)
     assert cfglib.cells(given_cfg) == cfglib.cells(dpo_cfg)
     assert cfglib.model_ids(given_cfg) == cfglib.model_ids(dpo_cfg)

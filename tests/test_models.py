@@ -132,3 +132,30 @@ def test_hf_local_folder_and_uncached_hub_id(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").exists()
     with pytest.raises(ConfigError, match="local cache"):
         models.model_depth({"M1": dict(spec, path="someone/not-cached-model")}, "M1")
+
+
+def test_a_corrupted_or_missing_converted_file_is_named_on_load(tmp_path):
+    """prepare records sha256 of weights, config and tokenizer; load compares them (here against
+    hashlib's digest of the bytes as written) and names the file and the rule that rebuilds it."""
+    import hashlib
+    import json
+
+    from sae_diff.errors import DataError
+    from tests.conftest import TINY_SPEC
+
+    out = tmp_path / "M0"
+    models.prepare("M0", {"M0": dict(TINY_SPEC)}, out)
+    recorded = json.loads((out / models.MODEL_INFO).read_text())["sha256"]
+    assert set(recorded) == {"model.safetensors", "config.json", "tokenizer.json"}
+    assert recorded["model.safetensors"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    models.load(out)   # intact: loads
+    intact = (out / "model.safetensors").read_bytes()
+    weights = bytearray(intact)
+    weights[-300:-44] = bytes(256)   # inside the tensor data: the file still parses
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(DataError, match=r"model.safetensors: corrupted .* rule prepare_model .* --forcerun"):
+        models.load(out)
+    (out / "model.safetensors").write_bytes(intact)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"tokenizer.json: missing"):
+        models.load(out)

@@ -153,3 +153,30 @@ def test_metric_columns_are_the_scorers_then_the_tables_own_each_once():
     specs = [{"name": "length"}, {"name": "command", "metrics": ["plddt"]}]
     data = {"D0": {"metric_columns": ["activity", "n_chars"]}, "D1": {"metric_columns": ["activity"]}, "D2": {}}
     assert scorers.metric_columns(specs, data) == ["n_chars", "n_words", "plddt", "activity"]
+
+
+def test_a_reference_letter_outside_the_matrix_is_named_with_file_and_record(tmp_path):
+    """J is in no substitution matrix: the aligner would fail later without naming the file."""
+    path = tmp_path / "ref.fasta"
+    path.write_text(">refA\nACDQFG\n>refB\nACJDE\n")
+    with pytest.raises(ScorerError, match=r"ref.fasta: record 2 \('refB'\): letters \['J'\] are not in"):
+        scorers.score(_table(["ACDEFG"]), [{"name": "protein_identity", "reference": str(path)}])
+
+
+def test_a_query_letter_outside_the_matrix_names_the_row(reference_fasta):
+    with pytest.raises(ScorerError, match=r"row 1 \(sample 1\): letters \['J'\] are not in BLOSUM62"):
+        scorers.score(_table(["ACDEFG", "ACJJD*"]), [{"name": "protein_identity", "reference": str(reference_fasta)}])
+
+
+def test_a_tables_own_metric_keeps_its_values_when_a_scorer_also_computes_it():
+    """The user's table brings n_chars (deliberately wrong values): they stay; the scorer adds only
+    n_words. A scorer whose every metric the table has is not run (this command would fail)."""
+    table = _table(["one two", "x"], n_chars=[100.0, 200.0])
+    out = scorers.score(table, [{"name": "length"}], own=["n_chars"])
+    assert out["n_chars"].tolist() == [100.0, 200.0] and out["n_words"].tolist() == [2, 1]
+    failing = {"name": "command", "command": f"{sys.executable} -c 'raise SystemExit(3)'", "metrics": ["plddt"],
+               "format": "jsonl"}
+    out = scorers.score(_table(["AC"], plddt=[0.5]), [failing], own=["plddt"])
+    assert out["plddt"].tolist() == [0.5]
+    with pytest.raises(ScorerError, match="'n_chars' already exists"):   # not the table's own: still an error
+        scorers.score(table, [{"name": "length"}])

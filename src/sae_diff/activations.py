@@ -175,7 +175,7 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     import pandas as pd
     import torch
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     from . import models
 
@@ -202,6 +202,9 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         if layer >= depth:
             raise ValueError(f"layer {layer}: model {model_dir} has {depth} blocks (0..{depth - 1})")
     table = pd.read_parquet(samples_path)
+    from .data import check_vocabulary
+
+    check_vocabulary(table, tokenizer, str(samples_path), str(model_dir))   # no silent <unk> activations
     sequences = tokenize(tokenizer, table, opts["max_length"], opts["exclude_special_tokens"],
                          opts["exclude_first_position"])
     shards = plan_shards(sequences, opts["shard_tokens"])
@@ -214,8 +217,8 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     todo = [s for s in shards if (cache or s.split == "eval")
             and not all(shard_path(l, h, s).exists() for l, h in sites)]
     log.info("%s: %d shards (%d already done), %d sites", out_dir.name, len(shards), len(shards) - len(todo), len(sites))
-    bar = tqdm(total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq",
-               disable=not progress)
+    bar = progress_bar(total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq",
+                       enabled=progress)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for shard in todo:
         with place.precision():

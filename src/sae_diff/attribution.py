@@ -79,7 +79,7 @@ def forks(samples: pd.DataFrame, metric: str, direction: str, tokenizer, max_pai
 def attribute(model, sae, layer: int, hook: str, pairs: list[Fork], device: str = "cpu",
               progress: bool = False) -> np.ndarray:
     """[n_pairs, d_sae]: Σ_p f_j(x_p) d_j·∂m/∂x_p per fork (see the module docstring)."""
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     from . import models
     from .interventions import _first, _replace_first
@@ -102,7 +102,7 @@ def attribute(model, sae, layer: int, hook: str, pairs: list[Fork], device: str 
         p.requires_grad_(False)
     handle = site.register_forward_hook(keep_grad)
     try:
-        for i, fork in enumerate(tqdm(pairs, desc="attribution", disable=not progress)):
+        for i, fork in enumerate(bar(pairs, desc="attribution", enabled=progress)):
             ids = torch.tensor([fork.context], device=device)
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()

@@ -46,9 +46,28 @@ def _cell(parser: argparse.ArgumentParser, layer: bool = False) -> None:
 def cmd_validate(args) -> None:
     from . import config as config_lib
 
+    from . import data, models
+
     cfg = config_lib.load(args.configfile)
+    tables = {data_id: data.load_table(spec) for data_id, spec in cfg["data"].items()
+              if spec["source"] == "table"}   # the user's tables, with the checks make-data applies
+    if tables:   # and every text against each tokenizer that is at hand (extraction checks them all)
+        for model_id, spec in cfg["models"].items():
+            tokenizer = models.source_tokenizer(spec, model_id)
+            for data_id, table in tables.items() if tokenizer is not None else ():
+                data.check_vocabulary(table, tokenizer, cfg["data"][data_id]["path"], f"models.{model_id}")
+    for scorer in cfg["scorers"]:   # reference sequences, with the scorer's own check
+        if scorer["name"] == "protein_identity":
+            from . import scorers
+
+            scorers.read_fasta(scorer["reference"], scorers.matrix_alphabet(scorer.get("substitution_matrix",
+                                                                                      "BLOSUM62")))
     print(json.dumps(cfg, indent=2) if args.show else f"{args.configfile}: valid "
           f"({len(config_lib.cells(cfg))} cells, layers {cfg['layers']})")
+    for metric in dict.fromkeys(run.metric for run in config_lib.intervention_runs(cfg)):
+        reason = config_lib.unscored_metric_reason(cfg["scorers"], metric)
+        if reason:
+            print(f"note: interventions on {metric} will be skipped: {reason}", file=sys.stderr)
 
 
 def cmd_prepare_model(args) -> None:
@@ -76,7 +95,7 @@ def cmd_score(args) -> None:
     from . import io, scorers
 
     spec = _spec(args)
-    table = scorers.score(pd.read_parquet(args.samples), spec["scorers"])
+    table = scorers.score(pd.read_parquet(args.samples), spec["scorers"], spec.get("own_metrics", []))
     io.write_parquet(table, args.out)
 
 
@@ -251,7 +270,7 @@ def cmd_intervene(args) -> None:
 
     import pandas as pd
 
-    from . import data, interventions, io, models
+    from . import config, data, interventions, io, models
     from .errors import DataError
 
     spec = _spec(args)
@@ -270,10 +289,10 @@ def cmd_intervene(args) -> None:
     probe_table = Path(args.probe).with_suffix(".parquet")
     out = Path(args.out_dir)
     method = interventions.selection_method(opts, args.experiment)
-    reason = None
-    if method == "probe" and not probe_table.exists():   # too few labelled samples: nothing was picked
+    reason = config.unscored_metric_reason(spec["scorers"], args.metric)
+    if reason is None and method == "probe" and not probe_table.exists():   # too few labelled samples: nothing was picked
         reason = f"the probe {args.probe} was skipped: {probe_json.get('skipped', 'no table')}"
-    if method == "attribution":
+    if reason is None and method == "attribution":
         if not args.attribution:
             raise SystemExit(f"interventions.select.{args.experiment} = attribution: give --attribution")
         summary = json.loads(Path(args.attribution).with_suffix(".json").read_text())
@@ -800,6 +819,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging()
+    from . import progress
+
+    # terminal lines say which job they come from: the verb and the grid point it works on
+    point = [f"layer{value}" if key == "layer" else str(value)
+             for key in ("experiment", "cell", "model", "data", "layer", "sae", "metric")
+             if (value := getattr(args, key, None)) is not None]
+    progress.set_label(" ".join([args.verb, *point]))
     from .errors import USER_ERRORS
 
     start = time.perf_counter()

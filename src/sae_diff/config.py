@@ -172,7 +172,7 @@ def _iteration_entries(cfg: dict) -> tuple[dict, dict]:
         raise ConfigError(f"config error: iterations.data has {len(it['data'])} tables: expected one per model "
                           f"M0..M{len(it['models'])} ({len(it['models']) + 1})")
     models = {f"M{i + 1}": {"source": "hf", "path": path} for i, path in enumerate(it["models"])}
-    data = {f"D{i}": {"source": "table", "path": path, **copy.deepcopy(it["table"])} for i, path in enumerate(it["data"])}
+    data = {f"D{i}": {"source": "table", "path": path, **copy.deepcopy(it.get("table") or {})} for i, path in enumerate(it["data"])}
     return models, data
 
 
@@ -315,6 +315,10 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
                     raise ConfigError(
                         f"config error: layers[{j}] = {layer}: expected a block index below "
                         f"{depth} (model {mid} has {depth} blocks, numbered from 0)")
+    # the interventions' grid and prompts, checked here too: `sae-diff validate` and the DAG
+    # build then accept and refuse the same configs
+    if intervention_runs(cfg):
+        intervention_prompts(cfg)
     return cfg
 
 
@@ -516,6 +520,22 @@ def intervention_runs(cfg: dict) -> list[InterventionRun]:
     return list(dict.fromkeys(runs))
 
 
+def unscored_metric_reason(scorers: list[dict], metric: str) -> str | None:
+    """Why an intervention on ``metric`` cannot be measured, or None when a scorer computes it.
+
+    An intervention scores the texts it generates; a metric that only the user's tables carry
+    has no value on them.
+    """
+    from .scorers import metric_names
+
+    scored = metric_names(scorers)
+    if metric in scored:
+        return None
+    return (f"metric {metric!r} comes only from the data tables: no configured scorer computes it on new "
+            f"generations (scorers compute: {', '.join(scored) or 'nothing'}); add a scorer that does "
+            "(the `command` scorer runs your own program)")
+
+
 def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
     """The interventions' prompt file and the row filters applied to it, in order: its own
     ``prompts`` and ``where``, else the iterations' prompts, their ``where`` and the target's."""
@@ -523,5 +543,7 @@ def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
     if block.get("prompts"):
         return block["prompts"], [block.get("where")]
     if not it.get("prompts"):
-        raise ConfigError("interventions.prompts: required when no iterations block names the prompts")
+        raise ConfigError("config error: interventions.prompts: required when no iterations block names the "
+                          "prompts (method given): the prompts the edited models generate from, one per line "
+                          "or a YAML prompt set")
     return it["prompts"], [it.get("where"), block.get("where", (it.get("target") or {}).get("where"))]

@@ -112,7 +112,7 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
     (up to the first EOS), for token-exact comparisons.
     """
     import torch
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     rows = []
     by = sampling.get("n_per_prompt_by")
@@ -138,7 +138,7 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     batch_size = sampling["batch_size"]
     batches = range(0, len(rows), batch_size)
-    for b_index, start in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+    for b_index, start in enumerate(bar(batches, desc=desc, enabled=progress)):
         batch = rows[start:start + batch_size]
         # prompt_text is always tokenized with the tokenizer's own special tokens (BOS where it
         # adds one), exactly as activation extraction tokenizes it later
@@ -268,6 +268,37 @@ def load_table(spec: dict) -> pd.DataFrame:
     for column in [*spec["group_columns"], *spec["metric_columns"]]:
         table[column] = raw[column].to_numpy()
     return check_table(table, path, spec["text_column"], spec["metric_columns"], spec.get("non_finite", "error"))
+
+
+def unknown_characters(tokenizer, text: str) -> list[str]:
+    """The characters of ``text`` that ``tokenizer`` reads as its unknown token (none for
+    byte-level BPE tokenizers; a character vocabulary misses whatever is not in its alphabet)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or not text:
+        return []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [span for token, span in zip(encoded["input_ids"], encoded["offset_mapping"]) if token == unk]
+    return list(dict.fromkeys(text[a:b] or "?" for a, b in spans if text[a:b] != tokenizer.unk_token))
+
+
+def check_vocabulary(table: pd.DataFrame, tokenizer, source: str, model: str) -> None:
+    """Stop when a text holds characters the model's tokenizer cannot read (they would silently
+    become <unk> in every activation): name the sample, its row and the characters."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    for column in ("prompt_text", "text"):
+        if column not in table.columns:
+            continue
+        texts = table[column].astype(str).tolist()
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]   # one batched pass; offsets only where needed
+        for row in (r for r, seq in enumerate(ids) if unk in seq):
+            missing = unknown_characters(tokenizer, texts[row])
+            if missing:
+                raise DataError(
+                    f"{source}: row {row} (sample {table['sample_id'].iloc[row]}), column {column!r}: characters "
+                    f"{missing} are not in the vocabulary of {model}'s tokenizer (they would be read as "
+                    f"{tokenizer.unk_token}); expected only characters the model knows")
 
 
 def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:

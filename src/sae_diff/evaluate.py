@@ -158,7 +158,7 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     Returns (metrics dict, per-position DataFrame with mean CE clean / spliced / ablated).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     from . import models
     from .activations import tokenize
@@ -170,7 +170,7 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     ce_sums = {name: np.zeros(0) for name in ("clean", "sae", "ablated")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
-    for start in tqdm(range(0, len(order), batch_size), desc="spliced eval", disable=not progress):
+    for start in bar(range(0, len(order), batch_size), desc="spliced eval", enabled=progress):
         seqs = [sequences[i] for i in order[start:start + batch_size]]
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)

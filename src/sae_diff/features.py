@@ -111,7 +111,7 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
 
     sample_ids: every sample id of the cell's table (rows of the pooled matrices, in order).
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     d_sae = sae.cfg.d_sae
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
@@ -124,7 +124,7 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
     firings = {k: [] for k in ("feat", "act", "pos", "sample", "in_prompt")}
     sae = sae.to(device).eval()
     total = store.n_tokens("train") + store.n_tokens("eval")
-    bar = tqdm(total=total, desc="features", unit="tok", disable=not progress)
+    bar = progress_bar(total=total, desc="features", unit="tok", enabled=progress)
     for split in ("eval", "train"):
         for shard in store.iter_shards(split):
             samples = shard["sample_idx"].numpy()

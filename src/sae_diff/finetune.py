@@ -100,6 +100,11 @@ def _callback(log_path: Path):
             if logs:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                if "loss" in logs:
+                    from .progress import note
+
+                    note(f"DPO step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}",
+                         force=state.global_step >= state.max_steps)
 
         def on_save(self, args, state, control, **kwargs):
             crash_point("SAE_DIFF_KILL_AFTER_DPO_STEP", str(state.global_step))  # resume test only
@@ -184,7 +189,8 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
         tokenizer.save_pretrained(tmp)
         info_path = Path(policy_dir) / models.MODEL_INFO
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info.update({"model_id": out_dir.name, "source": "dpo", "parent": str(policy_dir), "dpo": record})
+        info.update({"model_id": out_dir.name, "source": "dpo", "parent": str(policy_dir), "dpo": record,
+                     "sha256": models.checksums(Path(tmp))})
         (tmp / models.MODEL_INFO).write_text(json.dumps(info, indent=2, default=str))
         (tmp / "dpo.json").write_text(json.dumps(record, indent=2, default=str))
         if log_path.exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import ConfigError
-from .io import atomic_dir
+from .io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,34 @@ def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: s
         tokenizer.save_pretrained(tmp)
         info["n_layers"] = n_blocks(model)
         info["d_model"] = int(model.config.get_text_config().hidden_size)
+        info["sha256"] = checksums(Path(tmp))
         (Path(tmp) / MODEL_INFO).write_text(json.dumps(info, indent=2, default=str))
     return Path(out_dir)
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of the files every later stage trusts: the weights, the model config, the tokenizer."""
+    names = sorted(p.name for p in folder.glob("*.safetensors")) + [
+        name for name in ("config.json", "tokenizer.json") if (folder / name).exists()]
+    return {name: sha256_file(folder / name) for name in names}
+
+
+def verify(folder: Path) -> None:
+    """A prepared folder's files match the checksums written beside them when it was made
+    (folders without them, from earlier versions or a user's own, pass as they are)."""
+    from .errors import DataError
+
+    info_path = folder / MODEL_INFO
+    recorded = json.loads(info_path.read_text()).get("sha256") if info_path.exists() else None
+    if not recorded:
+        return
+    rule = "finetune_dpo" if json.loads(info_path.read_text()).get("source") == "dpo" else "prepare_model"
+    for name, digest in recorded.items():
+        path = folder / name
+        problem = "missing" if not path.exists() else "corrupted" if sha256_file(path) != digest else None
+        if problem:
+            raise DataError(f"{path}: {problem} (its sha256 was recorded in {info_path} when rule {rule} wrote it); "
+                            f"rebuild it: snakemake --forcerun {rule} <target> (or delete {folder} and rerun)")
 
 
 def _load_hf(spec: dict, model_id: str):
@@ -209,6 +235,24 @@ def _load_hf(spec: dict, model_id: str):
             f"models.{model_id}.path = {spec['path']!r}: could not load it offline as a safetensors "
             f"HF model ({str(exc).splitlines()[0]}); a hub id must already be in the local cache") from None
     return model, tokenizer
+
+
+def source_tokenizer(spec: dict, model_id: str):
+    """The tokenizer a configured model will have, when it is cheap to get before any job runs
+    (a character alphabet, or a local HF folder); None otherwise (GGUF files, DPO iterations,
+    which inherit their parent's)."""
+    if spec["source"] == "random":
+        return build_char_tokenizer(spec["alphabet"])
+    if spec["source"] != "hf" or not Path(spec["path"]).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec["path"], local_files_only=True,
+                                             trust_remote_code=spec["trust_remote_code"])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"models.{model_id}.path = {spec['path']!r}: no tokenizer could be read from this folder "
+                          f"({str(exc).splitlines()[0]}); expected the tokenizer files beside the weights") from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -283,6 +327,7 @@ def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: not a prepared model folder (no config.json); run prepare_model first")
+    verify(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,6 +7,7 @@ sample. Register a new one with ``@register("name")``; the config schema lists t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shlex
@@ -23,6 +24,8 @@ METRICS: dict[str, tuple[str, ...]] = {}  # the columns each scorer writes (comm
 
 
 from .errors import ScorerError  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 
 def register(name: str, metrics: tuple[str, ...] = ()):
@@ -108,13 +111,26 @@ def length(table: pd.DataFrame) -> pd.DataFrame:
 STANDARD_AA = set("ACDEFGHIKLMNPQRSTVWY")
 
 
-def read_fasta(path: str | Path) -> list[tuple[str, str]]:
+def read_fasta(path: str | Path, alphabet: str | None = None) -> list[tuple[str, str]]:
+    """(id, sequence) per record; with ``alphabet``, a letter outside it is an error naming the
+    file, the record and the letter (the aligner's own error names neither)."""
     from Bio import SeqIO
 
     records = [(r.id, str(r.seq).upper()) for r in SeqIO.parse(str(path), "fasta")]
     if not records:
         raise ScorerError(f"{path}: no FASTA records found")
+    for number, (name, seq) in enumerate(records, start=1):
+        bad = sorted(set(seq) - set(alphabet)) if alphabet is not None else []
+        if bad:
+            raise ScorerError(f"{path}: record {number} ({name!r}): letters {bad} are not in the alphabet of the "
+                              f"substitution matrix ({alphabet}); expected protein sequences in that alphabet")
     return records
+
+
+def matrix_alphabet(substitution_matrix: str = "BLOSUM62") -> str:
+    from Bio.Align import substitution_matrices
+
+    return substitution_matrices.load(substitution_matrix).alphabet
 
 
 def make_aligner(mode: str = "global", substitution_matrix: str = "BLOSUM62", open_gap_score: float = -10.0,
@@ -146,11 +162,17 @@ def _clean_protein(text: str) -> str:
 def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", substitution_matrix: str = "BLOSUM62",
                      open_gap_score: float = -10.0, extend_gap_score: float = -0.5) -> pd.DataFrame:
     """Identity to the nearest reference sequence (max over the FASTA) and that reference's id."""
-    refs = read_fasta(reference)
+    alphabet = matrix_alphabet(substitution_matrix)
+    refs = read_fasta(reference, alphabet)
     aligner = make_aligner(mode, substitution_matrix, open_gap_score, extend_gap_score)
     best_identity, best_ref = [], []
-    for text in table["text"]:
+    for row, text in enumerate(table["text"]):
         query = _clean_protein(text).replace("U", "C").replace("O", "K")  # BLOSUM62 lacks U and O
+        bad = sorted(set(query) - set(alphabet))
+        if bad:
+            raise ScorerError(f"protein_identity: row {row} (sample {table['sample_id'].iloc[row]}): letters {bad} "
+                              f"are not in {substitution_matrix}'s alphabet ({alphabet}); expected protein "
+                              "sequences (fix or drop that row in the table)")
         scores = [alignment_identity(aligner, query, seq) for _, seq in refs]
         if not query or all(math.isnan(s) for s in scores):
             best_identity.append(float("nan"))
@@ -265,14 +287,28 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
 # --------------------------------------------------------------------------- driver
 
 
-def score(table: pd.DataFrame, scorers: list[dict]) -> pd.DataFrame:
-    """Add every configured scorer's metric columns to a copy of the table."""
+def score(table: pd.DataFrame, scorers: list[dict], own: list[str] = ()) -> pd.DataFrame:
+    """Add every configured scorer's metric columns to a copy of the table.
+
+    own: the metric columns the user's table brings. A scorer that also computes one of them
+    (so that interventions can measure it on new generations) leaves the table's values as they
+    are; a scorer whose every metric the table has is not run on it at all (a structure
+    predictor is costly).
+    """
     out = table.copy()
     for i, spec in enumerate(scorers):
         options = {k: v for k, v in spec.items() if k != "name"}
         if spec["name"] not in REGISTRY:
             raise ScorerError(f"scorers[{i}].name = {spec['name']!r}: expected one of {sorted(REGISTRY)}")
+        names = metric_names([spec])
+        if names and set(names) <= set(own):
+            log.info("scorers[%d] (%s): the table brings %s itself; not run on it", i, spec["name"], names)
+            continue
         metrics = REGISTRY[spec["name"]](out, **options)
+        kept = [c for c in metrics.columns if c in own and c in out.columns]
+        if kept:
+            log.info("scorers[%d] (%s): kept the table's own %s", i, spec["name"], kept)
+            metrics = metrics.drop(columns=kept)
         clash = [c for c in metrics.columns if c in out.columns]
         if clash:
             raise ScorerError(f"scorers[{i}] ({spec['name']}): column {clash[0]!r} already exists in the samples")

@@ -190,8 +190,11 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
             block["sae"], {})[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
     if probe_blocks:
         headline["probes"] = probes_headline(probe_blocks, cfg)
-    intervention_blocks = [block for path in sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))
-                           if "skipped" not in (block := read_json(path))]
+    all_intervention_blocks = [read_json(path) for path in
+                               sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))]
+    intervention_blocks = [block for block in all_intervention_blocks if "skipped" not in block]
+    skipped_interventions = [{key: block.get(key) for key in ("experiment", "cell", "layer", "sae", "metric", "skipped")}
+                             for block in all_intervention_blocks if "skipped" in block]
     if intervention_blocks:
         from .interventions import headline as interventions_headline
 
@@ -214,6 +217,8 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
            if evolution_blocks else {}),
         **({"probes": probe_blocks} if probe_blocks else {}),
         **({"interventions": _interventions_block(intervention_blocks)} if intervention_blocks else {}),
+        # experiments that did not run, each with its reason (never silently absent)
+        **({"interventions_skipped": skipped_interventions} if skipped_interventions else {}),
         **({"figures": _figures_by_kind(figures)} if figures else {}),
     }
 

@@ -22,6 +22,6 @@ rule extract_activations:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--model-dir {input.model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
-        "--threads {threads} > {log:q} 2>&1"
+        "--threads {threads} 3>&1 > {log:q} 2>&1"

@@ -20,8 +20,8 @@ rule make_data:
     resources:
         mem_mb=4000,
     shell:
-        "sae-diff make-data --spec {params.spec:q} --data {wildcards.data} "
-        "--threads {threads} --out {output:q} > {log:q} 2>&1"
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff make-data --spec {params.spec:q} --data {wildcards.data} "
+        "--threads {threads} --out {output:q} 3>&1 > {log:q} 2>&1"
 
 
 rule score_data:
@@ -31,7 +31,9 @@ rule score_data:
     output:
         "results/data/{data}/samples.parquet",
     params:
-        spec=lambda w: spec(scorers=config["scorers"]),
+        # a table's own metric columns keep their values when a scorer also computes them
+        spec=lambda w: spec(scorers=config["scorers"], **({"own_metrics": own} if (
+            own := config["data"][w.data].get("metric_columns")) else {})),
     conda:
         "../envs/analysis.yaml"
     log:

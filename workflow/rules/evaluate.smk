@@ -25,6 +25,6 @@ rule evaluate_saes:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff evaluate --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff evaluate --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--layer {wildcards.layer} --model-dir {input.model:q} --samples {input.samples:q} "
-        "--threads {threads} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--threads {threads} --out-dir {params.out_dir:q} 3>&1 > {log:q} 2>&1"

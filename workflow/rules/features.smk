@@ -22,9 +22,9 @@ rule feature_stats:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff features --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff features --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--layer {wildcards.layer} --model-dir {input.model:q} --samples {input.samples:q} "
-        "--threads {threads} --no-progress > {log:q} 2>&1"
+        "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
 
 
 rule train_seed_sae:
@@ -47,8 +47,8 @@ rule train_seed_sae:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff train --spec {params.spec:q} --model M0 --data D0 --layer {wildcards.layer} "
-        "--out-root results/calibration/seed_saes {params.stream} --threads {threads} --no-progress > {log:q} 2>&1"
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff train --spec {params.spec:q} --model M0 --data D0 --layer {wildcards.layer} "
+        "--out-root results/calibration/seed_saes {params.stream} --threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
 
 
 rule calibrate:

@@ -29,9 +29,9 @@ rule attribute:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff attribute --spec {params.spec:q} --layer {wildcards.layer} --metric {wildcards.metric} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff attribute --spec {params.spec:q} --layer {wildcards.layer} --metric {wildcards.metric} "
         "--model-dir {input.model:q} --samples {input.samples:q} --sae-dir {params.sae_dir:q} --out {output.table:q} "
-        "--threads {threads} --no-progress > {log:q} 2>&1"
+        "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
 
 
 rule intervene:
@@ -65,8 +65,8 @@ rule intervene:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
         "--model {params.model:q} --model-dir {input.model:q} --base-dir {input.base:q} --sae-dir {params.sae_dir:q} "
         "--probe {input.probe:q} --stats {input.stats:q} {params.attribution} --out-dir {params.out_dir:q} "
-        "--threads {threads} --no-progress > {log:q} 2>&1"
+        "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"

@@ -47,5 +47,5 @@ rule finetune_dpo:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples:q} "
-        "--threads {threads} --no-progress --out {output:q} > {log:q} 2>&1"
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples:q} "
+        "--threads {threads} --no-progress --out {output:q} 3>&1 > {log:q} 2>&1"

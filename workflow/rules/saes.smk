@@ -22,8 +22,8 @@ rule train_sae:
     resources:
         mem_mb=8000,
     shell:
-        "sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} {params.stream} --threads {threads} > {log:q} 2>&1"
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
+        "--layer {wildcards.layer} {params.stream} --threads {threads} 3>&1 > {log:q} 2>&1"
 
 
 rule import_sae:

@@ -158,7 +158,7 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     (batches are moved there as they come) and whether their forward runs under bf16 autocast.
     """
     from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     from ..io import check_replaceable
 
@@ -203,7 +203,8 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
                 yield batch
 
     batches = stream()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}", disable=not progress)
+    bar = progress_bar(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}",
+                       enabled=progress)
     step = start_step
     for step, batch in enumerate(_guarded(batches, lambda: step)):
         if step >= total_steps:
