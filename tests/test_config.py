@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import yaml
@@ -176,3 +177,27 @@ def test_snakefile_parses_without_importing_torch(tmp_path, root):
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "sae_diff.config" in imported and "torch" not in imported and "transformers" not in imported
+
+
+def test_every_module_imports_first_without_a_circle(root):
+    """Each sae_diff module imported first, in a fresh package state (a circle fails only when its
+    import starts at the right module), in one interpreter to stay quick."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import sae_diff, sae_diff.sae
+        names = [m.name for m in pkgutil.walk_packages(sae_diff.__path__, "sae_diff.") if not m.name.endswith("__main__")]
+        failed = []
+        for name in names:
+            for loaded in [m for m in sys.modules if m == "sae_diff" or m.startswith("sae_diff.")]:
+                del sys.modules[loaded]
+            try:
+                importlib.import_module(name)
+            except Exception as error:
+                failed.append(f"{name}: {type(error).__name__}: {error}")
+        print(len(names))
+        print("\\n".join(failed))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, *failed = result.stdout.strip().splitlines()
+    assert int(count) > 25 and not [f for f in failed if f], failed

@@ -433,10 +433,6 @@ def pair_name(a: Cell, b: Cell) -> str:
     return f"{a.name}__{b.name}"
 
 
-def features_dir(cell: Cell, layer: int, name: str) -> str:
-    return f"results/features/{cell.name}/layer{layer}/{name}"
-
-
 def probe_metrics(cfg: dict) -> list[str]:
     """The metrics probed: ``probes.metrics``, else the iterations' target metric."""
     target = (cfg.get("iterations") or {}).get("target")

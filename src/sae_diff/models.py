@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError
+from .errors import ConfigError
 from .io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)

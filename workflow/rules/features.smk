@@ -152,7 +152,7 @@ rule probe_comparison:
         "results/probes/comparison_layer{layer}.json",
     params:
         spec=lambda w: spec(saes=config["saes"], probes=config["probes"], metrics=PROBE_METRICS,
-                            cells=[c.name for c in CELLS], diff_saes=DIFF_SAES, grid=config["grid"],
+                            cells=[c.name for c in CELLS], diff_saes=sorted(DIFF_SAES), grid=config["grid"],
                             data=config["data"]),
     conda:
         "../envs/analysis.yaml"
