@@ -69,7 +69,7 @@ test-slurm: $(VENV)/.installed
 lock:
 	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q "$(PIP_SPEC)" "$(PIPTOOLS_SPEC)")
 	.venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	    --extra test --extra slurm -o $(LOCK) pyproject.toml requirements/cpu.in
+	    --extra test --extra slurm --extra lint -o $(LOCK) pyproject.toml requirements/cpu.in
 	# pip-compile drops environment markers: triton (the CUDA kernels' tests) exists for Linux x86_64 only
 	sed -i 's/^triton==\([^ ]*\)$$/triton==\1 ; platform_system == "Linux" and platform_machine == "x86_64"/' $(LOCK)
 	# the conda environments (workflow/envs/*.yaml, --sdm conda) take torch from conda-forge at the
@@ -79,7 +79,11 @@ lock:
 	grep -q "^  - pytorch=$$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' $(LOCK))" workflow/envs/torch.yaml || \
 	    (echo "workflow/envs/*.yaml: set pytorch= to the lock's torch version"; exit 1)
 
+# ruff (lint + format) on the Python, snakefmt on the rule files, Snakemake's own lint: CI runs it before the tests
 lint: $(VENV)/.installed
+	ruff check .
+	ruff format --check .
+	snakefmt --check Snakefile workflow/rules/
 	snakemake --lint --configfile config/test.yaml
 
 dryrun: $(VENV)/.installed

@@ -32,6 +32,6 @@ include: "workflow/rules/summary.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/summary.json",
-    default_target: True

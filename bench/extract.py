@@ -26,8 +26,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sae_diff import activations, models  # noqa: E402
 
-WORDS = ("the nurse checked the chart before the doctor arrived and the engineer fixed a pump while "
-         "a teacher wrote notes for her class about rivers mountains and the long history of trade ").split()
+WORDS = (
+    "the nurse checked the chart before the doctor arrived and the engineer fixed a pump while "
+    "a teacher wrote notes for her class about rivers mountains and the long history of trade "
+).split()
 
 
 def model_dir() -> Path:
@@ -72,14 +74,24 @@ def main() -> None:
     model, tok = models.load(folder)
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     table = samples(args.sequences, work / "samples.parquet")
-    spec = {"model": "M0", "data": "bench", "layers": [args.layer], "hook_points": ["resid_post"],
-            "activations": {"dtype": "float16", "batch_size": args.batch, "max_length": args.seq_len,
-                            "shard_tokens": 1 << 30, "exclude_special_tokens": True,
-                            "exclude_first_position": True}}
+    spec = {
+        "model": "M0",
+        "data": "bench",
+        "layers": [args.layer],
+        "hook_points": ["resid_post"],
+        "activations": {
+            "dtype": "float16",
+            "batch_size": args.batch,
+            "max_length": args.seq_len,
+            "shard_tokens": 1 << 30,
+            "exclude_special_tokens": True,
+            "exclude_first_position": True,
+        },
+    }
     # the very same token ids for the bare forward
     seqs = activations.tokenize(tok, pd.read_parquet(table), args.seq_len, True, True)
     assert all(len(s.ids) == args.seq_len for s in seqs)
-    batches = [torch.tensor([s.ids for s in seqs[i:i + args.batch]]) for i in range(0, len(seqs), args.batch)]
+    batches = [torch.tensor([s.ids for s in seqs[i : i + args.batch]]) for i in range(0, len(seqs), args.batch)]
     n_tokens = len(seqs) * args.seq_len
 
     bare_forward(model, batches[:1], args.layer)  # warm-up both paths
@@ -95,8 +107,10 @@ def main() -> None:
     shutil.rmtree(work)
 
     ours, bare = n_tokens / min(ours_s), n_tokens / min(bare_s)
-    print(f"SmolLM2-135M, blocks 0..{args.layer}, {len(seqs)} x {args.seq_len} tokens, batch {args.batch}, "
-          f"{args.threads} threads, best of {args.rounds}")
+    print(
+        f"SmolLM2-135M, blocks 0..{args.layer}, {len(seqs)} x {args.seq_len} tokens, batch {args.batch}, "
+        f"{args.threads} threads, best of {args.rounds}"
+    )
     print(f"{'method':<44}{'tok/s':>10}")
     print(f"{'bare HF forward, truncated at the layer':<44}{bare:>10.0f}")
     print(f"{'sae-diff extract (fp16 shards + sha256)':<44}{ours:>10.0f}")

@@ -52,26 +52,47 @@ def extraction(args, sync) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     table = extract_bench.samples(args.sequences, work / "samples.parquet")
     seqs = activations.tokenize(tok, pd.read_parquet(table), args.seq_len, True, True)
-    batches = [torch.tensor([s.ids for s in seqs[i:i + args.batch]], device=args.device)
-               for i in range(0, len(seqs), args.batch)]
+    batches = [
+        torch.tensor([s.ids for s in seqs[i : i + args.batch]], device=args.device)
+        for i in range(0, len(seqs), args.batch)
+    ]
     n_tokens = len(seqs) * args.seq_len
-    spec = {"model": "M0", "data": "bench", "layers": [args.layer], "hook_points": ["resid_post"],
-            "activations": {"dtype": "float16", "batch_size": args.batch, "max_length": args.seq_len,
-                            "shard_tokens": 1 << 30, "exclude_special_tokens": True, "exclude_first_position": True}}
+    spec = {
+        "model": "M0",
+        "data": "bench",
+        "layers": [args.layer],
+        "hook_points": ["resid_post"],
+        "activations": {
+            "dtype": "float16",
+            "batch_size": args.batch,
+            "max_length": args.seq_len,
+            "shard_tokens": 1 << 30,
+            "exclude_special_tokens": True,
+            "exclude_first_position": True,
+        },
+    }
     rows = []
     try:
         for mode in ("off", "bf16"):
             place = models.Placement(args.device, None, mode)
             with place.precision():
-                extract_bench.bare_forward(model, batches[:1], args.layer)   # warm-up (kernels, allocator)
+                extract_bench.bare_forward(model, batches[:1], args.layer)  # warm-up (kernels, allocator)
             best_bare, best_ours = float("inf"), float("inf")
             for r in range(args.rounds):
                 with place.precision():
-                    best_bare = min(best_bare, timed(lambda: extract_bench.bare_forward(model, batches, args.layer),
-                                                     sync))
+                    best_bare = min(
+                        best_bare, timed(lambda: extract_bench.bare_forward(model, batches, args.layer), sync)
+                    )
                 out = work / f"{mode}{r}"
-                best_ours = min(best_ours, timed(lambda: activations.extract(
-                    spec, folder, table, out, place=place, progress=False, loaded=(model, tok)), sync))
+                best_ours = min(
+                    best_ours,
+                    timed(
+                        lambda: activations.extract(
+                            spec, folder, table, out, place=place, progress=False, loaded=(model, tok)
+                        ),
+                        sync,
+                    ),
+                )
                 shutil.rmtree(out)
             rows.append({"what": f"bare HF forward, autocast {mode}", "tok_s": n_tokens / best_bare})
             rows.append({"what": f"sae-diff extract, autocast {mode}", "tok_s": n_tokens / best_ours})
@@ -96,36 +117,77 @@ def training(args) -> list[dict]:
     rows = []
     for d_sae in args.sizes:
         for python, script, mode in impls:
-            result = train_bench.run_worker(python, script, [
-                "--acts", str(acts), "--d-sae", str(d_sae), "--steps", str(args.steps), "--threads",
-                str(args.threads), "--device", args.device, "--autocast", mode], args.threads)
+            result = train_bench.run_worker(
+                python,
+                script,
+                [
+                    "--acts",
+                    str(acts),
+                    "--d-sae",
+                    str(d_sae),
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--autocast",
+                    mode,
+                ],
+                args.threads,
+            )
             print(json.dumps(result), file=sys.stderr)
             rows.append(result)
         if sparsify is None:
-            rows.append({"impl": "sparsify", "d_sae": d_sae, "autocast": "-", "tok_s": float("nan"),
-                         "fvu": float("nan"), "note": "not installed (run bench/sae_train.py once to install it)"})
+            rows.append(
+                {
+                    "impl": "sparsify",
+                    "d_sae": d_sae,
+                    "autocast": "-",
+                    "tok_s": float("nan"),
+                    "fvu": float("nan"),
+                    "note": "not installed (run bench/sae_train.py once to install it)",
+                }
+            )
     return rows
 
 
 def report(args, extract_rows: list[dict], train_rows: list[dict]) -> str:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    lines = [f"## GPU benchmark, {datetime.date.today()}: {device}, torch {torch.__version__}", "",
-             f"`python bench/gpu.py --device {args.device} --sizes {' '.join(map(str, args.sizes))} "
-             f"--steps {args.steps} --sequences {args.sequences}`", "",
-             f"Extraction, SmolLM2-135M blocks 0..{args.layer}, {args.sequences} x {args.seq_len} tokens, "
-             f"batch {args.batch}, best of {args.rounds}:", "",
-             "| method | tok/s |", "|---|---:|"]
+    lines = [
+        f"## GPU benchmark, {datetime.date.today()}: {device}, torch {torch.__version__}",
+        "",
+        f"`python bench/gpu.py --device {args.device} --sizes {' '.join(map(str, args.sizes))} "
+        f"--steps {args.steps} --sequences {args.sequences}`",
+        "",
+        f"Extraction, SmolLM2-135M blocks 0..{args.layer}, {args.sequences} x {args.seq_len} tokens, "
+        f"batch {args.batch}, best of {args.rounds}:",
+        "",
+        "| method | tok/s |",
+        "|---|---:|",
+    ]
     lines += [f"| {r['what']} | {r['tok_s']:,.0f} |" for r in extract_rows]
-    lines += ["", f"TopK SAE training step (d_in 576, k 32, batch 4096, {args.steps} timed steps):", "",
-              "| implementation | autocast | d_sae | tok/s | FVU |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"TopK SAE training step (d_in 576, k 32, batch 4096, {args.steps} timed steps):",
+        "",
+        "| implementation | autocast | d_sae | tok/s | FVU |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in train_rows:
-        name = r["impl"] + (f" ({r['kernels']} kernels)" if "kernels" in r else "") + (f", {r['note']}" if "note" in r
-                                                                                      else "")
+        name = (
+            r["impl"]
+            + (f" ({r['kernels']} kernels)" if "kernels" in r else "")
+            + (f", {r['note']}" if "note" in r else "")
+        )
         lines.append(f"| {name} | {r.get('autocast', '-')} | {r['d_sae']} | {r['tok_s']:,.0f} | {r['fvu']:.4f} |")
     for d_sae in args.sizes:
         ours = max((r["tok_s"] for r in train_rows if r["impl"] == "sae-diff" and r["d_sae"] == d_sae), default=None)
-        theirs = [r["tok_s"] for r in train_rows if r["impl"] == "sparsify" and r["d_sae"] == d_sae
-                  and r["tok_s"] == r["tok_s"]]
+        theirs = [
+            r["tok_s"]
+            for r in train_rows
+            if r["impl"] == "sparsify" and r["d_sae"] == d_sae and r["tok_s"] == r["tok_s"]
+        ]
         if ours and theirs:
             lines.append(f"\nsae_vs_sparsify[d_sae={d_sae}]={ours / theirs[0]:.2f}")
     return "\n".join(lines) + "\n"

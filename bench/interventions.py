@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from demo_inputs import model_and_sae  # noqa: E402
+
 from sae_diff import data, interventions  # noqa: E402
 
 
@@ -54,34 +55,55 @@ def main() -> None:
     seconds = {name: [] for name in variants}
     outputs = {}
     names = list(variants)
-    with torch.inference_mode():   # warm-up: allocator and caches
-        model.generate(**enc, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
-                       pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():  # warm-up: allocator and caches
+        model.generate(
+            **enc,
+            max_new_tokens=8,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             edit = variants[name]
-            context = (contextlib.nullcontext() if edit is None
-                       else interventions.intervene(model, sae, args.layer, "resid_post", edit))
+            context = (
+                contextlib.nullcontext()
+                if edit is None
+                else interventions.intervene(model, sae, args.layer, "resid_post", edit)
+            )
             with context, torch.inference_mode():
                 start = time.perf_counter()
-                out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 seconds[name].append(time.perf_counter() - start)
             outputs[name] = out
     n_tokens = args.batch * args.new_tokens
     plain = min(seconds["plain generate"])
-    print(f"SmolLM2-135M, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, greedy, "
-          f"edit at block {args.layer} (d_sae {sae.cfg.d_sae}), best of {args.rounds}")
+    print(
+        f"SmolLM2-135M, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, greedy, "
+        f"edit at block {args.layer} (d_sae {sae.cfg.d_sae}), best of {args.rounds}"
+    )
     for name, times in seconds.items():
         best = min(times)
         print(f"{name:45s} {best:7.2f} s  {n_tokens / best:7.1f} tok/s  overhead {100 * (best / plain - 1):+6.2f}%")
     same = torch.equal(outputs["plain generate"], outputs["no-op splice (SAE encode, nothing changed)"])
     print(f"no-op splice output identical to plain: {same}")
-    step_ms = 1000 * plain / args.new_tokens   # one decoding step of the whole batch (prefill included)
+    step_ms = 1000 * plain / args.new_tokens  # one decoding step of the whole batch (prefill included)
     x = torch.randn(args.batch, 1, model.config.hidden_size)
-    print(f"the edit alone on one decoding step [{args.batch}, 1, {model.config.hidden_size}] "
-          f"vs a plain step ({step_ms:.1f} ms):")
+    print(
+        f"the edit alone on one decoding step [{args.batch}, 1, {model.config.hidden_size}] "
+        f"vs a plain step ({step_ms:.1f} ms):"
+    )
     for name, edit in variants.items():
         if edit is None:
             continue

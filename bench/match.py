@@ -49,8 +49,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     kept = np.setdiff1d(np.arange(n), replaced)
     recovered = float((table["match"].to_numpy()[kept] == np.argsort(perm)[kept]).mean())
-    print(f"{n} x {n} features, d {d}, {args.threads} threads: weight_diff with Hungarian matching in {seconds:.1f} s; "
-          f"{recovered:.4f} of the unchanged features matched to their own row")
+    print(
+        f"{n} x {n} features, d {d}, {args.threads} threads: weight_diff with Hungarian matching in {seconds:.1f} s; "
+        f"{recovered:.4f} of the unchanged features matched to their own row"
+    )
     print(f"match_seconds={seconds:.1f}")
 
 

@@ -43,12 +43,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4], help="data sizes, in copies of D0")
-    parser.add_argument("--shuffle-buffer", type=int, default=None,
-                        help="training shuffle buffer in tokens (default: the demo's); the training peak "
-                             "grows until the data fills it")
-    parser.add_argument("--checkpoint-every", type=int, default=None,
-                        help="training resume checkpoints every N steps (default: the demo's); a checkpoint "
-                             "briefly holds a serialised copy of the SAE and its Adam state")
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="training shuffle buffer in tokens (default: the demo's); the training peak grows until the data fills it",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="training resume checkpoints every N steps (default: the demo's); a checkpoint "
+        "briefly holds a serialised copy of the SAE and its Adam state",
+    )
     args = parser.parse_args()
     results = Path(args.results)
     raw = pd.read_parquet(results / "data" / "D0" / "raw.parquet")
@@ -61,31 +68,72 @@ def main() -> None:
     rows = []
     try:
         for scale in args.scales:
-            table = pd.concat([raw.assign(sample_id=raw["sample_id"] + i * len(raw)) for i in range(scale)],
-                              ignore_index=True)
+            table = pd.concat(
+                [raw.assign(sample_id=raw["sample_id"] + i * len(raw)) for i in range(scale)], ignore_index=True
+            )
             samples = work / f"raw_{scale}x.parquet"
             table.to_parquet(samples, index=False)
             acts = work / f"acts_{scale}x"
-            extract_spec = {"layers": [args.layer], "hook_points": ["resid_post"], "activations": cfg["activations"],
-                            "device": "cpu"}
-            rss_x, wall_x = measured(["sae-diff", "extract", "--spec", json.dumps(extract_spec), "--model", "M0",
-                                      "--data", "D0", "--model-dir", str(results / "models" / "M0"),
-                                      "--samples", str(samples), "--out-dir", str(acts / "M0_D0"),
-                                      "--threads", str(args.threads), "--no-progress"])
+            extract_spec = {
+                "layers": [args.layer],
+                "hook_points": ["resid_post"],
+                "activations": cfg["activations"],
+                "device": "cpu",
+            }
+            rss_x, wall_x = measured(
+                [
+                    "sae-diff",
+                    "extract",
+                    "--spec",
+                    json.dumps(extract_spec),
+                    "--model",
+                    "M0",
+                    "--data",
+                    "D0",
+                    "--model-dir",
+                    str(results / "models" / "M0"),
+                    "--samples",
+                    str(samples),
+                    "--out-dir",
+                    str(acts / "M0_D0"),
+                    "--threads",
+                    str(args.threads),
+                    "--no-progress",
+                ]
+            )
             manifest = json.loads((acts / "M0_D0" / f"layer{args.layer}" / "manifest.json").read_text())
             train_spec = {"saes": {"topk": cfg["saes"]["topk"]}, "training": {**cfg["training"], "epochs": args.epochs}}
-            rss_t, wall_t = measured(["sae-diff", "train", "--spec", json.dumps(train_spec), "--model", "M0",
-                                      "--data", "D0", "--layer", str(args.layer), "--acts-root", str(acts),
-                                      "--out-root", str(work / f"saes_{scale}x"), "--threads", str(args.threads),
-                                      "--no-progress"])
+            rss_t, wall_t = measured(
+                [
+                    "sae-diff",
+                    "train",
+                    "--spec",
+                    json.dumps(train_spec),
+                    "--model",
+                    "M0",
+                    "--data",
+                    "D0",
+                    "--layer",
+                    str(args.layer),
+                    "--acts-root",
+                    str(acts),
+                    "--out-root",
+                    str(work / f"saes_{scale}x"),
+                    "--threads",
+                    str(args.threads),
+                    "--no-progress",
+                ]
+            )
             tokens = sum(manifest["n_tokens"].values())
             rows.append((scale, tokens, rss_x, wall_x, rss_t, wall_t))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"SmolLM2-135M, layer {args.layer}, TopK d_sae {cfg['saes']['topk']['expansion_factor'] * 576}, "
-          f"shards of {cfg['activations']['shard_tokens']} tokens, shuffle buffer {cfg['training']['shuffle_buffer']}, "
-          f"checkpoints every {cfg['training']['checkpoint_every']} steps, "
-          f"{args.epochs} epoch(s), {args.threads} threads")
+    print(
+        f"SmolLM2-135M, layer {args.layer}, TopK d_sae {cfg['saes']['topk']['expansion_factor'] * 576}, "
+        f"shards of {cfg['activations']['shard_tokens']} tokens, shuffle buffer {cfg['training']['shuffle_buffer']}, "
+        f"checkpoints every {cfg['training']['checkpoint_every']} steps, "
+        f"{args.epochs} epoch(s), {args.threads} threads"
+    )
     print(f"{'data':>5} {'tokens':>8} {'extract peak RSS':>17} {'wall':>7} {'train peak RSS':>15} {'wall':>7}")
     for scale, tokens, rss_x, wall_x, rss_t, wall_t in rows:
         print(f"{scale:>4}x {tokens:>8} {rss_x:>14.0f} MB {wall_x:>6.1f}s {rss_t:>12.0f} MB {wall_t:>6.1f}s")

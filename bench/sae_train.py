@@ -61,10 +61,19 @@ def cached_activations(layer: int) -> Path:
 
 
 def run_worker(python: Path, script: str, args: list[str], threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([str(python), str(ROOT / "bench" / "anchors" / script), *args], capture_output=True,
-                          text=True, env=env, timeout=3600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    proc = subprocess.run(
+        [str(python), str(ROOT / "bench" / "anchors" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{script} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -81,25 +90,45 @@ def main() -> None:
     args = parser.parse_args()
 
     acts = cached_activations(args.layer)
-    impls = [(Path(sys.executable), "ours.py", "default"),
-             (ensure_venv("sparsify"), "sparsify_worker.py", "default"),
-             (ensure_venv("saelens"), "saelens_worker.py", "default"),
-             (ensure_venv("saelens"), "saelens_worker.py", "best_cpu")]
+    impls = [
+        (Path(sys.executable), "ours.py", "default"),
+        (ensure_venv("sparsify"), "sparsify_worker.py", "default"),
+        (ensure_venv("saelens"), "saelens_worker.py", "default"),
+        (ensure_venv("saelens"), "saelens_worker.py", "best_cpu"),
+    ]
     best: dict = {}
     for d_sae in args.sizes:
         for _ in range(args.repeats):
             for python, script, variant in impls:
-                result = run_worker(python, script, ["--acts", str(acts), "--d-sae", str(d_sae), "--steps",
-                                                     str(args.steps), "--threads", str(args.threads), "--lr",
-                                                     str(args.lr), "--variant", variant], args.threads)
+                result = run_worker(
+                    python,
+                    script,
+                    [
+                        "--acts",
+                        str(acts),
+                        "--d-sae",
+                        str(d_sae),
+                        "--steps",
+                        str(args.steps),
+                        "--threads",
+                        str(args.threads),
+                        "--lr",
+                        str(args.lr),
+                        "--variant",
+                        variant,
+                    ],
+                    args.threads,
+                )
                 key = (result["impl"], variant, d_sae)
                 if key not in best or result["tok_s"] > best[key]["tok_s"]:
                     best[key] = result
                 print(json.dumps(result), file=sys.stderr)
 
     tokens = next(iter(best.values()))["tokens"]
-    print(f"TopK SAE training step, SmolLM2 layer {args.layer}, d_in 576, k 32, batch 4096, {args.threads} threads, "
-          f"best of {args.repeats}; FVU on held-out tokens after {tokens} training tokens")
+    print(
+        f"TopK SAE training step, SmolLM2 layer {args.layer}, d_in 576, k 32, batch 4096, {args.threads} threads, "
+        f"best of {args.repeats}; FVU on held-out tokens after {tokens} training tokens"
+    )
     print(f"{'implementation':<28}{'d_sae':>7}{'tok/s':>10}{'FVU':>9}")
     for (impl, variant, d_sae), r in sorted(best.items(), key=lambda kv: (kv[0][2], -kv[1]["tok_s"])):
         label = impl if variant == "default" else f"{impl} ({variant})"
@@ -107,8 +136,9 @@ def main() -> None:
     ref = args.sizes[0]
     ours = best[("sae-diff", "default", ref)]["tok_s"]
     saelens = max(best[("saelens", v, ref)]["tok_s"] for v in ("default", "best_cpu"))
-    print(f"sae_vs_sparsify={ours / best[('sparsify', 'default', ref)]['tok_s']:.2f} "
-          f"sae_vs_saelens={ours / saelens:.2f}")
+    print(
+        f"sae_vs_sparsify={ours / best[('sparsify', 'default', ref)]['tok_s']:.2f} sae_vs_saelens={ours / saelens:.2f}"
+    )
 
 
 if __name__ == "__main__":

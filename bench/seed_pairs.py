@@ -41,16 +41,35 @@ def main() -> None:
     saes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for init, order in ((0, 0), (0, 1), (1, 1)):
-            spec = spec_from_config(args.sae, dict(block, seed=init), d_in=store.d_model, d_out=None,
-                                    hook_name=store.manifest["hook_name"], target_hook_name="", model_name="M0",
-                                    warm_start=None)
+            spec = spec_from_config(
+                args.sae,
+                dict(block, seed=init),
+                d_in=store.d_model,
+                d_out=None,
+                hook_name=store.manifest["hook_name"],
+                target_hook_name="",
+                model_name="M0",
+                warm_start=None,
+            )
             out = Path(tmp) / f"init{init}_order{order}"
             start = time.perf_counter()
-            train(store, [spec], [out], n_tokens=opts["tokens"], batch_size=opts["batch_size"],
-                  shuffle_buffer=opts["shuffle_buffer"], seed=order, checkpoint_every=0, epochs=opts["epochs"],
-                  progress=False, work_dir=Path(tmp) / f".work{init}{order}")
+            train(
+                store,
+                [spec],
+                [out],
+                n_tokens=opts["tokens"],
+                batch_size=opts["batch_size"],
+                shuffle_buffer=opts["shuffle_buffer"],
+                seed=order,
+                checkpoint_every=0,
+                epochs=opts["epochs"],
+                progress=False,
+                work_dir=Path(tmp) / f".work{init}{order}",
+            )
             saes[(init, order)] = files.load(out)
-            fvu = evaluate.reconstruction_metrics(saes[(init, order)], evaluate.store_batches(store, split="eval"))["fvu"]
+            fvu = evaluate.reconstruction_metrics(saes[(init, order)], evaluate.store_batches(store, split="eval"))[
+                "fvu"
+            ]
             print(f"init seed {init}, order seed {order}: FVU {fvu:.3f} ({time.perf_counter() - start:.1f} s)")
     base = saes[(0, 0)]
     for key, name in (((0, 1), "order only"), ((1, 1), "init and order")):

@@ -21,25 +21,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from demo_inputs import model_and_sae  # noqa: E402
+
 from sae_diff import evaluate, models  # noqa: E402
 from sae_diff.activations import tokenize  # noqa: E402
-from demo_inputs import model_and_sae  # noqa: E402
 
 
 def three_forwards(model, tokenizer, sae, table, layer, batch_size, max_length=128):
     sequences = tokenize(tokenizer, table, max_length, True, True)
     pad = tokenizer.pad_token_id
     for start in range(0, len(sequences), batch_size):
-        seqs = sequences[start:start + batch_size]
+        seqs = sequences[start : start + batch_size]
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad)
         attn = torch.zeros_like(ids)
         keep = torch.zeros((len(seqs), width), dtype=torch.bool)
         for j, s in enumerate(seqs):
-            ids[j, :len(s.ids)] = torch.tensor(s.ids)
-            attn[j, :len(s.ids)] = 1
-            keep[j, :len(s.ids)] = torch.from_numpy(s.keep)
+            ids[j, : len(s.ids)] = torch.tensor(s.ids)
+            attn[j, : len(s.ids)] = 1
+            keep[j, : len(s.ids)] = torch.from_numpy(s.keep)
         for edit in (None, lambda h: sae(h), torch.zeros_like):
+
             def hook(_m, _i, out, edit=edit):
                 if edit is None:
                     return out
@@ -47,6 +49,7 @@ def three_forwards(model, tokenizer, sae, table, layer, batch_size, max_length=1
                 h = h.clone()
                 h[keep] = edit(h[keep])
                 return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
             handle = models.blocks(model)[layer].register_forward_hook(hook)
             try:
                 with torch.no_grad():
@@ -74,8 +77,10 @@ def main() -> None:
         start = time.perf_counter()
         three_forwards(model, tokenizer, sae, table, args.layer, args.batch)
         ref_s.append(time.perf_counter() - start)
-    print(f"SmolLM2-135M, SAE at block {args.layer} of 30, {len(table)} samples, batch {args.batch}, "
-          f"{args.threads} threads, best of {args.rounds}")
+    print(
+        f"SmolLM2-135M, SAE at block {args.layer} of 30, {len(table)} samples, batch {args.batch}, "
+        f"{args.threads} threads, best of {args.rounds}"
+    )
     print(f"three independent forwards (clean, spliced, ablated): {min(ref_s):7.2f} s")
     print(f"sae-diff spliced evaluation (shared lower blocks, CE + KL): {min(ours_s):7.2f} s")
     print(f"spliced_vs_three_forwards={min(ours_s) / min(ref_s):.3f}")

@@ -68,12 +68,16 @@ def command_seconds(workdir: Path) -> dict[str, float]:
 
 def table(per_rule: dict[str, list[float]], measured: dict[str, float], wall: float) -> str:
     total = sum(sum(v) for v in per_rule.values()) or 1.0
-    rows = ["| rule | jobs | job wall s (sum) | mean s/job | share | command s (benchmark) |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| rule | jobs | job wall s (sum) | mean s/job | share | command s (benchmark) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for rule, times in sorted(per_rule.items(), key=lambda kv: -sum(kv[1])):
         bench = f"{measured[rule]:.0f}" if rule in measured else ""
-        rows.append(f"| {rule} | {len(times)} | {sum(times):.0f} | {sum(times) / len(times):.1f} | "
-                    f"{sum(times) / total:.0%} | {bench} |")
+        rows.append(
+            f"| {rule} | {len(times)} | {sum(times):.0f} | {sum(times) / len(times):.1f} | "
+            f"{sum(times) / total:.0%} | {bench} |"
+        )
     n_jobs = sum(len(v) for v in per_rule.values())
     rows.append(f"| **all** | {n_jobs} | {total:.0f} |  |  |  |")
     return "\n".join(rows) + f"\n\nRun wall time (first to last log stamp): {wall:.0f} s = {wall / 60:.1f} min"
@@ -83,8 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("."))
     parser.add_argument("--log", type=Path, help="a Snakemake run log (default: the newest under .snakemake/log)")
-    parser.add_argument("--all-logs", action="store_true",
-                        help="add up every run log of the folder (a run resumed after a stop)")
+    parser.add_argument(
+        "--all-logs", action="store_true", help="add up every run log of the folder (a run resumed after a stop)"
+    )
     args = parser.parse_args()
     logs = sorted((args.workdir / ".snakemake" / "log").glob("*.snakemake.log"))
     if args.log:

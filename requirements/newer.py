@@ -1,6 +1,6 @@
 """Print the installed packages whose version differs from the lock (make test-latest).
 
-    python requirements/newer.py requirements/cpu.lock FREEZE_FILE
+python requirements/newer.py requirements/cpu.lock FREEZE_FILE
 """
 
 import re
@@ -17,6 +17,9 @@ def pins(path: str) -> dict[str, str]:
 
 
 locked, installed = pins(sys.argv[1]), pins(sys.argv[2])
-changed = [f"  {name}: {locked.get(name, 'not in the lock')} -> {version}"
-           for name, version in sorted(installed.items()) if locked.get(name) != version]
+changed = [
+    f"  {name}: {locked.get(name, 'not in the lock')} -> {version}"
+    for name, version in sorted(installed.items())
+    if locked.get(name) != version
+]
 print("\n".join(changed) if changed else "  none: the newest releases are the locked ones")

@@ -25,9 +25,19 @@ def test_config() -> dict:
         return copy.deepcopy(yaml.safe_load(fh))
 
 
-TINY_SPEC = {"source": "random", "arch": "llama", "n_layers": 3, "d_model": 32, "n_heads": 4,
-             "d_mlp": 64, "max_positions": 128, "alphabet": "ascii", "seed": 0, "dtype": "float32",
-             "trust_remote_code": False}
+TINY_SPEC = {
+    "source": "random",
+    "arch": "llama",
+    "n_layers": 3,
+    "d_model": 32,
+    "n_heads": 4,
+    "d_mlp": 64,
+    "max_positions": 128,
+    "alphabet": "ascii",
+    "seed": 0,
+    "dtype": "float32",
+    "trust_remote_code": False,
+}
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +67,40 @@ def finished_run(tmp_path_factory):
     dry = snakemake(workdir, "-n")
     assert dry.returncode == 0, dry.stderr
     assert planned(dry) == {
-        "all": 1, "prepare_model": 1, "finetune_dpo": 1, "make_data": 2, "score_data": 2, "iterations": 1,
-        "extract_activations": 3, "train_sae": 3, "evaluate_saes": 3, "feature_stats": 3, "train_seed_sae": 1,
-        "calibrate": 1, "diff_saes": 3, "evolution": 1, "probes": 3, "probe_comparison": 1, "figure_iterations": 1,
-        "figure_statistics": 6, "figure_embeddings": 6, "figure_coactivation": 6, "figure_evolution": 2,
-        "figure_similarity": 4, "figure_probe_importance": 6, "figure_probe_auroc": 2, "figure_probe_overlap": 2,
-        "figure_training": 6, "figure_density": 6, "figure_loss_by_position": 6, "intervene": 4,
-        "figure_dose_response": 4, "attribute": 2, "summary": 1}
-    result = snakemake(workdir, "--cores", "2", timeout=1500)   # ~4 min on 2 idle cores; bounded, not tight
+        "all": 1,
+        "prepare_model": 1,
+        "finetune_dpo": 1,
+        "make_data": 2,
+        "score_data": 2,
+        "iterations": 1,
+        "extract_activations": 3,
+        "train_sae": 3,
+        "evaluate_saes": 3,
+        "feature_stats": 3,
+        "train_seed_sae": 1,
+        "calibrate": 1,
+        "diff_saes": 3,
+        "evolution": 1,
+        "probes": 3,
+        "probe_comparison": 1,
+        "figure_iterations": 1,
+        "figure_statistics": 6,
+        "figure_embeddings": 6,
+        "figure_coactivation": 6,
+        "figure_evolution": 2,
+        "figure_similarity": 4,
+        "figure_probe_importance": 6,
+        "figure_probe_auroc": 2,
+        "figure_probe_overlap": 2,
+        "figure_training": 6,
+        "figure_density": 6,
+        "figure_loss_by_position": 6,
+        "intervene": 4,
+        "figure_dose_response": 4,
+        "attribute": 2,
+        "summary": 1,
+    }
+    result = snakemake(workdir, "--cores", "2", timeout=1500)  # ~4 min on 2 idle cores; bounded, not tight
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -76,12 +112,14 @@ def write_samples(tmp_path):
     import pandas as pd
 
     def write(texts: list[str]) -> Path:
-        table = pd.DataFrame({
-            "sample_id": np.arange(len(texts)),
-            "prompt_text": [f"<|user|>p{i}<|assistant|>" if i % 3 else "" for i in range(len(texts))],
-            "text": texts,
-            "split": ["eval" if i % 4 == 0 else "train" for i in range(len(texts))],
-        })
+        table = pd.DataFrame(
+            {
+                "sample_id": np.arange(len(texts)),
+                "prompt_text": [f"<|user|>p{i}<|assistant|>" if i % 3 else "" for i in range(len(texts))],
+                "text": texts,
+                "split": ["eval" if i % 4 == 0 else "train" for i in range(len(texts))],
+            }
+        )
         path = tmp_path / "samples.parquet"
         table.to_parquet(path)
         return path

@@ -42,9 +42,9 @@ def planted():
             sae.W_enc_T[i, i] = 1.0
             sae.W_dec[i, i] = 1.0
         for j in range(N_ABSORBED):
-            sae.W_enc_T[0, 26 + j] = -2.0           # the main 'a' latent stays silent when absorbed
+            sae.W_enc_T[0, 26 + j] = -2.0  # the main 'a' latent stays silent when absorbed
             sae.W_enc_T[26 + j, 26 + j] = 2.0
-            sae.W_dec[26 + j, 0] = sae.W_dec[26 + j, 26 + j] = 2 ** -0.5
+            sae.W_dec[26 + j, 0] = sae.W_dec[26 + j, 26 + j] = 2**-0.5
     return torch.tensor(np.array(rows), dtype=torch.float32), words, sae.eval()
 
 

@@ -16,10 +16,26 @@ import torch
 from sae_diff import activations, models
 from sae_diff.activations import ActivationStore, ActivationStoreError
 
-OPTS = {"dtype": "float32", "batch_size": 3, "max_length": 40, "shard_tokens": 60,
-        "exclude_special_tokens": True, "exclude_first_position": True}
-TEXTS = ["she is a nurse", "he flies planes", "a judge rules", "bread at dawn", "a quiet miner",
-         "the dancer spins", "soup for two", "a long day at the mill", "x", "plans and wires"]
+OPTS = {
+    "dtype": "float32",
+    "batch_size": 3,
+    "max_length": 40,
+    "shard_tokens": 60,
+    "exclude_special_tokens": True,
+    "exclude_first_position": True,
+}
+TEXTS = [
+    "she is a nurse",
+    "he flies planes",
+    "a judge rules",
+    "bread at dawn",
+    "a quiet miner",
+    "the dancer spins",
+    "soup for two",
+    "a long day at the mill",
+    "x",
+    "plans and wires",
+]
 
 
 @pytest.fixture
@@ -28,8 +44,13 @@ def samples(write_samples):
 
 
 def _spec(layers=(0, 2), **opts):
-    return {"model": "M0", "data": "D0", "layers": list(layers), "hook_points": ["resid_post", "mlp_out"],
-            "activations": dict(OPTS, **opts)}
+    return {
+        "model": "M0",
+        "data": "D0",
+        "layers": list(layers),
+        "hook_points": ["resid_post", "mlp_out"],
+        "activations": dict(OPTS, **opts),
+    }
 
 
 def test_extraction_equals_plain_forward_on_kept_tokens(tiny_model_dir, samples, tmp_path):
@@ -82,14 +103,33 @@ def test_manifest_describes_the_store(tiny_model_dir, samples, tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sae_diff", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sae_diff", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_kill_minus_nine_then_resume_gives_identical_bytes(tiny_model_dir, samples, tmp_path):
     spec = json.dumps(_spec(dtype="float16"))
-    base = ["extract", "--spec", spec, "--model", "M0", "--data", "D0", "--model-dir", str(tiny_model_dir),
-            "--samples", str(samples), "--no-progress", "--threads", "1"]
+    base = [
+        "extract",
+        "--spec",
+        spec,
+        "--model",
+        "M0",
+        "--data",
+        "D0",
+        "--model-dir",
+        str(tiny_model_dir),
+        "--samples",
+        str(samples),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     clean = tmp_path / "clean" / "M0_D0"  # same cell name: the manifest records it
     assert _cli(*base, "--out-dir", str(clean)).returncode == 0
 
@@ -126,7 +166,7 @@ def test_non_finite_storage_is_a_clear_error(tiny_model_dir, samples, tmp_path):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1e6)  # residual stream far beyond float16's range
     model.save_pretrained(blown)
-    info = json.loads((blown / models.MODEL_INFO).read_text())   # an edit on purpose: record its checksums
+    info = json.loads((blown / models.MODEL_INFO).read_text())  # an edit on purpose: record its checksums
     (blown / models.MODEL_INFO).write_text(json.dumps({**info, "sha256": models.checksums(blown)}))
     with pytest.raises(ActivationStoreError, match="non-finite activation in float16.*sample"):
         activations.extract(_spec(dtype="float16", layers=[0]), blown, samples, tmp_path / "c", progress=False)
@@ -167,12 +207,14 @@ def test_shuffle_buffer_yields_every_token_once(tiny_model_dir, samples, tmp_pat
     assert all(len(b) == 7 for b in batches)
 
 
-def test_a_character_the_tokenizer_cannot_read_stops_extraction_naming_the_row(tiny_model_dir, write_samples,
-                                                                               tmp_path):
+def test_a_character_the_tokenizer_cannot_read_stops_extraction_naming_the_row(tiny_model_dir, write_samples, tmp_path):
     """The tiny model's character vocabulary has no '∂': it would silently become <unk>."""
     from sae_diff.errors import DataError
 
     samples = write_samples(["she is a nurse", "a ∂ symbol", "fine"])
-    with pytest.raises(DataError, match=r"row 1 \(sample 1\), column 'text': characters \['∂'\] are not in the "
-                                        r"vocabulary"):
+    with pytest.raises(
+        DataError,
+        match=r"row 1 \(sample 1\), column 'text': characters \['∂'\] are not in the "
+        r"vocabulary",
+    ):
         activations.extract(_spec(layers=[0]), tiny_model_dir, samples, tmp_path / "out", progress=False)

@@ -20,12 +20,14 @@ def tiny64(tiny_model_dir):
 
 
 def _samples():
-    return pd.DataFrame({
-        "prompt_id": [0, 0, 0, 1, 1, 2],
-        "prompt_text": ["<|user|>tell<|assistant|>"] * 3 + ["<|user|>more<|assistant|>"] * 2 + ["<|user|>x"],
-        "text": ["abcx", "abdy", "abcz", "qq", "rs", "solo"],
-        "m": [1.0, 0.0, np.nan, 0.2, 0.7, 1.0],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": [0, 0, 0, 1, 1, 2],
+            "prompt_text": ["<|user|>tell<|assistant|>"] * 3 + ["<|user|>more<|assistant|>"] * 2 + ["<|user|>x"],
+            "text": ["abcx", "abdy", "abcz", "qq", "rs", "solo"],
+            "m": [1.0, 0.0, np.nan, 0.2, 0.7, 1.0],
+        }
+    )
 
 
 def test_forks_cut_pairs_at_their_first_differing_token(tiny64):
@@ -46,6 +48,7 @@ def test_forks_cut_pairs_at_their_first_differing_token(tiny64):
 
 def _margin(model, sae, fork, feature=None, eps=0.0):
     """m = log p(better) - log p(worse) with eps * f_j(x) d_j removed at every position of block 1."""
+
     def edit(_module, _inputs, output):
         x = _first(output)
         acts = sae.encode(x[0])[:, feature]
@@ -70,12 +73,12 @@ def test_attribution_equals_the_derivative_of_the_ablated_margin(tiny64, arch):
     sae = SAE(SAEConfig(architecture=arch, d_in=d, d_sae=24, k=5), dtype=torch.float64)
     sae.initialize(torch.randn(128, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64), seed=0)
     with torch.no_grad():
-        sae.b_enc.add_(0.3)   # many features fire
+        sae.b_enc.add_(0.3)  # many features fire
     sae.eval()
     forks = attribution.forks(_samples(), "m", "up", tok)
     flags = [p.requires_grad for p in model.parameters()]
     scores = attribution.attribute(model, sae, 1, "resid_post", forks)
-    assert [p.requires_grad for p in model.parameters()] == flags   # the model is left as it was
+    assert [p.requires_grad for p in model.parameters()] == flags  # the model is left as it was
     assert scores.shape == (len(forks), 24)
     # transformers computes RoPE's cos/sin in float32 even in a float64 model (~1e-7 noise in m),
     # so ε stays large (that noise / 2ε ~ 5e-5) and the tolerance is 1e-4; a wrong sign, position or
@@ -87,7 +90,7 @@ def test_attribution_equals_the_derivative_of_the_ablated_margin(tiny64, arch):
             numeric = (_margin(model, sae, fork, j, -eps) - _margin(model, sae, fork, j, eps)) / (2 * eps)
             assert scores[i, j] == pytest.approx(numeric, rel=1e-3, abs=1e-4), (i, j)
             checked += abs(numeric) > 1e-6
-    assert checked > 10          # not vacuous: many features move the margin
+    assert checked > 10  # not vacuous: many features move the margin
 
 
 def test_run_writes_a_table_and_says_why_when_there_is_no_fork(tiny_model_dir, tmp_path):

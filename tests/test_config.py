@@ -66,39 +66,113 @@ def _explicit(cfg):
     """The test config with M1, D0 and D1 written out instead of made by the iterations block."""
     it = cfg.pop("iterations")
     cfg["models"]["M1"] = dict(cfg["models"]["M0"], seed=1, init_from="M0")
-    cfg["data"] = {f"D{i}": {"source": "generate", "prompts": it["prompts"], "sampling": dict(it["sampling"], seed=i)}
-                   for i in range(2)}
+    cfg["data"] = {
+        f"D{i}": {"source": "generate", "prompts": it["prompts"], "sampling": dict(it["sampling"], seed=i)}
+        for i in range(2)
+    }
     return cfg
 
 
 # (description, mutation, substrings the one-line error must contain)
 BAD = [
     ("unknown top-level key", lambda c: _set(c, "layerz", [1]), ["layerz", "unknown key"]),
-    ("unknown nested key", lambda c: _set(c, "activations.batchsize", 4), ["activations.batchsize", "unknown key", "batch_size"]),
+    (
+        "unknown nested key",
+        lambda c: _set(c, "activations.batchsize", 4),
+        ["activations.batchsize", "unknown key", "batch_size"],
+    ),
     ("unknown model key", lambda c: _set(c, "models.M0.package", "x"), ["models.M0.package", "unknown key"]),
-    ("wrong type", lambda c: _set(c, "activations.batch_size", "eight"), ["activations.batch_size", '"eight"', "integer"]),
+    (
+        "wrong type",
+        lambda c: _set(c, "activations.batch_size", "eight"),
+        ["activations.batch_size", '"eight"', "integer"],
+    ),
     ("out of range", lambda c: _set(c, "split.eval_fraction", 1.5), ["split.eval_fraction", "1.5", "<= 0.9"]),
     ("bad enum", lambda c: _set(c, "models.M0.source", "s3"), ["models.M0.source", '"s3"', "gguf_package"]),
     ("bad dtype", lambda c: _set(c, "activations.dtype", "int8"), ["activations.dtype", '"int8"', "float16"]),
-    ("unknown scorer", lambda c: _set(c, "scorers", [{"name": "toxicity"}]), ["scorers[0].name", '"toxicity"', "gender_pronouns"]),
-    ("unknown hook point", lambda c: _set(c, "hook_points", ["resid_pre"]), ["hook_points[0]", '"resid_pre"', "resid_post"]),
+    (
+        "unknown scorer",
+        lambda c: _set(c, "scorers", [{"name": "toxicity"}]),
+        ["scorers[0].name", '"toxicity"', "gender_pronouns"],
+    ),
+    (
+        "unknown hook point",
+        lambda c: _set(c, "hook_points", ["resid_pre"]),
+        ["hook_points[0]", '"resid_pre"', "resid_post"],
+    ),
     ("negative layer", lambda c: _set(c, "layers", [-1]), ["layers[0]", "-1", ">= 0"]),
     ("layer beyond depth", lambda c: _set(c, "layers", [0, 3]), ["layers[1] = 3", "below 3", "M0"]),
-    ("missing prompts file", lambda c: _set(_explicit(c), "data.D0.prompts", "resources/prompts/nope.txt"), ["data.D0.prompts", "nope.txt", "existing file"]),
-    ("missing table file", lambda c: _set(_explicit(c), "data.D1", {"source": "table", "path": "no/such.csv"}), ["data.D1.path", "no/such.csv", "existing file"]),
+    (
+        "missing prompts file",
+        lambda c: _set(_explicit(c), "data.D0.prompts", "resources/prompts/nope.txt"),
+        ["data.D0.prompts", "nope.txt", "existing file"],
+    ),
+    (
+        "missing table file",
+        lambda c: _set(_explicit(c), "data.D1", {"source": "table", "path": "no/such.csv"}),
+        ["data.D1.path", "no/such.csv", "existing file"],
+    ),
     ("missing required key", lambda c: _delete(c, "layers"), ["missing required key 'layers'"]),
-    ("bad model id", lambda c: _set(c, "models", {"base": c["models"]["M0"]}), ["models.base: key not allowed", "^M[0-9]+$"]),
+    (
+        "bad model id",
+        lambda c: _set(c, "models", {"base": c["models"]["M0"]}),
+        ["models.base: key not allowed", "^M[0-9]+$"],
+    ),
     ("data count differs", lambda c: _delete(_explicit(c), "data.D1"), ["data", "one data set per model"]),
-    ("missing reference FASTA", lambda c: _set(c, "scorers", [{"name": "protein_identity", "reference": "x.fasta"}]), ["scorers[0].reference", "x.fasta"]),
-    ("missing command program", lambda c: _set(c, "scorers", [{"name": "command", "command": "no-such-folding-tool {input} {output}", "metrics": ["plddt"]}]), ["scorers[0].command", "no-such-folding-tool", "not found"]),
-    ("scorer option of another scorer", lambda c: _set(c, "scorers", [{"name": "length", "reference": "x"}]), ["scorers[0].reference", "unknown key"]),
-    ("init_from a later model", lambda c: _set(_explicit(c), "models.M0.init_from", "M1"), ["models.M0.init_from", "earlier model"]),
-    ("non-divisible heads", lambda c: _set(c, "models.M0.d_model", 30), ["models.M0.d_model = 30", "multiple of n_heads"]),
-    ("sae site not extracted", lambda c: _set(c, "saes", {"a": {"architecture": "topk", "hook_point": "attn_out"}}), ["saes.a.hook_point = 'attn_out'", "extracted hook_points"]),
-    ("sae without architecture", lambda c: _set(c, "saes", {"a": {"lr": 0.1}}), ["saes.a", "missing required key 'architecture'"]),
-    ("unknown sae architecture", lambda c: _set(c, "saes", {"a": {"architecture": "gated"}}), ["saes.a.architecture", '"gated"', "jumprelu"]),
-    ("pretrained SAE file missing", lambda c: _set(c, "saes", {"p": {"source": "pretrained", "path": "nowhere/{model}/layer{layer}"}}), ["saes.p.path", "nowhere/M0/layer1", "existing file"]),
-    ("bad matryoshka fractions", lambda c: _set(c, "saes", {"m": {"architecture": "matryoshka", "matryoshka_fractions": [0.5, 0.25]}}), ["saes.m.matryoshka_fractions", "ending at 1.0"]),
+    (
+        "missing reference FASTA",
+        lambda c: _set(c, "scorers", [{"name": "protein_identity", "reference": "x.fasta"}]),
+        ["scorers[0].reference", "x.fasta"],
+    ),
+    (
+        "missing command program",
+        lambda c: _set(
+            c,
+            "scorers",
+            [{"name": "command", "command": "no-such-folding-tool {input} {output}", "metrics": ["plddt"]}],
+        ),
+        ["scorers[0].command", "no-such-folding-tool", "not found"],
+    ),
+    (
+        "scorer option of another scorer",
+        lambda c: _set(c, "scorers", [{"name": "length", "reference": "x"}]),
+        ["scorers[0].reference", "unknown key"],
+    ),
+    (
+        "init_from a later model",
+        lambda c: _set(_explicit(c), "models.M0.init_from", "M1"),
+        ["models.M0.init_from", "earlier model"],
+    ),
+    (
+        "non-divisible heads",
+        lambda c: _set(c, "models.M0.d_model", 30),
+        ["models.M0.d_model = 30", "multiple of n_heads"],
+    ),
+    (
+        "sae site not extracted",
+        lambda c: _set(c, "saes", {"a": {"architecture": "topk", "hook_point": "attn_out"}}),
+        ["saes.a.hook_point = 'attn_out'", "extracted hook_points"],
+    ),
+    (
+        "sae without architecture",
+        lambda c: _set(c, "saes", {"a": {"lr": 0.1}}),
+        ["saes.a", "missing required key 'architecture'"],
+    ),
+    (
+        "unknown sae architecture",
+        lambda c: _set(c, "saes", {"a": {"architecture": "gated"}}),
+        ["saes.a.architecture", '"gated"', "jumprelu"],
+    ),
+    (
+        "pretrained SAE file missing",
+        lambda c: _set(c, "saes", {"p": {"source": "pretrained", "path": "nowhere/{model}/layer{layer}"}}),
+        ["saes.p.path", "nowhere/M0/layer1", "existing file"],
+    ),
+    (
+        "bad matryoshka fractions",
+        lambda c: _set(c, "saes", {"m": {"architecture": "matryoshka", "matryoshka_fractions": [0.5, 0.25]}}),
+        ["saes.m.matryoshka_fractions", "ending at 1.0"],
+    ),
     ("top level not a mapping", None, ["expected a mapping"]),
 ]
 
@@ -125,9 +199,24 @@ def test_snakemake_stops_before_any_job_with_one_line(test_config, tmp_path, roo
     test_config["activations"]["batch_size"] = "eight"
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(test_config))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(root / "Snakefile"),
-                           "--configfile", str(path), "-d", str(tmp_path)],
-                          capture_output=True, text=True, cwd=root, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-s",
+            str(root / "Snakefile"),
+            "--configfile",
+            str(path),
+            "-d",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert 'config error: activations.batch_size = "eight": expected a value of type integer' in proc.stderr
     assert "Job stats" not in proc.stdout + proc.stderr
@@ -137,7 +226,7 @@ def test_pretrained_path_template_is_resolved_for_every_cell(test_config, tmp_pa
     for cell in ("M0_D0", "M0_D1", "M1_D1"):
         (tmp_path / "mine" / cell / "layer1").mkdir(parents=True)
     test_config["saes"] = {"p": {"source": "pretrained", "path": "mine/{model}_{data}/layer{layer}"}}
-    test_config["interventions"]["saes"] = ["p"]   # the interventions' SAEs must be configured ones
+    test_config["interventions"]["saes"] = ["p"]  # the interventions' SAEs must be configured ones
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(test_config))
     cfg = cfglib.load(path, base_dirs=[tmp_path, root])
@@ -152,13 +241,21 @@ def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
     unknown names are checked."""
     cfg = _load(test_config, tmp_path, root)
     runs = {(r.experiment, r.cell.name, r.model) for r in cfglib.intervention_runs(cfg)}
-    assert runs == {("ablation", "M1_D1", "M1"), ("ablation", "M0_D1", "M1"),
-                    ("steering", "M1_D1", "M0"), ("steering", "M0_D1", "M0")}
+    assert runs == {
+        ("ablation", "M1_D1", "M1"),
+        ("ablation", "M0_D1", "M1"),
+        ("steering", "M1_D1", "M0"),
+        ("steering", "M0_D1", "M0"),
+    }
     run = cfglib.intervention_runs(cfg)[0]
     assert run.out_dir == f"results/interventions/{run.experiment}/{run.cell.name}/layer1/topk/n_chars"
     assert cfglib.metric_direction(cfg, "n_chars") == "up" and cfglib.metric_direction(cfg, "female_ratio") == "up"
-    for key, value, message in [("metrics", ["female_ratio"], "not probed"), ("layers", [7], "not among layers"),
-                                ("iterations", [3], "have no data"), ("saes", ["nope"], "not configured SAEs")]:
+    for key, value, message in [
+        ("metrics", ["female_ratio"], "not probed"),
+        ("layers", [7], "not among layers"),
+        ("iterations", [3], "have no data"),
+        ("saes", ["nope"], "not configured SAEs"),
+    ]:
         bad = copy.deepcopy(cfg)
         bad["interventions"][key] = value
         with pytest.raises(ConfigError, match=f"interventions.{key}.*{message}"):
@@ -171,11 +268,29 @@ def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
 def test_snakefile_parses_without_importing_torch(tmp_path, root):
     """Every local run and every SLURM job step parses the Snakefile: it must stay light (the
     intervention grid reads sae_diff.experiments, not the torch-importing interventions module)."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "-n", "-s", str(root / "Snakefile"),
-                             "-d", str(tmp_path), "--configfile", str(root / "config" / "test.yaml")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "snakemake",
+            "-n",
+            "-s",
+            str(root / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(root / "config" / "test.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "sae_diff.config" in imported and "torch" not in imported and "transformers" not in imported
 
 
@@ -185,7 +300,8 @@ def test_every_module_imports_first_without_a_circle(root):
     code = textwrap.dedent("""
         import importlib, pkgutil, sys
         import sae_diff, sae_diff.sae
-        names = [m.name for m in pkgutil.walk_packages(sae_diff.__path__, "sae_diff.") if not m.name.endswith("__main__")]
+        names = [m.name for m in pkgutil.walk_packages(sae_diff.__path__, "sae_diff.")
+                 if not m.name.endswith("__main__")]
         failed = []
         for name in names:
             for loaded in [m for m in sys.modules if m == "sae_diff" or m.startswith("sae_diff.")]:

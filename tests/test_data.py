@@ -11,8 +11,13 @@ import pytest
 from sae_diff import data
 from sae_diff.data import DataError
 
-TABLE_SPEC = {"source": "table", "format": "auto", "text_column": "seq", "group_columns": ["family"],
-              "metric_columns": ["activity"]}
+TABLE_SPEC = {
+    "source": "table",
+    "format": "auto",
+    "text_column": "seq",
+    "group_columns": ["family"],
+    "metric_columns": ["activity"],
+}
 
 
 def test_prompt_yaml_pairs_translations(tmp_path):
@@ -20,9 +25,17 @@ def test_prompt_yaml_pairs_translations(tmp_path):
     path.write_text(
         "pair_key: profession\nlanguages:\n"
         "  en: {templates: ['A {profession}.', 'The {profession}!'], fillers: {profession: [nurse, pilot]}}\n"
-        "  fr: {templates: ['Un {profession}.'], fillers: {profession: [infirmier, pilote]}}\n")
+        "  fr: {templates: ['Un {profession}.'], fillers: {profession: [infirmier, pilote]}}\n"
+    )
     prompts = data.load_prompts(path)
-    assert prompts["prompt"].tolist() == ["A nurse.", "A pilot.", "The nurse!", "The pilot!", "Un infirmier.", "Un pilote."]
+    assert prompts["prompt"].tolist() == [
+        "A nurse.",
+        "A pilot.",
+        "The nurse!",
+        "The pilot!",
+        "Un infirmier.",
+        "Un pilote.",
+    ]
     assert prompts["language"].tolist() == ["en"] * 4 + ["fr"] * 2
     assert prompts["profession"].tolist() == ["nurse", "pilot"] * 3  # first language's value
     assert prompts.loc[4, "pair_id"] == prompts.loc[0, "pair_id"] == "nurse#0"
@@ -31,8 +44,9 @@ def test_prompt_yaml_pairs_translations(tmp_path):
 
 def test_prompt_yaml_misaligned_fillers(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("languages:\n  en: {templates: ['{a}'], fillers: {a: [x, y]}}\n"
-                    "  fr: {templates: ['{a}'], fillers: {a: [x]}}\n")
+    path.write_text(
+        "languages:\n  en: {templates: ['{a}'], fillers: {a: [x, y]}}\n  fr: {templates: ['{a}'], fillers: {a: [x]}}\n"
+    )
     with pytest.raises(DataError, match="languages.fr.fillers.a: expected 2 values"):
         data.load_prompts(path)
 
@@ -51,8 +65,11 @@ def frame():
 @pytest.mark.parametrize("suffix", ["csv", "parquet", "jsonl"])
 def test_table_formats(tmp_path, frame, suffix):
     path = tmp_path / f"t.{suffix}"
-    {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path),
-     "jsonl": lambda: frame.to_json(path, orient="records", lines=True)}[suffix]()
+    {
+        "csv": lambda: frame.to_csv(path, index=False),
+        "parquet": lambda: frame.to_parquet(path),
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+    }[suffix]()
     table = data.load_table(dict(TABLE_SPEC, path=str(path)))
     assert table["text"].tolist() == ["MKV", "MKL", "MAA"]
     assert table["family"].tolist() == ["a", "b", "a"]
@@ -63,8 +80,16 @@ def test_table_formats(tmp_path, frame, suffix):
 def test_table_fasta(tmp_path):
     path = tmp_path / "s.fasta"
     path.write_text(">p1 amylase\nMKVL\nAA\n>p2\nMSS\n")
-    table = data.load_table({"source": "table", "path": str(path), "format": "auto", "text_column": "text",
-                             "group_columns": [], "metric_columns": []})
+    table = data.load_table(
+        {
+            "source": "table",
+            "path": str(path),
+            "format": "auto",
+            "text_column": "text",
+            "group_columns": [],
+            "metric_columns": [],
+        }
+    )
     assert table["text"].tolist() == ["MKVLAA", "MSS"]
 
 
@@ -75,13 +100,21 @@ def test_table_missing_column_names_file_and_column(tmp_path, frame):
         data.load_table(dict(TABLE_SPEC, path=str(path), metric_columns=["pLDDT"]))
 
 
-@pytest.mark.parametrize("content, message", [
-    ("seq,family,activity\n", r"t.csv: no rows \(a header without data\?\)"),
-    ("seq,family,activity\nMKV,a,0.1\n,b,0.5\n", r"column 'seq': 1 of 2 rows have no text .* first rows \[1\]"),
-    ("seq,family,activity\nMKV,a,0.1\nMKL,b,high\n", r"column 'activity': 1 values are not numbers, first 'high' in row 1"),
-    ("seq,family,activity\nMKV,a,0.1\nMKL,b,inf\nMAA,a,\n",
-     r"column 'activity': 2 values are missing, NaN or infinite, first rows \[1, 2\].*non_finite: drop"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("seq,family,activity\n", r"t.csv: no rows \(a header without data\?\)"),
+        ("seq,family,activity\nMKV,a,0.1\n,b,0.5\n", r"column 'seq': 1 of 2 rows have no text .* first rows \[1\]"),
+        (
+            "seq,family,activity\nMKV,a,0.1\nMKL,b,high\n",
+            r"column 'activity': 1 values are not numbers, first 'high' in row 1",
+        ),
+        (
+            "seq,family,activity\nMKV,a,0.1\nMKL,b,inf\nMAA,a,\n",
+            r"column 'activity': 2 values are missing, NaN or infinite, first rows \[1, 2\].*non_finite: drop",
+        ),
+    ],
+)
 def test_bad_table_cells_are_named_at_the_door(tmp_path, content, message):
     """Each bad input stops at load with the file, column, count and first row named."""
     path = tmp_path / "t.csv"
@@ -126,8 +159,17 @@ def test_generation_is_reproducible(tiny_model_dir, tmp_path):
 
     model, tok = models.load(tiny_model_dir)
     prompts = pd.DataFrame({"prompt_id": [0, 1, 2], "prompt": ["a nurse", "a pilot", "a judge"]})
-    sampling = {"n_per_prompt": 2, "max_new_tokens": 6, "do_sample": True, "temperature": 1.0, "top_p": 1.0,
-                "top_k": 0, "batch_size": 4, "chat_template": True, "seed": 7}
+    sampling = {
+        "n_per_prompt": 2,
+        "max_new_tokens": 6,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "batch_size": 4,
+        "chat_template": True,
+        "seed": 7,
+    }
     first = data.generate(model, tok, prompts, sampling, progress=False)
     second = data.generate(model, tok, prompts, sampling, progress=False)
     other = data.generate(model, tok, prompts, dict(sampling, seed=8), progress=False)

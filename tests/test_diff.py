@@ -32,7 +32,7 @@ def planted():
         u = rng.standard_normal(D)
         u -= (u @ a[i]) * a[i]
         b[i] = 0.7 * a[i] + np.sqrt(1 - 0.49) * u / np.linalg.norm(u)
-    b[N_SAME + N_CHANGED:] = unit(rng.standard_normal((N_REMOVED, D)))
+    b[N_SAME + N_CHANGED :] = unit(rng.standard_normal((N_REMOVED, D)))
     perm = rng.permutation(len(b))  # B's row j is the original row perm[j]
     return a, b[perm], perm
 
@@ -46,12 +46,12 @@ def test_planted_permuted_perturbed_removed_and_added_are_labelled_exactly():
     where_in_b = np.argsort(perm)  # original row i sits at B row where_in_b[i]
     assert (labels[:N_SAME] == "same").all()
     assert (table["match"].to_numpy()[:N_SAME] == where_in_b[:N_SAME]).all()
-    assert (labels[N_SAME:N_SAME + N_CHANGED] == "changed").all()
-    np.testing.assert_allclose(table["dec_cos_match"].to_numpy()[N_SAME:N_SAME + N_CHANGED], 0.7, atol=1e-6)
-    assert (labels[N_SAME + N_CHANGED:] == "new").all()  # died: nothing in B resembles them
+    assert (labels[N_SAME : N_SAME + N_CHANGED] == "changed").all()
+    np.testing.assert_allclose(table["dec_cos_match"].to_numpy()[N_SAME : N_SAME + N_CHANGED], 0.7, atol=1e-6)
+    assert (labels[N_SAME + N_CHANGED :] == "new").all()  # died: nothing in B resembles them
     # B's view: exactly the 20 fresh directions are new (born)
     born = diff.label(diff.weight_diff(sae_b, sae_a)["dec_cos_match"].to_numpy(), thresholds) == "new"
-    assert set(np.nonzero(born)[0]) == set(where_in_b[N_SAME + N_CHANGED:])
+    assert set(np.nonzero(born)[0]) == set(where_in_b[N_SAME + N_CHANGED :])
 
 
 def test_weight_diff_columns_against_dense_math():
@@ -79,7 +79,13 @@ def test_calibration_quantiles_and_label_edges():
     null = np.linspace(0.0, 1.0, 1001)
     t = diff.calibrate(null, same_quantile=0.05, new_quantile=0.01)
     assert t.same == pytest.approx(0.05) and t.new == pytest.approx(0.01)
-    assert list(diff.label(np.array([0.05, 0.04, 0.01, 0.0, np.nan]), t)) == ["same", "changed", "changed", "new", "new"]
+    assert list(diff.label(np.array([0.05, 0.04, 0.01, 0.0, np.nan]), t)) == [
+        "same",
+        "changed",
+        "changed",
+        "new",
+        "new",
+    ]
     with pytest.raises(ValueError, match="quantiles"):
         diff.calibrate(null, same_quantile=0.01, new_quantile=0.05)
 
@@ -93,16 +99,35 @@ def test_seed_pair_calibration_holds_on_an_independent_seed_pair(tmp_path):
 
     acts, _ = planted_acts(n=30_000)
     store = ActivationStore(write_store(tmp_path / "acts", acts, shard_tokens=5000))
-    specs = [TrainSpec(name=f"s{seed}", sae=SAEConfig(architecture="topk", d_in=16, d_sae=64, k=3), lr=1e-2,
-                       warmup_steps=5, seed=seed, dead_tokens=2000, init_sample=512) for seed in range(4)]
-    outs = train(store, specs, [tmp_path / s.name for s in specs], n_tokens=30_000, batch_size=128, epochs=2,
-                 shuffle_buffer=6000, checkpoint_every=0, progress=False)
+    specs = [
+        TrainSpec(
+            name=f"s{seed}",
+            sae=SAEConfig(architecture="topk", d_in=16, d_sae=64, k=3),
+            lr=1e-2,
+            warmup_steps=5,
+            seed=seed,
+            dead_tokens=2000,
+            init_sample=512,
+        )
+        for seed in range(4)
+    ]
+    outs = train(
+        store,
+        specs,
+        [tmp_path / s.name for s in specs],
+        n_tokens=30_000,
+        batch_size=128,
+        epochs=2,
+        shuffle_buffer=6000,
+        checkpoint_every=0,
+        progress=False,
+    )
     saes = [files.load(o) for o in outs]
     null = diff.weight_diff(saes[0], saes[1])["dec_cos_match"].to_numpy()
     thresholds = diff.calibrate(null, same_quantile=0.05)
     second = diff.weight_diff(saes[2], saes[3])["dec_cos_match"].to_numpy()
     not_same = float((diff.label(second, thresholds) != "same").mean())
-    print(f"seed-pair calibration: {not_same:.3f} of features not \"same\" on the independent pair")
+    print(f'seed-pair calibration: {not_same:.3f} of features not "same" on the independent pair')
     assert not_same <= 0.08, (not_same, thresholds)  # 5% by construction, plus sampling noise at 64 features
 
 
@@ -111,8 +136,9 @@ def _stats(n, dead=()):
 
     dead_mask = np.zeros(n, dtype=bool)
     dead_mask[list(dead)] = True
-    return pd.DataFrame({"feature": np.arange(n), "dead": dead_mask, "freq": np.where(dead_mask, 0.0, 0.1),
-                         "enc_norm": np.ones(n)})
+    return pd.DataFrame(
+        {"feature": np.arange(n), "dead": dead_mask, "freq": np.where(dead_mask, 0.0, 0.1), "enc_norm": np.ones(n)}
+    )
 
 
 THRESHOLDS = diff.Thresholds(same=0.9, new=0.45, same_quantile=0.05, new_quantile=0.001, n_null=0)
@@ -127,23 +153,29 @@ def test_step_labels_died_for_each_reason_born_and_inactive():
     silent_in_b = where_in_b[[0, 1]]
     sae_b = sae_with_decoder(b)
     with torch.no_grad():
-        sae_b.W_enc_T[torch.as_tensor(where_in_b[[2, 3, 4]])] *= 0.05    # encoder norm 0.5 -> 0.025
+        sae_b.W_enc_T[torch.as_tensor(where_in_b[[2, 3, 4]])] *= 0.05  # encoder norm 0.5 -> 0.025
     stats_a, stats_b = _stats(n, dead=[5]), _stats(n, dead=silent_in_b)
-    table, summary = diff.compare(sae_with_decoder(a), sae_b, stats_a, stats_b, THRESHOLDS, aligned=False,
-                                  collapse=0.1)
+    table, summary = diff.compare(sae_with_decoder(a), sae_b, stats_a, stats_b, THRESHOLDS, aligned=False, collapse=0.1)
     labels = table["label"].to_numpy()
     reasons = table["died_reason"].to_numpy()
     assert list(labels[:5]) == ["died", "died", "died", "died", "died"]
     assert list(reasons[:5]) == ["silent", "silent", "norm_collapse", "norm_collapse", "norm_collapse"]
     assert labels[5] == "inactive"
     assert (labels[6:N_SAME] == "same").all()
-    assert (labels[N_SAME:N_SAME + N_CHANGED] == "changed").all()
-    assert (labels[N_SAME + N_CHANGED:] == "died").all() and (reasons[N_SAME + N_CHANGED:] == "unmatched").all()
+    assert (labels[N_SAME : N_SAME + N_CHANGED] == "changed").all()
+    assert (labels[N_SAME + N_CHANGED :] == "died").all() and (reasons[N_SAME + N_CHANGED :] == "unmatched").all()
     # born: the 20 fresh directions, plus the partner of the inactive feature (it fires in B, nothing live matched it)
-    assert set(summary["born"]) == set(where_in_b[N_SAME + N_CHANGED:]) | {int(where_in_b[5])}
-    assert summary["counts"] == {"same": N_SAME - 6, "changed": N_CHANGED, "died": 25, "inactive": 1,
-                                 "died_unmatched": N_REMOVED, "died_silent": 2, "died_norm_collapse": 3,
-                                 "born": N_REMOVED + 1}
+    assert set(summary["born"]) == set(where_in_b[N_SAME + N_CHANGED :]) | {int(where_in_b[5])}
+    assert summary["counts"] == {
+        "same": N_SAME - 6,
+        "changed": N_CHANGED,
+        "died": 25,
+        "inactive": 1,
+        "died_unmatched": N_REMOVED,
+        "died_silent": 2,
+        "died_norm_collapse": 3,
+        "born": N_REMOVED + 1,
+    }
 
 
 def test_lineages_follow_matches_and_catch_a_reversion():

@@ -40,7 +40,9 @@ def test_metrics_match_float64_formulas(sae_and_data):
     assert got["l0"] == pytest.approx(float((f != 0).sum(-1).double().mean()), rel=1e-12)
     assert got["l1"] == pytest.approx(float(f.abs().sum(-1).mean()), rel=1e-9)
     assert got["l2_ratio"] == pytest.approx(float((xh.norm(dim=-1) / X.norm(dim=-1)).mean()), rel=1e-9)
-    assert got["relative_reconstruction_bias"] == pytest.approx(float(xh.pow(2).sum(-1).mean() / (X * xh).sum(-1).mean()), rel=1e-9)
+    assert got["relative_reconstruction_bias"] == pytest.approx(
+        float(xh.pow(2).sum(-1).mean() / (X * xh).sum(-1).mean()), rel=1e-9
+    )
     density = (f != 0).double().mean(0).numpy()
     np.testing.assert_allclose(got["feature_density"], density, rtol=0, atol=1e-15)
     assert got["n_dead"] == int((density == 0).sum()) and got["n_tokens"] == 1000
@@ -99,8 +101,13 @@ def _hand_ce(model, tok, sae, texts, layer):
     from sae_diff import models
     from sae_diff.activations import tokenize
 
-    seqs = tokenize(tok, pd.DataFrame({"sample_id": range(len(texts)), "prompt_text": "", "text": texts,
-                                        "split": "eval"}), 64, True, True)
+    seqs = tokenize(
+        tok,
+        pd.DataFrame({"sample_id": range(len(texts)), "prompt_text": "", "text": texts, "split": "eval"}),
+        64,
+        True,
+        True,
+    )
     totals = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
     count = 0
     for s in seqs:
@@ -113,6 +120,7 @@ def _hand_ce(model, tok, sae, texts, layer):
                 h = h.clone()
                 h[0, keep] = edit(h[0, keep])
                 return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
             handle = models.blocks(model)[layer].register_forward_hook(hook)
             try:
                 with torch.no_grad():

@@ -43,7 +43,7 @@ def test_firing_statistics_match_dense_reference(tmp_path):
     sample_ids = np.arange(100, 130)
     result = features.run(sae, store, sample_ids, batch_size=17, n_examples=3, progress=False)
     with torch.no_grad():
-        dense = sae.encode(acts).double().numpy()                    # [tokens, d_sae]
+        dense = sae.encode(acts).double().numpy()  # [tokens, d_sae]
     samples, positions, in_prompt = meta["sample_idx"], meta["position"], meta["in_prompt"]
     first = {s: positions[samples == s].min() for s in np.unique(samples)}
     last = {s: positions[samples == s].max() for s in np.unique(samples)}

@@ -18,8 +18,19 @@ from sae_diff.errors import DataError
 
 def _samples(rows):
     """rows: (prompt_id, text, score, split)"""
-    return pd.DataFrame([{"sample_id": i, "prompt_id": p, "prompt_text": f"<|user|>p{p}<|assistant|>", "text": t,
-                          "m": s, "split": split} for i, (p, t, s, split) in enumerate(rows)])
+    return pd.DataFrame(
+        [
+            {
+                "sample_id": i,
+                "prompt_id": p,
+                "prompt_text": f"<|user|>p{p}<|assistant|>",
+                "text": t,
+                "m": s,
+                "split": split,
+            }
+            for i, (p, t, s, split) in enumerate(rows)
+        ]
+    )
 
 
 def _pairs_as_tuples(pairs):
@@ -27,9 +38,17 @@ def _pairs_as_tuples(pairs):
 
 
 def test_pairs_within_prompts_drop_ties_and_respect_margin():
-    table = _samples([(0, "a", 1.0, "train"), (0, "b", 0.0, "train"), (0, "c", 1.0, "train"),
-                      (1, "d", 0.5, "train"), (1, "e", 0.4, "train"),
-                      (2, "f", 0.9, "eval"), (2, "g", 0.1, "eval")])       # eval prompts never give pairs
+    table = _samples(
+        [
+            (0, "a", 1.0, "train"),
+            (0, "b", 0.0, "train"),
+            (0, "c", 1.0, "train"),
+            (1, "d", 0.5, "train"),
+            (1, "e", 0.4, "train"),
+            (2, "f", 0.9, "eval"),
+            (2, "g", 0.1, "eval"),
+        ]
+    )  # eval prompts never give pairs
     pairs = finetune.build_pairs(table, "m", "up")
     # a and c tie (dropped); no pair ever mixes prompts
     assert _pairs_as_tuples(pairs) == [(0, "a", "b"), (0, "c", "b"), (1, "d", "e")]
@@ -61,7 +80,7 @@ def test_missing_scores_dropped_or_ranked_worst():
 def test_max_per_prompt_keeps_the_largest_gaps():
     table = _samples([(0, "a", 1.0, "train"), (0, "b", 0.7, "train"), (0, "c", 0.0, "train")])
     pairs = finetune.build_pairs(table, "m", max_per_prompt=2)
-    assert _pairs_as_tuples(pairs) == [(0, "a", "c"), (0, "b", "c")]   # gaps 1.0 and 0.7, not 0.3
+    assert _pairs_as_tuples(pairs) == [(0, "a", "c"), (0, "b", "c")]  # gaps 1.0 and 0.7, not 0.3
 
 
 def test_identical_texts_never_pair_and_bad_arguments_are_named():
@@ -73,9 +92,19 @@ def test_identical_texts_never_pair_and_bad_arguments_are_named():
         finetune.build_pairs(table, "m", direction="sideways")
 
 
-DPO_SPEC = dict(beta=0.1, learning_rate=3e-3, steps=6, batch_size=4, gradient_accumulation=1, max_length=64,
-                seed=0, warmup_steps=0, checkpoint_every=0, gradient_checkpointing=False,
-                lora=dict(enabled=False, r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+DPO_SPEC = dict(
+    beta=0.1,
+    learning_rate=3e-3,
+    steps=6,
+    batch_size=4,
+    gradient_accumulation=1,
+    max_length=64,
+    seed=0,
+    warmup_steps=0,
+    checkpoint_every=0,
+    gradient_checkpointing=False,
+    lora=dict(enabled=False, r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+)
 
 
 def _planted_pairs(n=8):
@@ -95,7 +124,7 @@ def test_dpo_loss_decreases_and_the_round_is_deterministic(tiny_model_dir, tmp_p
     a = finetune.dpo(tiny_model_dir, tiny_model_dir, pairs, DPO_SPEC, tmp_path / "A", progress=False)
     b = finetune.dpo(tiny_model_dir, tiny_model_dir, pairs, DPO_SPEC, tmp_path / "B", progress=False)
     losses = [row["loss"] for row in _log(tmp_path / "A") if "loss" in row]
-    assert losses[0] == pytest.approx(np.log(2), abs=1e-4)     # policy == reference at step 1
+    assert losses[0] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at step 1
     assert losses[-1] < losses[0] - 0.05
     assert a["loss_last"] == b["loss_last"]
     wa = load_file(tmp_path / "A" / "model.safetensors")
@@ -117,7 +146,7 @@ def test_dpo_with_lora_saves_merged_full_weights(tiny_model_dir, tmp_path):
     assert set(weights) == set(base), "no adapter tensors: the LoRA update is merged"
     changed = [k for k in weights if not (weights[k] == base[k]).all()]
     assert changed and all("embed" not in k for k in changed)
-    model, _ = models.load(tmp_path / "L")     # a plain HF folder, like any other model
+    model, _ = models.load(tmp_path / "L")  # a plain HF folder, like any other model
     assert model is not None
     with pytest.raises(DataError, match="lora.enabled"):
         finetune.dpo(tiny_model_dir, tmp_path / "L", _planted_pairs(), spec, tmp_path / "X", progress=False)
@@ -129,11 +158,19 @@ def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     pairs = _planted_pairs()
     pairs.to_parquet(tmp_path / "pairs.parquet")
     finetune.dpo(tiny_model_dir, tiny_model_dir, pairs, spec, tmp_path / "full", progress=False)
-    script = (f"import pandas as pd; from sae_diff import finetune; "
-              f"finetune.dpo({str(tiny_model_dir)!r}, {str(tiny_model_dir)!r}, pd.read_parquet({str(tmp_path / 'pairs.parquet')!r}), "
-              f"{spec!r}, {str(tmp_path / 'cut')!r}, progress=False)")
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "SAE_DIFF_KILL_AFTER_DPO_STEP": "4"},
-                          capture_output=True, text=True, timeout=300)
+    script = (
+        f"import pandas as pd; from sae_diff import finetune; "
+        f"finetune.dpo({str(tiny_model_dir)!r}, {str(tiny_model_dir)!r}, "
+        f"pd.read_parquet({str(tmp_path / 'pairs.parquet')!r}), "
+        f"{spec!r}, {str(tmp_path / 'cut')!r}, progress=False)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "SAE_DIFF_KILL_AFTER_DPO_STEP": "4"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (tmp_path / "cut").exists(), "nothing half-written at the target"
     record = finetune.dpo(tiny_model_dir, tiny_model_dir, pairs, spec, tmp_path / "cut", progress=False)

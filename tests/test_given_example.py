@@ -24,8 +24,9 @@ def _write(cfg: dict, path: Path) -> Path:
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sae_diff", "validate", str(path)], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "sae_diff", "validate", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def _both_refuse(path: Path, tmp_path: Path, expected: str) -> None:
@@ -89,8 +90,10 @@ def test_a_text_the_models_cannot_tokenize_is_refused_by_validate(tmp_path):
     cfg["iterations"]["data"][2] = str(tmp_path / "D2.csv")
     checked = _validate(_write(cfg, tmp_path / "bad.yaml"))
     assert checked.returncode != 0, checked.stdout
-    assert (f"{tmp_path / 'D2.csv'}: row 3 (sample 3), column 'text': characters ['∂'] are not in the vocabulary "
-            "of models.M0's tokenizer") in checked.stderr
+    assert (
+        f"{tmp_path / 'D2.csv'}: row 3 (sample 3), column 'text': characters ['∂'] are not in the vocabulary "
+        "of models.M0's tokenizer"
+    ) in checked.stderr
 
 
 @pytest.mark.slow
@@ -110,7 +113,7 @@ def test_the_given_example_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert {m: summary["models"][m]["source"] for m in ("M0", "M1", "M2")} == {"M0": "hf", "M1": "hf", "M2": "hf"}
     assert set(summary["cells"]) == {"M0_D0", "M1_D1", "M2_D2"}
-    for d in ("D0", "D1", "D2"):   # the table's own metric beside the scorer's
+    for d in ("D0", "D1", "D2"):  # the table's own metric beside the scorer's
         assert {"rating", "n_chars"} <= set(summary["data"][d]["metrics"])
     assert summary["headline"]["iterations"]["metric"] == "rating"
     # n_chars is scored on new generations: both experiments ran on it

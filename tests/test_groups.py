@@ -18,28 +18,33 @@ def test_cohens_d_against_the_textbook_formula():
         x, y = a[:, j], b[:, j]
         s = np.sqrt(((len(x) - 1) * np.var(x, ddof=1) + (len(y) - 1) * np.var(y, ddof=1)) / (len(x) + len(y) - 2))
         assert d[j] == pytest.approx((x.mean() - y.mean()) / s, rel=1e-12)
-    assert np.isnan(groups.cohens_d(np.ones((5, 1)), np.ones((5, 1)))[0])     # no spread: undefined, not 0/0
+    assert np.isnan(groups.cohens_d(np.ones((5, 1)), np.ones((5, 1)))[0])  # no spread: undefined, not 0/0
 
 
 def test_effective_rank_and_information_against_pca():
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 30)) + 0.01 * rng.normal(size=(200, 30))   # rank ~3
+    x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 30)) + 0.01 * rng.normal(size=(200, 30))  # rank ~3
     ratio = PCA().fit(x).explained_variance_ratio_
     assert groups.effective_rank(x, 0.95) == int(np.argmax(np.cumsum(ratio) >= 0.95) + 1)
     assert groups.effective_rank(x, 0.95) <= 3
     p = ratio[ratio > 0]
     assert groups.information_content(x) == pytest.approx(-(p * np.log2(p)).sum(), rel=1e-6)
-    iso = rng.normal(size=(5000, 8))                       # isotropic: about log2(8) = 3 bits
+    iso = rng.normal(size=(5000, 8))  # isotropic: about log2(8) = 3 bits
     assert groups.information_content(iso) == pytest.approx(3.0, abs=0.02)
     assert groups.effective_rank(np.ones((10, 4))) == 0
 
 
 def _pooled(x, l0, act, n_tokens):
     x = torch.as_tensor(x, dtype=torch.float32)
-    return {"mean": x, "max": x, "l0_sum": torch.as_tensor(l0, dtype=torch.float64),
-            "act_sum": torch.as_tensor(act, dtype=torch.float64), "n_tokens": torch.as_tensor(n_tokens)}
+    return {
+        "mean": x,
+        "max": x,
+        "l0_sum": torch.as_tensor(l0, dtype=torch.float64),
+        "act_sum": torch.as_tensor(act, dtype=torch.float64),
+        "n_tokens": torch.as_tensor(n_tokens),
+    }
 
 
 def test_per_group_l0_dead_and_mean_activation_by_hand():
@@ -55,18 +60,19 @@ def test_per_group_l0_dead_and_mean_activation_by_hand():
 def test_planted_alignment_and_bias_correlation():
     rng = np.random.default_rng(2)
     pairs, d = 60, 8
-    shared = rng.gamma(2.0, 1.0, (pairs, 4))               # features 0-3 follow the pair in both languages
+    shared = rng.gamma(2.0, 1.0, (pairs, 4))  # features 0-3 follow the pair in both languages
     en = np.concatenate([shared + 0.05 * rng.random((pairs, 4)), rng.random((pairs, 4))], axis=1)
     fr = np.concatenate([shared + 0.05 * rng.random((pairs, 4)), rng.random((pairs, 4))], axis=1)
     gender = np.where(np.arange(pairs) % 2 == 0, "female", "male")
-    bias = np.linspace(-1, 1, d)                             # the same gender effect in both languages
+    bias = np.linspace(-1, 1, d)  # the same gender effect in both languages
     en[gender == "female"] += bias.clip(0)
     fr[gender == "female"] += bias.clip(0)
-    table = pd.DataFrame({"language": ["en"] * pairs + ["fr"] * pairs, "pair_id": list(range(pairs)) * 2,
-                          "gender": list(gender) * 2})
+    table = pd.DataFrame(
+        {"language": ["en"] * pairs + ["fr"] * pairs, "pair_id": list(range(pairs)) * 2, "gender": list(gender) * 2}
+    )
     x = np.concatenate([en, fr])
     xa, xb, both = groups.paired_matrices(x, table, "language", "pair_id", "en", "fr")
-    order = np.array(both, dtype=int)                        # pair ids, sorted as strings
+    order = np.array(both, dtype=int)  # pair ids, sorted as strings
     assert len(both) == pairs and np.allclose(xa, en[order]) and np.allclose(xb, fr[order])
     en, fr = en[order], fr[order]
     out = groups.alignment(xa, xb, threshold=0.5)

@@ -12,8 +12,17 @@ from sae_diff import interventions as iv
 from sae_diff import models
 from sae_diff.sae.model import SAE, SAEConfig
 
-GREEDY = {"n_per_prompt": 1, "max_new_tokens": 10, "do_sample": False, "batch_size": 3, "seed": 0,
-          "chat_template": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+GREEDY = {
+    "n_per_prompt": 1,
+    "max_new_tokens": 10,
+    "do_sample": False,
+    "batch_size": 3,
+    "seed": 0,
+    "chat_template": False,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+}
 
 
 def _sae(d_in: int, arch: str = "topk", d_sae: int = 48, seed: int = 0) -> SAE:
@@ -44,7 +53,7 @@ def test_feature_acts_equal_dense_encode(arch):
     chosen = torch.tensor([0, 5, 17, 33, 47])
     with torch.no_grad():
         if arch == "batchtopk":
-            sae.threshold.fill_(0.2)   # inference: the learned global threshold
+            sae.threshold.fill_(0.2)  # inference: the learned global threshold
         expected = sae.encode(x)[:, chosen]
         got = iv.feature_acts(sae, x, chosen)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -90,7 +99,7 @@ def test_ablation_removes_the_planted_feature_direction(tiny):
         sae.W_enc_T[j] = direction / direction.norm()
         sae.b_dec.zero_()
         sae.b_enc.fill_(-0.0)
-        sae.b_enc[j] = 10.0   # fires everywhere
+        sae.b_enc[j] = 10.0  # fires everywhere
     f_j = torch.relu(x.double() @ sae.W_enc_T[j] + 10.0)
     assert bool((f_j > 0).all())
     captured = {}
@@ -115,7 +124,7 @@ def test_clamp_sets_the_feature_to_its_value(tiny):
     with torch.no_grad():
         sae.W_dec.copy_(q.t())
         sae.W_enc_T.copy_(q.t())
-        sae.b_enc.fill_(5.0)       # every feature fires, so the ReLU is the identity here
+        sae.b_enc.fill_(5.0)  # every feature fires, so the ReLU is the identity here
         sae.b_dec.zero_()
     ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(4))
     with iv.intervene(model, sae, 1, "resid_post", iv.Edit("clamp", (2, 7), (1.5, 9.0))):
@@ -139,7 +148,7 @@ def test_steering_shifts_logits_along_the_decoder_direction(tiny):
     x, clean = _block_output(model, ids, last)
     unembed = model.get_output_embeddings()
     norm = models.final_norm(model)
-    unit_logits = unembed(sae.W_dec[j][None]).squeeze(0).detach()   # the direction's own logits
+    unit_logits = unembed(sae.W_dec[j][None]).squeeze(0).detach()  # the direction's own logits
     previous = 0.0
     for c in (2.0, 8.0):
         with iv.intervene(model, sae, last, "resid_post", iv.Edit("steer", (j,), (c,))):
@@ -166,7 +175,8 @@ def test_generated_only_leaves_the_prompt_alone(tiny):
     def record(into):
         # registered after the editing hook, so it sees the block's output as edited
         return models.hook_module(model, 1, "resid_post").register_forward_hook(
-            lambda _m, _i, out: into.append(iv._first(out).detach().clone()))
+            lambda _m, _i, out: into.append(iv._first(out).detach().clone())
+        )
 
     plain, edited = [], []
     handle = record(plain)
@@ -176,9 +186,9 @@ def test_generated_only_leaves_the_prompt_alone(tiny):
         handle = record(edited)
         data.generate(model, tokenizer, _prompts(2), settings, progress=False)
         handle.remove()
-    assert len(plain) == len(edited) == 3            # prefill + 2 cached decoding steps
-    assert torch.equal(edited[0], plain[0])           # the prompt is left alone
-    assert edited[1].shape[1] == 1                    # decoding steps see one new token (KV cache kept)
+    assert len(plain) == len(edited) == 3  # prefill + 2 cached decoding steps
+    assert torch.equal(edited[0], plain[0])  # the prompt is left alone
+    assert edited[1].shape[1] == 1  # decoding steps see one new token (KV cache kept)
     # the unedited prefill gives the same first token, so step 1's input matches the plain run's
     # and its output is exactly the plain one plus the steering vector
     torch.testing.assert_close(edited[1], plain[1] + 30.0 * sae.W_dec[0].detach(), rtol=0, atol=1e-5)
@@ -210,8 +220,13 @@ def test_prompt_only_edits_the_prefill_alone(tiny):
 
 
 def test_select_features_follows_path_order_and_sign():
-    probe = pd.DataFrame({"feature": np.arange(8), "smd": [0.5, -2.0, 1.0, 0.1, -0.3, 2.0, np.nan, 0.7],
-                          "l1_entry": [3, 0, 1, np.nan, 2, np.nan, np.nan, 4]})
+    probe = pd.DataFrame(
+        {
+            "feature": np.arange(8),
+            "smd": [0.5, -2.0, 1.0, 0.1, -0.3, 2.0, np.nan, 0.7],
+            "l1_entry": [3, 0, 1, np.nan, 2, np.nan, np.nan, 4],
+        }
+    )
     assert iv.select_features(probe, [5, 1], 3, "promote", "up") == [5, 2, 0]
     assert iv.select_features(probe, [5, 1], 2, "promote", "down") == [1, 4]
     assert iv.select_features(probe, [], 3, "any", "up") == [1, 2, 4]
@@ -230,7 +245,7 @@ def test_matched_random_features_are_near_in_firing_frequency():
         # within the 10 nearest of 396 log-uniform frequencies: a tight band around the target
         nearest = np.sort(np.abs(np.log(np.delete(freq, chosen)) - np.log(freq[c])))[9]
         assert abs(np.log(freq[p]) - np.log(freq[c])) <= nearest + 1e-12
-    assert iv.matched_random(stats, chosen, seed=1, pool=10) == picks   # deterministic
+    assert iv.matched_random(stats, chosen, seed=1, pool=10) == picks  # deterministic
 
 
 def test_repetition_rate_and_completion_nll(tiny):
@@ -252,10 +267,22 @@ def _scores(effect_by_alpha: dict, control: float, n: int = 40, seed: int = 0) -
     rng = np.random.default_rng(seed)
     rows = []
     for half in ("select", "report"):
+
         def add(name, role, alpha, shift, nll=1.0):
-            for i in range(n):
-                rows.append({"condition": name, "role": role, "alpha": alpha, "half": half, "features": "1",
-                             "m": 0.3 + shift + rng.normal(0, 0.05), "nll_base": nll, "repetition": 0.0})
+            for _ in range(n):
+                rows.append(
+                    {
+                        "condition": name,
+                        "role": role,
+                        "alpha": alpha,
+                        "half": half,
+                        "features": "1",
+                        "m": 0.3 + shift + rng.normal(0, 0.05),
+                        "nll_base": nll,
+                        "repetition": 0.0,
+                    }
+                )
+
         add("plain", "baseline", np.nan, 0.0)
         add("noop", "baseline", np.nan, 0.0)
         for alpha, shift in effect_by_alpha.items():
@@ -267,7 +294,7 @@ def _scores(effect_by_alpha: dict, control: float, n: int = 40, seed: int = 0) -
 def test_effects_pick_the_largest_coherent_alpha_on_the_select_half():
     scores = _scores({1.0: 0.05, 4.0: 0.3, 8.0: 0.5}, control=0.0)
     out = iv.effects(scores, "m", 1.0, "steering", ["m"], max_perplexity_ratio=2.0)
-    assert out["report"]["alpha"] == 4.0          # alpha 8 is stronger but its perplexity e^2 - 1 > 1
+    assert out["report"]["alpha"] == 4.0  # alpha 8 is stronger but its perplexity e^2 - 1 > 1
     assert out["report"]["effect"] == pytest.approx(0.3, abs=0.03)
     assert out["report"]["ci_low"] > 0.2 and out["report"]["p"] < 0.01
     assert abs(out["report"]["control_effect"]) < 0.05
@@ -283,13 +310,25 @@ def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on
     rng = np.random.default_rng(1)
     rows = []
     for half in ("select", "report"):
+
         def add(name, role, shift, nll=1.0, features="7"):
             for _ in range(40):
-                rows.append({"condition": name, "role": role, "alpha": np.nan, "half": half, "features": features,
-                             "m": 0.8 + shift + rng.normal(0, 0.05), "nll_base": nll, "repetition": 0.0})
+                rows.append(
+                    {
+                        "condition": name,
+                        "role": role,
+                        "alpha": np.nan,
+                        "half": half,
+                        "features": features,
+                        "m": 0.8 + shift + rng.normal(0, 0.05),
+                        "nll_base": nll,
+                        "repetition": 0.0,
+                    }
+                )
+
         add("plain", "baseline", 0.0)
         add("noop", "baseline", 0.0)
-        add("features", "target", -0.5, nll=3.0, features="7 9")    # perplexity e^2: incoherent
+        add("features", "target", -0.5, nll=3.0, features="7 9")  # perplexity e^2: incoherent
         add("random", "control", 0.0, features="3 4")
         add("feature_7", "single", -0.2)
         add("random_7", "control", 0.1, features="3")
@@ -297,7 +336,7 @@ def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on
     report = out["report"]
     assert report["condition"] == "feature_7" and report["features"] == [7]
     assert report["effect"] == pytest.approx(-0.2, abs=0.03) and report["ci_high"] < 0
-    assert report["control_effect"] == pytest.approx(0.1, abs=0.03)            # random_7, not "random"
+    assert report["control_effect"] == pytest.approx(0.1, abs=0.03)  # random_7, not "random"
     assert report["vs_control"]["diff"] == pytest.approx(-0.3, abs=0.04)
     assert {c["condition"] for c in out["selection"]} == {"features", "feature_7"}
 
@@ -317,7 +356,7 @@ def test_select_attributed_orders_by_attribution_and_sign():
     assert iv.select_attributed(table, 2, "promote") == [5, 1]
     assert iv.select_attributed(table, 2, "suppress") == [2, 4]
     assert iv.select_attributed(table, 3, "any") == [2, 5, 1]
-    assert iv.select_attributed(table, 9, "promote") == [5, 1, 3]        # zero attributions never chosen
+    assert iv.select_attributed(table, 9, "promote") == [5, 1, 3]  # zero attributions never chosen
     assert iv.selection_method({"select": {"ablation": "attribution"}}, "ablation") == "attribution"
     assert iv.selection_method({"select": {"ablation": "attribution"}}, "steering") == "probe"
     with pytest.raises(ValueError, match="expected probe or attribution"):

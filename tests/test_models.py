@@ -29,7 +29,7 @@ def test_random_model_is_seeded(tmp_path):
     ma, _ = models.load(a)
     mb, _ = models.load(b)
     mc, _ = models.load(c)
-    for (name, pa), pb, pc in zip(ma.named_parameters(), mb.parameters(), mc.parameters()):
+    for (name, pa), pb in zip(ma.named_parameters(), mb.parameters()):
         assert torch.equal(pa, pb), name
     assert not all(torch.equal(pa, pc) for pa, pc in zip(ma.parameters(), mc.parameters()))
 
@@ -38,8 +38,9 @@ def test_init_from_perturbs_the_earlier_model(tmp_path, tiny_model_dir):
     from tests.conftest import TINY_SPEC
 
     root = tiny_model_dir.parent
-    out = models.prepare("M1", {"M1": dict(TINY_SPEC, seed=5, init_from="M0", perturb_scale=0.1)},
-                         root / "M1", models_root=root)
+    out = models.prepare(
+        "M1", {"M1": dict(TINY_SPEC, seed=5, init_from="M0", perturb_scale=0.1)}, root / "M1", models_root=root
+    )
     base, _ = models.load(tiny_model_dir)
     tuned, _ = models.load(out)
     for (name, p0), p1 in zip(base.named_parameters(), tuned.parameters()):
@@ -148,10 +149,10 @@ def test_a_corrupted_or_missing_converted_file_is_named_on_load(tmp_path):
     recorded = json.loads((out / models.MODEL_INFO).read_text())["sha256"]
     assert set(recorded) == {"model.safetensors", "config.json", "tokenizer.json"}
     assert recorded["model.safetensors"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    models.load(out)   # intact: loads
+    models.load(out)  # intact: loads
     intact = (out / "model.safetensors").read_bytes()
     weights = bytearray(intact)
-    weights[-300:-44] = bytes(256)   # inside the tensor data: the file still parses
+    weights[-300:-44] = bytes(256)  # inside the tensor data: the file still parses
     (out / "model.safetensors").write_bytes(bytes(weights))
     with pytest.raises(DataError, match=r"model.safetensors: corrupted .* rule prepare_model .* --forcerun"):
         models.load(out)

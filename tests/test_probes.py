@@ -23,12 +23,12 @@ def planted(n=240, d=200, informative=(3, 17, 42, 99, 150), strength=1.2, seed=0
 
 def test_labels_by_quantiles_and_absolute_thresholds():
     v = np.array([0.0, 0.0, 0.0, 0.5, 1.0, 1.0, np.nan, 0.2])
-    assert probes.labels(v).tolist() == [0, 0, 0, -1, 1, 1, -1, -1]      # q25 = 0: ties at a cut-off join that side
+    assert probes.labels(v).tolist() == [0, 0, 0, -1, 1, 1, -1, -1]  # q25 = 0: ties at a cut-off join that side
     assert probes.labels(v, low=0.1, high=0.9).tolist() == [0, 0, 0, -1, 1, 1, -1, -1]
-    assert probes.labels(np.array([1.0, 1.0, 1.0])).tolist() == [0, 0, 0]       # no spread: nobody is high
-    mostly_one = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5])                     # q25 = q75 = 1
+    assert probes.labels(np.array([1.0, 1.0, 1.0])).tolist() == [0, 0, 0]  # no spread: nobody is high
+    mostly_one = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5])  # q25 = q75 = 1
     assert probes.labels(mostly_one).tolist() == [1, 1, 1, 1, 1, 0, 0]
-    mostly_zero = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5])                    # q25 = q75 = 0
+    mostly_zero = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5])  # q25 = q75 = 0
     assert probes.labels(mostly_zero).tolist() == [0, 0, 0, 0, 0, 1, 1]
 
 
@@ -45,7 +45,7 @@ def test_planted_features_are_recovered(selector):
 
 def test_difference_in_means_fdr_recovers_planted_features():
     x, y, truth = planted()
-    d, p = probes.permutation_pvalues(x, y, n_permutations=3000, seed=1)   # BH over 200 needs p < 1e-3
+    d, p = probes.permutation_pvalues(x, y, n_permutations=3000, seed=1)  # BH over 200 needs p < 1e-3
     q = probes.benjamini_hochberg(p)
     found = set(np.nonzero(q < 0.05)[0].tolist())
     assert len(found & truth) / len(truth) >= 0.9 and len(found & truth) / max(len(found), 1) >= 0.9
@@ -60,7 +60,7 @@ def test_nested_cv_on_noise_stays_at_chance_and_a_leaky_selection_does_not():
         honest.append(probes.nested_cv(x, y, ks=(5, 10, 20), seed=seed)["auroc"])
         leaky.append(probes.nested_cv(x, y, ks=(5, 10, 20), seed=seed, leaky=True)["auroc"])
     assert abs(np.mean(honest) - 0.5) <= 0.05, honest
-    assert np.mean(leaky) > 0.6, leaky        # selection on every sample leaks the test labels
+    assert np.mean(leaky) > 0.6, leaky  # selection on every sample leaks the test labels
 
 
 def test_permutation_p_against_scipy_and_bh_against_scipy():
@@ -70,11 +70,19 @@ def test_permutation_p_against_scipy_and_bh_against_scipy():
     x[:, 0] += 0.7 * y
     d, p = probes.permutation_pvalues(x, y, n_permutations=4000, seed=0)
     for j in range(3):
+
         def cohen(a, b):
             s = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
             return (a.mean() - b.mean()) / s
-        ref = stats.permutation_test((x[y == 1, j], x[y == 0, j]), cohen, n_resamples=4000, random_state=j,
-                                     alternative="two-sided", permutation_type="independent")
+
+        ref = stats.permutation_test(
+            (x[y == 1, j], x[y == 0, j]),
+            cohen,
+            n_resamples=4000,
+            random_state=j,
+            alternative="two-sided",
+            permutation_type="independent",
+        )
         assert d[j] == pytest.approx(cohen(x[y == 1, j], x[y == 0, j]), rel=1e-10)
         assert p[j] == pytest.approx(ref.pvalue, abs=0.02)
     ps = rng.random(50) ** 2
@@ -95,8 +103,9 @@ def test_spearman_cv_and_correlation_ci():
     v = x[:, 7] * 2 + rng.normal(size=200) * 0.5
     assert probes.spearman_cv(x, v, k=3) > 0.8
     noise = [probes.spearman_cv(rng.normal(size=(200, 50)), v, k=3, seed=s) for s in range(4)]
-    assert abs(np.mean(noise)) < 0.12, noise        # selection inside the folds: no signal from noise
+    assert abs(np.mean(noise)) < 0.12, noise  # selection inside the folds: no signal from noise
     out = probes.spearman_with_ci(x[:, 7], v)
     assert out["ci_low"] <= out["rho"] <= out["ci_high"] and out["rho"] == pytest.approx(
-        stats.spearmanr(x[:, 7], v).statistic)
+        stats.spearmanr(x[:, 7], v).statistic
+    )
     assert probes.jaccard([1, 2, 3], [2, 3, 4]) == pytest.approx(0.5)

@@ -20,13 +20,13 @@ def test_a_bar_without_log_output_still_reports_its_final_state_on_the_terminal(
     read, write = os.pipe()
     monkeypatch.setenv(progress.FD_VARIABLE, str(write))
     progress.set_label("train M1 D1 layer1")
-    bar = progress.bar(total=5, desc="train M1_D1", enabled=False)   # --no-progress: nothing in the log
+    bar = progress.bar(total=5, desc="train M1_D1", enabled=False)  # --no-progress: nothing in the log
     for _ in range(5):
         bar.update(1)
     bar.close()
     lines = _read_all(read).splitlines()
     os.close(read), os.close(write)
-    assert len(lines) == 1   # throttled: only the final line within ECHO_EVERY seconds
+    assert len(lines) == 1  # throttled: only the final line within ECHO_EVERY seconds
     assert lines[0].startswith("[train M1 D1 layer1] train M1_D1: 100%") and "5/5" in lines[0]
 
 
@@ -47,5 +47,5 @@ def test_no_descriptor_means_no_terminal_lines_and_a_disabled_bar(monkeypatch):
     bar = progress.bar(total=2, desc="x", enabled=False)
     assert bar.disable
     bar.close()
-    monkeypatch.setenv(progress.FD_VARIABLE, "987")   # not open in this process: ignored
+    monkeypatch.setenv(progress.FD_VARIABLE, "987")  # not open in this process: ignored
     assert progress.bar(total=1, desc="x", enabled=False).disable

@@ -201,8 +201,9 @@ def test_geometric_median_minimises_sum_of_distances():
     pts = torch.randn(60, 5, dtype=DT) ** 3  # skewed, so median != mean
     ours = geometric_median(pts)
     cost = lambda p: float((pts - torch.as_tensor(p)).norm(dim=1).sum())  # noqa: E731
-    ref = minimize(cost, pts.mean(0).numpy(), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12,
-                                                                              "maxiter": 20000})
+    ref = minimize(
+        cost, pts.mean(0).numpy(), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}
+    )
     assert cost(ours) <= ref.fun + 1e-6
 
 

@@ -21,8 +21,13 @@ def rand(*shape, seed):
 
 
 def gemma_params(d_out=D_IN):
-    return {"W_enc": rand(D_IN, D_SAE, seed=1), "b_enc": rand(D_SAE, seed=2) * 0.1, "W_dec": rand(D_SAE, d_out, seed=3),
-            "b_dec": rand(d_out, seed=4), "threshold": rand(D_SAE, seed=5).abs() * 0.5}
+    return {
+        "W_enc": rand(D_IN, D_SAE, seed=1),
+        "b_enc": rand(D_SAE, seed=2) * 0.1,
+        "W_dec": rand(D_SAE, d_out, seed=3),
+        "b_dec": rand(d_out, seed=4),
+        "threshold": rand(D_SAE, seed=5).abs() * 0.5,
+    }
 
 
 def gemma_reference(p, x):
@@ -56,10 +61,18 @@ def test_npz_with_pickled_object_is_refused(tmp_path):
 
 
 def test_sparsify_folder(tmp_path):
-    enc, bias, W_dec, b_dec = rand(D_SAE, D_IN, seed=1), rand(D_SAE, seed=2), rand(D_SAE, D_IN, seed=3), rand(D_IN, seed=4)
-    save_file({"encoder.weight": enc, "encoder.bias": bias, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 2, "normalize_decoder": True, "num_latents": D_SAE,
-                                                   "k": 3, "d_in": D_IN}))
+    enc, bias, W_dec, b_dec = (
+        rand(D_SAE, D_IN, seed=1),
+        rand(D_SAE, seed=2),
+        rand(D_SAE, D_IN, seed=3),
+        rand(D_IN, seed=4),
+    )
+    save_file(
+        {"encoder.weight": enc, "encoder.bias": bias, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae.safetensors")
+    )
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"expansion_factor": 2, "normalize_decoder": True, "num_latents": D_SAE, "k": 3, "d_in": D_IN})
+    )
     sae = files.load_any(tmp_path, dtype=torch.float64)
     x = rand(B, D_IN, seed=9).double()
     # sparsify: relu(encoder(x - b_dec)), keep the top k, decode with W_dec plus b_dec
@@ -84,8 +97,11 @@ def test_saelens_loads_our_files_with_equal_outputs(tmp_path, arch):
     from sae_lens import SAE as LensSAE
 
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=4, hook_name="blocks.0.hook_resid_post",
-                        model_name="tiny"))
+    sae = SAE(
+        SAEConfig(
+            architecture=arch, d_in=D_IN, d_sae=D_SAE, k=4, hook_name="blocks.0.hook_resid_post", model_name="tiny"
+        )
+    )
     with torch.no_grad():
         for param in sae.parameters():
             param.copy_(torch.randn_like(param) * 0.3)

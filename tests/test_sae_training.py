@@ -37,8 +37,15 @@ def store(tmp_path_factory):
 
 
 def spec(name, arch="topk", **kw):
-    return TrainSpec(name=name, sae=SAEConfig(architecture=arch, d_in=D, d_sae=ATOMS, k=ACTIVE, **kw.pop("cfg", {})),
-                     lr=kw.pop("lr", 1e-2), warmup_steps=5, dead_tokens=2000, init_sample=kw.pop("init_sample", 512), **kw)
+    return TrainSpec(
+        name=name,
+        sae=SAEConfig(architecture=arch, d_in=D, d_sae=ATOMS, k=ACTIVE, **kw.pop("cfg", {})),
+        lr=kw.pop("lr", 1e-2),
+        warmup_steps=5,
+        dead_tokens=2000,
+        init_sample=kw.pop("init_sample", 512),
+        **kw,
+    )
 
 
 def fvu(sae, x):
@@ -48,11 +55,23 @@ def fvu(sae, x):
 
 
 def test_several_configs_learn_from_one_pass(store, tmp_path):
-    specs = [spec("topk"), spec("relu", "relu", cfg={"l1_coefficient": 0.02}),
-             spec("batchtopk", "batchtopk"), spec("jumprelu", "jumprelu", cfg={"l0_coefficient": 0.02}),
-             spec("matryoshka", "matryoshka", cfg={"matryoshka_prefixes": [16, ATOMS]})]
-    outs = train(store, specs, [tmp_path / s.name for s in specs], n_tokens=N, batch_size=128,
-                 shuffle_buffer=6000, checkpoint_every=0, progress=False)
+    specs = [
+        spec("topk"),
+        spec("relu", "relu", cfg={"l1_coefficient": 0.02}),
+        spec("batchtopk", "batchtopk"),
+        spec("jumprelu", "jumprelu", cfg={"l0_coefficient": 0.02}),
+        spec("matryoshka", "matryoshka", cfg={"matryoshka_prefixes": [16, ATOMS]}),
+    ]
+    outs = train(
+        store,
+        specs,
+        [tmp_path / s.name for s in specs],
+        n_tokens=N,
+        batch_size=128,
+        shuffle_buffer=6000,
+        checkpoint_every=0,
+        progress=False,
+    )
     fresh, _ = planted(seed=0, n=2000)  # the same distribution, raw scale: saved SAEs apply to raw activations
     for out in outs:
         sae = files.load(out)
@@ -66,16 +85,34 @@ def test_several_configs_learn_from_one_pass(store, tmp_path):
 
 
 def test_lr_schedule():
-    assert [round(lr_factor(s, 100, 10, 0.2), 3) for s in (0, 4, 9, 50, 80, 90, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0, 0.5, 0.05]
+    assert [round(lr_factor(s, 100, 10, 0.2), 3) for s in (0, 4, 9, 50, 80, 90, 99)] == [
+        0.1,
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+        0.5,
+        0.05,
+    ]
 
 
 def test_non_finite_activations_stop_naming_step_and_shard(tmp_path):
     acts, _ = planted(n=20000)
     acts[19500, 3] = float("inf")  # beyond the 16384 tokens read to estimate the input scale
     bad = ActivationStore(write_store(tmp_path / "bad", acts, shard_tokens=1000))
-    with pytest.raises(TrainingError, match=r"at step \d+: .*train-00019.safetensors: non-finite activation in row 500"):
-        train(bad, [spec("a", init_sample=256)], [tmp_path / "a"], n_tokens=20000, batch_size=256, shuffle_buffer=0,
-              checkpoint_every=0, progress=False)
+    with pytest.raises(
+        TrainingError, match=r"at step \d+: .*train-00019.safetensors: non-finite activation in row 500"
+    ):
+        train(
+            bad,
+            [spec("a", init_sample=256)],
+            [tmp_path / "a"],
+            n_tokens=20000,
+            batch_size=256,
+            shuffle_buffer=0,
+            checkpoint_every=0,
+            progress=False,
+        )
     acts[0, 0] = float("nan")  # in the very first shard: caught while estimating the input scale
     worse = ActivationStore(write_store(tmp_path / "worse", acts, shard_tokens=1000))
     with pytest.raises(TrainingError, match="before step 0.*train-00000.safetensors: non-finite activation in row 0"):
@@ -100,8 +137,13 @@ SCRIPT = textwrap.dedent("""
 
 def test_kill_minus_nine_then_resume_ends_with_identical_weights(store, tmp_path):
     def run(out, **env):
-        return subprocess.run([sys.executable, "-c", SCRIPT, str(store.folder), str(out)], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(store.folder), str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            timeout=600,
+        )
 
     assert run(tmp_path / "clean").returncode == 0
     killed = run(tmp_path / "resumed", SAE_DIFF_KILL_AFTER_STEP="20")
@@ -113,16 +155,25 @@ def test_kill_minus_nine_then_resume_ends_with_identical_weights(store, tmp_path
         b = load_file(str(tmp_path / "resumed" / name / "sae_weights.safetensors"))
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-        assert (tmp_path / "clean" / name / "train_log.jsonl").read_text() == \
-               (tmp_path / "resumed" / name / "train_log.jsonl").read_text()
+        assert (tmp_path / "clean" / name / "train_log.jsonl").read_text() == (
+            tmp_path / "resumed" / name / "train_log.jsonl"
+        ).read_text()
     assert not (tmp_path / "resumed" / "state" / "checkpoint.json").exists()
 
 
 def test_warm_start_keeps_feature_indices(store, tmp_path):
-    first = train(store, [spec("a")], [tmp_path / "a"], n_tokens=N, batch_size=256, checkpoint_every=0,
-                  progress=False)[0]
-    second = train(store, [spec("b", warm_start=str(first), lr=1e-4)], [tmp_path / "b"], n_tokens=2000,
-                   batch_size=256, checkpoint_every=0, progress=False)[0]
+    first = train(store, [spec("a")], [tmp_path / "a"], n_tokens=N, batch_size=256, checkpoint_every=0, progress=False)[
+        0
+    ]
+    second = train(
+        store,
+        [spec("b", warm_start=str(first), lr=1e-4)],
+        [tmp_path / "b"],
+        n_tokens=2000,
+        batch_size=256,
+        checkpoint_every=0,
+        progress=False,
+    )[0]
     a, b = files.load(first), files.load(second)
     cos = torch.nn.functional.cosine_similarity(a.W_dec.detach(), b.W_dec.detach(), dim=1)
     assert float(cos.min()) > 0.9  # same index, same feature after a short, gentle continuation

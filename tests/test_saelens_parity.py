@@ -19,8 +19,16 @@ from sae_diff.sae.model import SAE, SAEConfig
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None, reason="sae-lens is not importable here")
 
-METRICS = ("explained_variance", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
-           "relative_reconstruction_bias")
+METRICS = (
+    "explained_variance",
+    "explained_variance_legacy",
+    "mse",
+    "cossim",
+    "l0",
+    "l1",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+)
 
 
 def saelens_metrics(folder, acts: torch.Tensor) -> tuple[dict, dict]:
@@ -40,9 +48,18 @@ def saelens_metrics(folder, acts: torch.Tensor) -> tuple[dict, dict]:
             return torch.arange(len(acts))[None]
 
     return get_sparsity_and_variance_metrics(
-        sae, Model(), Store(), ActivationScaler(), n_batches=1, compute_l2_norms=True,
-        compute_sparsity_metrics=True, compute_variance_metrics=True, compute_featurewise_density_statistics=True,
-        eval_batch_size_prompts=1, model_kwargs={})
+        sae,
+        Model(),
+        Store(),
+        ActivationScaler(),
+        n_batches=1,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        eval_batch_size_prompts=1,
+        model_kwargs={},
+    )
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
@@ -60,5 +77,9 @@ def test_reconstruction_metrics_equal_saelens(tmp_path, arch):
     ours = evaluate.reconstruction_metrics(files.load(tmp_path / "sae"), evaluate.tensor_batches(acts, 700))
     for key in METRICS:
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
-    torch.testing.assert_close(torch.as_tensor(ours["feature_density"]).float(),
-                               torch.tensor(theirs_features["feature_density"]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        torch.as_tensor(ours["feature_density"]).float(),
+        torch.tensor(theirs_features["feature_density"]),
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -15,11 +15,30 @@ from sae_diff.sae import kernels
 from sae_diff.sae.model import SAEConfig
 from sae_diff.sae.train import TrainSpec, train
 
-OPTS = {"dtype": "float32", "batch_size": 3, "max_length": 40, "shard_tokens": 60,
-        "exclude_special_tokens": True, "exclude_first_position": True}
-TEXTS = ["she is a nurse", "he flies planes", "a judge rules", "bread at dawn", "a quiet miner",
-         "the dancer spins", "soup for two", "a long day at the mill", "x", "plans and wires",
-         "a tall ship at sea", "the baker's hands", "three quick notes", "rain on the roof"]
+OPTS = {
+    "dtype": "float32",
+    "batch_size": 3,
+    "max_length": 40,
+    "shard_tokens": 60,
+    "exclude_special_tokens": True,
+    "exclude_first_position": True,
+}
+TEXTS = [
+    "she is a nurse",
+    "he flies planes",
+    "a judge rules",
+    "bread at dawn",
+    "a quiet miner",
+    "the dancer spins",
+    "soup for two",
+    "a long day at the mill",
+    "x",
+    "plans and wires",
+    "a tall ship at sea",
+    "the baker's hands",
+    "three quick notes",
+    "rain on the roof",
+]
 
 
 @pytest.fixture
@@ -28,8 +47,13 @@ def samples(write_samples):
 
 
 def _extract(model_dir, samples, out, cache, dtype="float32", place="cpu"):
-    spec = {"model": "M0", "data": "D0", "layers": [0, 1], "hook_points": ["resid_post", "mlp_out"],
-            "activations": dict(OPTS, dtype=dtype, cache=cache)}
+    spec = {
+        "model": "M0",
+        "data": "D0",
+        "layers": [0, 1],
+        "hook_points": ["resid_post", "mlp_out"],
+        "activations": dict(OPTS, dtype=dtype, cache=cache),
+    }
     return activations.extract(spec, model_dir, samples, out, place=place, progress=False)
 
 
@@ -46,7 +70,7 @@ def test_streamed_shards_equal_cached_shards(tiny_model_dir, samples, tmp_path, 
         assert on_disk and all(name.startswith("eval-") for name in on_disk)
         assert not ActivationStore(folder).cached and cached.cached
         assert ActivationStore(folder).manifest["n_tokens"] == cached.manifest["n_tokens"]
-        streamed, = open_stores([folder], tiny_model_dir, samples)
+        (streamed,) = open_stores([folder], tiny_model_dir, samples)
         for split in ("train", "eval"):
             a, b = list(cached.iter_shards(split)), list(streamed.iter_shards(split))
             assert len(a) == len(b) > 0
@@ -68,14 +92,20 @@ def test_uncached_store_without_the_model_is_a_clear_error(tiny_model_dir, sampl
     table.loc[table["split"] == "train", "text"] = "changed"
     other = tmp_path / "other.parquet"
     table.to_parquet(other)
-    changed, = open_stores([tmp_path / "s" / "layer0"], tiny_model_dir, other)
+    (changed,) = open_stores([tmp_path / "s" / "layer0"], tiny_model_dir, other)
     with pytest.raises(ActivationStoreError, match="no longer tokenizes"):
         list(changed.iter_shards("train"))
 
 
 def _spec(name):
-    return TrainSpec(name=name, sae=SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4), lr=1e-3,
-                     warmup_steps=2, init_sample=64, dead_tokens=500)
+    return TrainSpec(
+        name=name,
+        sae=SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4),
+        lr=1e-3,
+        warmup_steps=2,
+        init_sample=64,
+        dead_tokens=500,
+    )
 
 
 def test_sae_trained_from_the_model_equals_one_trained_from_the_cache(tiny_model_dir, samples, tmp_path):
@@ -88,8 +118,18 @@ def test_sae_trained_from_the_model_equals_one_trained_from_the_cache(tiny_model
         folders = [tmp_path / kind / "layer1", tmp_path / kind / "layer1" / "mlp_out"]
         store, target = open_stores(folders, tiny_model_dir, samples)
         out = tmp_path / f"sae_{kind}"
-        train(store, [_spec("topk")], [out], n_tokens=10_000, batch_size=16, shuffle_buffer=64, seed=3,
-              checkpoint_every=0, progress=False, epochs=2)
+        train(
+            store,
+            [_spec("topk")],
+            [out],
+            n_tokens=10_000,
+            batch_size=16,
+            shuffle_buffer=64,
+            seed=3,
+            checkpoint_every=0,
+            progress=False,
+            epochs=2,
+        )
         weights[kind] = _tensors(out)
         assert store.n_tokens("train") > 16
     assert weights["cached"].keys() == weights["streamed"].keys()
@@ -107,15 +147,23 @@ def test_feature_pass_from_the_model_equals_the_cached_one(tiny_model_dir, sampl
     """Feature statistics and per-sample pooling read the train split too: streamed = cached."""
     _extract(tiny_model_dir, samples, tmp_path / "cached", cache=True)
     _extract(tiny_model_dir, samples, tmp_path / "streamed", cache=False)
-    store, = open_stores([tmp_path / "cached" / "layer1"])
-    train(store, [_spec("topk")], [tmp_path / "sae"], n_tokens=2000, batch_size=16, shuffle_buffer=0,
-          checkpoint_every=0, progress=False)
+    (store,) = open_stores([tmp_path / "cached" / "layer1"])
+    train(
+        store,
+        [_spec("topk")],
+        [tmp_path / "sae"],
+        n_tokens=2000,
+        batch_size=16,
+        shuffle_buffer=0,
+        checkpoint_every=0,
+        progress=False,
+    )
     from sae_diff.sae import files
 
     sae = files.load(tmp_path / "sae")
     ids = pd.read_parquet(samples)["sample_id"].to_numpy()
     a = features.run(sae, store, ids, progress=False)
-    streamed, = open_stores([tmp_path / "streamed" / "layer1"], tiny_model_dir, samples)
+    (streamed,) = open_stores([tmp_path / "streamed" / "layer1"], tiny_model_dir, samples)
     b = features.run(sae, streamed, ids, progress=False)
     pd.testing.assert_frame_equal(a.stats, b.stats)
     for key in a.pooled:
@@ -127,7 +175,7 @@ def test_feature_pass_from_the_model_equals_the_cached_one(tiny_model_dir, sampl
 
 def test_placement_resolution():
     cpu = models.placement({"device": "cpu"})
-    assert cpu == models.Placement("cpu", None, "off")            # auto autocast: off on the CPU
+    assert cpu == models.Placement("cpu", None, "off")  # auto autocast: off on the CPU
     assert models.placement({"device": "cpu", "autocast": "bf16"}).autocast == "bf16"
     assert models.as_placement("cpu") == cpu
     with pytest.raises(ConfigError, match="autocast"):
@@ -157,8 +205,7 @@ def test_bf16_extraction_is_close_to_float32_and_not_equal(tiny_model_dir, sampl
     """autocast: bf16 really runs the forward in bfloat16 (values differ) and stays close
     (relative error of the stored rows well under bf16's 2^-8 per op times depth)."""
     _extract(tiny_model_dir, samples, tmp_path / "fp32", cache=True)
-    _extract(tiny_model_dir, samples, tmp_path / "bf16", cache=True,
-             place=models.Placement("cpu", None, "bf16"))
+    _extract(tiny_model_dir, samples, tmp_path / "bf16", cache=True, place=models.Placement("cpu", None, "bf16"))
     a = ActivationStore(tmp_path / "fp32" / "layer1").all("train")
     b = ActivationStore(tmp_path / "bf16" / "layer1").all("train")
     assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
@@ -206,14 +253,31 @@ def test_sae_training_under_bf16_autocast_learns_like_float32(tmp_path):
     final = {}
     for mode in ("off", "bf16"):
         out = tmp_path / mode
-        spec = TrainSpec(name=mode, sae=SAEConfig(architecture="topk", d_in=16, d_sae=48, k=3), lr=1e-2,
-                         warmup_steps=5, init_sample=512, dead_tokens=2000)
-        train(store, [spec], [out], n_tokens=6000, batch_size=64, shuffle_buffer=2000, seed=0,
-              checkpoint_every=0, progress=False, epochs=3, place=models.Placement("cpu", None, mode))
+        spec = TrainSpec(
+            name=mode,
+            sae=SAEConfig(architecture="topk", d_in=16, d_sae=48, k=3),
+            lr=1e-2,
+            warmup_steps=5,
+            init_sample=512,
+            dead_tokens=2000,
+        )
+        train(
+            store,
+            [spec],
+            [out],
+            n_tokens=6000,
+            batch_size=64,
+            shuffle_buffer=2000,
+            seed=0,
+            checkpoint_every=0,
+            progress=False,
+            epochs=3,
+            place=models.Placement("cpu", None, mode),
+        )
         weights = _tensors(out)
         assert all(t.dtype == torch.float32 for t in weights.values())
         logs = pd.read_json(out / "train_log.jsonl", lines=True)
         final[mode] = (float(logs["fvu"].head(3).mean()), float(logs["fvu"].tail(5).mean()))
-    for first, last in final.values():   # both learn: FVU well below where they started
+    for first, last in final.values():  # both learn: FVU well below where they started
         assert last < 0.5 * first
     assert abs(final["bf16"][1] - final["off"][1]) < 0.03

@@ -19,9 +19,15 @@ def _table(texts, **extra):
 
 
 def test_gender_pronouns_hand_counts():
-    table = _table(["He said she and her mother left.", "The engineer fixed it.", "His son and him.",
-                    "Elle est infirmière et son mari est pilote."],
-                   language=["en", "en", "en", "fr"])
+    table = _table(
+        [
+            "He said she and her mother left.",
+            "The engineer fixed it.",
+            "His son and him.",
+            "Elle est infirmière et son mari est pilote.",
+        ],
+        language=["en", "en", "en", "fr"],
+    )
     out = scorers.score(table, [{"name": "gender_pronouns", "language_column": "language"}])
     assert out["male_count"].tolist() == [1, 0, 3, 1]
     assert out["female_count"].tolist() == [3, 0, 0, 1]
@@ -81,38 +87,51 @@ def _script(tmp_path, body):
 
 
 def test_command_scorer_round_trip(tmp_path):
-    cmd = _script(tmp_path, """
+    cmd = _script(
+        tmp_path,
+        """
         import json, sys
         with open(sys.argv[1]) as src, open(sys.argv[2], "w") as dst:
             for line in src:
                 r = json.loads(line)
                 dst.write(json.dumps({"id": r["id"], "plddt": 10.0 * len(r["text"])}) + "\\n")
-    """)
+    """,
+    )
     out = scorers.score(_table(["MKV", "MK"]), [{"name": "command", "command": cmd, "metrics": ["plddt"]}])
     assert out["plddt"].tolist() == [30.0, 20.0]
 
 
 def test_command_scorer_fasta_input(tmp_path):
-    cmd = _script(tmp_path, """
+    cmd = _script(
+        tmp_path,
+        """
         import json, sys
         from Bio import SeqIO
         with open(sys.argv[2], "w") as dst:
             for r in SeqIO.parse(sys.argv[1], "fasta"):
                 dst.write(json.dumps({"id": int(r.id), "plddt": float(len(r.seq))}) + "\\n")
-    """)
-    out = scorers.score(_table(["MKVL"]), [{"name": "command", "command": cmd, "metrics": ["plddt"], "format": "fasta"}])
+    """,
+    )
+    out = scorers.score(
+        _table(["MKVL"]), [{"name": "command", "command": cmd, "metrics": ["plddt"], "format": "fasta"}]
+    )
     assert out["plddt"].tolist() == [4.0]
 
 
-@pytest.mark.parametrize("body,message", [
-    ("open(__import__('sys').argv[2], 'w').write('not json\\n')", "line 1 is not JSON"),
-    ("open(__import__('sys').argv[2], 'w').write('{\"id\": 0}\\n')", "lacks metric 'plddt'"),
-    ("open(__import__('sys').argv[2], 'w').write('{\"id\": 5, \"plddt\": 1}\\n')", "no output for sample id 0"),
-    ("open(__import__('sys').argv[2], 'w').write('{\"id\": 0, \"plddt\": \"high\"}\\n')",
-     "output line 1: metric 'plddt' = 'high' is not a number"),
-    ("raise SystemExit(3)", "exit status 3"),
-    ("pass", "wrote no output file"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("open(__import__('sys').argv[2], 'w').write('not json\\n')", "line 1 is not JSON"),
+        ("open(__import__('sys').argv[2], 'w').write('{\"id\": 0}\\n')", "lacks metric 'plddt'"),
+        ("open(__import__('sys').argv[2], 'w').write('{\"id\": 5, \"plddt\": 1}\\n')", "no output for sample id 0"),
+        (
+            "open(__import__('sys').argv[2], 'w').write('{\"id\": 0, \"plddt\": \"high\"}\\n')",
+            "output line 1: metric 'plddt' = 'high' is not a number",
+        ),
+        ("raise SystemExit(3)", "exit status 3"),
+        ("pass", "wrote no output file"),
+    ],
+)
 def test_command_scorer_bad_output_is_clear(tmp_path, body, message):
     cmd = _script(tmp_path, body)
     with pytest.raises(ScorerError, match=message):
@@ -138,8 +157,10 @@ def test_command_scorer_null_is_nan_and_old_doubled_braces_still_work(tmp_path):
 
 def test_command_scorer_missing_program():
     with pytest.raises(ScorerError, match="program not found"):
-        scorers.score(_table(["MKV"]), [{"name": "command", "command": "no-such-folding-tool {input} {output}",
-                                         "metrics": ["plddt"]}])
+        scorers.score(
+            _table(["MKV"]),
+            [{"name": "command", "command": "no-such-folding-tool {input} {output}", "metrics": ["plddt"]}],
+        )
 
 
 def test_registry_names_match_schema():
@@ -174,9 +195,13 @@ def test_a_tables_own_metric_keeps_its_values_when_a_scorer_also_computes_it():
     table = _table(["one two", "x"], n_chars=[100.0, 200.0])
     out = scorers.score(table, [{"name": "length"}], own=["n_chars"])
     assert out["n_chars"].tolist() == [100.0, 200.0] and out["n_words"].tolist() == [2, 1]
-    failing = {"name": "command", "command": f"{sys.executable} -c 'raise SystemExit(3)'", "metrics": ["plddt"],
-               "format": "jsonl"}
+    failing = {
+        "name": "command",
+        "command": f"{sys.executable} -c 'raise SystemExit(3)'",
+        "metrics": ["plddt"],
+        "format": "jsonl",
+    }
     out = scorers.score(_table(["AC"], plddt=[0.5]), [failing], own=["plddt"])
     assert out["plddt"].tolist() == [0.5]
-    with pytest.raises(ScorerError, match="'n_chars' already exists"):   # not the table's own: still an error
+    with pytest.raises(ScorerError, match="'n_chars' already exists"):  # not the table's own: still an error
         scorers.score(table, [{"name": "length"}])

@@ -22,10 +22,17 @@ from .workflow_run import ROOT, planned, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-TARGETS = ["results/iterations.json", "results/evolution/layer1/topk.json", "results/probes/comparison_layer1.json",
-           *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M0_D1", "M1_D1")],
-           *[f"results/interventions/{experiment}/{cell}/layer1/topk/n_chars/effects.json"
-             for experiment in ("ablation", "steering") for cell in ("M1_D1", "M0_D1")]]
+TARGETS = [
+    "results/iterations.json",
+    "results/evolution/layer1/topk.json",
+    "results/probes/comparison_layer1.json",
+    *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M0_D1", "M1_D1")],
+    *[
+        f"results/interventions/{experiment}/{cell}/layer1/topk/n_chars/effects.json"
+        for experiment in ("ablation", "steering")
+        for cell in ("M1_D1", "M0_D1")
+    ],
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,7 @@ def slurm_cluster(tmp_path_factory):
     if check.returncode != 0:
         pytest.skip(f"this machine cannot run a local SLURM cluster: {check.stdout.strip() or check.stderr.strip()}")
     folder = Path(os.environ.get("SAE_DIFF_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True,
-                             timeout=600)
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=600)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield folder / "slurm.conf"
@@ -57,8 +63,17 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         dry = snakemake(workdir, "-n", "--profile", str(ROOT / "profiles" / "slurm"), *TARGETS)
         assert dry.returncode == 0, dry.stderr[-3000:]
         # a short first status check: the tiny jobs finish in seconds (the profile's 20 s suits clusters)
-        result = snakemake(workdir, "--profile", str(ROOT / "profiles" / "slurm"),
-                           "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8", *TARGETS, timeout=1800)
+        result = snakemake(
+            workdir,
+            "--profile",
+            str(ROOT / "profiles" / "slurm"),
+            "--slurm-init-seconds-before-status-checks",
+            "2",
+            "--jobs",
+            "8",
+            *TARGETS,
+            timeout=1800,
+        )
     finally:
         for key, value in old.items():
             if value is None:
@@ -75,7 +90,7 @@ def test_every_job_went_through_sbatch(slurm_run):
     n_jobs = sum(jobs.values())
     assert n_jobs == 35 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)
     logs = list((workdir / "logs" / "slurm").rglob("*.log"))
-    assert {p.stem for p in logs} == set(submitted)   # one kept SLURM log per job, named by its job id
+    assert {p.stem for p in logs} == set(submitted)  # one kept SLURM log per job, named by its job id
 
 
 def _tables_equal(a: Path, b: Path) -> None:
@@ -105,5 +120,6 @@ def test_results_equal_the_local_run(slurm_run, finished_run):
         assert a["features"] == b["features"], path
         for key in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change"):
             assert a["report"][key] == pytest.approx(b["report"][key], rel=1e-5, abs=1e-9), (path, key)
-        _tables_equal(path.with_name("generations.parquet"), ours / path.relative_to(local).with_name(
-            "generations.parquet"))
+        _tables_equal(
+            path.with_name("generations.parquet"), ours / path.relative_to(local).with_name("generations.parquet")
+        )

@@ -13,8 +13,11 @@ from sae_diff import summary
 def test_stage_timings_sum_jobs_per_stage(tmp_path):
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     files = []
-    for rule, name, seconds in [("extract_activations", "M0_D0", 1.5), ("extract_activations", "M1_D1", 2.25),
-                                ("prepare_model", "M0", 4.0)]:
+    for rule, name, seconds in [
+        ("extract_activations", "M0_D0", 1.5),
+        ("extract_activations", "M1_D1", 2.25),
+        ("prepare_model", "M0", 4.0),
+    ]:
         path = tmp_path / rule / f"{name}.tsv"
         path.parent.mkdir(exist_ok=True)
         path.write_text(header + f"{seconds}\t0:00:01\t1\t1\t1\t1\t0\t0\t0\t1\n")
@@ -32,8 +35,12 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 
 def test_cli_validate_good_config(root):
-    proc = subprocess.run([sys.executable, "-m", "sae_diff", "validate", str(root / "config" / "test.yaml")],
-                          capture_output=True, text=True, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_diff", "validate", str(root / "config" / "test.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert proc.returncode == 0 and "3 cells" in proc.stdout
 
 
@@ -60,21 +67,63 @@ def test_eval_recon_and_compare_clis(tmp_path):
         sae = SAE(SAEConfig(architecture="topk", d_in=12, d_sae=48, k=k))
         sae.initialize(acts, seed=1)
         files.save(sae.eval(), tmp_path / name)
-    proc = subprocess.run([sys.executable, "-m", "sae_diff", "eval-recon", "--sae", str(tmp_path / "small"), "--acts",
-                           str(tmp_path / "acts.safetensors"), "--out", str(tmp_path / "m.json")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_diff",
+            "eval-recon",
+            "--sae",
+            str(tmp_path / "small"),
+            "--acts",
+            str(tmp_path / "acts.safetensors"),
+            "--out",
+            str(tmp_path / "m.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     expected = evaluate.reconstruction_metrics(files.load(tmp_path / "small"), evaluate.tensor_batches(acts))
     assert printed["explained_variance"] == pytest.approx(expected["explained_variance"], rel=1e-9)
     assert json.loads((tmp_path / "m.json").read_text()) == printed
-    proc = subprocess.run([sys.executable, "-m", "sae_diff", "compare", str(tmp_path / "small"), str(tmp_path / "large"),
-                           "--acts", str(tmp_path / "acts.safetensors"), "--name-a", "k2", "--name-b", "k8",
-                           "--out", str(tmp_path / "cmp.json")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_diff",
+            "compare",
+            str(tmp_path / "small"),
+            str(tmp_path / "large"),
+            "--acts",
+            str(tmp_path / "acts.safetensors"),
+            "--name-a",
+            "k2",
+            "--name-b",
+            "k8",
+            "--out",
+            str(tmp_path / "cmp.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "cmp.json").read_text())
     assert result["metrics"]["l0"]["better"] == "k2" and result["metrics"]["fvu"]["better"] == "k8"
     assert "k8 (lower)" in (tmp_path / "cmp.txt").read_text()
-    bad = subprocess.run([sys.executable, "-m", "sae_diff", "eval-recon", "--sae", str(tmp_path / "small"), "--acts",
-                          str(tmp_path / "nope.safetensors")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_diff",
+            "eval-recon",
+            "--sae",
+            str(tmp_path / "small"),
+            "--acts",
+            str(tmp_path / "nope.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "nope.safetensors: not found" in bad.stderr

@@ -58,8 +58,13 @@ CHECK = textwrap.dedent("""
 
 
 def _run(device: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHECK.format(device=device)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", CHECK.format(device=device)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
 
 
 def test_triton_kernels_in_interpreter_on_cpu():

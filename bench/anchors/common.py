@@ -28,8 +28,12 @@ def parse(description: str) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", default="default")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--autocast", default="off", choices=["off", "bf16"],
-                        help="bf16: each worker's forward under torch.autocast (as its own trainer would)")
+    parser.add_argument(
+        "--autocast",
+        default="off",
+        choices=["off", "bf16"],
+        help="bf16: each worker's forward under torch.autocast (as its own trainer would)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
@@ -63,7 +67,7 @@ def run(step, train, args) -> float:
         sync()
         start = time.perf_counter()
         step(x)
-        sync()   # GPU work is asynchronous: time it to completion
+        sync()  # GPU work is asynchronous: time it to completion
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     return args.batch * len(times) / sum(times)
@@ -77,6 +81,18 @@ def fvu(reconstruct, eval_acts: torch.Tensor) -> float:
 
 
 def report(name: str, args, tok_s: float, fvu_value: float, **extra) -> None:
-    print(json.dumps({"impl": name, "variant": args.variant, "d_sae": args.d_sae, "tok_s": tok_s, "fvu": fvu_value,
-                      "tokens": args.batch * (args.warmup + args.steps), "device": args.device,
-                      "autocast": args.autocast, **extra}))
+    print(
+        json.dumps(
+            {
+                "impl": name,
+                "variant": args.variant,
+                "d_sae": args.d_sae,
+                "tok_s": tok_s,
+                "fvu": fvu_value,
+                "tokens": args.batch * (args.warmup + args.steps),
+                "device": args.device,
+                "autocast": args.autocast,
+                **extra,
+            }
+        )
+    )

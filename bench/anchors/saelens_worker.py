@@ -7,7 +7,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
@@ -15,8 +14,15 @@ args = common.parse(__doc__)
 train, eval_acts = common.data(args)
 torch.manual_seed(args.seed)
 best = args.variant == "best_cpu"  # sparse activations, no decoder-norm rescaling (the fastest on CPU)
-cfg = TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=args.d_sae, k=args.k, use_sparse_activations=best,
-                            rescale_acts_by_decoder_norm=not best, dtype="float32", device="cpu")
+cfg = TopKTrainingSAEConfig(
+    d_in=train.shape[1],
+    d_sae=args.d_sae,
+    k=args.k,
+    use_sparse_activations=best,
+    rescale_acts_by_decoder_norm=not best,
+    dtype="float32",
+    device="cpu",
+)
 sae = TopKTrainingSAE(cfg)
 opt = torch.optim.Adam(sae.parameters(), lr=args.lr, betas=(0.9, 0.999))
 since_fired = torch.zeros(args.d_sae, dtype=torch.long)
@@ -25,8 +31,15 @@ n_steps = 0
 
 def step(x):
     global n_steps
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=since_fired > 2442,
-                                                   n_training_steps=n_steps, is_logging_step=False))
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=since_fired > 2442,
+            n_training_steps=n_steps,
+            is_logging_step=False,
+        )
+    )
     with torch.no_grad():
         fired = out.feature_acts.bool().float().sum(-2).bool()
         if fired.is_sparse:

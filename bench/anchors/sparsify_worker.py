@@ -7,7 +7,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 
 args = common.parse(__doc__)
@@ -21,7 +20,7 @@ since_fired = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
 
 def step(x):
     global since_fired
-    with common.precision(args):   # (on CUDA sparsify autocasts its forward to bf16 by itself)
+    with common.precision(args):  # (on CUDA sparsify autocasts its forward to bf16 by itself)
         out = sae(x, dead_mask=since_fired > 10_000_000)
         loss = out.fvu + (1 / 32) * out.auxk_loss
     loss.backward()

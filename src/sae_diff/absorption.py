@@ -90,13 +90,13 @@ def word_activations(model, prompts, layer: int, batch_size: int, pad_id: int, d
 
     rows = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, (seq, _) in enumerate(batch):
-            ids[j, :len(seq)] = torch.tensor(seq)
-            mask[j, :len(seq)] = 1
+            ids[j, : len(seq)] = torch.tensor(seq)
+            mask[j, : len(seq)] = 1
         with models.capture(model, [(layer, "resid_post")]) as store:
             models.run_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         acts = store[(layer, "resid_post")]
@@ -111,8 +111,9 @@ def _f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def main_latents(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, max_k: int,
-                 jump: float, seed: int) -> tuple[list[int], list[float]]:
+def main_latents(
+    f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray, max_k: int, jump: float, seed: int
+) -> tuple[list[int], list[float]]:
     """k-sparse probing: latents by mean-difference rank; grow k while test F1 jumps > ``jump``."""
     from sklearn.linear_model import LogisticRegression
 
@@ -133,8 +134,9 @@ def main_latents(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y
     return [int(i) for i in ranked[:chosen]], f1s
 
 
-def word_absorption(x: torch.Tensor, f: torch.Tensor, direction: torch.Tensor, cos: torch.Tensor, main: list[int],
-                    cfg: AbsorptionConfig) -> tuple[float, bool]:
+def word_absorption(
+    x: torch.Tensor, f: torch.Tensor, direction: torch.Tensor, cos: torch.Tensor, main: list[int], cfg: AbsorptionConfig
+) -> tuple[float, bool]:
     """SAEBench's absorption fraction and full-absorption flag for one word."""
     direction = direction / direction.norm()
     act_proj = float(x @ direction)
@@ -153,8 +155,12 @@ def word_absorption(x: torch.Tensor, f: torch.Tensor, direction: torch.Tensor, c
         absorbed = min(absorbing, act_proj - main_proj)
         fraction = float(np.clip(absorbed / (absorbed + main_proj), 0.0, 1.0))
     top = int(latent_proj.topk(1).indices[0])
-    full = (all(abs(float(f[m])) < EPS for m in main) and float(cos[top]) >= cfg.full_absorption_cos
-            and act_proj >= 0 and float(latent_proj[top]) / act_proj >= cfg.projection_proportion)
+    full = (
+        all(abs(float(f[m])) < EPS for m in main)
+        and float(cos[top]) >= cfg.full_absorption_cos
+        and act_proj >= 0
+        and float(latent_proj[top]) / act_proj >= cfg.projection_proportion
+    )
     return fraction, bool(full)
 
 
@@ -182,8 +188,7 @@ def absorption_scores(x: torch.Tensor, words: list[str], sae, cfg: AbsorptionCon
         y = (letters == letter_index).astype(int)
         if y[train].sum() < 2 or y[test].sum() < 1:
             continue
-        main, f1s = main_latents(f_np[train], y[train], f_np[test], y[test], cfg.max_k, cfg.f1_jump_threshold,
-                                 cfg.seed)
+        main, f1s = main_latents(f_np[train], y[train], f_np[test], y[test], cfg.max_k, cfg.f1_jump_threshold, cfg.seed)
         direction = torch.as_tensor(probe.coef_[class_index], dtype=torch.float32)
         cos = torch.nn.functional.cosine_similarity(decoder, direction[None], dim=-1)
         positives = [i for i, p in zip(test, predicted) if letters[i] == letter_index and p == letter_index]
@@ -191,7 +196,9 @@ def absorption_scores(x: torch.Tensor, words: list[str], sae, cfg: AbsorptionCon
             continue
         results = [word_absorption(x[i], f[i], direction, cos, main, cfg) for i in positives]
         per_letter[letter] = {
-            "num_probe_true_positives": len(positives), "main_latents": main, "k_sparse_f1": f1s,
+            "num_probe_true_positives": len(positives),
+            "main_latents": main,
+            "k_sparse_f1": f1s,
             "true_positive_words": [words[i] for i in positives],
             "full_absorption_words": [words[i] for i, r in zip(positives, results) if r[1]],
             "mean_absorption_fraction": float(np.mean([r[0] for r in results])),
@@ -205,7 +212,9 @@ def absorption_scores(x: torch.Tensor, words: list[str], sae, cfg: AbsorptionCon
         "mean_full_absorption_score": float(np.mean([v["full_absorption_rate"] for v in per_letter.values()])),
         "mean_num_split_features": float(np.mean([len(v["main_latents"]) for v in per_letter.values()])),
         "probe_test_accuracy": float((predicted == letters[test]).mean()),
-        "n_words": len(words), "n_letters": len(per_letter), "per_letter": per_letter,
+        "n_words": len(words),
+        "n_letters": len(per_letter),
+        "per_letter": per_letter,
     }
 
 
@@ -213,8 +222,10 @@ def measure(model, tokenizer, saes: dict, layer: int, cfg: AbsorptionConfig, dev
     """Absorption of every SAE in ``saes`` (name -> SAE) at one layer; one pass of the model."""
     words = alphabetic_words(tokenizer, cfg.max_words, cfg.seed)
     if len(words) < cfg.min_words:
-        raise AbsorptionSkipped(f"the tokenizer has {len(words)} single-token alphabetic words (need "
-                                f"{cfg.min_words}): the first-letter task needs a text tokenizer")
+        raise AbsorptionSkipped(
+            f"the tokenizer has {len(words)} single-token alphabetic words (need "
+            f"{cfg.min_words}): the first-letter task needs a text tokenizer"
+        )
     prompts = build_prompts(tokenizer, words, cfg.n_icl_examples, cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     x = word_activations(model, prompts, layer, cfg.batch_size, pad, device)

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import site_dir
+from .errors import ActivationStoreError  # noqa: F401
 from .io import atomic_path, crash_point, file_stamps, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ TL_HOOK_NAMES = {  # TransformerLens / SAELens names of our hook points
 }
 STATE_FILE = ".extract_state.json"
 SPLITS = ("train", "eval")
-
-
-from .errors import ActivationStoreError  # noqa: F401
 
 
 def hook_name(layer: int, hook: str) -> str:
@@ -128,14 +126,14 @@ def _forward_shard(model, shard: Shard, sites, batch_size: int, pad_id: int, dev
     order = sorted(range(len(shard.sequences)), key=lambda i: -len(shard.sequences[i].ids))  # less padding
     pieces: dict = {site: [None] * len(shard.sequences) for site in sites}
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         seqs = [shard.sequences[i] for i in rows]
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for j, s in enumerate(seqs):
-            ids[j, :len(s.ids)] = torch.tensor(s.ids)
-            mask[j, :len(s.ids)] = 1
+            ids[j, : len(s.ids)] = torch.tensor(s.ids)
+            mask[j, : len(s.ids)] = 1
         with torch.inference_mode(), capture(model, sites) as store:
             run_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         for site in sites:
@@ -159,12 +157,23 @@ def _shard_metadata(shard: Shard) -> dict:
         position.append(pos.astype(np.int32))
         in_prompt.append(pos < s.n_prompt)
     cat = lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt)) if xs else torch.zeros(0)  # noqa: E731
-    return {"token_ids": cat(token_ids, np.int32), "sample_idx": cat(sample_idx, np.int64),
-            "position": cat(position, np.int32), "in_prompt": cat(in_prompt, np.bool_)}
+    return {
+        "token_ids": cat(token_ids, np.int32),
+        "sample_idx": cat(sample_idx, np.int64),
+        "position": cat(position, np.int32),
+        "in_prompt": cat(in_prompt, np.bool_),
+    }
 
 
-def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir: str | Path,
-            place="cpu", progress: bool = True, loaded=None) -> dict[tuple[int, str], Path]:
+def extract(
+    spec: dict,
+    model_dir: str | Path,
+    samples_path: str | Path,
+    out_dir: str | Path,
+    place="cpu",
+    progress: bool = True,
+    loaded=None,
+) -> dict[tuple[int, str], Path]:
     """Extract one cell's activations at every site in ``spec``; resume from finished shards.
 
     spec: {model, data, layers, hook_points, activations: {...}} as in the config.
@@ -175,9 +184,9 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     import pandas as pd
     import torch
     from safetensors.torch import save_file
-    from .progress import bar as progress_bar
 
     from . import models
+    from .progress import bar as progress_bar
 
     model_dir, samples_path, out_dir = Path(model_dir), Path(samples_path), Path(out_dir)
     opts = spec["activations"]
@@ -204,9 +213,10 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     table = pd.read_parquet(samples_path)
     from .data import check_vocabulary
 
-    check_vocabulary(table, tokenizer, str(samples_path), str(model_dir))   # no silent <unk> activations
-    sequences = tokenize(tokenizer, table, opts["max_length"], opts["exclude_special_tokens"],
-                         opts["exclude_first_position"])
+    check_vocabulary(table, tokenizer, str(samples_path), str(model_dir))  # no silent <unk> activations
+    sequences = tokenize(
+        tokenizer, table, opts["max_length"], opts["exclude_special_tokens"], opts["exclude_first_position"]
+    )
     shards = plan_shards(sequences, opts["shard_tokens"])
     d_model = int(model.config.get_text_config().hidden_size)
 
@@ -214,11 +224,17 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         return out_dir / site_dir(layer, hook) / shard.name
 
     cache = opts.get("cache", True)
-    todo = [s for s in shards if (cache or s.split == "eval")
-            and not all(shard_path(l, h, s).exists() for l, h in sites)]
-    log.info("%s: %d shards (%d already done), %d sites", out_dir.name, len(shards), len(shards) - len(todo), len(sites))
-    bar = progress_bar(total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq",
-                       enabled=progress)
+    todo = [
+        s
+        for s in shards
+        if (cache or s.split == "eval") and not all(shard_path(layer, hook, s).exists() for layer, hook in sites)
+    ]
+    log.info(
+        "%s: %d shards (%d already done), %d sites", out_dir.name, len(shards), len(shards) - len(todo), len(sites)
+    )
+    bar = progress_bar(
+        total=sum(len(s.sequences) for s in todo), desc=f"extract {out_dir.name}", unit="seq", enabled=progress
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for shard in todo:
         with place.precision():
@@ -231,7 +247,8 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
                 raise ActivationStoreError(
                     f"{out_dir.name} layer {layer} {hook}: non-finite activation in {opts['dtype']} "
                     f"(sample {int(meta['sample_idx'][bad])}, position {int(meta['position'][bad])}); "
-                    "store as float32 or bfloat16")
+                    "store as float32 or bfloat16"
+                )
             target = shard_path(layer, hook, shard)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
@@ -245,8 +262,12 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
         folder = out_dir / site_dir(layer, hook)
         entries = []
         for shard in shards:
-            entry = {"file": shard.name, "split": shard.split, "n_tokens": shard.n_tokens,
-                     "n_sequences": len(shard.sequences)}
+            entry = {
+                "file": shard.name,
+                "split": shard.split,
+                "n_tokens": shard.n_tokens,
+                "n_sequences": len(shard.sequences),
+            }
             if cache or shard.split == "eval":
                 entry["sha256"] = sha256_file(shard_path(layer, hook, shard))
             else:
@@ -254,17 +275,27 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
             entries.append(entry)
         manifest = {
             "format": "sae-diff-activations/1",
-            "model": spec["model"], "data": spec["data"], "cell": out_dir.name,
-            "layer": layer, "hook_point": hook, "hook_name": hook_name(layer, hook),
-            "d_model": d_model, "dtype": opts["dtype"],
+            "model": spec["model"],
+            "data": spec["data"],
+            "cell": out_dir.name,
+            "layer": layer,
+            "hook_point": hook,
+            "hook_name": hook_name(layer, hook),
+            "d_model": d_model,
+            "dtype": opts["dtype"],
             "n_tokens": {split: sum(e["n_tokens"] for e in entries if e["split"] == split) for split in SPLITS},
             "n_sequences": {split: sum(e["n_sequences"] for e in entries if e["split"] == split) for split in SPLITS},
             "max_length": opts["max_length"],
             # what a reader needs to recompute uncached shards exactly as extraction planned them
-            "cache": cache, "shard_tokens": opts["shard_tokens"], "batch_size": opts["batch_size"],
-            "masking": {"exclude_special_tokens": opts["exclude_special_tokens"],
-                        "exclude_first_position": opts["exclude_first_position"],
-                        "special_token_ids": special_ids, "padding": "excluded"},
+            "cache": cache,
+            "shard_tokens": opts["shard_tokens"],
+            "batch_size": opts["batch_size"],
+            "masking": {
+                "exclude_special_tokens": opts["exclude_special_tokens"],
+                "exclude_first_position": opts["exclude_first_position"],
+                "special_token_ids": special_ids,
+                "padding": "excluded",
+            },
             "fingerprint": stamp,
             "shards": entries,
         }
@@ -273,8 +304,16 @@ def extract(spec: dict, model_dir: str | Path, samples_path: str | Path, out_dir
     return manifests
 
 
-def write_store(folder: str | Path, acts, split: str = "train", shard_tokens: int = 65536,
-                dtype: str = "float32", layer: int = 0, hook: str = "resid_post", meta: dict | None = None) -> Path:
+def write_store(
+    folder: str | Path,
+    acts,
+    split: str = "train",
+    shard_tokens: int = 65536,
+    dtype: str = "float32",
+    layer: int = 0,
+    hook: str = "resid_post",
+    meta: dict | None = None,
+) -> Path:
     """Write given activations [n, d] as a one-split store (outside tools' activations, tests).
 
     meta: optional per-token token_ids, sample_idx, position, in_prompt (default: each token
@@ -288,25 +327,42 @@ def write_store(folder: str | Path, acts, split: str = "train", shard_tokens: in
     acts = acts.to(getattr(torch, dtype))
     entries = []
     for index, start in enumerate(range(0, len(acts), shard_tokens)):
-        part = acts[start:start + shard_tokens].contiguous()
+        part = acts[start : start + shard_tokens].contiguous()
         n = len(part)
         name = f"{split}-{index:05d}.safetensors"
         with atomic_path(folder / name) as tmp:
-            columns = {"token_ids": torch.zeros(n, dtype=torch.int32),
-                       "sample_idx": torch.arange(start, start + n, dtype=torch.int64),
-                       "position": torch.zeros(n, dtype=torch.int32),
-                       "in_prompt": torch.zeros(n, dtype=torch.bool)}
+            columns = {
+                "token_ids": torch.zeros(n, dtype=torch.int32),
+                "sample_idx": torch.arange(start, start + n, dtype=torch.int64),
+                "position": torch.zeros(n, dtype=torch.int32),
+                "in_prompt": torch.zeros(n, dtype=torch.bool),
+            }
             for key, value in (meta or {}).items():
-                columns[key] = torch.as_tensor(value)[start:start + n].to(columns[key].dtype).contiguous()
+                columns[key] = torch.as_tensor(value)[start : start + n].to(columns[key].dtype).contiguous()
             save_file({"acts": part, **columns}, str(tmp))
-        entries.append({"file": name, "split": split, "n_tokens": n, "n_sequences": n,
-                        "sha256": sha256_file(folder / name)})
-    write_json(folder / "manifest.json", {
-        "format": "sae-diff-activations/1", "model": "", "data": "", "cell": folder.name, "layer": layer,
-        "hook_point": hook, "hook_name": hook_name(layer, hook), "d_model": int(acts.shape[1]), "dtype": dtype,
-        "n_tokens": {s: (len(acts) if s == split else 0) for s in SPLITS},
-        "n_sequences": {s: (len(acts) if s == split else 0) for s in SPLITS},
-        "max_length": None, "masking": {}, "fingerprint": "", "shards": entries})
+        entries.append(
+            {"file": name, "split": split, "n_tokens": n, "n_sequences": n, "sha256": sha256_file(folder / name)}
+        )
+    write_json(
+        folder / "manifest.json",
+        {
+            "format": "sae-diff-activations/1",
+            "model": "",
+            "data": "",
+            "cell": folder.name,
+            "layer": layer,
+            "hook_point": hook,
+            "hook_name": hook_name(layer, hook),
+            "d_model": int(acts.shape[1]),
+            "dtype": dtype,
+            "n_tokens": {s: (len(acts) if s == split else 0) for s in SPLITS},
+            "n_sequences": {s: (len(acts) if s == split else 0) for s in SPLITS},
+            "max_length": None,
+            "masking": {},
+            "fingerprint": "",
+            "shards": entries,
+        },
+    )
     return folder
 
 
@@ -349,7 +405,8 @@ class ActivationStore:
         if not entry.get("cached", True):
             raise ActivationStoreError(
                 f"{path}: not cached (extracted with activations.cache: false); the job reading it must "
-                "stream it from the model (activations.open_stores with the model and the samples)")
+                "stream it from the model (activations.open_stores with the model and the samples)"
+            )
         if not path.exists():
             raise ActivationStoreError(f"{path}: shard listed in the manifest is missing")
         data = path.read_bytes()
@@ -357,7 +414,8 @@ class ActivationStore:
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ActivationStoreError(
                     f"{path}: sha256 does not match the manifest; the shard is corrupted "
-                    "(delete the cell's activations folder and rerun extraction)")
+                    "(delete the cell's activations folder and rerun extraction)"
+                )
             self._verified.add(entry["file"])
         try:
             tensors = load(data)
@@ -366,8 +424,9 @@ class ActivationStore:
         finite = tensors["acts"].isfinite().all(dim=1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
-            raise ActivationStoreError(f"{path}: non-finite activation in row {row} "
-                                       f"(sample {int(tensors['sample_idx'][row])})")
+            raise ActivationStoreError(
+                f"{path}: non-finite activation in row {row} (sample {int(tensors['sample_idx'][row])})"
+            )
         return tensors
 
     def iter_shards(self, split: str = "train", verify: bool = True, order: list[int] | None = None) -> Iterator[dict]:
@@ -382,8 +441,16 @@ class ActivationStore:
         parts = [shard[key] for shard in self.iter_shards(split)]
         return torch.cat(parts) if parts else torch.zeros((0, self.d_model))
 
-    def iter_batches(self, batch_size: int, split: str = "train", shuffle_buffer: int = 0, seed: int = 0,
-                     drop_last: bool = False, dtype=None, paired: "ActivationStore | None" = None) -> Iterator:
+    def iter_batches(
+        self,
+        batch_size: int,
+        split: str = "train",
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        dtype=None,
+        paired: "ActivationStore | None" = None,
+    ) -> Iterator:
         """Batches of activations. With ``shuffle_buffer`` > 0, shard order is permuted and
         tokens are mixed within a buffer of that many tokens (memory bounded by it).
 
@@ -403,10 +470,14 @@ class ActivationStore:
             rows = shard["acts"].to(dtype)
             if others is not None:
                 other = next(others)
-                if not (torch.equal(other["sample_idx"], shard["sample_idx"])
-                        and torch.equal(other["position"], shard["position"])):
-                    raise ActivationStoreError(f"{paired.folder}: tokens differ from {self.folder}; "
-                                               "paired sites must come from the same extraction")
+                if not (
+                    torch.equal(other["sample_idx"], shard["sample_idx"])
+                    and torch.equal(other["position"], shard["position"])
+                ):
+                    raise ActivationStoreError(
+                        f"{paired.folder}: tokens differ from {self.folder}; "
+                        "paired sites must come from the same extraction"
+                    )
                 rows = torch.cat([rows, other["acts"].to(dtype)], dim=1)
             buffer = torch.cat([buffer, rows])
             if not shuffle_buffer:
@@ -434,8 +505,15 @@ class ShardSource:
     """Computes a cell's shards from its model and samples, every requested site in one forward
     pass; the last shard is kept, so paired sites (a transcoder's input and output) share it."""
 
-    def __init__(self, manifest: dict, model, tokenizer, samples_path: str | Path, place="cpu",
-                 sites: list[tuple[int, str]] | None = None):
+    def __init__(
+        self,
+        manifest: dict,
+        model,
+        tokenizer,
+        samples_path: str | Path,
+        place="cpu",
+        sites: list[tuple[int, str]] | None = None,
+    ):
         import pandas as pd
 
         from .models import as_placement
@@ -443,8 +521,13 @@ class ShardSource:
         self.model, self.place = model, as_placement(place)
         self.sites = sites or [(int(manifest["layer"]), manifest["hook_point"])]
         masking = manifest["masking"]
-        sequences = tokenize(tokenizer, pd.read_parquet(samples_path), manifest["max_length"],
-                             masking["exclude_special_tokens"], masking["exclude_first_position"])
+        sequences = tokenize(
+            tokenizer,
+            pd.read_parquet(samples_path),
+            manifest["max_length"],
+            masking["exclude_special_tokens"],
+            masking["exclude_first_position"],
+        )
         self.shards = {s.name: s for s in plan_shards(sequences, manifest["shard_tokens"])}
         self.batch_size = int(manifest["batch_size"])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -458,11 +541,11 @@ class ShardSource:
         if planned is None or planned.n_tokens != entry["n_tokens"]:
             raise ActivationStoreError(
                 f"{name}: {self.samples_path} no longer tokenizes to the extraction's plan "
-                f"({entry['n_tokens']} tokens expected); rerun extraction")
+                f"({entry['n_tokens']} tokens expected); rerun extraction"
+            )
         if self._last is None or self._last[0] != name:
-            with self.place.precision():   # the reader's own bar shows progress
-                acts = _forward_shard(self.model, planned, self.sites, self.batch_size, self.pad_id,
-                                      self.place.device)
+            with self.place.precision():  # the reader's own bar shows progress
+                acts = _forward_shard(self.model, planned, self.sites, self.batch_size, self.pad_id, self.place.device)
             self._last = (name, {"acts": acts, "meta": _shard_metadata(planned)})
         tensors = self._last[1]
         return {"acts": tensors["acts"][site].to(storage), **tensors["meta"]}
@@ -484,8 +567,9 @@ class ForwardStore(ActivationStore):
         return self.source.shard(entry, site, getattr(torch, self.manifest["dtype"]))
 
 
-def open_stores(folders: list, model_dir: str | Path | None = None, samples_path: str | Path | None = None,
-                place="cpu", loaded=None) -> list[ActivationStore]:
+def open_stores(
+    folders: list, model_dir: str | Path | None = None, samples_path: str | Path | None = None, place="cpu", loaded=None
+) -> list[ActivationStore]:
     """Stores for sites of one cell: plain when fully cached, else ForwardStores sharing one
     model and one ShardSource (the model is loaded only then; ``loaded`` reuses one)."""
     plain = [ActivationStore(f) for f in folders]
@@ -494,7 +578,8 @@ def open_stores(folders: list, model_dir: str | Path | None = None, samples_path
     if model_dir is None or samples_path is None:
         raise ActivationStoreError(
             f"{plain[0].folder}: extracted with activations.cache: false, so reading its train split needs the "
-            "model and the samples (pass --model-dir and --samples)")
+            "model and the samples (pass --model-dir and --samples)"
+        )
     from .models import as_placement
 
     place = as_placement(place)

@@ -31,15 +31,16 @@ class Fork:
     """Two completions of one prompt at the token where they part."""
 
     prompt_id: object
-    context: list[int]      # prompt and shared prefix, as token ids
-    better: int             # the next token of the completion with the better metric
+    context: list[int]  # prompt and shared prefix, as token ids
+    better: int  # the next token of the completion with the better metric
     worse: int
-    gap: float              # |metric difference|
-    shared: int             # completion tokens before the fork (0: they part at the first)
+    gap: float  # |metric difference|
+    shared: int  # completion tokens before the fork (0: they part at the first)
 
 
-def forks(samples: pd.DataFrame, metric: str, direction: str, tokenizer, max_pairs: int = 256,
-          seed: int = 0) -> list[Fork]:
+def forks(
+    samples: pd.DataFrame, metric: str, direction: str, tokenizer, max_pairs: int = 256, seed: int = 0
+) -> list[Fork]:
     """Pairs of same-prompt samples whose ``metric`` differs, cut at their first differing token.
 
     ``direction`` (up / down) says which of the two is better. At most ``max_pairs``, drawn
@@ -67,22 +68,30 @@ def forks(samples: pd.DataFrame, metric: str, direction: str, tokenizer, max_pai
             while shared < min(len(good), len(bad)) and good[shared] == bad[shared]:
                 shared += 1
             if shared >= min(len(good), len(bad)):
-                continue   # one text is a prefix of the other: no token where they part
-            out.append(Fork(prompt_id, list(prompt) + good[:shared], good[shared], bad[shared],
-                            float(abs(high[metric] - low[metric])), shared))
+                continue  # one text is a prefix of the other: no token where they part
+            out.append(
+                Fork(
+                    prompt_id,
+                    list(prompt) + good[:shared],
+                    good[shared],
+                    bad[shared],
+                    float(abs(high[metric] - low[metric])),
+                    shared,
+                )
+            )
     if len(out) > max_pairs:
         keep = np.sort(np.random.default_rng(seed).choice(len(out), max_pairs, replace=False))
         out = [out[i] for i in keep]
     return out
 
 
-def attribute(model, sae, layer: int, hook: str, pairs: list[Fork], device: str = "cpu",
-              progress: bool = False) -> np.ndarray:
+def attribute(
+    model, sae, layer: int, hook: str, pairs: list[Fork], device: str = "cpu", progress: bool = False
+) -> np.ndarray:
     """[n_pairs, d_sae]: Σ_p f_j(x_p) d_j·∂m/∂x_p per fork (see the module docstring)."""
-    from .progress import bar
-
     from . import models
     from .interventions import _first, _replace_first
+    from .progress import bar
 
     site = models.hook_module(model, layer, hook)
     sae_device = models.site_device(model, layer, hook)
@@ -110,7 +119,7 @@ def attribute(model, sae, layer: int, hook: str, pairs: list[Fork], device: str 
                 (log_p[fork.better] - log_p[fork.worse]).backward()
             x, grad = held["x"][0].detach(), held["x"].grad[0]
             with torch.no_grad():
-                acts = sae.encode(x.to(W_dec.dtype))                       # [positions, d_sae]
+                acts = sae.encode(x.to(W_dec.dtype))  # [positions, d_sae]
                 out[i] = (acts * (grad.to(W_dec.dtype) @ W_dec.T)).sum(0).double().cpu().numpy()
     finally:
         handle.remove()
@@ -123,17 +132,41 @@ def table(scores: np.ndarray, pairs: list[Fork]) -> pd.DataFrame:
     """Per feature: mean attribution over forks, its standard error and the share of forks where
     it points the better way."""
     n = len(pairs)
-    if n == 0:   # nothing to attribute: an empty table, so no feature can be selected from it
-        return pd.DataFrame({"feature": pd.Series(dtype="int64"), "attribution": pd.Series(dtype="float64"),
-                             "se": pd.Series(dtype="float64"), "share_positive": pd.Series(dtype="float64"),
-                             "n_forks": pd.Series(dtype="int64")})
+    if n == 0:  # nothing to attribute: an empty table, so no feature can be selected from it
+        return pd.DataFrame(
+            {
+                "feature": pd.Series(dtype="int64"),
+                "attribution": pd.Series(dtype="float64"),
+                "se": pd.Series(dtype="float64"),
+                "share_positive": pd.Series(dtype="float64"),
+                "n_forks": pd.Series(dtype="int64"),
+            }
+        )
     se = scores.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(scores.shape[1], np.nan)
-    return pd.DataFrame({"feature": np.arange(scores.shape[1]), "attribution": scores.mean(0), "se": se,
-                         "share_positive": (scores > 0).mean(0), "n_forks": n})
+    return pd.DataFrame(
+        {
+            "feature": np.arange(scores.shape[1]),
+            "attribution": scores.mean(0),
+            "se": se,
+            "share_positive": (scores > 0).mean(0),
+            "n_forks": n,
+        }
+    )
 
 
-def run(model_dir, sae_dir, samples: pd.DataFrame, layer: int, hook: str, metric: str, direction: str,
-        max_pairs: int = 256, seed: int = 0, place="cpu", progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def run(
+    model_dir,
+    sae_dir,
+    samples: pd.DataFrame,
+    layer: int,
+    hook: str,
+    metric: str,
+    direction: str,
+    max_pairs: int = 256,
+    seed: int = 0,
+    place="cpu",
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict]:
     """The attribution table of one SAE for one metric on its cell's samples, and a summary."""
     from . import models
     from .sae import files
@@ -143,14 +176,18 @@ def run(model_dir, sae_dir, samples: pd.DataFrame, layer: int, hook: str, metric
     pairs = forks(samples, metric, direction, tokenizer, max_pairs=max_pairs, seed=seed)
     summary = {"metric": metric, "direction": direction, "n_forks": len(pairs), "layer": layer, "hook_point": hook}
     if not pairs:
-        summary["skipped"] = (f"no two samples of one prompt differ in {metric}: no fork to attribute "
-                              "(generate several samples per prompt)")
+        summary["skipped"] = (
+            f"no two samples of one prompt differ in {metric}: no fork to attribute "
+            "(generate several samples per prompt)"
+        )
         return table(np.zeros((0, 0)), pairs), summary
     with place.precision():
         scores = attribute(model, files.load(sae_dir), layer, hook, pairs, place.device, progress)
     result = table(scores, pairs)
     top = result.sort_values("attribution", ascending=False).head(10)
-    summary.update(top_features=top["feature"].astype(int).tolist(),
-                   top_attribution=top["attribution"].round(6).tolist(),
-                   share_at_first_token=float(np.mean([p.shared == 0 for p in pairs])))
+    summary.update(
+        top_features=top["feature"].astype(int).tolist(),
+        top_attribution=top["attribution"].round(6).tolist(),
+        share_at_first_token=float(np.mean([p.shared == 0 for p in pairs])),
+    )
     return result, summary

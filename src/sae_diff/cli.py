@@ -45,25 +45,29 @@ def _cell(parser: argparse.ArgumentParser, layer: bool = False) -> None:
 
 def cmd_validate(args) -> None:
     from . import config as config_lib
-
     from . import data, models
 
     cfg = config_lib.load(args.configfile)
-    tables = {data_id: data.load_table(spec) for data_id, spec in cfg["data"].items()
-              if spec["source"] == "table"}   # the user's tables, with the checks make-data applies
-    if tables:   # and every text against each tokenizer that is at hand (extraction checks them all)
+    tables = {
+        data_id: data.load_table(spec) for data_id, spec in cfg["data"].items() if spec["source"] == "table"
+    }  # the user's tables, with the checks make-data applies
+    if tables:  # and every text against each tokenizer that is at hand (extraction checks them all)
         for model_id, spec in cfg["models"].items():
             tokenizer = models.source_tokenizer(spec, model_id)
             for data_id, table in tables.items() if tokenizer is not None else ():
                 data.check_vocabulary(table, tokenizer, cfg["data"][data_id]["path"], f"models.{model_id}")
-    for scorer in cfg["scorers"]:   # reference sequences, with the scorer's own check
+    for scorer in cfg["scorers"]:  # reference sequences, with the scorer's own check
         if scorer["name"] == "protein_identity":
             from . import scorers
 
-            scorers.read_fasta(scorer["reference"], scorers.matrix_alphabet(scorer.get("substitution_matrix",
-                                                                                      "BLOSUM62")))
-    print(json.dumps(cfg, indent=2) if args.show else f"{args.configfile}: valid "
-          f"({len(config_lib.cells(cfg))} cells, layers {cfg['layers']})")
+            scorers.read_fasta(
+                scorer["reference"], scorers.matrix_alphabet(scorer.get("substitution_matrix", "BLOSUM62"))
+            )
+    print(
+        json.dumps(cfg, indent=2)
+        if args.show
+        else f"{args.configfile}: valid ({len(config_lib.cells(cfg))} cells, layers {cfg['layers']})"
+    )
     for metric in dict.fromkeys(run.metric for run in config_lib.intervention_runs(cfg)):
         reason = config_lib.unscored_metric_reason(cfg["scorers"], metric)
         if reason:
@@ -83,8 +87,13 @@ def cmd_make_data(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    table = data.make(spec["data"][args.data], spec["split"], args.models_root, place=models.placement(spec),
-                      progress=not args.no_progress)
+    table = data.make(
+        spec["data"][args.data],
+        spec["split"],
+        args.models_root,
+        place=models.placement(spec),
+        progress=not args.no_progress,
+    )
     io.write_parquet(table, args.out)
     log.info("%s: %s", args.data, data.describe(table))
 
@@ -108,14 +117,33 @@ def cmd_finetune(args) -> None:
     spec = _spec(args)
     models.set_threads(args.threads)
     it, model = spec["iterations"], spec["models"][args.model]
-    pairs = finetune.build_pairs(pd.read_parquet(args.samples), it["target"]["metric"], it["target"]["direction"],
-                                 margin=it["pairs"]["margin"], missing=it["pairs"]["missing"],
-                                 max_per_prompt=it["pairs"]["max_per_prompt"], where=it["target"].get("where"))
-    log.info("%s: %d preference pairs from %s on %s (%s)", args.model, len(pairs), model["pairs_from"],
-             it["target"]["metric"], it["target"]["direction"])
+    pairs = finetune.build_pairs(
+        pd.read_parquet(args.samples),
+        it["target"]["metric"],
+        it["target"]["direction"],
+        margin=it["pairs"]["margin"],
+        missing=it["pairs"]["missing"],
+        max_per_prompt=it["pairs"]["max_per_prompt"],
+        where=it["target"].get("where"),
+    )
+    log.info(
+        "%s: %d preference pairs from %s on %s (%s)",
+        args.model,
+        len(pairs),
+        model["pairs_from"],
+        it["target"]["metric"],
+        it["target"]["direction"],
+    )
     root = Path(args.models_root)
-    record = finetune.dpo(root / model["parent"], root / model["reference"], pairs, it["dpo"], args.out,
-                          place=models.placement(spec), progress=not args.no_progress)
+    record = finetune.dpo(
+        root / model["parent"],
+        root / model["reference"],
+        pairs,
+        it["dpo"],
+        args.out,
+        place=models.placement(spec),
+        progress=not args.no_progress,
+    )
     log.info("%s: DPO loss %.4f -> %.4f", args.model, record["loss_first"], record["loss_last"])
 
 
@@ -155,12 +183,24 @@ def cmd_features(args) -> None:
     samples = pd.read_parquet(args.samples)
     for name, block in spec["saes"].items():
         hook = block.get("hook_point", "resid_post")
-        store, = open_stores([Path(args.acts_root) / cell / site_dir(args.layer, hook)], args.model_dir,
-                             args.samples, place, loaded=(model, tokenizer))
+        (store,) = open_stores(
+            [Path(args.acts_root) / cell / site_dir(args.layer, hook)],
+            args.model_dir,
+            args.samples,
+            place,
+            loaded=(model, tokenizer),
+        )
         summary = features.write(
-            Path(args.saes_root) / cell / f"layer{args.layer}" / name, store, samples,
-            Path(args.out_root) / cell / f"layer{args.layer}" / name, spec["features"], model=model,
-            tokenizer=tokenizer, device=place.device, progress=not args.no_progress)
+            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
+            store,
+            samples,
+            Path(args.out_root) / cell / f"layer{args.layer}" / name,
+            spec["features"],
+            model=model,
+            tokenizer=tokenizer,
+            device=place.device,
+            progress=not args.no_progress,
+        )
         log.info("%s layer %d %s: %s", cell, args.layer, name, summary)
 
 
@@ -176,10 +216,15 @@ def cmd_calibrate(args) -> None:
         thresholds, null = diff.calibration(main, seed, spec["diff"]["same_quantile"], spec["diff"]["new_quantile"])
         out = Path(args.out_dir)
         io.write_parquet(null, out / f"{name}_null.parquet")
-        io.write_json(out / f"{name}.json", {"thresholds": thresholds.to_dict(), "mmcs": diff.mmcs(null),
-                                             "seed_pair": [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)],
-                                             "changed_fraction": float((diff.label(null["dec_cos_match"], thresholds)
-                                                                        != "same").mean())})
+        io.write_json(
+            out / f"{name}.json",
+            {
+                "thresholds": thresholds.to_dict(),
+                "mmcs": diff.mmcs(null),
+                "seed_pair": [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)],
+                "changed_fraction": float((diff.label(null["dec_cos_match"], thresholds) != "same").mean()),
+            },
+        )
         log.info("layer %d %s: thresholds %s", args.layer, name, thresholds.to_dict())
 
 
@@ -198,10 +243,14 @@ def cmd_diff(args) -> None:
         thresholds = diff.Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
         aligned = warm_start_source(spec, b, block.get("warm_start", "none")) == a
         table, summary = diff.compare(
-            files.load(Path(args.saes_root) / a.name / layer / name), files.load(Path(args.saes_root) / b.name / layer / name),
+            files.load(Path(args.saes_root) / a.name / layer / name),
+            files.load(Path(args.saes_root) / b.name / layer / name),
             pd.read_parquet(Path(args.features_root) / a.name / layer / name / "stats.parquet"),
             pd.read_parquet(Path(args.features_root) / b.name / layer / name / "stats.parquet"),
-            thresholds, aligned, spec["diff"]["norm_collapse"])
+            thresholds,
+            aligned,
+            spec["diff"]["norm_collapse"],
+        )
         out = Path(args.out_dir)
         io.write_parquet(table, out / f"{name}.parquet")
         io.write_json(out / f"{name}.json", {"a": a.name, "b": b.name, "layer": args.layer, "sae": name, **summary})
@@ -235,7 +284,7 @@ def cmd_probe(args) -> None:
     cell, layer = f"{args.model}_{args.data}", f"layer{args.layer}"
     samples = pd.read_parquet(args.samples)
     opts = spec["probes"]
-    raw_by_site: dict = {}   # the dense baseline, pooled once per hook site
+    raw_by_site: dict = {}  # the dense baseline, pooled once per hook site
     for name, block in spec["saes"].items():
         folder = Path(args.features_root) / cell / layer / name
         pooled = load_file(str(folder / "pooled.safetensors"))
@@ -243,8 +292,9 @@ def cmd_probe(args) -> None:
         stats = pd.read_parquet(folder / "stats.parquet")
         site = site_dir(args.layer, block.get("hook_point", "resid_post"))
         if site not in raw_by_site:
-            store, = open_stores([Path(args.acts_root) / cell / site], args.model_dir, args.samples,
-                                 models.placement(spec))
+            (store,) = open_stores(
+                [Path(args.acts_root) / cell / site], args.model_dir, args.samples, models.placement(spec)
+            )
             raw_by_site[site] = features.pool_raw(store, pooled["sample_id"], opts["pooling"])
         raw = raw_by_site[site]
         sae = files.load(Path(args.saes_root) / cell / layer / name)
@@ -253,14 +303,29 @@ def cmd_probe(args) -> None:
         for metric in spec["metrics"]:
             if metric not in table.columns:
                 raise ValueError(f"probes.metrics: {metric!r} is not a column of {args.samples}")
-            result, summary = probes.probe_metric(pooled[opts["pooling"]].astype("float64"),
-                                                  table[metric].to_numpy(dtype=float), stats, opts, raw, cos, metric)
+            result, summary = probes.probe_metric(
+                pooled[opts["pooling"]].astype("float64"),
+                table[metric].to_numpy(dtype=float),
+                stats,
+                opts,
+                raw,
+                cos,
+                metric,
+            )
             out = Path(args.out_root) / cell / layer / name
             if result is not None:
                 io.write_parquet(result, out / f"{metric}.parquet")
             io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary})
-            log.info("%s %s %s %s: AUROC %s (random %s, raw %s)", cell, layer, name, metric, summary.get("auroc"),
-                     summary.get("auroc_random_features"), summary.get("auroc_raw_activations"))
+            log.info(
+                "%s %s %s %s: AUROC %s (random %s, raw %s)",
+                cell,
+                layer,
+                name,
+                metric,
+                summary.get("auroc"),
+                summary.get("auroc_random_features"),
+                summary.get("auroc_raw_activations"),
+            )
 
 
 def cmd_intervene(args) -> None:
@@ -281,16 +346,20 @@ def cmd_intervene(args) -> None:
     for where in spec["wheres"]:
         prompts = data.select_prompts(prompts, where, spec["prompts"])
     if opts.get("max_prompts"):
-        prompts = prompts.iloc[:opts["max_prompts"]]
+        prompts = prompts.iloc[: opts["max_prompts"]]
     if len(prompts) < 2:
-        raise DataError(f"interventions: {len(prompts)} prompt(s) left in {spec['prompts']} after the filters "
-                         f"{spec['wheres']}; need at least 2 (one to pick alpha, one to report)")
+        raise DataError(
+            f"interventions: {len(prompts)} prompt(s) left in {spec['prompts']} after the filters "
+            f"{spec['wheres']}; need at least 2 (one to pick alpha, one to report)"
+        )
     probe_json = json.loads(Path(args.probe).read_text())
     probe_table = Path(args.probe).with_suffix(".parquet")
     out = Path(args.out_dir)
     method = interventions.selection_method(opts, args.experiment)
     reason = config.unscored_metric_reason(spec["scorers"], args.metric)
-    if reason is None and method == "probe" and not probe_table.exists():   # too few labelled samples: nothing was picked
+    if (
+        reason is None and method == "probe" and not probe_table.exists()
+    ):  # too few labelled samples: nothing was picked
         reason = f"the probe {args.probe} was skipped: {probe_json.get('skipped', 'no table')}"
     if reason is None and method == "attribution":
         if not args.attribution:
@@ -298,33 +367,69 @@ def cmd_intervene(args) -> None:
         summary = json.loads(Path(args.attribution).with_suffix(".json").read_text())
         if "skipped" in summary:
             reason = f"the attribution {args.attribution} was skipped: {summary['skipped']}"
-    if reason is not None:   # every output says why nothing was run
+    if reason is not None:  # every output says why nothing was run
         log.warning("%s %s layer %d: %s", args.experiment, args.cell, args.layer, reason)
         io.write_parquet(pd.DataFrame(), out / "generations.parquet")
         io.write_parquet(pd.DataFrame(), out / "scores.parquet")
-        io.write_json(out / "effects.json", {"experiment": args.experiment, "cell": args.cell, "layer": args.layer,
-                                             "sae": args.sae, "metric": args.metric, "model": args.model,
-                                             "skipped": reason})
+        io.write_json(
+            out / "effects.json",
+            {
+                "experiment": args.experiment,
+                "cell": args.cell,
+                "layer": args.layer,
+                "sae": args.sae,
+                "metric": args.metric,
+                "model": args.model,
+                "skipped": reason,
+            },
+        )
         return
     work = out.parent / f".{out.name}.work"
     generations, scores, result = interventions.run(
-        args.experiment, Path(args.model_dir), Path(args.base_dir), Path(args.sae_dir), args.layer,
-        spec["hook_point"], probe_json, pd.read_parquet(probe_table) if probe_table.exists() else None,
-        pd.read_parquet(args.stats), prompts, opts,
-        spec["scorers"], args.metric, spec["direction"], spec["metrics"], opts["sampling"], place=place,
-        progress=not args.no_progress, work_dir=work,
-        attribution=pd.read_parquet(args.attribution) if args.attribution else None)
+        args.experiment,
+        Path(args.model_dir),
+        Path(args.base_dir),
+        Path(args.sae_dir),
+        args.layer,
+        spec["hook_point"],
+        probe_json,
+        pd.read_parquet(probe_table) if probe_table.exists() else None,
+        pd.read_parquet(args.stats),
+        prompts,
+        opts,
+        spec["scorers"],
+        args.metric,
+        spec["direction"],
+        spec["metrics"],
+        opts["sampling"],
+        place=place,
+        progress=not args.no_progress,
+        work_dir=work,
+        attribution=pd.read_parquet(args.attribution) if args.attribution else None,
+    )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
-    io.write_parquet(generations.assign(completion_ids=generations["completion_ids"].map(list)),
-                     out / "generations.parquet")
+    io.write_parquet(
+        generations.assign(completion_ids=generations["completion_ids"].map(list)), out / "generations.parquet"
+    )
     io.write_parquet(scores, out / "scores.parquet")
     io.write_json(out / "effects.json", result)
     shutil.rmtree(work, ignore_errors=True)
     report = result["report"] or {}
-    log.info("%s %s layer %d %s %s: effect %s [%s, %s] p=%s, random %s, perplexity %+.1f%%, no-op identical %s",
-             args.experiment, args.cell, args.layer, args.sae, args.metric, report.get("effect"), report.get("ci_low"),
-             report.get("ci_high"), report.get("p"), report.get("control_effect"),
-             100 * (report.get("perplexity_change") or 0.0), result["noop"]["identical"])
+    log.info(
+        "%s %s layer %d %s %s: effect %s [%s, %s] p=%s, random %s, perplexity %+.1f%%, no-op identical %s",
+        args.experiment,
+        args.cell,
+        args.layer,
+        args.sae,
+        args.metric,
+        report.get("effect"),
+        report.get("ci_low"),
+        report.get("ci_high"),
+        report.get("p"),
+        report.get("control_effect"),
+        100 * (report.get("perplexity_change") or 0.0),
+        result["noop"]["identical"],
+    )
 
 
 def cmd_attribute(args) -> None:
@@ -337,15 +442,30 @@ def cmd_attribute(args) -> None:
     spec = _spec(args)
     models.set_threads(args.threads)
     opts = spec["interventions"]["attribution"]
-    table, summary = attribution.run(args.model_dir, args.sae_dir, pd.read_parquet(args.samples), args.layer,
-                                     spec["hook_point"], args.metric, spec["direction"], max_pairs=opts["max_pairs"],
-                                     seed=spec["interventions"]["seed"], place=models.placement(spec),
-                                     progress=not args.no_progress)
+    table, summary = attribution.run(
+        args.model_dir,
+        args.sae_dir,
+        pd.read_parquet(args.samples),
+        args.layer,
+        spec["hook_point"],
+        args.metric,
+        spec["direction"],
+        max_pairs=opts["max_pairs"],
+        seed=spec["interventions"]["seed"],
+        place=models.placement(spec),
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     io.write_parquet(table, out)
     io.write_json(out.with_suffix(".json"), summary)
-    log.info("attribution %s layer %d %s: %d forks, top %s", args.sae_dir, args.layer, args.metric,
-             summary["n_forks"], summary.get("top_features"))
+    log.info(
+        "attribution %s layer %d %s: %d forks, top %s",
+        args.sae_dir,
+        args.layer,
+        args.metric,
+        summary["n_forks"],
+        summary.get("top_features"),
+    )
 
 
 def cmd_probe_compare(args) -> None:
@@ -367,16 +487,38 @@ def cmd_probe_compare(args) -> None:
         for metric in spec["metrics"]:
             for cell in spec["cells"]:
                 block = io.read_json(root / "probes" / cell / layer / name / f"{metric}.json")
-                out["auroc"].append({"cell": cell, "sae": name, "metric": metric, **{
-                    key: block.get(key) for key in ("auroc", "auroc_random_features", "auroc_raw_activations",
-                                                     "n_labelled", "skipped")}})
+                out["auroc"].append(
+                    {
+                        "cell": cell,
+                        "sae": name,
+                        "metric": metric,
+                        **{
+                            key: block.get(key)
+                            for key in (
+                                "auroc",
+                                "auroc_random_features",
+                                "auroc_raw_activations",
+                                "n_labelled",
+                                "skipped",
+                            )
+                        },
+                    }
+                )
             for a, b, kind in diff_pairs(spec):
                 ta, tb = table(a.name, name, metric), table(b.name, name, metric)
                 if name not in spec["diff_saes"] or ta is None or tb is None:
                     continue
                 diff_table = pd.read_parquet(root / "diff" / pair_name(a, b) / layer / f"{name}.parquet")
-                out["cells"].append({"a": a.name, "b": b.name, "kind": kind, "sae": name, "metric": metric,
-                                     **probes.compare_cells(ta, tb, diff_table, k)})
+                out["cells"].append(
+                    {
+                        "a": a.name,
+                        "b": b.name,
+                        "kind": kind,
+                        "sae": name,
+                        "metric": metric,
+                        **probes.compare_cells(ta, tb, diff_table, k),
+                    }
+                )
         for cell in spec["cells"]:
             tables = {m: t for m in spec["metrics"] if (t := table(cell, name, m)) is not None}
             if len(tables) > 1:
@@ -432,10 +574,16 @@ def cmd_extract(args) -> None:
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    job = {"model": args.model, "data": args.data, "layers": spec["layers"],
-           "hook_points": spec["hook_points"], "activations": spec["activations"]}
-    activations.extract(job, args.model_dir, args.samples, args.out_dir, place=models.placement(spec),
-                        progress=not args.no_progress)
+    job = {
+        "model": args.model,
+        "data": args.data,
+        "layers": spec["layers"],
+        "hook_points": spec["hook_points"],
+        "activations": spec["activations"],
+    }
+    activations.extract(
+        job, args.model_dir, args.samples, args.out_dir, place=models.placement(spec), progress=not args.no_progress
+    )
 
 
 def cmd_train(args) -> None:
@@ -461,15 +609,35 @@ def cmd_train(args) -> None:
         folders = [acts / site_dir(layer, hook)] + ([acts / site_dir(layer, target)] if target else [])
         store, *paired = open_stores(folders, args.model_dir, args.samples, place)
         target_store = paired[0] if paired else None
-        specs = [spec_from_config(
-            name, spec["saes"][name], d_in=store.d_model, d_out=target_store.d_model if target_store else None,
-            hook_name=store.manifest["hook_name"], target_hook_name=target_store.manifest["hook_name"] if target_store else "",
-            model_name=args.model, warm_start=spec.get("warm_start", {}).get(name)) for name in names]
+        specs = [
+            spec_from_config(
+                name,
+                spec["saes"][name],
+                d_in=store.d_model,
+                d_out=target_store.d_model if target_store else None,
+                hook_name=store.manifest["hook_name"],
+                target_hook_name=target_store.manifest["hook_name"] if target_store else "",
+                model_name=args.model,
+                warm_start=spec.get("warm_start", {}).get(name),
+            )
+            for name in names
+        ]
         out_dirs = [Path(args.out_root) / cell / f"layer{layer}" / name for name in names]
-        train(store, specs, out_dirs, n_tokens=opts["tokens"], batch_size=opts["batch_size"],
-              shuffle_buffer=opts["shuffle_buffer"], seed=opts["seed"], checkpoint_every=opts["checkpoint_every"],
-              epochs=opts["epochs"], target_store=target_store, progress=not args.no_progress, place=place,
-              work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}")
+        train(
+            store,
+            specs,
+            out_dirs,
+            n_tokens=opts["tokens"],
+            batch_size=opts["batch_size"],
+            shuffle_buffer=opts["shuffle_buffer"],
+            seed=opts["seed"],
+            checkpoint_every=opts["checkpoint_every"],
+            epochs=opts["epochs"],
+            target_store=target_store,
+            progress=not args.no_progress,
+            place=place,
+            work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}",
+        )
 
 
 def cmd_import_sae(args) -> None:
@@ -491,9 +659,12 @@ def cmd_evaluate(args) -> None:
     cell = f"{args.model}_{args.data}"
     cell_acts = Path(args.acts_root) / cell
     activations = spec["activations"]
-    options = {**spec["evaluation"], "max_length": activations["max_length"],
-               "exclude_special_tokens": activations["exclude_special_tokens"],
-               "exclude_first_position": activations["exclude_first_position"]}
+    options = {
+        **spec["evaluation"],
+        "max_length": activations["max_length"],
+        "exclude_special_tokens": activations["exclude_special_tokens"],
+        "exclude_first_position": activations["exclude_first_position"],
+    }
     absorption_cfg = options.pop("absorption", {"enabled": False})
     needs_model = args.model_dir and (options["spliced"] or absorption_cfg["enabled"])
     loaded = place.load(args.model_dir) if needs_model else None
@@ -504,11 +675,19 @@ def cmd_evaluate(args) -> None:
     for name, block in spec["saes"].items():
         hook, target = block.get("hook_point", "resid_post"), block.get("target_hook_point")
         evaluate.evaluate_sae(
-            Path(args.saes_root) / cell / f"layer{args.layer}" / name, cell_acts / site_dir(args.layer, hook),
-            Path(args.out_dir) / f"{name}.json", model_dir=args.model_dir, samples_path=args.samples,
-            layer=args.layer, target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
-            options=options, place=place, progress=not args.no_progress, loaded=loaded,
-            extra=extras[name])
+            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
+            cell_acts / site_dir(args.layer, hook),
+            Path(args.out_dir) / f"{name}.json",
+            model_dir=args.model_dir,
+            samples_path=args.samples,
+            layer=args.layer,
+            target_store_dir=cell_acts / site_dir(args.layer, target) if target else None,
+            options=options,
+            place=place,
+            progress=not args.no_progress,
+            loaded=loaded,
+            extra=extras[name],
+        )
 
 
 def _absorption(spec, args, cfg: dict, loaded, device) -> dict:
@@ -525,14 +704,20 @@ def _absorption(spec, args, cfg: dict, loaded, device) -> dict:
         else:
             saes[name] = files.load_any(Path(args.saes_root) / cell / f"layer{args.layer}" / name)
     if saes:
-        settings = absorption.AbsorptionConfig(max_words=cfg["max_words"], n_icl_examples=cfg["n_icl_examples"],
-                                               seed=cfg["seed"])
+        settings = absorption.AbsorptionConfig(
+            max_words=cfg["max_words"], n_icl_examples=cfg["n_icl_examples"], seed=cfg["seed"]
+        )
         try:
             scores = absorption.measure(*loaded, saes, args.layer, settings, device=device)
             out.update({name: {"absorption": value} for name, value in scores.items()})
             for name, value in scores.items():
-                log.info("absorption %s: %d words, fraction score %.4f, full score %.4f", name, value["n_words"],
-                         value["mean_absorption_fraction_score"], value["mean_full_absorption_score"])
+                log.info(
+                    "absorption %s: %d words, fraction score %.4f, full score %.4f",
+                    name,
+                    value["n_words"],
+                    value["mean_absorption_fraction_score"],
+                    value["mean_full_absorption_score"],
+                )
         except absorption.AbsorptionSkipped as reason:
             out.update({name: {"absorption_skipped": str(reason)} for name in saes})
     return out
@@ -584,8 +769,10 @@ def cmd_compare(args) -> None:
     else:
         a, b = io.read_json(args.a), io.read_json(args.b)
     rows, text = evaluate.compare(a, b, args.name_a, args.name_b)
-    io.write_json(args.out, {"a": str(args.a), "b": str(args.b), "acts": args.acts, "metrics": rows,
-                             args.name_a: a, args.name_b: b})
+    io.write_json(
+        args.out,
+        {"a": str(args.a), "b": str(args.b), "acts": args.acts, "metrics": rows, args.name_a: a, args.name_b: b},
+    )
     Path(args.out).with_suffix(".txt").write_text(text)
     print(text, end="")
 
@@ -605,9 +792,17 @@ def cmd_summary(args) -> None:
         from . import tracking
 
         figures = [Path(f) for f in args.figures] if tracking_cfg["log_figures"] else []
-        record = tracking.log_run(result, Path(args.table), figures, spec, Path(args.wandb_out).parent,
-                                  tracking_cfg["mode"], tracking_cfg["project"], tracking_cfg.get("entity"),
-                                  tracking_cfg.get("name"))
+        record = tracking.log_run(
+            result,
+            Path(args.table),
+            figures,
+            spec,
+            Path(args.wandb_out).parent,
+            tracking_cfg["mode"],
+            tracking_cfg["project"],
+            tracking_cfg.get("entity"),
+            tracking_cfg.get("name"),
+        )
         io.write_json(args.wandb_out, record)
         log.info("W&B %s run: %s (%d keys per step)", record["mode"], record["run_dir"], len(record["step_keys"]))
 
@@ -739,13 +934,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("figure", help="draw one figure from a stage's tables")
     _common(p)
-    p.add_argument("kind", choices=["statistics", "bias", "embeddings", "coactivation", "coactivation_top",
-                                    "coactivation_layers", "evolution", "similarity", "iterations", "probe_auroc",
-                                    "probe_importance", "probe_overlap", "dose_response", "training", "density",
-                                    "loss_by_position"])
-    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                   help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
-                        "or one NAME=PATH per panel")
+    p.add_argument(
+        "kind",
+        choices=[
+            "statistics",
+            "bias",
+            "embeddings",
+            "coactivation",
+            "coactivation_top",
+            "coactivation_layers",
+            "evolution",
+            "similarity",
+            "iterations",
+            "probe_auroc",
+            "probe_importance",
+            "probe_overlap",
+            "dose_response",
+            "training",
+            "density",
+            "loss_by_position",
+        ],
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
+        "or one NAME=PATH per panel",
+    )
     p.add_argument("--title")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_figure)
@@ -822,9 +1039,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import progress
 
     # terminal lines say which job they come from: the verb and the grid point it works on
-    point = [f"layer{value}" if key == "layer" else str(value)
-             for key in ("experiment", "cell", "model", "data", "layer", "sae", "metric")
-             if (value := getattr(args, key, None)) is not None]
+    point = [
+        f"layer{value}" if key == "layer" else str(value)
+        for key in ("experiment", "cell", "model", "data", "layer", "sae", "metric")
+        if (value := getattr(args, key, None)) is not None
+    ]
     progress.set_label(" ".join([args.verb, *point]))
     from .errors import USER_ERRORS
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401  (re-exported: sae_diff.config.ConfigError)
+
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 HOOK_POINTS = ("resid_post", "mlp_in", "mlp_out", "attn_out")
-
-
-from .errors import ConfigError  # noqa: F401  (re-exported: sae_diff.config.ConfigError)
 
 
 # --------------------------------------------------------------------------- schema
@@ -69,8 +68,7 @@ def _describe(error) -> str:
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
         where = f"{key}." if key != "<config>" else ""
-        return (f"{where}{extra[0] if extra else '?'}: unknown key; expected one of: "
-                f"{', '.join(allowed)}")
+        return f"{where}{extra[0] if extra else '?'}: unknown key; expected one of: {', '.join(allowed)}"
     if kind == "required":
         missing = [r for r in error.validator_value if r not in (value or {})]
         return f"{key}: missing required key '{missing[0] if missing else '?'}'"
@@ -139,8 +137,11 @@ def resolve_path(value: str, base_dirs: list[Path], key: str) -> Path:
 
 def _resolve_template(cfg: dict, template: str, base_dirs: list[Path], key: str) -> str:
     """An absolute path template ({model}, {data}, {layer}) whose every instance exists."""
-    instances = [(c, layer, template.format(model=c.model, data=c.data, layer=layer))
-                 for c in cells(cfg) for layer in cfg["layers"]]
+    instances = [
+        (c, layer, template.format(model=c.model, data=c.data, layer=layer))
+        for c in cells(cfg)
+        for layer in cfg["layers"]
+    ]
     first = resolve_path(instances[0][2], base_dirs, f"{key} ({instances[0][0].name}, layer {instances[0][1]})")
     base = first.parents[len(Path(instances[0][2]).parts) - 1] if not Path(template).is_absolute() else Path("/")
     for cell, layer, path in instances[1:]:
@@ -161,18 +162,29 @@ def _iteration_entries(cfg: dict) -> tuple[dict, dict]:
     """The models M1..MX and data D0..DX an iterations block stands for."""
     it = cfg["iterations"]
     if it["method"] == "dpo":
-        models = {f"M{i}": {"source": "dpo", "parent": f"M{i - 1}", "pairs_from": f"D{i - 1}",
-                            "reference": "M0" if it["dpo"]["reference"] == "base" else f"M{i - 1}"}
-                  for i in range(1, it["rounds"] + 1)}
+        models = {
+            f"M{i}": {
+                "source": "dpo",
+                "parent": f"M{i - 1}",
+                "pairs_from": f"D{i - 1}",
+                "reference": "M0" if it["dpo"]["reference"] == "base" else f"M{i - 1}",
+            }
+            for i in range(1, it["rounds"] + 1)
+        }
         generate = {"source": "generate", "prompts": it["prompts"], "sampling": it["sampling"]}
         generate.update({key: it[key] for key in ("where", "max_prompts") if key in it})
         data = {f"D{i}": {**copy.deepcopy(generate), "model": f"M{i}"} for i in range(it["rounds"] + 1)}
         return models, data
     if len(it["data"]) != len(it["models"]) + 1:
-        raise ConfigError(f"config error: iterations.data has {len(it['data'])} tables: expected one per model "
-                          f"M0..M{len(it['models'])} ({len(it['models']) + 1})")
+        raise ConfigError(
+            f"config error: iterations.data has {len(it['data'])} tables: expected one per model "
+            f"M0..M{len(it['models'])} ({len(it['models']) + 1})"
+        )
     models = {f"M{i + 1}": {"source": "hf", "path": path} for i, path in enumerate(it["models"])}
-    data = {f"D{i}": {"source": "table", "path": path, **copy.deepcopy(it.get("table") or {})} for i, path in enumerate(it["data"])}
+    data = {
+        f"D{i}": {"source": "table", "path": path, **copy.deepcopy(it.get("table") or {})}
+        for i, path in enumerate(it["data"])
+    }
     return models, data
 
 
@@ -191,7 +203,9 @@ def expand_iterations(cfg: dict) -> dict:
     """
     if "iterations" not in cfg:
         if "data" not in cfg:
-            raise ConfigError("config error: <config>: missing required key 'data' (or an iterations block that makes it)")
+            raise ConfigError(
+                "config error: <config>: missing required key 'data' (or an iterations block that makes it)"
+            )
         return cfg
     if "M0" not in cfg["models"]:
         raise ConfigError("config error: models: missing 'M0', the base model the iterations start from")
@@ -201,14 +215,18 @@ def expand_iterations(cfg: dict) -> dict:
     for section, entries in (("models", models), ("data", data)):
         for key, entry in entries.items():
             if key in cfg[section] and not _agrees(cfg[section][key], entry):
-                raise ConfigError(f"config error: {section}.{key}: also made by iterations (method {method}); "
-                                  f"expected it only in one place: remove {section}.{key} or the iterations block")
+                raise ConfigError(
+                    f"config error: {section}.{key}: also made by iterations (method {method}); "
+                    f"expected it only in one place: remove {section}.{key} or the iterations block"
+                )
             cfg[section].setdefault(key, entry)
     extra = sorted(set(cfg["models"]) - {"M0", *models}) + sorted(set(cfg["data"]) - set(data))
     if extra:
         section = "models" if extra[0].startswith("M") else "data"
-        raise ConfigError(f"config error: {section}.{extra[0]}: not part of the iterations block "
-                          f"(method {method} makes M0..M{len(models)}); expected it to be removed")
+        raise ConfigError(
+            f"config error: {section}.{extra[0]}: not part of the iterations block "
+            f"(method {method} makes M0..M{len(models)}); expected it to be removed"
+        )
     return validate(cfg)  # fills the new entries' defaults
 
 
@@ -221,8 +239,9 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
     if cfg.get("iterations", {}).get("method") == "dpo":
         cfg["iterations"]["prompts"] = str(resolve_path(cfg["iterations"]["prompts"], base_dirs, "iterations.prompts"))
     if cfg.get("interventions", {}).get("prompts"):
-        cfg["interventions"]["prompts"] = str(resolve_path(cfg["interventions"]["prompts"], base_dirs,
-                                                           "interventions.prompts"))
+        cfg["interventions"]["prompts"] = str(
+            resolve_path(cfg["interventions"]["prompts"], base_dirs, "interventions.prompts")
+        )
     expand_iterations(cfg)
     models = _indexed(cfg["models"], "M", "models")
     datas = _indexed(cfg["data"], "D", "data")
@@ -235,18 +254,19 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
         spec = cfg["models"][mid]
         if spec["source"] == "hf":
             local = Path(spec["path"]).expanduser()
-            looks_local = local.is_absolute() or spec["path"].startswith(".") or any(
-                (b / local).exists() for b in base_dirs)
+            looks_local = (
+                local.is_absolute() or spec["path"].startswith(".") or any((b / local).exists() for b in base_dirs)
+            )
             if looks_local:
                 spec["path"] = str(resolve_path(spec["path"], base_dirs, f"models.{mid}.path"))
         if spec["source"] == "random" and "init_from" in spec:
             src = spec["init_from"]
             if src not in cfg["models"] or int(src[1:]) >= int(mid[1:]):
-                raise ConfigError(
-                    f"config error: models.{mid}.init_from = {src!r}: expected an earlier model id")
+                raise ConfigError(f"config error: models.{mid}.init_from = {src!r}: expected an earlier model id")
             if cfg["models"][src]["source"] != "random":
                 raise ConfigError(
-                    f"config error: models.{mid}.init_from = {src!r}: expected a model with source 'random'")
+                    f"config error: models.{mid}.init_from = {src!r}: expected a model with source 'random'"
+                )
         if spec["source"] == "dpo":
             for key in ("parent", "reference"):
                 if spec[key] not in cfg["models"] or int(spec[key][1:]) >= int(mid[1:]):
@@ -254,11 +274,15 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
             if spec["pairs_from"] not in cfg["data"]:
                 raise ConfigError(f"config error: models.{mid}.pairs_from = {spec['pairs_from']!r}: expected a data id")
             if "iterations" not in cfg or cfg["iterations"]["method"] != "dpo":
-                raise ConfigError(f"config error: models.{mid}.source = 'dpo': expected an iterations block "
-                                  "with method dpo (it holds the target metric and the DPO settings)")
+                raise ConfigError(
+                    f"config error: models.{mid}.source = 'dpo': expected an iterations block "
+                    "with method dpo (it holds the target metric and the DPO settings)"
+                )
         if spec["source"] == "random" and spec["d_model"] % spec["n_heads"]:
             raise ConfigError(
-                f"config error: models.{mid}.d_model = {spec['d_model']}: expected a multiple of n_heads ({spec['n_heads']})")
+                f"config error: models.{mid}.d_model = {spec['d_model']}: "
+                f"expected a multiple of n_heads ({spec['n_heads']})"
+            )
 
     for did in datas:
         spec = cfg["data"][did]
@@ -266,7 +290,8 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
             spec.setdefault("model", "M" + did[1:])
             if spec["model"] not in cfg["models"]:
                 raise ConfigError(
-                    f"config error: data.{did}.model = {spec['model']!r}: expected one of {', '.join(models)}")
+                    f"config error: data.{did}.model = {spec['model']!r}: expected one of {', '.join(models)}"
+                )
             spec["prompts"] = str(resolve_path(spec["prompts"], base_dirs, f"data.{did}.prompts"))
         else:
             spec["path"] = str(resolve_path(spec["path"], base_dirs, f"data.{did}.path"))
@@ -281,7 +306,8 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
             if shutil.which(program) is None and not Path(program).exists():
                 raise ConfigError(
                     f"config error: scorers[{i}].command = {scorer['command']!r}: "
-                    f"expected an installed program, '{program}' was not found on PATH")
+                    f"expected an installed program, '{program}' was not found on PATH"
+                )
 
     target = cfg.get("iterations", {}).get("target")
     if target is not None:
@@ -289,21 +315,27 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
 
         known = metric_names(cfg["scorers"]) + [c for d in datas for c in cfg["data"][d].get("metric_columns", [])]
         if target["metric"] not in known:
-            raise ConfigError(f"config error: iterations.target.metric = {target['metric']!r}: expected a metric "
-                              f"of the configured scorers or tables ({', '.join(known) or 'none configured'})")
+            raise ConfigError(
+                f"config error: iterations.target.metric = {target['metric']!r}: expected a metric "
+                f"of the configured scorers or tables ({', '.join(known) or 'none configured'})"
+            )
 
     for name, sae in cfg.get("saes", {}).items():
         if sae["source"] == "pretrained":
             sae["path"] = _resolve_template(cfg, sae["path"], base_dirs, f"saes.{name}.path")
         for key in ("hook_point", "target_hook_point"):
             if key in sae and sae[key] not in cfg["hook_points"]:
-                raise ConfigError(f"config error: saes.{name}.{key} = {sae[key]!r}: expected one of the extracted "
-                                  f"hook_points {cfg['hook_points']}")
+                raise ConfigError(
+                    f"config error: saes.{name}.{key} = {sae[key]!r}: expected one of the extracted "
+                    f"hook_points {cfg['hook_points']}"
+                )
         if sae.get("architecture") == "matryoshka":
             fractions = sae["matryoshka_fractions"]
             if fractions != sorted(set(fractions)) or fractions[-1] != 1.0:
-                raise ConfigError(f"config error: saes.{name}.matryoshka_fractions = {fractions}: expected "
-                                  "increasing fractions ending at 1.0")
+                raise ConfigError(
+                    f"config error: saes.{name}.matryoshka_fractions = {fractions}: expected "
+                    "increasing fractions ending at 1.0"
+                )
 
     if check_depth:
         from . import models as model_lib
@@ -314,7 +346,8 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
                 if layer >= depth:
                     raise ConfigError(
                         f"config error: layers[{j}] = {layer}: expected a block index below "
-                        f"{depth} (model {mid} has {depth} blocks, numbered from 0)")
+                        f"{depth} (model {mid} has {depth} blocks, numbered from 0)"
+                    )
     # the interventions' grid and prompts, checked here too: `sae-diff validate` and the DAG
     # build then accept and refuse the same configs
     if intervention_runs(cfg):
@@ -458,7 +491,7 @@ class InterventionRun:
     layer: int
     sae: str
     metric: str
-    model: str          # the model generating: Mi for ablation, M0 for steering
+    model: str  # the model generating: Mi for ablation, M0 for steering
 
     @property
     def out_dir(self) -> str:
@@ -480,8 +513,10 @@ def intervention_runs(cfg: dict) -> list[InterventionRun]:
         return []
     unprobed = [m for m in metrics if m not in probed]
     if unprobed:
-        raise ConfigError(f"interventions.metrics: {unprobed} are not probed (probes.metrics: {probed}); "
-                          "the features to test come from the probes")
+        raise ConfigError(
+            f"interventions.metrics: {unprobed} are not probed (probes.metrics: {probed}); "
+            "the features to test come from the probes"
+        )
     datas = [d for d in data_ids(cfg) if int(d[1:]) > 0]
     wanted = block.get("iterations")
     if wanted is not None:
@@ -527,9 +562,11 @@ def unscored_metric_reason(scorers: list[dict], metric: str) -> str | None:
     scored = metric_names(scorers)
     if metric in scored:
         return None
-    return (f"metric {metric!r} comes only from the data tables: no configured scorer computes it on new "
-            f"generations (scorers compute: {', '.join(scored) or 'nothing'}); add a scorer that does "
-            "(the `command` scorer runs your own program)")
+    return (
+        f"metric {metric!r} comes only from the data tables: no configured scorer computes it on new "
+        f"generations (scorers compute: {', '.join(scored) or 'nothing'}); add a scorer that does "
+        "(the `command` scorer runs your own program)"
+    )
 
 
 def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
@@ -539,7 +576,9 @@ def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
     if block.get("prompts"):
         return block["prompts"], [block.get("where")]
     if not it.get("prompts"):
-        raise ConfigError("config error: interventions.prompts: required when no iterations block names the "
-                          "prompts (method given): the prompts the edited models generate from, one per line "
-                          "or a YAML prompt set")
+        raise ConfigError(
+            "config error: interventions.prompts: required when no iterations block names the "
+            "prompts (method given): the prompts the edited models generate from, one per line "
+            "or a YAML prompt set"
+        )
     return it["prompts"], [it.get("where"), block.get("where", (it.get("target") or {}).get("where"))]

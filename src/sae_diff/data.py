@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import DataError  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ["sample_id", "prompt_id", "prompt", "prompt_text", "text", "split"]
-
-
-from .errors import DataError  # noqa: F401
 
 
 # --------------------------------------------------------------------------- prompts
@@ -63,7 +62,8 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> pd.DataFra
                 if len(fillers[name]) != size or len(fillers[name]) != expected:
                     raise DataError(
                         f"{path}: languages.{language}.fillers.{name}: expected {expected} values, "
-                        "aligned with the other fillers and the first language")
+                        "aligned with the other fillers and the first language"
+                    )
             for t_index, template in enumerate(block["templates"]):
                 for i in range(size):
                     try:
@@ -102,8 +102,16 @@ def format_prompt(tokenizer, prompt: str, chat_template: bool, system_prompt: st
 # --------------------------------------------------------------------------- generation
 
 
-def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: str = "cpu",
-             progress: bool = True, keep_ids: bool = False, desc: str = "generate") -> pd.DataFrame:
+def generate(
+    model,
+    tokenizer,
+    prompts: pd.DataFrame,
+    sampling: dict,
+    device: str = "cpu",
+    progress: bool = True,
+    keep_ids: bool = False,
+    desc: str = "generate",
+) -> pd.DataFrame:
     """Generate ``n_per_prompt`` completions per prompt, in batches, reproducibly.
 
     Each batch reseeds from (seed, batch index), so a fixed config gives the same texts
@@ -112,6 +120,7 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
     (up to the first EOS), for token-exact comparisons.
     """
     import torch
+
     from .progress import bar
 
     rows = []
@@ -120,18 +129,25 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
         count = sampling["n_per_prompt"]
         if by is not None:
             if by["column"] not in prompt.index:
-                raise DataError(f"sampling.n_per_prompt_by.column = {by['column']!r}: not a prompt column; "
-                                f"columns are {list(prompt.index)}")
+                raise DataError(
+                    f"sampling.n_per_prompt_by.column = {by['column']!r}: not a prompt column; "
+                    f"columns are {list(prompt.index)}"
+                )
             count = by["counts"].get(str(prompt[by["column"]]), count)
         for n in range(count):
             row = prompt.to_dict()
             row["n"] = n
-            row["prompt_text"] = format_prompt(tokenizer, prompt["prompt"], sampling["chat_template"],
-                                               sampling.get("system_prompt"))
+            row["prompt_text"] = format_prompt(
+                tokenizer, prompt["prompt"], sampling["chat_template"], sampling.get("system_prompt")
+            )
             rows.append(row)
     tokenizer.padding_side = "left"
-    gen_kwargs = dict(max_new_tokens=sampling["max_new_tokens"], do_sample=sampling["do_sample"],
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    gen_kwargs = dict(
+        max_new_tokens=sampling["max_new_tokens"],
+        do_sample=sampling["do_sample"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if sampling["do_sample"]:
         gen_kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
     else:
@@ -139,22 +155,21 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
     batch_size = sampling["batch_size"]
     batches = range(0, len(rows), batch_size)
     for b_index, start in enumerate(bar(batches, desc=desc, enabled=progress)):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         # prompt_text is always tokenized with the tokenizer's own special tokens (BOS where it
         # adds one), exactly as activation extraction tokenizes it later
-        enc = tokenizer([r["prompt_text"] for r in batch], return_tensors="pt", padding=True,
-                        add_special_tokens=True)
+        enc = tokenizer([r["prompt_text"] for r in batch], return_tensors="pt", padding=True, add_special_tokens=True)
         enc = {k: v.to(device) for k, v in enc.items()}
         torch.manual_seed(sampling["seed"] * 1_000_003 + b_index)
         with torch.inference_mode():
             out = model.generate(**enc, **gen_kwargs)
-        completions = out[:, enc["input_ids"].shape[1]:]
+        completions = out[:, enc["input_ids"].shape[1] :]
         for row, ids in zip(batch, completions):
             row["text"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             if keep_ids:
                 ids = ids.tolist()
-                if tokenizer.eos_token_id in ids:   # what follows EOS is padding
-                    ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+                if tokenizer.eos_token_id in ids:  # what follows EOS is padding
+                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
                 row["completion_ids"] = ids
     table = pd.DataFrame(rows)
     table.insert(0, "sample_id", np.arange(len(table)))
@@ -167,11 +182,22 @@ def generate(model, tokenizer, prompts: pd.DataFrame, sampling: dict, device: st
 def _read_any(path: Path, fmt: str) -> pd.DataFrame:
     if fmt == "auto":
         suffix = path.suffix.lower()
-        fmt = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
-               ".json": "jsonl", ".fasta": "fasta", ".fa": "fasta", ".faa": "fasta"}.get(suffix)
+        fmt = {
+            ".csv": "csv",
+            ".tsv": "csv",
+            ".parquet": "parquet",
+            ".pq": "parquet",
+            ".jsonl": "jsonl",
+            ".json": "jsonl",
+            ".fasta": "fasta",
+            ".fa": "fasta",
+            ".faa": "fasta",
+        }.get(suffix)
         if fmt is None:
-            raise DataError(f"{path}: cannot tell the format from suffix {suffix!r}; "
-                            "expected .csv, .parquet, .jsonl or .fasta, or set format")
+            raise DataError(
+                f"{path}: cannot tell the format from suffix {suffix!r}; "
+                "expected .csv, .parquet, .jsonl or .fasta, or set format"
+            )
     try:
         if fmt == "csv":
             return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", encoding="utf-8")
@@ -184,8 +210,13 @@ def _read_any(path: Path, fmt: str) -> pd.DataFrame:
         records = list(SeqIO.parse(str(path), "fasta"))
         if not records:
             raise DataError(f"{path}: no FASTA records found")
-        return pd.DataFrame({"id": [r.id for r in records], "description": [r.description for r in records],
-                             "text": [str(r.seq) for r in records]})
+        return pd.DataFrame(
+            {
+                "id": [r.id for r in records],
+                "description": [r.description for r in records],
+                "text": [str(r.seq) for r in records],
+            }
+        )
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text at {_first_bad_utf8(path)}; save the file as UTF-8") from None
     except (ValueError, OSError) as exc:
@@ -202,13 +233,16 @@ def _first_bad_utf8(path: Path) -> str:
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return (f"line {number} (data row {number - 2} for a CSV with a header), byte {exc.start + 1} of "
-                    f"that line ({line[exc.start:exc.start + 1]!r})")
+            return (
+                f"line {number} (data row {number - 2} for a CSV with a header), byte {exc.start + 1} of "
+                f"that line ({line[exc.start : exc.start + 1]!r})"
+            )
     return "an unknown place"
 
 
-def check_table(table: pd.DataFrame, path: Path, text_column: str, metric_columns: list[str],
-                non_finite: str = "error") -> pd.DataFrame:
+def check_table(
+    table: pd.DataFrame, path: Path, text_column: str, metric_columns: list[str], non_finite: str = "error"
+) -> pd.DataFrame:
     """Stop at the door on what would crash or mislead a later stage: no rows, text cells that are
     missing, empty or not text, metric cells that are not numbers or not finite (each named by
     column, count and first row). ``non_finite: drop`` drops those rows instead, with a count."""
@@ -218,24 +252,35 @@ def check_table(table: pd.DataFrame, path: Path, text_column: str, metric_column
     bad = text.map(lambda v: not isinstance(v, str) or not v.strip())
     if bad.any():
         rows = list(table.index[bad][:5])
-        raise DataError(f"{path}: column {text_column!r}: {int(bad.sum())} of {len(table)} rows have no text "
-                        f"(missing, empty or not a string), first rows {rows}; expected text in every row")
+        raise DataError(
+            f"{path}: column {text_column!r}: {int(bad.sum())} of {len(table)} rows have no text "
+            f"(missing, empty or not a string), first rows {rows}; expected text in every row"
+        )
     for column in metric_columns:
         values = pd.to_numeric(table[column], errors="coerce")
         unreadable = values.isna() & table[column].notna()
         if unreadable.any():
             row = int(table.index[unreadable][0])
-            raise DataError(f"{path}: column {column!r}: {int(unreadable.sum())} values are not numbers, first "
-                            f"{table[column][row]!r} in row {row}; expected numbers")
+            raise DataError(
+                f"{path}: column {column!r}: {int(unreadable.sum())} values are not numbers, first "
+                f"{table[column][row]!r} in row {row}; expected numbers"
+            )
         table[column] = values.astype(float)
         infinite = ~np.isfinite(table[column].to_numpy())
         if infinite.any():
             rows = list(table.index[infinite][:5])
             if non_finite != "drop":
-                raise DataError(f"{path}: column {column!r}: {int(infinite.sum())} values are missing, NaN or "
-                                f"infinite, first rows {rows}; fill them or set non_finite: drop")
-            log.warning("%s: column %r: dropped %d rows whose value is missing, NaN or infinite (first rows %s)",
-                        path, column, int(infinite.sum()), rows)
+                raise DataError(
+                    f"{path}: column {column!r}: {int(infinite.sum())} values are missing, NaN or "
+                    f"infinite, first rows {rows}; fill them or set non_finite: drop"
+                )
+            log.warning(
+                "%s: column %r: dropped %d rows whose value is missing, NaN or infinite (first rows %s)",
+                path,
+                column,
+                int(infinite.sum()),
+                rows,
+            )
             table = table[~infinite]
             if table.empty:
                 raise DataError(f"{path}: column {column!r}: no row is left after dropping the non-finite values")
@@ -256,15 +301,19 @@ def load_table(spec: dict) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path}: column {missing[0]!r} not found; columns are {list(raw.columns)}")
     if spec.get("max_samples"):
-        raw = raw.iloc[:spec["max_samples"]]
-    table = pd.DataFrame({
-        "sample_id": np.arange(len(raw)),
-        "prompt_id": raw[spec["id_column"]].astype(str).to_numpy() if spec.get("id_column") else np.arange(len(raw)),
-        "prompt": raw[spec["prompt_column"]].astype(str).to_numpy() if spec.get("prompt_column") else "",
-        "text": raw[spec["text_column"]].astype(str).to_numpy(),
-    })
+        raw = raw.iloc[: spec["max_samples"]]
+    table = pd.DataFrame(
+        {
+            "sample_id": np.arange(len(raw)),
+            "prompt_id": raw[spec["id_column"]].astype(str).to_numpy()
+            if spec.get("id_column")
+            else np.arange(len(raw)),
+            "prompt": raw[spec["prompt_column"]].astype(str).to_numpy() if spec.get("prompt_column") else "",
+            "text": raw[spec["text_column"]].astype(str).to_numpy(),
+        }
+    )
     table["prompt_text"] = table["prompt"]
-    table["text"] = raw[spec["text_column"]].to_numpy()   # as read: check_table names non-text cells
+    table["text"] = raw[spec["text_column"]].to_numpy()  # as read: check_table names non-text cells
     for column in [*spec["group_columns"], *spec["metric_columns"]]:
         table[column] = raw[column].to_numpy()
     return check_table(table, path, spec["text_column"], spec["metric_columns"], spec.get("non_finite", "error"))
@@ -291,14 +340,15 @@ def check_vocabulary(table: pd.DataFrame, tokenizer, source: str, model: str) ->
         if column not in table.columns:
             continue
         texts = table[column].astype(str).tolist()
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]   # one batched pass; offsets only where needed
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # one batched pass; offsets only where needed
         for row in (r for r, seq in enumerate(ids) if unk in seq):
             missing = unknown_characters(tokenizer, texts[row])
             if missing:
                 raise DataError(
                     f"{source}: row {row} (sample {table['sample_id'].iloc[row]}), column {column!r}: characters "
                     f"{missing} are not in the vocabulary of {model}'s tokenizer (they would be read as "
-                    f"{tokenizer.unk_token}); expected only characters the model knows")
+                    f"{tokenizer.unk_token}); expected only characters the model knows"
+                )
 
 
 def assign_split(table: pd.DataFrame, eval_fraction: float, seed: int) -> pd.DataFrame:
@@ -355,7 +405,7 @@ def make(spec: dict, split: dict, models_root: str | Path, place="cpu", progress
         model, tokenizer = place.load(Path(models_root) / spec["model"])
         prompts = select_prompts(load_prompts(spec["prompts"]), spec.get("where"), spec["prompts"])
         if spec.get("max_prompts"):
-            prompts = prompts.iloc[:spec["max_prompts"]]
+            prompts = prompts.iloc[: spec["max_prompts"]]
         prompts["prompt_id"] = np.arange(len(prompts))
         with place.precision():
             table = generate(model, tokenizer, prompts, spec["sampling"], device=place.device, progress=progress)
@@ -364,11 +414,13 @@ def make(spec: dict, split: dict, models_root: str | Path, place="cpu", progress
 
 
 def describe(table: pd.DataFrame) -> dict:
-    return {"n_samples": int(len(table)), "n_train": int((table["split"] == "train").sum()),
-            "n_eval": int((table["split"] == "eval").sum())}
+    return {
+        "n_samples": int(len(table)),
+        "n_train": int((table["split"] == "train").sum()),
+        "n_eval": int((table["split"] == "eval").sum()),
+    }
 
 
 def example_rows(table: pd.DataFrame, n: int = 3) -> list[dict]:
     """The first ``n`` (prompt, completion) pairs, for summaries and reports."""
     return json.loads(table.head(n)[["prompt", "text"]].to_json(orient="records"))
-

@@ -44,10 +44,10 @@ def max_cos_to_others(unit: np.ndarray) -> np.ndarray:
     """Each row's largest cosine with another row of the same matrix (chunked)."""
     out = np.empty(len(unit))
     for start in range(0, len(unit), CHUNK):
-        block = unit[start:start + CHUNK] @ unit.T
+        block = unit[start : start + CHUNK] @ unit.T
         idx = np.arange(start, min(start + CHUNK, len(unit)))
         block[idx - start, idx] = -np.inf
-        out[start:start + CHUNK] = block.max(axis=1)
+        out[start : start + CHUNK] = block.max(axis=1)
     return out
 
 
@@ -58,8 +58,15 @@ def weight_diff(sae_a, sae_b, aligned: bool = False) -> pd.DataFrame:
     enc_a, enc_b = unit_rows(sae_a.W_enc_T), unit_rows(sae_b.W_enc_T)
     partner, dec_cos_match = match(dec_a, dec_b)
     has = partner >= 0
-    norms = {name: w.detach().double().norm(dim=1).numpy() for name, w in
-             (("dec_a", sae_a.W_dec), ("dec_b", sae_b.W_dec), ("enc_a", sae_a.W_enc_T), ("enc_b", sae_b.W_enc_T))}
+    norms = {
+        name: w.detach().double().norm(dim=1).numpy()
+        for name, w in (
+            ("dec_a", sae_a.W_dec),
+            ("dec_b", sae_b.W_dec),
+            ("enc_a", sae_a.W_enc_T),
+            ("enc_b", sae_b.W_enc_T),
+        )
+    }
     table = pd.DataFrame({"feature": np.arange(len(dec_a)), "match": partner, "dec_cos_match": dec_cos_match})
     enc_cos_match = np.full(len(dec_a), np.nan)
     enc_cos_match[has] = (enc_a[has] * enc_b[partner[has]]).sum(1)
@@ -87,8 +94,8 @@ def mmcs(table: pd.DataFrame) -> float:
 
 @dataclass
 class Thresholds:
-    same: float      # matched cosine at or above: the same feature
-    new: float       # below: no counterpart (died in A's view, born in B's)
+    same: float  # matched cosine at or above: the same feature
+    new: float  # below: no counterpart (died in A's view, born in B's)
     same_quantile: float
     new_quantile: float
     n_null: int
@@ -110,8 +117,13 @@ def calibrate(null_cos: np.ndarray, same_quantile: float = 0.05, new_quantile: f
         raise ValueError("calibration needs at least one matched pair")
     if not 0 <= new_quantile <= same_quantile <= 1:
         raise ValueError(f"quantiles must satisfy 0 <= new ({new_quantile}) <= same ({same_quantile}) <= 1")
-    return Thresholds(same=float(np.quantile(null, same_quantile)), new=float(np.quantile(null, new_quantile)),
-                      same_quantile=same_quantile, new_quantile=new_quantile, n_null=len(null))
+    return Thresholds(
+        same=float(np.quantile(null, same_quantile)),
+        new=float(np.quantile(null, new_quantile)),
+        same_quantile=same_quantile,
+        new_quantile=new_quantile,
+        n_null=len(null),
+    )
 
 
 def label(cos: np.ndarray, thresholds: Thresholds) -> np.ndarray:
@@ -123,8 +135,9 @@ def label(cos: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     return out
 
 
-def step_labels(table: pd.DataFrame, thresholds: Thresholds, alive_a: np.ndarray, alive_b: np.ndarray,
-                collapse: float = 0.1) -> tuple[pd.DataFrame, np.ndarray]:
+def step_labels(
+    table: pd.DataFrame, thresholds: Thresholds, alive_a: np.ndarray, alive_b: np.ndarray, collapse: float = 0.1
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Label A's features against B (``table`` from ``weight_diff(A, B)``) and find B's born ones.
 
     A feature is 'died' when its best match is below the 'new' threshold (no counterpart),
@@ -164,8 +177,9 @@ def calibration(sae_main, sae_seed, same_quantile: float, new_quantile: float) -
     return calibrate(null["dec_cos_match"].to_numpy(), same_quantile, new_quantile), null
 
 
-def compare(sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds,
-            aligned: bool, collapse: float) -> tuple[pd.DataFrame, dict]:
+def compare(
+    sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds, aligned: bool, collapse: float
+) -> tuple[pd.DataFrame, dict]:
     """Labelled per-feature diff of A against B and its summary (counts, MMCS, thresholds)."""
     table = weight_diff(sae_a, sae_b, aligned=aligned)
     table, born = step_labels(table, thresholds, ~stats_a["dead"].to_numpy(), ~stats_b["dead"].to_numpy(), collapse)
@@ -173,8 +187,13 @@ def compare(sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, threshol
     for reason in ("unmatched", "silent", "norm_collapse"):
         counts[f"died_{reason}"] = int((table["died_reason"] == reason).sum())
     counts["born"] = int(len(born))
-    summary = {"mmcs": mmcs(table), "aligned": aligned, "thresholds": thresholds.to_dict(), "counts": counts,
-               "born": born.tolist()}
+    summary = {
+        "mmcs": mmcs(table),
+        "aligned": aligned,
+        "thresholds": thresholds.to_dict(),
+        "counts": counts,
+        "born": born.tolist(),
+    }
     if aligned:
         summary["mean_dec_cos_same_index"] = float(table["dec_cos_same"].mean())
     return table, summary

@@ -42,6 +42,7 @@ class ReconstructionAccumulator:
         self.sum_x_dot_xhat = 0.0
         self.firings = torch.zeros(d_sae, dtype=torch.float64)
         self.residuals: list[torch.Tensor] = []  # per-token ‖x - x̂‖², for the legacy EV
+
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         err = (x - x_hat).pow(2).sum(-1)
@@ -55,7 +56,9 @@ class ReconstructionAccumulator:
         active = f != 0
         self.sum_l0 += float(active.sum())
         self.sum_l1 += float(f.double().abs().sum())
-        self.sum_l2_ratio += float((norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in)).sum())
+        self.sum_l2_ratio += float(
+            (norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in)).sum()
+        )
         self.sum_sq_xhat += float(norm_out.pow(2).sum())
         self.sum_x_dot_xhat += float((x * x_hat).sum())
         self.firings += active.sum(0).double()
@@ -106,18 +109,21 @@ def reconstruction_metrics(sae: SAE, make_batches: Callable[[], Iterable[tuple[t
 
 def store_batches(store, batch_size: int = 4096, split: str = "eval", target_store=None):
     """A ``make_batches`` for ``reconstruction_metrics`` over an activation store (or a pair)."""
+
     def make():
         d_in = store.d_model
         for batch in store.iter_batches(batch_size, split=split, paired=target_store):
             yield (batch[:, :d_in], batch[:, d_in:]) if target_store is not None else (batch, batch)
+
     return make
 
 
 def tensor_batches(acts: torch.Tensor, batch_size: int = 4096):
     def make():
         for start in range(0, len(acts), batch_size):
-            chunk = acts[start:start + batch_size]
+            chunk = acts[start : start + batch_size]
             yield chunk, chunk
+
     return make
 
 
@@ -144,9 +150,19 @@ def json_ready(metrics: dict) -> dict:
 
 
 @torch.no_grad()
-def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: int = 128, batch_size: int = 8,
-                    exclude_special: bool = True, exclude_first: bool = True, device: str = "cpu",
-                    progress: bool = False):
+def spliced_metrics(
+    model,
+    tokenizer,
+    sae: SAE,
+    table,
+    layer: int,
+    max_length: int = 128,
+    batch_size: int = 8,
+    exclude_special: bool = True,
+    exclude_first: bool = True,
+    device: str = "cpu",
+    progress: bool = False,
+):
     """CE loss and KL with the SAE's reconstruction spliced into the residual stream after
     block ``layer`` (no error term), against the clean model and layer ``layer`` zero-ablated.
 
@@ -158,10 +174,10 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     Returns (metrics dict, per-position DataFrame with mean CE clean / spliced / ablated).
     """
     import pandas as pd
-    from .progress import bar
 
     from . import models
     from .activations import tokenize
+    from .progress import bar
 
     sequences = tokenize(tokenizer, table, max_length, exclude_special, exclude_first)
     kl_sums = {"sae": 0.0, "ablated": 0.0}
@@ -171,17 +187,17 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
     for start in bar(range(0, len(order), batch_size), desc="spliced eval", enabled=progress):
-        seqs = [sequences[i] for i in order[start:start + batch_size]]
+        seqs = [sequences[i] for i in order[start : start + batch_size]]
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
         keep = torch.zeros((len(seqs), width), dtype=torch.bool)
         scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions whose next token is scored
         for j, s in enumerate(seqs):
-            ids[j, :len(s.ids)] = torch.tensor(s.ids)
-            attn[j, :len(s.ids)] = 1
-            keep[j, :len(s.ids)] = torch.from_numpy(s.keep)
-            scored[j, :len(s.ids) - 1] = torch.from_numpy(s.keep[:-1])
+            ids[j, : len(s.ids)] = torch.tensor(s.ids)
+            attn[j, : len(s.ids)] = 1
+            keep[j, : len(s.ids)] = torch.from_numpy(s.keep)
+            scored[j, : len(s.ids) - 1] = torch.from_numpy(s.keep[:-1])
         ids, attn, keep, scored = ids.to(device), attn.to(device), keep.to(device), scored.to(device)
         with models.branch_point(model, layer) as state:
             clean_logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
@@ -211,30 +227,42 @@ def spliced_metrics(model, tokenizer, sae: SAE, table, layer: int, max_length: i
         counts = np.pad(counts, (0, size - len(counts))) + np.bincount(positions, minlength=size)
         for name in ce_sums:
             values = ce[name][mask].double().cpu().numpy()
-            ce_sums[name] = np.pad(ce_sums[name], (0, size - len(ce_sums[name]))) + \
-                np.bincount(positions, weights=values, minlength=size)
+            ce_sums[name] = np.pad(ce_sums[name], (0, size - len(ce_sums[name]))) + np.bincount(
+                positions, weights=values, minlength=size
+            )
     n_positions = int(counts.sum())
     if n_positions == 0:
         raise ValueError("no scored positions for the spliced evaluation")
     mean = {f"ce_{name}": float(v.sum()) / n_positions for name, v in ce_sums.items()}
     mean.update({f"kl_{name}": v / n_positions for name, v in kl_sums.items()})
     metrics = {
-        "ce_loss_clean": mean["ce_clean"], "ce_loss_with_sae": mean["ce_sae"],
+        "ce_loss_clean": mean["ce_clean"],
+        "ce_loss_with_sae": mean["ce_sae"],
         "ce_loss_with_ablation": mean["ce_ablated"],
         "ce_loss_score": _ratio(mean["ce_ablated"] - mean["ce_sae"], mean["ce_ablated"] - mean["ce_clean"]),
-        "kl_div_with_sae": mean["kl_sae"], "kl_div_with_ablation": mean["kl_ablated"],
+        "kl_div_with_sae": mean["kl_sae"],
+        "kl_div_with_ablation": mean["kl_ablated"],
         "kl_div_score": 1.0 - _ratio(mean["kl_sae"], mean["kl_ablated"]),
         "n_positions": n_positions,
     }
     seen = counts > 0
-    rows = {"position": np.nonzero(seen)[0] + 1,  # the position of the predicted token
-            "n": counts[seen].astype(np.int64), "ce_clean": ce_sums["clean"][seen] / counts[seen],
-            "ce_with_sae": ce_sums["sae"][seen] / counts[seen], "ce_with_ablation": ce_sums["ablated"][seen] / counts[seen]}
+    rows = {
+        "position": np.nonzero(seen)[0] + 1,  # the position of the predicted token
+        "n": counts[seen].astype(np.int64),
+        "ce_clean": ce_sums["clean"][seen] / counts[seen],
+        "ce_with_sae": ce_sums["sae"][seen] / counts[seen],
+        "ce_with_ablation": ce_sums["ablated"][seen] / counts[seen],
+    }
     return metrics, pd.DataFrame(rows)
 
 
-POSITION_COLUMNS = {"position": "int64", "n": "int64", "ce_clean": "float64", "ce_with_sae": "float64",
-                    "ce_with_ablation": "float64"}
+POSITION_COLUMNS = {
+    "position": "int64",
+    "n": "int64",
+    "ce_clean": "float64",
+    "ce_with_sae": "float64",
+    "ce_with_ablation": "float64",
+}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -265,24 +293,49 @@ def group_metrics(sae: SAE, store, table, columns: list[str], split: str = "eval
             for value in pd.unique(values):
                 rows = torch.from_numpy(values == value)
                 part = f[rows]
-                entry = stats[column].setdefault(str(value), {"n_tokens": 0, "sum_l0": 0.0, "sum_act": 0.0,
-                                                              "fired": torch.zeros(sae.cfg.d_sae, dtype=torch.bool)})
+                entry = stats[column].setdefault(
+                    str(value),
+                    {
+                        "n_tokens": 0,
+                        "sum_l0": 0.0,
+                        "sum_act": 0.0,
+                        "fired": torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
+                    },
+                )
                 entry["n_tokens"] += len(part)
                 entry["sum_l0"] += float((part != 0).sum())
                 entry["sum_act"] += float(part.double().sum())
                 entry["fired"] |= (part != 0).any(0)
-    return {column: {value: {"n_tokens": e["n_tokens"], "l0": e["sum_l0"] / e["n_tokens"],
-                             "dead_features": int((~e["fired"]).sum()),
-                             "mean_activation": e["sum_act"] / (e["n_tokens"] * sae.cfg.d_sae)}
-                     for value, e in groups_.items()}
-            for column, groups_ in stats.items()}
+    return {
+        column: {
+            value: {
+                "n_tokens": e["n_tokens"],
+                "l0": e["sum_l0"] / e["n_tokens"],
+                "dead_features": int((~e["fired"]).sum()),
+                "mean_activation": e["sum_act"] / (e["n_tokens"] * sae.cfg.d_sae),
+            }
+            for value, e in groups_.items()
+        }
+        for column, groups_ in stats.items()
+    }
 
 
 # which direction is better for each reported metric
-BETTER = {"explained_variance": "higher", "explained_variance_legacy": "higher", "fvu": "lower", "mse": "lower",
-          "cossim": "higher", "l0": "lower", "dead_fraction": "lower", "ce_loss_score": "higher",
-          "kl_div_score": "higher", "ce_loss_with_sae": "lower", "kl_div_with_sae": "lower",
-          "relative_reconstruction_bias": "closer to 1", "l2_ratio": "closer to 1"}
+BETTER = {
+    "explained_variance": "higher",
+    "explained_variance_legacy": "higher",
+    "fvu": "lower",
+    "mse": "lower",
+    "cossim": "higher",
+    "l0": "lower",
+    "dead_fraction": "lower",
+    "ce_loss_score": "higher",
+    "kl_div_score": "higher",
+    "ce_loss_with_sae": "lower",
+    "kl_div_with_sae": "lower",
+    "relative_reconstruction_bias": "closer to 1",
+    "l2_ratio": "closer to 1",
+}
 
 
 def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> tuple[dict, str]:
@@ -307,9 +360,21 @@ def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> tuple[dic
 # --------------------------------------------------------------------------- one SAE of one cell
 
 
-def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=None, layer=None,
-                 target_store_dir=None, options: dict | None = None, place="cpu",
-                 progress: bool = False, loaded=None, extra: dict | None = None) -> dict:
+def evaluate_sae(
+    sae_dir,
+    store_dir,
+    out_json,
+    *,
+    model_dir=None,
+    samples_path=None,
+    layer=None,
+    target_store_dir=None,
+    options: dict | None = None,
+    place="cpu",
+    progress: bool = False,
+    loaded=None,
+    extra: dict | None = None,
+) -> dict:
     """Every metric of one SAE on its cell's eval split; writes JSON and the per-position loss table
     (empty when the spliced metrics were skipped). Figures are drawn by their own jobs.
 
@@ -327,14 +392,27 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
     from .io import write_json, write_parquet
     from .sae import files
 
-    opts = {"batch_size": 4096, "spliced": True, "spliced_batch_size": 8, "max_samples": 256, "group_columns": [],
-            "max_length": 128, "exclude_special_tokens": True, "exclude_first_position": True, **(options or {})}
+    opts = {
+        "batch_size": 4096,
+        "spliced": True,
+        "spliced_batch_size": 8,
+        "max_samples": 256,
+        "group_columns": [],
+        "max_length": 128,
+        "exclude_special_tokens": True,
+        "exclude_first_position": True,
+        **(options or {}),
+    }
     out_json = Path(out_json)
     sae = files.load_any(sae_dir)
     store = ActivationStore(store_dir)
     target = ActivationStore(target_store_dir) if target_store_dir else None
-    result = {"sae": str(sae_dir), "architecture": sae.cfg.architecture, "d_sae": sae.cfg.d_sae,
-              "hook_name": store.manifest["hook_name"]}
+    result = {
+        "sae": str(sae_dir),
+        "architecture": sae.cfg.architecture,
+        "d_sae": sae.cfg.d_sae,
+        "hook_name": store.manifest["hook_name"],
+    }
     recon = reconstruction_metrics(sae, store_batches(store, opts["batch_size"], "eval", target))
     density = recon.pop("feature_density")
     result.update(json_ready(recon))
@@ -361,10 +439,18 @@ def evaluate_sae(sae_dir, store_dir, out_json, *, model_dir=None, samples_path=N
         at = layer if layer is not None else store.manifest["layer"]
         with place.precision():
             spliced, per_position = spliced_metrics(
-                model, tokenizer, sae.to(models.site_device(model, at, "resid_post")), eval_rows, at,
-                max_length=opts["max_length"], batch_size=opts["spliced_batch_size"],
-                exclude_special=opts["exclude_special_tokens"], exclude_first=opts["exclude_first_position"],
-                device=place.device, progress=progress)
+                model,
+                tokenizer,
+                sae.to(models.site_device(model, at, "resid_post")),
+                eval_rows,
+                at,
+                max_length=opts["max_length"],
+                batch_size=opts["spliced_batch_size"],
+                exclude_special=opts["exclude_special_tokens"],
+                exclude_first=opts["exclude_first_position"],
+                device=place.device,
+                progress=progress,
+            )
         result.update(json_ready(spliced))
     else:
         result["spliced_skipped"] = reason

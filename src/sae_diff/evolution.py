@@ -15,12 +15,27 @@ import pandas as pd
 
 from .diff import Thresholds
 
-COUNT_KEYS = ("same", "changed", "died", "born", "reverted", "inactive", "died_silent", "died_norm_collapse",
-              "died_unmatched")
+COUNT_KEYS = (
+    "same",
+    "changed",
+    "died",
+    "born",
+    "reverted",
+    "inactive",
+    "died_silent",
+    "died_norm_collapse",
+    "died_unmatched",
+)
 
 
-def lineages(cells: list[str], steps: list[pd.DataFrame], born: list[np.ndarray], decoders: list[np.ndarray],
-             stats: list[pd.DataFrame], thresholds: Thresholds) -> tuple[pd.DataFrame, list[dict]]:
+def lineages(
+    cells: list[str],
+    steps: list[pd.DataFrame],
+    born: list[np.ndarray],
+    decoders: list[np.ndarray],
+    stats: list[pd.DataFrame],
+    thresholds: Thresholds,
+) -> tuple[pd.DataFrame, list[dict]]:
     """cells: the branch's cells in order; steps[t]: labelled diff of cells[t] → cells[t+1];
     born[t]: features of cells[t+1] born at that step; decoders: unit decoder rows per cell;
     stats: per-cell feature statistics (freq, enc_norm, optional threshold).
@@ -29,10 +44,20 @@ def lineages(cells: list[str], steps: list[pd.DataFrame], born: list[np.ndarray]
     """
     n_cells = len(cells)
     rows = []
-    active = []   # lineage indices still followed
+    active = []  # lineage indices still followed
     for f in range(len(decoders[0])):
-        rows.append({"origin_cell": cells[0], "origin_feature": f, "features": {cells[0]: f}, "labels": {},
-                     "cos_prev": {}, "cos_origin": {cells[0]: 1.0}, "changed_once": False, "reverted_at": None})
+        rows.append(
+            {
+                "origin_cell": cells[0],
+                "origin_feature": f,
+                "features": {cells[0]: f},
+                "labels": {},
+                "cos_prev": {},
+                "cos_origin": {cells[0]: 1.0},
+                "changed_once": False,
+                "reverted_at": None,
+            }
+        )
         active.append(len(rows) - 1)
     counts = []
     for t in range(n_cells - 1):
@@ -55,7 +80,7 @@ def lineages(cells: list[str], steps: list[pd.DataFrame], born: list[np.ndarray]
                 count[f"died_{reason[f]}"] += 1
                 continue
             if lab == "inactive" and (partner[f] < 0 or int(partner[f]) in newborn):
-                continue    # a feature that never fired ends here; its counterpart, if live, is born
+                continue  # a feature that never fired ends here; its counterpart, if live, is born
             g = int(partner[f])
             lineage["features"][b] = g
             lineage["cos_prev"][b] = float(cos[f])
@@ -70,8 +95,18 @@ def lineages(cells: list[str], steps: list[pd.DataFrame], born: list[np.ndarray]
                 lineage["changed_once"] = True
             still.append(i)
         for g in born[t]:
-            rows.append({"origin_cell": b, "origin_feature": int(g), "features": {b: int(g)}, "labels": {b: "born"},
-                         "cos_prev": {}, "cos_origin": {b: 1.0}, "changed_once": False, "reverted_at": None})
+            rows.append(
+                {
+                    "origin_cell": b,
+                    "origin_feature": int(g),
+                    "features": {b: int(g)},
+                    "labels": {b: "born"},
+                    "cos_prev": {},
+                    "cos_origin": {b: 1.0},
+                    "changed_once": False,
+                    "reverted_at": None,
+                }
+            )
             still.append(len(rows) - 1)
         count["born"] = int(len(born[t]))
         counts.append({"from": a, "to": b, **count})
@@ -80,9 +115,14 @@ def lineages(cells: list[str], steps: list[pd.DataFrame], born: list[np.ndarray]
 
 
 def _lineage_table(rows: list[dict], cells: list[str], stats: list[pd.DataFrame]) -> pd.DataFrame:
-    out = pd.DataFrame({"lineage": np.arange(len(rows)), "origin_cell": [r["origin_cell"] for r in rows],
-                        "origin_feature": [r["origin_feature"] for r in rows],
-                        "reverted_at": [r["reverted_at"] for r in rows]})
+    out = pd.DataFrame(
+        {
+            "lineage": np.arange(len(rows)),
+            "origin_cell": [r["origin_cell"] for r in rows],
+            "origin_feature": [r["origin_feature"] for r in rows],
+            "reverted_at": [r["reverted_at"] for r in rows],
+        }
+    )
     for c, cell in enumerate(cells):
         feature = np.array([r["features"].get(cell, -1) for r in rows], dtype=np.int64)
         out[f"feature_{cell}"] = feature
@@ -99,9 +139,12 @@ def _lineage_table(rows: list[dict], cells: list[str], stats: list[pd.DataFrame]
 def cell_summary(stats: pd.DataFrame) -> dict:
     """How thresholds, norms and firing rates sit in one cell (live features)."""
     live = stats[~stats["dead"]]
-    out = {"n_features": int(len(stats)), "n_live": int(len(live)),
-           "freq_median": float(live["freq"].median()) if len(live) else None,
-           "enc_norm_median": float(stats["enc_norm"].median())}
+    out = {
+        "n_features": int(len(stats)),
+        "n_live": int(len(live)),
+        "freq_median": float(live["freq"].median()) if len(live) else None,
+        "enc_norm_median": float(stats["enc_norm"].median()),
+    }
     if "threshold" in stats.columns:
         out["threshold_median"] = float(stats["threshold"].median())
     return out
@@ -121,10 +164,18 @@ def run(spec: dict, layer: int, results) -> dict:
     for name in spec["saes"]:
         calibration = read_json(results / "calibration" / f"layer{layer}" / f"{name}.json")
         thresholds = Thresholds(**calibration["thresholds"])
-        stats_of = lambda cell: pd.read_parquet(results / "features" / cell.name / f"layer{layer}" / name / "stats.parquet")  # noqa: E731
-        block = {"layer": layer, "sae": name, "thresholds": thresholds.to_dict(),
-                 "seed_baseline_changed_fraction": calibration["changed_fraction"], "branches": {}, "intra": [],
-                 "cells": {}}
+        stats_of = lambda cell: pd.read_parquet(
+            results / "features" / cell.name / f"layer{layer}" / name / "stats.parquet"
+        )  # noqa: E731
+        block = {
+            "layer": layer,
+            "sae": name,
+            "thresholds": thresholds.to_dict(),
+            "seed_baseline_changed_fraction": calibration["changed_fraction"],
+            "branches": {},
+            "intra": [],
+            "cells": {},
+        }
         for branch in spec["grid"]["branches"]:
             chain = cfglib.branch_cells(spec, branch)
             steps, born = [], []
@@ -136,14 +187,20 @@ def run(spec: dict, layer: int, results) -> dict:
             stats = [stats_of(c) for c in chain]
             table, counts = lineages([c.name for c in chain], steps, born, decoders, stats, thresholds)
             totals = {k: int(sum(c[k] for c in counts)) for k in COUNT_KEYS}
-            block["branches"][branch] = {"cells": [c.name for c in chain], "steps": counts, "totals": totals,
-                                         "lineages": table}
+            block["branches"][branch] = {
+                "cells": [c.name for c in chain],
+                "steps": counts,
+                "totals": totals,
+                "lineages": table,
+            }
             for cell, cell_stats in zip(chain, stats):
                 block["cells"].setdefault(cell.name, cell_summary(cell_stats))
         for a, b, kind in cfglib.diff_pairs(spec):
             if kind == "intra":
                 summary = read_json(results / "diff" / cfglib.pair_name(a, b) / f"layer{layer}" / f"{name}.json")
-                block["intra"].append({"base": a.name, "iteration": b.name, **summary["counts"], "mmcs": summary["mmcs"]})
+                block["intra"].append(
+                    {"base": a.name, "iteration": b.name, **summary["counts"], "mmcs": summary["mmcs"]}
+                )
         out[name] = block
     return out
 
@@ -156,8 +213,10 @@ def headline(blocks: dict, sae_order: list[str]) -> dict:
         key = f"layer{layer}"
         if key in out:
             continue
-        out[key] = {branch: {k: part["totals"][k] for k in ("born", "died", "changed", "reverted", "same")}
-                    for branch, part in block["branches"].items()}
+        out[key] = {
+            branch: {k: part["totals"][k] for k in ("born", "died", "changed", "reverted", "same")}
+            for branch, part in block["branches"].items()
+        }
         out[key]["sae"] = block["sae"]
         baseline.append(block["seed_baseline_changed_fraction"])
     if baseline:

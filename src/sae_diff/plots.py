@@ -40,8 +40,12 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "", size=(10
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=size, sharex=True)
     tokens = [r["tokens"] for r in rows]
-    panels = [("loss", "training loss", "log"), ("fvu", "FVU (batch, lower is better)", "log"),
-              ("l0", "L0 (active latents per token)", "linear"), ("dead_fraction", "dead fraction", "linear")]
+    panels = [
+        ("loss", "training loss", "log"),
+        ("fvu", "FVU (batch, lower is better)", "log"),
+        ("l0", "L0 (active latents per token)", "linear"),
+        ("dead_fraction", "dead fraction", "linear"),
+    ]
     for ax, (key, label, scale) in zip(axes.flat, panels):
         values = [r.get(key, float("nan")) for r in rows]
         ax.plot(tokens, values, color="tab:blue", lw=1.6)
@@ -63,8 +67,14 @@ def density_histogram(hist: dict, out: str | Path, title: str = "", size=(7, 4.2
     fig, ax = plt.subplots(figsize=size)
     edges, counts = hist.get("edges", []), hist.get("counts", [])
     if counts:
-        ax.stairs(counts, edges, fill=True, alpha=0.75, color="tab:blue",
-                  label=f"live features ({sum(counts)}); dead: {hist['n_dead']}")
+        ax.stairs(
+            counts,
+            edges,
+            fill=True,
+            alpha=0.75,
+            color="tab:blue",
+            label=f"live features ({sum(counts)}); dead: {hist['n_dead']}",
+        )
         ax.legend(loc="upper left", frameon=False)
     else:
         ax.text(0.5, 0.5, f"every feature is dead ({hist['n_dead']})", ha="center", transform=ax.transAxes)
@@ -90,15 +100,17 @@ def loss_by_position(table, out: str | Path, title: str = "", size=(8, 4.5), dpi
     return _save(fig, out, dpi)
 
 
-def metric_per_iteration(metric_block: dict, metric: str, out: str | Path, subtitle: str = "", size=(7, 4.2),
-                         dpi: int = 110) -> Path:
+def metric_per_iteration(
+    metric_block: dict, metric: str, out: str | Path, subtitle: str = "", size=(7, 4.2), dpi: int = 110
+) -> Path:
     """A metric's mean per iteration with bootstrap 95% CIs: all samples and held-out prompts."""
     plt = _pyplot()
     block = metric_block["per_iteration"]
     names = list(block)
     fig, ax = plt.subplots(figsize=size)
-    for offset, (part, label, color) in enumerate([("all", "all prompts", "tab:blue"),
-                                                    ("eval", "held-out prompts", "tab:orange")]):
+    for offset, (part, label, color) in enumerate(
+        [("all", "all prompts", "tab:blue"), ("eval", "held-out prompts", "tab:orange")]
+    ):
         xs, means, errs = [], [], [[], []]
         for i, name in enumerate(names):
             stats = block[name][part]
@@ -109,8 +121,16 @@ def metric_per_iteration(metric_block: dict, metric: str, out: str | Path, subti
             errs[0].append(stats["mean"] - stats["ci_low"])
             errs[1].append(stats["ci_high"] - stats["mean"])
         n = [block[name][part]["n"] for name in names]
-        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=4, lw=1.6, color=color,
-                    label=f"{label} (n = {', '.join(map(str, n))})")
+        ax.errorbar(
+            xs,
+            means,
+            yerr=errs,
+            marker="o",
+            capsize=4,
+            lw=1.6,
+            color=color,
+            label=f"{label} (n = {', '.join(map(str, n))})",
+        )
     ax.set_xticks(range(len(names)), [f"{m}\n({block[m]['data']})" for m in names])
     ax.set_xlabel("iteration (model, and the data it generated)")
     ax.set_ylabel(f"mean {metric} (95% bootstrap CI)")
@@ -118,7 +138,10 @@ def metric_per_iteration(metric_block: dict, metric: str, out: str | Path, subti
     shift = shift_block.get("all")
     title = f"{metric} per iteration" + (f" ({subtitle})" if subtitle else "")
     if shift and shift["diff"] is not None:
-        title += f"\nshift {shift_block['from']}→{shift_block['to']}: {shift['diff']:+.3f} [{shift['ci_low']:+.3f}, {shift['ci_high']:+.3f}]"
+        title += (
+            f"\nshift {shift_block['from']}→{shift_block['to']}: {shift['diff']:+.3f} "
+            f"[{shift['ci_low']:+.3f}, {shift['ci_high']:+.3f}]"
+        )
     ax.set_title(title)
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
@@ -135,8 +158,9 @@ def _log10_positive(values):
     return np.log10(values[values > 0])
 
 
-def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, title: str = "",
-                       size=(15, 12), dpi: int = 110) -> Path:
+def feature_statistics(
+    stats, sample_l0, groups_block: dict, out: str | Path, title: str = "", size=(15, 12), dpi: int = 110
+) -> Path:
     """Nine panels on one SAE's features: how often and how strongly they fire, where, for whom.
 
     sample_l0: each sample's mean number of active features per token.
@@ -148,7 +172,9 @@ def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, ti
     live = stats[~stats["dead"]]
     ax = axes[0, 0]
     ax.hist(_log10_positive(live["freq"]), bins=40, color="tab:blue", alpha=0.8)
-    ax.set(xlabel="log10 firing frequency (fraction of eval tokens)", ylabel="features", title="how often features fire")
+    ax.set(
+        xlabel="log10 firing frequency (fraction of eval tokens)", ylabel="features", title="how often features fire"
+    )
     ax = axes[0, 1]
     ax.hist(live["mean_act"].dropna(), bins=40, color="tab:green", alpha=0.8)
     ax.set(xlabel="mean activation when firing", ylabel="features", title="activation strength")
@@ -160,15 +186,22 @@ def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, ti
     ax.hist(np.asarray(sample_l0, dtype=float), bins=30, color="tab:orange", alpha=0.8)
     ax.set(xlabel="mean L0 per token of a sample (active features)", ylabel="samples", title="sparsity per sample")
     ax = axes[1, 1]
-    counts = {"live": len(live), "dead": int(stats["dead"].sum()), "prompt-only": int(stats["prompt_only"].sum()),
-              "completion-only": int(stats["completion_only"].sum())}
+    counts = {
+        "live": len(live),
+        "dead": int(stats["dead"].sum()),
+        "prompt-only": int(stats["prompt_only"].sum()),
+        "completion-only": int(stats["completion_only"].sum()),
+    }
     bars = ax.bar(list(counts), list(counts.values()), color=["tab:blue", "tab:red", "tab:gray", "tab:cyan"])
     ax.bar_label(bars, fmt="%d")
     ax.set(ylabel="features", title="dictionary use")
     ax = axes[1, 2]
     ax.hist(live["mean_rel_position"].dropna(), bins=30, range=(0, 1), color="tab:brown", alpha=0.8)
-    ax.set(xlabel="mean relative firing position (0 = first kept token, 1 = last)", ylabel="features",
-           title="where in the sequence")
+    ax.set(
+        xlabel="mean relative firing position (0 = first kept token, 1 = last)",
+        ylabel="features",
+        title="where in the sequence",
+    )
     ax = axes[2, 0]
     ax.scatter(live["freq"], live["seq_freq"], s=4, alpha=0.4, color="tab:olive")
     ax.set_xscale("log")
@@ -184,8 +217,14 @@ def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, ti
         ax2.set_ylabel("dead features", color="tab:red")
         ax.set(ylabel="L0 per token", title=f"by {column}")
     else:
-        ax.text(0.5, 0.5, "no group column configured\n(features.group_columns)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no group column configured\n(features.group_columns)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
     ax = axes[2, 2]
     d_columns = [c for c in stats.columns if c.startswith("cohens_d_")]
@@ -193,8 +232,11 @@ def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, ti
         d = stats[d_columns[0]].dropna()
         ax.hist(d, bins=40, color="tab:pink", alpha=0.8)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set(xlabel=d_columns[0].replace("cohens_d_", "Cohen's d, ").replace("_vs_", " vs "), ylabel="features",
-               title="group effect sizes")
+        ax.set(
+            xlabel=d_columns[0].replace("cohens_d_", "Cohen's d, ").replace("_vs_", " vs "),
+            ylabel="features",
+            title="group effect sizes",
+        )
     else:
         ax.hist(stats["enc_norm"], bins=40, color="tab:gray", alpha=0.8)
         ax.set(xlabel="encoder norm", ylabel="features", title="encoder norms")
@@ -204,8 +246,9 @@ def feature_statistics(stats, sample_l0, groups_block: dict, out: str | Path, ti
     return _save(fig, out, dpi)
 
 
-def group_bias(panels: list[tuple[str, dict]], out: str | Path, title: str = "", top: int = 10,
-               size=(13, 5), dpi: int = 110) -> Path:
+def group_bias(
+    panels: list[tuple[str, dict]], out: str | Path, title: str = "", top: int = 10, size=(13, 5), dpi: int = 110
+) -> Path:
     """Top features each way by Cohen's d, one panel per subset (all samples, each language)."""
     import numpy as np
 
@@ -227,8 +270,17 @@ def group_bias(panels: list[tuple[str, dict]], out: str | Path, title: str = "",
     return _save(fig, out, dpi)
 
 
-def embeddings(x, labels, out: str | Path, title: str = "", markers=None, perplexity: float = 30.0, seed: int = 0,
-               size=(13, 5.5), dpi: int = 110) -> Path:
+def embeddings(
+    x,
+    labels,
+    out: str | Path,
+    title: str = "",
+    markers=None,
+    perplexity: float = 30.0,
+    seed: int = 0,
+    size=(13, 5.5),
+    dpi: int = 110,
+) -> Path:
     """PCA and t-SNE of the per-sample feature activations, coloured by group."""
     import numpy as np
     from sklearn.decomposition import PCA
@@ -239,29 +291,46 @@ def embeddings(x, labels, out: str | Path, title: str = "", markers=None, perple
     labels = np.asarray(labels).astype(str)
     pca = PCA(n_components=min(50, *x.shape), random_state=seed).fit(x)
     reduced = pca.transform(x)
-    tsne = TSNE(n_components=2, perplexity=min(perplexity, max(2.0, (len(x) - 1) / 3)), random_state=seed,
-                init="pca").fit_transform(reduced)
+    tsne = TSNE(
+        n_components=2, perplexity=min(perplexity, max(2.0, (len(x) - 1) / 3)), random_state=seed, init="pca"
+    ).fit_transform(reduced)
     fig, axes = plt.subplots(1, 2, figsize=size)
     shapes = np.asarray(markers).astype(str) if markers is not None else None
     marker_of = {m: s for m, s in zip(sorted(set(shapes)) if shapes is not None else [], "o^sDvP*X")}
     for ax, points, name in ((axes[0], reduced[:, :2], "PCA"), (axes[1], tsne, "t-SNE")):
         for value in sorted(set(labels)):
-            for shape in (sorted(marker_of) if shapes is not None else [None]):
+            for shape in sorted(marker_of) if shapes is not None else [None]:
                 rows = (labels == value) & ((shapes == shape) if shape is not None else True)
                 if rows.any():
-                    ax.scatter(points[rows, 0], points[rows, 1], s=14, alpha=0.7,
-                               marker=marker_of.get(shape, "o"),
-                               label=f"{value}" + (f" / {shape}" if shape is not None else ""))
-        ax.set(title=name, xlabel=f"{name} 1" + (f" ({pca.explained_variance_ratio_[0]:.0%} var.)" if name == "PCA" else ""),
-               ylabel=f"{name} 2" + (f" ({pca.explained_variance_ratio_[1]:.0%} var.)" if name == "PCA" else ""))
+                    ax.scatter(
+                        points[rows, 0],
+                        points[rows, 1],
+                        s=14,
+                        alpha=0.7,
+                        marker=marker_of.get(shape, "o"),
+                        label=f"{value}" + (f" / {shape}" if shape is not None else ""),
+                    )
+        ax.set(
+            title=name,
+            xlabel=f"{name} 1" + (f" ({pca.explained_variance_ratio_[0]:.0%} var.)" if name == "PCA" else ""),
+            ylabel=f"{name} 2" + (f" ({pca.explained_variance_ratio_[1]:.0%} var.)" if name == "PCA" else ""),
+        )
         ax.grid(alpha=0.3)
     axes[1].legend(frameon=False, fontsize=8, loc="best")
     fig.suptitle(title or "samples in feature space")
     return _save(fig, out, dpi)
 
 
-def coactivation_heatmap(matrix, classes: list[str], out: str | Path, title: str = "", top: int | None = None,
-                         cmap: str = "viridis", size=(14, 6), dpi: int = 110) -> Path:
+def coactivation_heatmap(
+    matrix,
+    classes: list[str],
+    out: str | Path,
+    title: str = "",
+    top: int | None = None,
+    cmap: str = "viridis",
+    size=(14, 6),
+    dpi: int = 110,
+) -> Path:
     """Class x feature mean activations: all live features (sorted by the class they peak for),
     or the ``top`` features with the largest spread across classes."""
     import numpy as np
@@ -289,8 +358,15 @@ def coactivation_heatmap(matrix, classes: list[str], out: str | Path, title: str
     return _save(fig, out, dpi)
 
 
-def coactivation_layers(panels: list[tuple[str, object, list[str]]], out: str | Path, title: str = "", top: int = 50,
-                        cmap: str = "viridis", size=(14, 4), dpi: int = 110) -> Path:
+def coactivation_layers(
+    panels: list[tuple[str, object, list[str]]],
+    out: str | Path,
+    title: str = "",
+    top: int = 50,
+    cmap: str = "viridis",
+    size=(14, 4),
+    dpi: int = 110,
+) -> Path:
     """Top-``top`` co-activation heatmaps of one SAE config at every layer, one row per layer."""
     import numpy as np
 
@@ -321,8 +397,13 @@ def evolution_counts(block: dict, out: str | Path, title: str = "", size=(12, 4.
     plt = _pyplot()
     branches = block["branches"]
     fig, axes = plt.subplots(1, len(branches), figsize=size, squeeze=False)
-    colors = {"same": "tab:gray", "changed": "tab:orange", "died": "tab:red", "born": "tab:green",
-              "reverted": "tab:purple"}
+    colors = {
+        "same": "tab:gray",
+        "changed": "tab:orange",
+        "died": "tab:red",
+        "born": "tab:green",
+        "reverted": "tab:purple",
+    }
     for ax, (branch, part) in zip(axes[0], branches.items()):
         steps = part["steps"]
         names = [f"{s['from']}\n→ {s['to']}" for s in steps]
@@ -335,21 +416,38 @@ def evolution_counts(block: dict, out: str | Path, title: str = "", size=(12, 4.
         ax.set(ylabel="features", title=f"branch {branch}")
         ax.grid(alpha=0.3, axis="y")
     axes[0, -1].legend(frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
-    fig.suptitle(title or f"feature evolution (thresholds from a seed pair: same ≥ {block['thresholds']['same']:.3f}, "
-                          f"no counterpart < {block['thresholds']['new']:.3f})")
+    fig.suptitle(
+        title
+        or f"feature evolution (thresholds from a seed pair: same ≥ {block['thresholds']['same']:.3f}, "
+        f"no counterpart < {block['thresholds']['new']:.3f})"
+    )
     return _save(fig, out, dpi)
 
 
-def similarity_histograms(steps: list[tuple[str, object]], null, thresholds: dict, out: str | Path, title: str = "",
-                          size=(9, 5), dpi: int = 110) -> Path:
+def similarity_histograms(
+    steps: list[tuple[str, object]],
+    null,
+    thresholds: dict,
+    out: str | Path,
+    title: str = "",
+    size=(9, 5),
+    dpi: int = 110,
+) -> Path:
     """Matched decoder cosine of each step against the seed-pair null, with the thresholds."""
     import numpy as np
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=size)
     bins = np.linspace(-0.2, 1.0, 61)
-    ax.hist(np.asarray(null, dtype=float), bins=bins, density=True, histtype="stepfilled", alpha=0.3, color="black",
-            label="seed pair (null: only the seed differs)")
+    ax.hist(
+        np.asarray(null, dtype=float),
+        bins=bins,
+        density=True,
+        histtype="stepfilled",
+        alpha=0.3,
+        color="black",
+        label="seed pair (null: only the seed differs)",
+    )
     for name, values in steps:
         ax.hist(np.asarray(values, dtype=float), bins=bins, density=True, histtype="step", lw=1.6, label=name)
     ax.axvline(thresholds["same"], color="tab:green", ls="--", label=f"same ≥ {thresholds['same']:.3f}")
@@ -363,20 +461,28 @@ def similarity_histograms(steps: list[tuple[str, object]], null, thresholds: dic
 # --------------------------------------------------------------------------- probes
 
 
-def probe_auroc(rows: list[dict], branches: dict[str, list[str]], out: str | Path, title: str = "",
-                size=(11, 4.5), dpi: int = 110) -> Path:
+def probe_auroc(
+    rows: list[dict], branches: dict[str, list[str]], out: str | Path, title: str = "", size=(11, 4.5), dpi: int = 110
+) -> Path:
     """Nested-CV AUROC per iteration along each branch: SAE-feature probe, random features, raw activations."""
     plt = _pyplot()
     by_cell = {r["cell"]: r for r in rows}
     fig, axes = plt.subplots(1, len(branches), figsize=size, squeeze=False, sharey=True)
-    styles = [("auroc", "SAE features (top-k)", "tab:blue", "-o"),
-              ("auroc_random_features", "random features (same k)", "tab:gray", "--s"),
-              ("auroc_raw_activations", "raw activations (dense)", "tab:orange", ":^")]
+    styles = [
+        ("auroc", "SAE features (top-k)", "tab:blue", "-o"),
+        ("auroc_random_features", "random features (same k)", "tab:gray", "--s"),
+        ("auroc_raw_activations", "raw activations (dense)", "tab:orange", ":^"),
+    ]
     for ax, (branch, cells) in zip(axes[0], branches.items()):
         for key, label, color, style in styles:
             values = [by_cell.get(c, {}).get(key) for c in cells]
-            ax.plot(range(len(cells)), [v if v is not None else float("nan") for v in values], style, color=color,
-                    label=label)
+            ax.plot(
+                range(len(cells)),
+                [v if v is not None else float("nan") for v in values],
+                style,
+                color=color,
+                label=label,
+            )
         ax.axhline(0.5, color="black", lw=0.8, alpha=0.6)
         ax.set_xticks(range(len(cells)), cells)
         ax.set(title=f"branch {branch}", xlabel="cell (model_data)", ylim=(0.3, 1.02))
@@ -387,27 +493,41 @@ def probe_auroc(rows: list[dict], branches: dict[str, list[str]], out: str | Pat
     return _save(fig, out, dpi)
 
 
-def probe_importance(table, correlations: dict, out: str | Path, title: str = "", size=(15, 4.2),
-                     dpi: int = 110) -> Path:
+def probe_importance(
+    table, correlations: dict, out: str | Path, title: str = "", size=(15, 4.2), dpi: int = 110
+) -> Path:
     """|standardised difference| against cosine to base, firing rate and encoder norm, and how the
     correlation with the cosine moves with the activity threshold (connected scatter)."""
     plt = _pyplot()
     live = table[~table["dead"]]
     importance = live["smd"].abs()
-    panels = [(c, n) for c, n in (("cos_to_base", "decoder cosine to the base SAE"), ("freq", "firing rate"),
-                                  ("enc_norm", "encoder norm")) if c in live.columns]
+    panels = [
+        (c, n)
+        for c, n in (
+            ("cos_to_base", "decoder cosine to the base SAE"),
+            ("freq", "firing rate"),
+            ("enc_norm", "encoder norm"),
+        )
+        if c in live.columns
+    ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=size)
     keys = {"cos_to_base": "cos_to_base", "freq": "firing_rate", "enc_norm": "encoder_norm"}
     for ax, (column, name) in zip(axes, panels):
         significant = live["q"] < 0.05
-        ax.scatter(live.loc[~significant, column], importance[~significant], s=4, alpha=0.3, color="tab:gray",
-                   label="q ≥ 0.05")
-        ax.scatter(live.loc[significant, column], importance[significant], s=10, alpha=0.8, color="tab:red",
-                   label="q < 0.05")
+        ax.scatter(
+            live.loc[~significant, column], importance[~significant], s=4, alpha=0.3, color="tab:gray", label="q ≥ 0.05"
+        )
+        ax.scatter(
+            live.loc[significant, column], importance[significant], s=10, alpha=0.8, color="tab:red", label="q < 0.05"
+        )
         if column == "freq":
             ax.set_xscale("log")
         rho = correlations.get(keys[column], {})
-        note = f"Spearman {rho['rho']:+.2f} [{rho['ci_low']:+.2f}, {rho['ci_high']:+.2f}]" if rho.get("rho") is not None else ""
+        note = (
+            f"Spearman {rho['rho']:+.2f} [{rho['ci_low']:+.2f}, {rho['ci_high']:+.2f}]"
+            if rho.get("rho") is not None
+            else ""
+        )
         ax.set(xlabel=name, ylabel="importance |Cohen's d|", title=note)
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False, fontsize=8)
@@ -422,15 +542,25 @@ def probe_importance(table, correlations: dict, out: str | Path, title: str = ""
             ax.annotate(f"n={s['n']}", (s["min_freq"], s["rho"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("symlog", linthresh=1e-3)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(xlabel="minimum firing rate of the features kept", ylabel="Spearman(importance, cos to base)",
-           title="by activity threshold")
+    ax.set(
+        xlabel="minimum firing rate of the features kept",
+        ylabel="Spearman(importance, cos to base)",
+        title="by activity threshold",
+    )
     ax.grid(alpha=0.3)
     fig.suptitle(title or "feature importance against weight and firing statistics")
     return _save(fig, out, dpi)
 
 
-def probe_overlap(rows: list[dict], cells: list[str], out: str | Path, title: str = "", cmap: str = "viridis",
-                  size=(6.5, 5.5), dpi: int = 110) -> Path:
+def probe_overlap(
+    rows: list[dict],
+    cells: list[str],
+    out: str | Path,
+    title: str = "",
+    cmap: str = "viridis",
+    size=(6.5, 5.5),
+    dpi: int = 110,
+) -> Path:
     """Jaccard of the top-k feature sets between cells (through the diffs' matching; blank: no diff)."""
     import numpy as np
 
@@ -447,8 +577,15 @@ def probe_overlap(rows: list[dict], cells: list[str], out: str | Path, title: st
     for i in range(len(cells)):
         for j in range(len(cells)):
             if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] < 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] < 0.5 else "black",
+                )
     ax.set_xticks(range(len(cells)), cells, rotation=45, ha="right")
     ax.set_yticks(range(len(cells)), cells)
     fig.colorbar(image, ax=ax, label="Jaccard of top-k features")
@@ -473,38 +610,69 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
     noop = next(r for r in rows if r["condition"] == "noop")
     fig, axes = plt.subplots(1, 3, figsize=size, gridspec_kw={"width_ratios": [1.6, 1, 1]})
     report = block.get("report") or {}
-    styles = {"features": ("tab:red", "o", 2.2), "flipped": ("tab:purple", "v", 1.6),
-              "random": ("tab:gray", "s", 1.6)}
+    styles = {"features": ("tab:red", "o", 2.2), "flipped": ("tab:purple", "v", 1.6), "random": ("tab:gray", "s", 1.6)}
     swept = block.get("alphas") is not None
     if swept:
+
         def line(name, sign=1.0):
             chosen = sorted((r for r in rows if r["condition"] == name), key=lambda r: r["alpha"])
             xs = [sign * r["alpha"] for r in chosen]
             return chosen, xs
+
         names = ["features", "random"] + (["flipped"] if any(r["condition"] == "flipped" for r in rows) else [])
         names += sorted({r["condition"] for r in rows if r["role"] == "single"})
         for name in names:
             chosen, xs = line(name, -1.0 if name == "flipped" else 1.0)
             color, marker, width = styles.get(name, (None, ".", 1.0))
-            label = {"features": f"top features {block['features']}", "random": "matched random features",
-                     "flipped": "top features, sign flipped"}.get(name, name.replace("_", " "))
+            label = {
+                "features": f"top features {block['features']}",
+                "random": "matched random features",
+                "flipped": "top features, sign flipped",
+            }.get(name, name.replace("_", " "))
             if name == report.get("condition"):
                 label += " (reported)"
             stats = [r["metrics"][metric] for r in chosen]
             ok = [s["mean"] is not None for s in stats]
-            axes[0].errorbar([x for x, k in zip(xs, ok) if k], [s["mean"] for s, k in zip(stats, ok) if k],
-                             yerr=[[s["mean"] - s["ci_low"] for s, k in zip(stats, ok) if k],
-                                   [s["ci_high"] - s["mean"] for s, k in zip(stats, ok) if k]],
-                             color=color, marker=marker, lw=width, capsize=3, label=label,
-                             alpha=1.0 if name in styles else 0.6)
-            for x, s_, r in zip(xs, stats, chosen):   # a mean over few texts (metric undefined elsewhere)
+            axes[0].errorbar(
+                [x for x, k in zip(xs, ok) if k],
+                [s["mean"] for s, k in zip(stats, ok) if k],
+                yerr=[
+                    [s["mean"] - s["ci_low"] for s, k in zip(stats, ok) if k],
+                    [s["ci_high"] - s["mean"] for s, k in zip(stats, ok) if k],
+                ],
+                color=color,
+                marker=marker,
+                lw=width,
+                capsize=3,
+                label=label,
+                alpha=1.0 if name in styles else 0.6,
+            )
+            for x, s_, r in zip(xs, stats, chosen):  # a mean over few texts (metric undefined elsewhere)
                 if s_["mean"] is not None and s_["n"] < r["n"] / 2:
-                    axes[0].annotate(f"n={s_['n']}", (x, s_["mean"]), textcoords="offset points", xytext=(4, 4),
-                                     fontsize=7, color=color)
-            axes[1].plot(xs, [_ratio(r) for r in chosen], color=color, marker=marker,
-                         lw=width, alpha=1.0 if name in styles else 0.6)
-            axes[2].plot(xs, [r["repetition"] for r in chosen], color=color, marker=marker, lw=width,
-                         alpha=1.0 if name in styles else 0.6)
+                    axes[0].annotate(
+                        f"n={s_['n']}",
+                        (x, s_["mean"]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=color,
+                    )
+            axes[1].plot(
+                xs,
+                [_ratio(r) for r in chosen],
+                color=color,
+                marker=marker,
+                lw=width,
+                alpha=1.0 if name in styles else 0.6,
+            )
+            axes[2].plot(
+                xs,
+                [r["repetition"] for r in chosen],
+                color=color,
+                marker=marker,
+                lw=width,
+                alpha=1.0 if name in styles else 0.6,
+            )
         for ax in axes:
             ax.set_xlabel("strength α (× typical activation; < 0: sign flipped)")
             if report.get("alpha") is not None:
@@ -524,12 +692,16 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         chosen = [next(r for r in rows if r["condition"] == name) for name in order]
         stats = [r["metrics"][metric] for r in chosen]
         means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
-        errs = [[(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
-                [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats]]
+        errs = [
+            [(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
+            [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats],
+        ]
         labels = ["no-op", "top features", "matched random"] + [
-            n.replace("random_", "random for ").replace("_", " ") for n in order[3:]]
-        labels = [label + (" (reported)" if name == report.get("condition") else "")
-                  for name, label in zip(order, labels)]
+            n.replace("random_", "random for ").replace("_", " ") for n in order[3:]
+        ]
+        labels = [
+            label + (" (reported)" if name == report.get("condition") else "") for name, label in zip(order, labels)
+        ]
         axes[0].bar(range(len(order)), means, yerr=errs, color=colors, capsize=4)
         axes[0].set_xticks(range(len(order)), labels, rotation=20, ha="right")
         axes[1].bar(range(len(order)), [_ratio(r) for r in chosen], color=colors)
@@ -560,10 +732,12 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         ax.grid(alpha=0.3)
     if report and report.get("effect") is not None:
         p_control = (report.get("vs_control") or {}).get("p")
-        title += (f"\neffect vs no-op {report['effect']:+.3f} [{report['ci_low']:+.3f}, {report['ci_high']:+.3f}], "
-                  f"p = {report['p']:.3g}; random control {report['control_effect']:+.3f}"
-                  + (f" (top vs random p = {p_control:.3g})" if p_control is not None else "")
-                  + f"; n = {report['n']} report prompts")
+        title += (
+            f"\neffect vs no-op {report['effect']:+.3f} [{report['ci_low']:+.3f}, {report['ci_high']:+.3f}], "
+            f"p = {report['p']:.3g}; random control {report['control_effect']:+.3f}"
+            + (f" (top vs random p = {p_control:.3g})" if p_control is not None else "")
+            + f"; n = {report['n']} report prompts"
+        )
     fig.suptitle(title, fontsize=10)
     return _save(fig, out, dpi)
 

@@ -64,8 +64,9 @@ def standardized_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(d), d, 0.0)
 
 
-def permutation_pvalues(x: np.ndarray, y: np.ndarray, n_permutations: int = 1000, seed: int = 0,
-                        chunk: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def permutation_pvalues(
+    x: np.ndarray, y: np.ndarray, n_permutations: int = 1000, seed: int = 0, chunk: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """Two-sided permutation p-values of the standardised difference, (1 + #{|null| >= |obs|}) / (1 + n).
 
     Shuffles labels, never features: every feature sees the same permutations. Returns (d, p).
@@ -76,17 +77,17 @@ def permutation_pvalues(x: np.ndarray, y: np.ndarray, n_permutations: int = 1000
     n1, n0 = int((y == 1).sum()), int((y == 0).sum())
     rng = np.random.default_rng(seed)
     exceed = np.zeros(x.shape[1])
-    sq = x ** 2
+    sq = x**2
     total, total_sq = x.sum(0), sq.sum(0)
     for start in range(0, n_permutations, chunk):
         m = min(chunk, n_permutations - start)
-        perms = np.stack([rng.permutation(y) for _ in range(m)])             # [m, n]
+        perms = np.stack([rng.permutation(y) for _ in range(m)])  # [m, n]
         ones = (perms == 1).astype(np.float64)
         s1, q1 = ones @ x, ones @ sq
         s0, q0 = total - s1, total_sq - q1
         mean1, mean0 = s1 / n1, s0 / n0
-        var1 = (q1 - n1 * mean1 ** 2) / max(n1 - 1, 1)
-        var0 = (q0 - n0 * mean0 ** 2) / max(n0 - 1, 1)
+        var1 = (q1 - n1 * mean1**2) / max(n1 - 1, 1)
+        var0 = (q0 - n0 * mean0**2) / max(n0 - 1, 1)
         pooled = np.sqrt(np.clip(((n1 - 1) * var1 + (n0 - 1) * var0) / max(n1 + n0 - 2, 1), 0, None))
         with np.errstate(divide="ignore", invalid="ignore"):
             null = np.where(pooled > 1e-12, np.abs(mean1 - mean0) / pooled, 0.0)
@@ -124,8 +125,9 @@ def l1_path_order(x: np.ndarray, y: np.ndarray, n_cs: int = 20, seed: int = 0) -
     entry = np.full(x.shape[1], -1)
     position = 0
     coef = np.zeros(x.shape[1])
-    model = LogisticRegression(l1_ratio=1.0, solver="liblinear", tol=1e-6, max_iter=1000, random_state=seed,
-                               intercept_scaling=100.0)
+    model = LogisticRegression(
+        l1_ratio=1.0, solver="liblinear", tol=1e-6, max_iter=1000, random_state=seed, intercept_scaling=100.0
+    )
     for c in c_min * np.logspace(0.05, 2.5, n_cs):
         model.set_params(C=c)
         model.fit(xs, y)
@@ -173,8 +175,17 @@ def _auroc(y, scores) -> float:
     return float(roc_auc_score(y, scores)) if len(np.unique(y)) == 2 else float("nan")
 
 
-def nested_cv(x: np.ndarray, y: np.ndarray, ks=DEFAULT_KS, selector: str = "dim", n_outer: int = 5,
-              n_inner: int = 3, seed: int = 0, raw: np.ndarray | None = None, leaky: bool = False) -> dict:
+def nested_cv(
+    x: np.ndarray,
+    y: np.ndarray,
+    ks=DEFAULT_KS,
+    selector: str = "dim",
+    n_outer: int = 5,
+    n_inner: int = 3,
+    seed: int = 0,
+    raw: np.ndarray | None = None,
+    leaky: bool = False,
+) -> dict:
     """Out-of-fold AUROC of a probe on the top-k features, k and the features chosen on the
     training folds only; and, on the same folds, a probe on k random features and a dense
     probe on ``raw`` (the model's own activations).
@@ -208,9 +219,14 @@ def nested_cv(x: np.ndarray, y: np.ndarray, ks=DEFAULT_KS, selector: str = "dim"
         oof["random"][test] = _fit_predict(x[train][:, random_cols], y[train], x[test][:, random_cols], seed=seed)
         if raw is not None:
             oof["raw"][test] = _fit_predict(raw[train], y[train], raw[test], seed=seed)
-    out = {"auroc": _auroc(y, oof["probe"]), "auroc_random_features": _auroc(y, oof["random"]),
-           "chosen_k": [int(k) for k in chosen_k], "n_samples": int(len(y)), "n_high": int((y == 1).sum()),
-           "selector": selector}
+    out = {
+        "auroc": _auroc(y, oof["probe"]),
+        "auroc_random_features": _auroc(y, oof["random"]),
+        "chosen_k": [int(k) for k in chosen_k],
+        "n_samples": int(len(y)),
+        "n_high": int((y == 1).sum()),
+        "selector": selector,
+    }
     if raw is not None:
         out["auroc_raw_activations"] = _auroc(y, oof["raw"])
     return out
@@ -234,7 +250,7 @@ def spearman_cv(x: np.ndarray, values: np.ndarray, k: int, n_folds: int = 5, see
         xr = pd.DataFrame(x[train]).rank().to_numpy()
         vr = pd.Series(v[train]).rank().to_numpy()
         xc, vc = xr - xr.mean(0), vr - vr.mean()
-        denom = np.sqrt((xc ** 2).sum(0) * (vc ** 2).sum())
+        denom = np.sqrt((xc**2).sum(0) * (vc**2).sum())
         rho = np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1), 0.0)
         cols = np.argsort(-np.abs(rho), kind="stable")[:k]
         model = Ridge(alpha=1.0).fit(_standardize(x[train][:, cols]), v[train])
@@ -242,8 +258,15 @@ def spearman_cv(x: np.ndarray, values: np.ndarray, k: int, n_folds: int = 5, see
     return float(spearmanr(predictions, v).statistic)
 
 
-def iterative_annotation(x: np.ndarray, y: np.ndarray, k: int, max_rounds: int = 5, stop_auroc: float = 0.55,
-                         selector: str = "dim", seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
+def iterative_annotation(
+    x: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    max_rounds: int = 5,
+    stop_auroc: float = 0.55,
+    selector: str = "dim",
+    seed: int = 0,
+) -> tuple[pd.DataFrame, list[dict]]:
     """Fit, record the top-k features, zero them, refit, until the nested-CV AUROC <= stop_auroc.
 
     Returns (one row per recorded feature: round, rank), and per round its AUROC.
@@ -293,39 +316,62 @@ def jaccard(a, b) -> float | None:
 
 def max_cos_to(dec: np.ndarray, base: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Each unit decoder row's largest cosine with any row of ``base`` (unit rows)."""
-    return np.concatenate([(dec[i:i + chunk] @ base.T).max(axis=1) for i in range(0, len(dec), chunk)])
+    return np.concatenate([(dec[i : i + chunk] @ base.T).max(axis=1) for i in range(0, len(dec), chunk)])
 
 
-def probe_metric(x: np.ndarray, values: np.ndarray, stats: pd.DataFrame, opts: dict, raw: np.ndarray | None,
-                 cos_to_base: np.ndarray | None, metric: str) -> tuple[pd.DataFrame | None, dict]:
+def probe_metric(
+    x: np.ndarray,
+    values: np.ndarray,
+    stats: pd.DataFrame,
+    opts: dict,
+    raw: np.ndarray | None,
+    cos_to_base: np.ndarray | None,
+    metric: str,
+) -> tuple[pd.DataFrame | None, dict]:
     """Everything the probes say about one metric for one SAE: (one row per feature, summary)."""
     cut = opts["thresholds"].get(metric, {})
     y_all = labels(values, opts["quantiles"], cut.get("low"), cut.get("high"))
     keep = y_all >= 0
     y = y_all[keep]
     n_high, n_low = int((y == 1).sum()), int((y == 0).sum())
-    summary: dict = {"metric": metric, "n_labelled": int(keep.sum()), "n_high": n_high, "n_low": n_low,
-                     "cutoffs": cut or {"quantiles": opts["quantiles"]}}
+    summary: dict = {
+        "metric": metric,
+        "n_labelled": int(keep.sum()),
+        "n_high": n_high,
+        "n_low": n_low,
+        "cutoffs": cut or {"quantiles": opts["quantiles"]},
+    }
     if min(n_high, n_low) < max(opts["min_per_class"], opts["n_folds"]):
-        summary["skipped"] = (f"{n_high} high and {n_low} low samples; need {max(opts['min_per_class'], opts['n_folds'])} "
-                              "of each (probes.min_per_class)")
+        summary["skipped"] = (
+            f"{n_high} high and {n_low} low samples; need {max(opts['min_per_class'], opts['n_folds'])} "
+            "of each (probes.min_per_class)"
+        )
         return None, summary
     xl = x[keep]
     d, p = permutation_pvalues(xl, y, opts["n_permutations"], seed=opts["seed"])
     q = benjamini_hochberg(p)
     entry, coef = l1_path_order(xl, y, seed=opts["seed"])
-    table = pd.DataFrame({"feature": np.arange(x.shape[1]), "smd": d, "p": p, "q": q, "l1_entry": entry,
-                          "l1_coef": coef})
+    table = pd.DataFrame(
+        {"feature": np.arange(x.shape[1]), "smd": d, "p": p, "q": q, "l1_entry": entry, "l1_coef": coef}
+    )
     for k in opts["ks"]:
         table[f"top{k}"] = False
         table.loc[top_k(entry, k), f"top{k}"] = True
-    table["importance"] = 1.0 / (1.0 + np.where(entry >= 0, entry, np.inf))   # earlier on the path: larger; never: 0
+    table["importance"] = 1.0 / (1.0 + np.where(entry >= 0, entry, np.inf))  # earlier on the path: larger; never: 0
     table["rank"] = np.where(entry >= 0, entry, -1)
-    cv = nested_cv(xl, y, ks=opts["ks"], selector=opts["selector"], n_outer=opts["n_folds"], seed=opts["seed"],
-                   raw=raw[keep] if raw is not None else None)
+    cv = nested_cv(
+        xl,
+        y,
+        ks=opts["ks"],
+        selector=opts["selector"],
+        n_outer=opts["n_folds"],
+        seed=opts["seed"],
+        raw=raw[keep] if raw is not None else None,
+    )
     k_star = int(np.median(cv["chosen_k"]))
-    rows, rounds = iterative_annotation(xl, y, k_star, opts["rounds"], opts["stop_auroc"], opts["selector"],
-                                        seed=opts["seed"])
+    rows, rounds = iterative_annotation(
+        xl, y, k_star, opts["rounds"], opts["stop_auroc"], opts["selector"], seed=opts["seed"]
+    )
     table["round"] = -1
     table["round_rank"] = -1
     table.loc[rows["feature"].to_numpy(), "round"] = rows["round"].to_numpy()
@@ -334,17 +380,26 @@ def probe_metric(x: np.ndarray, values: np.ndarray, stats: pd.DataFrame, opts: d
         table[column] = stats[column].to_numpy()
     if cos_to_base is not None:
         table["cos_to_base"] = cos_to_base
-    summary.update({
-        "auroc": cv["auroc"], "auroc_random_features": cv["auroc_random_features"],
-        "auroc_raw_activations": cv.get("auroc_raw_activations"), "chosen_k": cv["chosen_k"], "k": k_star,
-        "selector": opts["selector"],
-        "spearman": spearman_cv(x, values, k_star, n_folds=opts["n_folds"], seed=opts["seed"]),
-        "top_features": [int(j) for j in top_k(entry, max(opts["ks"]))],
-        "top_dim": [{"feature": int(j), "smd": float(d[j]), "q": float(q[j])}
-                    for j in np.argsort(-np.abs(d), kind="stable")[:10]],
-        "n_significant": int((q < opts["fdr"]).sum()), "fdr": opts["fdr"], "rounds": rounds,
-        "correlations": correlations(table),
-    })
+    summary.update(
+        {
+            "auroc": cv["auroc"],
+            "auroc_random_features": cv["auroc_random_features"],
+            "auroc_raw_activations": cv.get("auroc_raw_activations"),
+            "chosen_k": cv["chosen_k"],
+            "k": k_star,
+            "selector": opts["selector"],
+            "spearman": spearman_cv(x, values, k_star, n_folds=opts["n_folds"], seed=opts["seed"]),
+            "top_features": [int(j) for j in top_k(entry, max(opts["ks"]))],
+            "top_dim": [
+                {"feature": int(j), "smd": float(d[j]), "q": float(q[j])}
+                for j in np.argsort(-np.abs(d), kind="stable")[:10]
+            ],
+            "n_significant": int((q < opts["fdr"]).sum()),
+            "fdr": opts["fdr"],
+            "rounds": rounds,
+            "correlations": correlations(table),
+        }
+    )
     return table, summary
 
 
@@ -353,9 +408,16 @@ def correlations(table: pd.DataFrame, thresholds=(0.0, 1e-3, 1e-2, 5e-2)) -> dic
     features, and how the correlation with the cosine to base moves with the activity threshold."""
     live = table[~table["dead"]]
     importance = live["smd"].abs().to_numpy()
-    out = {name: spearman_with_ci(importance, live[column].to_numpy())
-           for name, column in (("cos_to_base", "cos_to_base"), ("firing_rate", "freq"), ("encoder_norm", "enc_norm"),
-                                ("prevalence", "seq_freq")) if column in live.columns}
+    out = {
+        name: spearman_with_ci(importance, live[column].to_numpy())
+        for name, column in (
+            ("cos_to_base", "cos_to_base"),
+            ("firing_rate", "freq"),
+            ("encoder_norm", "enc_norm"),
+            ("prevalence", "seq_freq"),
+        )
+        if column in live.columns
+    }
     if "cos_to_base" in live.columns:
         out["by_activity"] = []
         for t in thresholds:
@@ -389,7 +451,8 @@ def compare_cells(table_a: pd.DataFrame, table_b: pd.DataFrame, diff_table: pd.D
     freq_delta[has] = table_b["freq"].to_numpy()[match[has]] - table_a["freq"].to_numpy()[has]
     cos = diff_table["dec_cos_match"].to_numpy()
     return {
-        "k": k, "jaccard_top": jaccard(mapped, top_b),
+        "k": k,
+        "jaccard_top": jaccard(mapped, top_b),
         "importance_spearman": spearman_with_ci(imp_a[has], imp_b[match[has]], n_boot=200),
         "importance_change_vs_cos": spearman_with_ci(delta[has], cos[has], n_boot=200),
         "importance_change_vs_firing_change": spearman_with_ci(delta[has], freq_delta[has], n_boot=200),
@@ -400,7 +463,7 @@ def compare_metrics(tables: dict[str, pd.DataFrame], k: int) -> dict:
     """Jaccard of the top-k sets of every pair of metrics (one SAE, one cell), and features in several."""
     names = sorted(tables)
     tops = {m: set(tables[m].loc[tables[m][f"top{k}"], "feature"].tolist()) for m in names}
-    pairs = {f"{a}|{b}": jaccard(tops[a], tops[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    pairs = {f"{a}|{b}": jaccard(tops[a], tops[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     counts: dict[int, int] = {}
     for top in tops.values():
         for j in top:

@@ -18,7 +18,7 @@ import time
 from tqdm.std import tqdm
 
 FD_VARIABLE = "SAE_DIFF_PROGRESS_FD"
-ECHO_EVERY = 20.0   # seconds between terminal lines of one bar: a line per job stage, not a stream
+ECHO_EVERY = 20.0  # seconds between terminal lines of one bar: a line per job stage, not a stream
 _label = "sae-diff"
 
 
@@ -36,7 +36,7 @@ def _echo_fd() -> int | None:
         fd = int(value)
         os.fstat(fd)
     except (ValueError, OSError):
-        return None   # not open here (a job run by hand): the log bar alone
+        return None  # not open here (a job run by hand): the log bar alone
     return fd
 
 
@@ -86,7 +86,7 @@ class JobProgress(tqdm):
     def close(self):
         if not self.disable and self._echo is not None and not self._echo_sent_final:
             self._echo_sent_final = True
-            self._send()   # the last state: how far it got and how long it took
+            self._send()  # the last state: how far it got and how long it took
         super().close()
         if self._devnull is not None:
             self._devnull.close()

@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .errors import ScorerError  # noqa: F401
+
 REGISTRY: dict[str, Callable[..., pd.DataFrame]] = {}
 METRICS: dict[str, tuple[str, ...]] = {}  # the columns each scorer writes (command: its config says)
 
-
-from .errors import ScorerError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def register(name: str, metrics: tuple[str, ...] = ()):
         REGISTRY[name] = fn
         METRICS[name] = metrics
         return fn
+
     return wrap
 
 
@@ -57,18 +58,97 @@ def metric_columns(scorers: list[dict], data: dict) -> list[str]:
 # possessed noun, not the person, so they are left out.
 GENDER_WORDS = {
     "en": {
-        "male": {"he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "fathers", "son",
-                 "sons", "husband", "brother", "brothers", "mr", "sir", "gentleman", "gentlemen", "male",
-                 "king", "uncle", "nephew", "grandfather", "boyfriend"},
-        "female": {"she", "her", "hers", "herself", "woman", "women", "girl", "girls", "mother", "mothers",
-                   "daughter", "daughters", "wife", "sister", "sisters", "mrs", "ms", "madam", "lady",
-                   "ladies", "female", "queen", "aunt", "niece", "grandmother", "girlfriend"},
+        "male": {
+            "he",
+            "him",
+            "his",
+            "himself",
+            "man",
+            "men",
+            "boy",
+            "boys",
+            "father",
+            "fathers",
+            "son",
+            "sons",
+            "husband",
+            "brother",
+            "brothers",
+            "mr",
+            "sir",
+            "gentleman",
+            "gentlemen",
+            "male",
+            "king",
+            "uncle",
+            "nephew",
+            "grandfather",
+            "boyfriend",
+        },
+        "female": {
+            "she",
+            "her",
+            "hers",
+            "herself",
+            "woman",
+            "women",
+            "girl",
+            "girls",
+            "mother",
+            "mothers",
+            "daughter",
+            "daughters",
+            "wife",
+            "sister",
+            "sisters",
+            "mrs",
+            "ms",
+            "madam",
+            "lady",
+            "ladies",
+            "female",
+            "queen",
+            "aunt",
+            "niece",
+            "grandmother",
+            "girlfriend",
+        },
     },
     "fr": {
-        "male": {"il", "ils", "lui", "homme", "hommes", "garçon", "garçons", "père", "fils", "mari",
-                 "frère", "frères", "monsieur", "messieurs", "oncle", "neveu"},
-        "female": {"elle", "elles", "femme", "femmes", "fille", "filles", "mère", "épouse", "sœur",
-                   "sœurs", "madame", "mesdames", "tante", "nièce"},
+        "male": {
+            "il",
+            "ils",
+            "lui",
+            "homme",
+            "hommes",
+            "garçon",
+            "garçons",
+            "père",
+            "fils",
+            "mari",
+            "frère",
+            "frères",
+            "monsieur",
+            "messieurs",
+            "oncle",
+            "neveu",
+        },
+        "female": {
+            "elle",
+            "elles",
+            "femme",
+            "femmes",
+            "fille",
+            "filles",
+            "mère",
+            "épouse",
+            "sœur",
+            "sœurs",
+            "madame",
+            "mesdames",
+            "tante",
+            "nièce",
+        },
     },
 }
 _WORD = re.compile(r"[a-zà-ÿœæ]+")
@@ -95,15 +175,21 @@ def gender_pronouns(table: pd.DataFrame, language_column: str = "language") -> p
         ratio = np.where(total > 0, female / np.maximum(total, 1), np.nan)
     # a categorical group column (not a metric): which gender the text's words lean to
     gender = np.where(female > male, "female", np.where(male > female, "male", np.where(male > 0, "mixed", "none")))
-    return pd.DataFrame({"male_count": male, "female_count": female, "female_ratio": ratio, "gender": gender},
-                        index=table.index)
+    return pd.DataFrame(
+        {"male_count": male, "female_count": female, "female_ratio": ratio, "gender": gender}, index=table.index
+    )
 
 
 @register("length", ("n_chars", "n_words"))
 def length(table: pd.DataFrame) -> pd.DataFrame:
     texts = table["text"].astype(str)
-    return pd.DataFrame({"n_chars": texts.str.len().astype(np.int64),
-                         "n_words": texts.str.split().str.len().fillna(0).astype(np.int64)}, index=table.index)
+    return pd.DataFrame(
+        {
+            "n_chars": texts.str.len().astype(np.int64),
+            "n_words": texts.str.split().str.len().fillna(0).astype(np.int64),
+        },
+        index=table.index,
+    )
 
 
 # --------------------------------------------------------------------------- protein
@@ -122,8 +208,10 @@ def read_fasta(path: str | Path, alphabet: str | None = None) -> list[tuple[str,
     for number, (name, seq) in enumerate(records, start=1):
         bad = sorted(set(seq) - set(alphabet)) if alphabet is not None else []
         if bad:
-            raise ScorerError(f"{path}: record {number} ({name!r}): letters {bad} are not in the alphabet of the "
-                              f"substitution matrix ({alphabet}); expected protein sequences in that alphabet")
+            raise ScorerError(
+                f"{path}: record {number} ({name!r}): letters {bad} are not in the alphabet of the "
+                f"substitution matrix ({alphabet}); expected protein sequences in that alphabet"
+            )
     return records
 
 
@@ -133,8 +221,12 @@ def matrix_alphabet(substitution_matrix: str = "BLOSUM62") -> str:
     return substitution_matrices.load(substitution_matrix).alphabet
 
 
-def make_aligner(mode: str = "global", substitution_matrix: str = "BLOSUM62", open_gap_score: float = -10.0,
-                 extend_gap_score: float = -0.5):
+def make_aligner(
+    mode: str = "global",
+    substitution_matrix: str = "BLOSUM62",
+    open_gap_score: float = -10.0,
+    extend_gap_score: float = -0.5,
+):
     from Bio.Align import PairwiseAligner, substitution_matrices
 
     aligner = PairwiseAligner()
@@ -159,8 +251,14 @@ def _clean_protein(text: str) -> str:
 
 
 @register("protein_identity", ("identity",))
-def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", substitution_matrix: str = "BLOSUM62",
-                     open_gap_score: float = -10.0, extend_gap_score: float = -0.5) -> pd.DataFrame:
+def protein_identity(
+    table: pd.DataFrame,
+    reference: str,
+    mode: str = "global",
+    substitution_matrix: str = "BLOSUM62",
+    open_gap_score: float = -10.0,
+    extend_gap_score: float = -0.5,
+) -> pd.DataFrame:
     """Identity to the nearest reference sequence (max over the FASTA) and that reference's id."""
     alphabet = matrix_alphabet(substitution_matrix)
     refs = read_fasta(reference, alphabet)
@@ -170,9 +268,11 @@ def protein_identity(table: pd.DataFrame, reference: str, mode: str = "global", 
         query = _clean_protein(text).replace("U", "C").replace("O", "K")  # BLOSUM62 lacks U and O
         bad = sorted(set(query) - set(alphabet))
         if bad:
-            raise ScorerError(f"protein_identity: row {row} (sample {table['sample_id'].iloc[row]}): letters {bad} "
-                              f"are not in {substitution_matrix}'s alphabet ({alphabet}); expected protein "
-                              "sequences (fix or drop that row in the table)")
+            raise ScorerError(
+                f"protein_identity: row {row} (sample {table['sample_id'].iloc[row]}): letters {bad} "
+                f"are not in {substitution_matrix}'s alphabet ({alphabet}); expected protein "
+                "sequences (fix or drop that row in the table)"
+            )
         scores = [alignment_identity(aligner, query, seq) for _, seq in refs]
         if not query or all(math.isnan(s) for s in scores):
             best_identity.append(float("nan"))
@@ -220,14 +320,17 @@ def fill_command(template: str, src: Path, dst: Path) -> str:
         try:
             return template.format(input=src, output=dst)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ScorerError(f"command scorer {template!r}: doubled braces mark a format template, whose only "
-                              f"placeholders are {{input}} and {{output}} ({exc!r}); write single braces instead") from None
+            raise ScorerError(
+                f"command scorer {template!r}: doubled braces mark a format template, whose only "
+                f"placeholders are {{input}} and {{output}} ({exc!r}); write single braces instead"
+            ) from None
     return template.replace("{input}", src).replace("{output}", dst)
 
 
 @register("command")
-def command(table: pd.DataFrame, command: str, metrics: list[str], format: str = "jsonl",
-            timeout_s: float = 86400) -> pd.DataFrame:
+def command(
+    table: pd.DataFrame, command: str, metrics: list[str], format: str = "jsonl", timeout_s: float = 86400
+) -> pd.DataFrame:
     """Run an external program on the samples: it reads {input} and writes JSONL to {output}
     (the only placeholders: other braces in the command stay as written).
 
@@ -251,7 +354,9 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
         if proc.returncode == 127:
             raise ScorerError(f"command scorer {command!r}: program not found ({proc.stderr.strip()[-200:]})")
         if proc.returncode != 0:
-            raise ScorerError(f"command scorer {command!r}: exit status {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            raise ScorerError(
+                f"command scorer {command!r}: exit status {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            )
         if not dst.exists():
             raise ScorerError(f"command scorer {command!r}: wrote no output file (expected JSONL at {{output}})")
         values: dict[int, dict] = {}
@@ -268,20 +373,21 @@ def command(table: pd.DataFrame, command: str, metrics: list[str], format: str =
             if missing:
                 raise ScorerError(f"command scorer {command!r}: output line {n} lacks metric {missing[0]!r}")
             for metric in metrics:
-                if record[metric] is None:      # JSON null: no value for this sample, kept as NaN
+                if record[metric] is None:  # JSON null: no value for this sample, kept as NaN
                     record[metric] = float("nan")
                     continue
                 try:
                     record[metric] = float(record[metric])
                 except (TypeError, ValueError):
-                    raise ScorerError(f"command scorer {command!r}: output line {n}: metric {metric!r} = "
-                                      f"{record[metric]!r} is not a number") from None
+                    raise ScorerError(
+                        f"command scorer {command!r}: output line {n}: metric {metric!r} = "
+                        f"{record[metric]!r} is not a number"
+                    ) from None
             values[int(record["id"])] = record
     absent = [int(s) for s in table["sample_id"] if int(s) not in values]
     if absent:
         raise ScorerError(f"command scorer {command!r}: no output for sample id {absent[0]} ({len(absent)} missing)")
-    return pd.DataFrame({m: [float(values[int(s)][m]) for s in table["sample_id"]] for m in metrics},
-                        index=table.index)
+    return pd.DataFrame({m: [float(values[int(s)][m]) for s in table["sample_id"]] for m in metrics}, index=table.index)
 
 
 # --------------------------------------------------------------------------- driver
@@ -314,4 +420,3 @@ def score(table: pd.DataFrame, scorers: list[dict], own: list[str] = ()) -> pd.D
             raise ScorerError(f"scorers[{i}] ({spec['name']}): column {clash[0]!r} already exists in the samples")
         out = pd.concat([out, metrics], axis=1)
     return out
-

@@ -32,12 +32,33 @@ STAGES = {
     "probes": "probes",
     "intervene": "interventions",
 }
-EVAL_KEYS = ("explained_variance", "fvu", "explained_variance_legacy", "mse", "cossim", "l0", "l1", "l2_ratio",
-             "relative_reconstruction_bias", "dead_fraction", "ce_loss_clean", "ce_loss_with_sae",
-             "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_score", "spliced_skipped",
-             "absorption_skipped")
-ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
-                   "probe_test_accuracy", "n_words")
+EVAL_KEYS = (
+    "explained_variance",
+    "fvu",
+    "explained_variance_legacy",
+    "mse",
+    "cossim",
+    "l0",
+    "l1",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "dead_fraction",
+    "ce_loss_clean",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_score",
+    "kl_div_with_sae",
+    "kl_div_score",
+    "spliced_skipped",
+    "absorption_skipped",
+)
+ABSORPTION_KEYS = (
+    "mean_absorption_fraction_score",
+    "mean_full_absorption_score",
+    "mean_num_split_features",
+    "probe_test_accuracy",
+    "n_words",
+)
 VERSIONED = ["sae-diff", "torch", "transformers", "snakemake", "numpy", "pandas", "safetensors"]
 
 
@@ -100,14 +121,20 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
             rows = [json.loads(line) for line in log_path.read_text().splitlines() if line] if log_path.exists() else []
             last = rows[-1] if rows else {}
             out.setdefault(f"layer{layer}", {})[name] = {
-                "path": str(folder), "architecture": ours["config"]["architecture"],
-                "d_in": ours["config"]["d_in"], "d_sae": ours["config"]["d_sae"],
-                "k": ours["config"]["k"] if ours["config"]["architecture"] in ("topk", "batchtopk", "matryoshka") else None,
+                "path": str(folder),
+                "architecture": ours["config"]["architecture"],
+                "d_in": ours["config"]["d_in"],
+                "d_sae": ours["config"]["d_sae"],
+                "k": ours["config"]["k"]
+                if ours["config"]["architecture"] in ("topk", "batchtopk", "matryoshka")
+                else None,
                 "hook_name": ours["config"]["hook_name"],
             }
             if "training" in ours:
                 out[f"layer{layer}"][name]["n_tokens"] = ours["training"]["n_tokens"]
-                out[f"layer{layer}"][name]["train_final"] = {k: last.get(k) for k in ("fvu", "l0", "dead_fraction", "loss")}
+                out[f"layer{layer}"][name]["train_final"] = {
+                    k: last.get(k) for k in ("fvu", "l0", "dead_fraction", "loss")
+                }
             else:
                 out[f"layer{layer}"][name]["imported_from"] = ours.get("imported_from")
             eval_path = cell_dir.parent.parent / "eval" / cell_dir.name / f"layer{layer}" / f"{name}.json"
@@ -117,23 +144,28 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                 out[f"layer{layer}"][name]["eval"]["path"] = str(eval_path)
                 if "absorption" in evaluation:
                     out[f"layer{layer}"][name]["eval"]["absorption"] = {
-                        k: evaluation["absorption"][k] for k in ABSORPTION_KEYS}
+                        k: evaluation["absorption"][k] for k in ABSORPTION_KEYS
+                    }
                 if "groups" in evaluation:
                     out[f"layer{layer}"][name]["eval"]["groups"] = evaluation["groups"]
             feature_dir = cell_dir.parent.parent / "features" / cell_dir.name / f"layer{layer}" / name
             if (feature_dir / "stats.parquet").exists():
-                stats = pd.read_parquet(feature_dir / "stats.parquet",
-                                        columns=["dead", "prompt_only", "completion_only"])
+                stats = pd.read_parquet(
+                    feature_dir / "stats.parquet", columns=["dead", "prompt_only", "completion_only"]
+                )
                 out[f"layer{layer}"][name]["features"] = {
-                    "path": str(feature_dir), "n_live": int((~stats["dead"]).sum()),
+                    "path": str(feature_dir),
+                    "n_live": int((~stats["dead"]).sum()),
                     "prompt_only": int(stats["prompt_only"].sum()),
                     "completion_only": int(stats["completion_only"].sum()),
-                    **read_json(feature_dir / "groups.json")}
+                    **read_json(feature_dir / "groups.json"),
+                }
     return out
 
 
-def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path],
-          figures: list[str | Path] = ()) -> dict:
+def build(
+    cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path], figures: list[str | Path] = ()
+) -> dict:
     """Assemble the summary from the files the run produced under ``results``."""
     results = Path(results)
     models = {}
@@ -141,8 +173,12 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
         info_path = model_dir / "sae_diff_model.json"
         if info_path.exists():
             info = read_json(info_path)
-            models[model_dir.name] = {"path": str(model_dir), "source": info["source"],
-                                      "n_layers": info.get("n_layers"), "d_model": info.get("d_model")}
+            models[model_dir.name] = {
+                "path": str(model_dir),
+                "source": info["source"],
+                "n_layers": info.get("n_layers"),
+                "d_model": info.get("d_model"),
+            }
     data = {}
     for samples in sorted((results / "data").glob("D*/samples.parquet")):
         data[samples.parent.name] = data_summary(samples)
@@ -156,9 +192,13 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
                     continue
                 manifest = read_json(manifest_path)
                 sites[site_dir(layer, hook).replace("/", ".")] = {
-                    "layer": layer, "hook_point": hook, "hook_name": manifest["hook_name"],
-                    "d_model": manifest["d_model"], "dtype": manifest["dtype"],
-                    "n_tokens": manifest["n_tokens"], "n_shards": len(manifest["shards"]),
+                    "layer": layer,
+                    "hook_point": hook,
+                    "hook_name": manifest["hook_name"],
+                    "d_model": manifest["d_model"],
+                    "dtype": manifest["dtype"],
+                    "n_tokens": manifest["n_tokens"],
+                    "n_shards": len(manifest["shards"]),
                     "manifest": str(manifest_path),
                 }
         cell_block[cell.name] = {"model": cell.model, "data": cell.data, "activations": sites}
@@ -187,14 +227,19 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
     for path in sorted((results / "probes").glob("*/layer*/*/*.json")):
         block = read_json(path)
         probe_blocks.setdefault(block["cell"], {}).setdefault(f"layer{block['layer']}", {}).setdefault(
-            block["sae"], {})[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
+            block["sae"], {}
+        )[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
     if probe_blocks:
         headline["probes"] = probes_headline(probe_blocks, cfg)
-    all_intervention_blocks = [read_json(path) for path in
-                               sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))]
+    all_intervention_blocks = [
+        read_json(path) for path in sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))
+    ]
     intervention_blocks = [block for block in all_intervention_blocks if "skipped" not in block]
-    skipped_interventions = [{key: block.get(key) for key in ("experiment", "cell", "layer", "sae", "metric", "skipped")}
-                             for block in all_intervention_blocks if "skipped" in block]
+    skipped_interventions = [
+        {key: block.get(key) for key in ("experiment", "cell", "layer", "sae", "metric", "skipped")}
+        for block in all_intervention_blocks
+        if "skipped" in block
+    ]
     if intervention_blocks:
         from .interventions import headline as interventions_headline
 
@@ -206,15 +251,22 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
             info["dpo"] = dpo
     return {
         "headline": headline,
-        "run": {"config_hash": config_hash(cfg), "versions": package_versions(),
-                "layers": cfg["layers"], "hook_points": cfg["hook_points"],
-                "branches": cfg["grid"]["branches"]},
+        "run": {
+            "config_hash": config_hash(cfg),
+            "versions": package_versions(),
+            "layers": cfg["layers"],
+            "hook_points": cfg["hook_points"],
+            "branches": cfg["grid"]["branches"],
+        },
         "models": models,
         "data": data,
         "cells": cell_block,
         **({"iterations": {"path": str(iterations_path), **iterations_block}} if iterations_block else {}),
-        **({"evolution": {f"layer{layer}": {name: block} for (layer, name), block in evolution_blocks.items()}}
-           if evolution_blocks else {}),
+        **(
+            {"evolution": {f"layer{layer}": {name: block} for (layer, name), block in evolution_blocks.items()}}
+            if evolution_blocks
+            else {}
+        ),
         **({"probes": probe_blocks} if probe_blocks else {}),
         **({"interventions": _interventions_block(intervention_blocks)} if intervention_blocks else {}),
         # experiments that did not run, each with its reason (never silently absent)
@@ -226,7 +278,8 @@ def build(cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[st
 def probes_headline(blocks: dict, cfg: dict) -> dict:
     """``headline.probes``: per metric, the last iteration's own cell (MX_DX), the deepest layer and the
     first SAE config: its top features and nested-CV AUROC against the two baselines."""
-    from .config import branch_cells, cells as all_cells
+    from .config import branch_cells
+    from .config import cells as all_cells
 
     chain = branch_cells(cfg, "MXDX") if "MXDX" in cfg["grid"]["branches"] else all_cells(cfg)
     cell, layer = chain[-1].name, f"layer{max(cfg['layers'])}"
@@ -237,9 +290,15 @@ def probes_headline(blocks: dict, cfg: dict) -> dict:
     for metric, block in (saes.get(name, {}) if name else {}).items():
         if "auroc" not in block:
             continue
-        out[metric] = {"cell": cell, "layer": layer, "sae": name, "top_features": block["top_features"][:10],
-                       "auroc": block["auroc"], "auroc_random_features": block["auroc_random_features"],
-                       "auroc_raw_activations": block["auroc_raw_activations"]}
+        out[metric] = {
+            "cell": cell,
+            "layer": layer,
+            "sae": name,
+            "top_features": block["top_features"][:10],
+            "auroc": block["auroc"],
+            "auroc_random_features": block["auroc_random_features"],
+            "auroc_raw_activations": block["auroc_raw_activations"],
+        }
     return out
 
 
@@ -248,10 +307,17 @@ def _interventions_block(blocks: list[dict]) -> dict:
     out: dict = {}
     for block in blocks:
         out.setdefault(block["experiment"], {}).setdefault(block["cell"], {}).setdefault(
-            f"layer{block['layer']}", {}).setdefault(block["sae"], {})[block["metric"]] = {
-            "model": block.get("model"), "select": block.get("select", "probe"), "features": block["features"],
-            "random_features": block["random_features"], "alphas": block.get("alphas"), "noop_identical": block["noop"]["identical"], "report": block["report"],
-            "selection": block.get("selection")}
+            f"layer{block['layer']}", {}
+        ).setdefault(block["sae"], {})[block["metric"]] = {
+            "model": block.get("model"),
+            "select": block.get("select", "probe"),
+            "features": block["features"],
+            "random_features": block["random_features"],
+            "alphas": block.get("alphas"),
+            "noop_identical": block["noop"]["identical"],
+            "report": block["report"],
+            "selection": block.get("selection"),
+        }
     return out
 
 
@@ -282,10 +348,18 @@ def table(summary: dict) -> pd.DataFrame:
         for layer, saes in block.get("saes", {}).items():
             for name, sae in saes.items():
                 ev = sae.get("eval", {})
-                row = {"cell": cell, "layer": layer, "sae": name, "d_sae": sae["d_sae"],
-                       "fvu": ev.get("fvu"), "l0": ev.get("l0"), "dead_fraction": ev.get("dead_fraction"),
-                       "ce_loss_score": ev.get("ce_loss_score"), "kl_div_score": ev.get("kl_div_score"),
-                       "live_features": sae.get("features", {}).get("n_live")}
+                row = {
+                    "cell": cell,
+                    "layer": layer,
+                    "sae": name,
+                    "d_sae": sae["d_sae"],
+                    "fvu": ev.get("fvu"),
+                    "l0": ev.get("l0"),
+                    "dead_fraction": ev.get("dead_fraction"),
+                    "ce_loss_score": ev.get("ce_loss_score"),
+                    "kl_div_score": ev.get("kl_div_score"),
+                    "live_features": sae.get("features", {}).get("n_live"),
+                }
                 for metric, probe in probes.get(cell, {}).get(layer, {}).get(name, {}).items():
                     row[f"auroc_{metric}"] = probe.get("auroc")
                     row[f"auroc_{metric}_random"] = probe.get("auroc_random_features")

@@ -36,11 +36,15 @@ def cell_metrics(summary: dict, cell: str, sae_order: list[str]) -> dict:
                 if isinstance(ev.get(key), (int, float)):
                     out[prefix + key] = ev[key]
             features = sae.get("features", {})
-            for column, values in features.get("groups", {}).items():
+            for _column, values in features.get("groups", {}).items():
                 for value, stats in values.items():
-                    for key, logged in (("l0", "l0"), ("dead_features", "dead_features"),
-                                        ("mean_activation", "mean_activation"), ("rank", "rank"),
-                                        ("info_content", "info_content")):
+                    for key, logged in (
+                        ("l0", "l0"),
+                        ("dead_features", "dead_features"),
+                        ("mean_activation", "mean_activation"),
+                        ("rank", "rank"),
+                        ("info_content", "info_content"),
+                    ):
                         if stats.get(key) is not None:
                             out[f"{prefix}{_slug(value)}_{logged}"] = stats[key]
                 if len(values) == 2:
@@ -90,8 +94,17 @@ def run_summary(summary: dict) -> dict:
     return out
 
 
-def log_run(summary: dict, table_csv: Path, figures: list[Path], cfg: dict, out_dir: Path, mode: str,
-            project: str, entity: str | None = None, name: str | None = None) -> dict:
+def log_run(
+    summary: dict,
+    table_csv: Path,
+    figures: list[Path],
+    cfg: dict,
+    out_dir: Path,
+    mode: str,
+    project: str,
+    entity: str | None = None,
+    name: str | None = None,
+) -> dict:
     """Log the run to W&B; returns {run_dir, keys} (the keys logged per step and in the summary)."""
     import os
 
@@ -102,8 +115,15 @@ def log_run(summary: dict, table_csv: Path, figures: list[Path], cfg: dict, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_SILENT", "true")
     order = cfg.get("sae_order", list(cfg.get("saes", {})))
-    run = wandb.init(mode=mode, dir=str(out_dir), project=project, entity=entity,
-                     name=name or f"sae-diff-{summary['run']['config_hash']}", config=cfg, reinit="finish_previous")
+    run = wandb.init(
+        mode=mode,
+        dir=str(out_dir),
+        project=project,
+        entity=entity,
+        name=name or f"sae-diff-{summary['run']['config_hash']}",
+        config=cfg,
+        reinit="finish_previous",
+    )
     step_keys: set[str] = set()
     for step, cell in enumerate(summary["cells"]):
         metrics = cell_metrics(summary, cell, order)
@@ -112,14 +132,21 @@ def log_run(summary: dict, table_csv: Path, figures: list[Path], cfg: dict, out_
     final = run_summary(summary)
     for key, value in final.items():
         run.summary[key] = value
-    images = {f"figures/{Path(p).relative_to(Path(p).parents[len(Path(p).parts) - 3]).with_suffix('')}":
-              wandb.Image(str(p)) for p in figures}
+    images = {
+        f"figures/{Path(p).relative_to(Path(p).parents[len(Path(p).parts) - 3]).with_suffix('')}": wandb.Image(str(p))
+        for p in figures
+    }
     table = pd.read_csv(table_csv)
     run.log({**images, "summary_table": wandb.Table(dataframe=table)}, step=len(summary["cells"]))
     run_dir = Path(run.dir).parent
     run.finish()
-    return {"mode": mode, "run_dir": str(run_dir), "step_keys": sorted(step_keys), "summary_keys": sorted(final),
-            "images": sorted(images)}
+    return {
+        "mode": mode,
+        "run_dir": str(run_dir),
+        "step_keys": sorted(step_keys),
+        "summary_keys": sorted(final),
+        "images": sorted(images),
+    }
 
 
 # --------------------------------------------------------------------------- reading offline runs
@@ -138,18 +165,18 @@ def read_records(path: str | Path):
     block, pos, pending = 32768, 7, b""
     while pos + 7 <= len(data):
         space = block - pos % block
-        if space < 7:            # a block's tail too short for a header is padding
+        if space < 7:  # a block's tail too short for a header is padding
             pos += space
             continue
-        checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        payload = data[pos + 7:pos + 7 + length]
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
         if length == 0 and kind == 0:
             break
         if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != checksum:
             raise ValueError(f"{path}: checksum mismatch at byte {pos}")
         pos += 7 + length
         pending += payload
-        if kind in (1, 4):       # FULL or LAST: a whole record
+        if kind in (1, 4):  # FULL or LAST: a whole record
             record = pb.Record()
             record.ParseFromString(pending)
             pending = b""

@@ -28,7 +28,7 @@ def live_snakemake_here(workdir: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             cwd = Path(os.readlink(entry / "cwd")).resolve()
         except OSError:
-            continue   # gone meanwhile, or not ours to read
+            continue  # gone meanwhile, or not ours to read
         if cwd == here and _is_snakemake(argv):
             found.append(int(entry.name))
     return found
@@ -47,11 +47,17 @@ def unlock(workdir: Path, configfile: Path | None = None) -> str:
         return "no lock"
     alive = live_snakemake_here(workdir)
     if alive:
-        raise SystemExit(f"{locks}: a Snakemake run is still working in {workdir} (pid {', '.join(map(str, alive))}); "
-                         "wait for it or stop it, then rerun")
+        raise SystemExit(
+            f"{locks}: a Snakemake run is still working in {workdir} (pid {', '.join(map(str, alive))}); "
+            "wait for it or stop it, then rerun"
+        )
     config = ["--configfile", str(configfile)] if configfile else []
-    subprocess.run([sys.executable, "-m", "snakemake", "--unlock", "--cores", "1", *config], cwd=workdir, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "snakemake", "--unlock", "--cores", "1", *config],
+        cwd=workdir,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return f"removed the stale lock left by a stopped run ({locks})"
 
 

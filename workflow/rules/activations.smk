@@ -8,19 +8,23 @@ rule extract_activations:
         samples="results/data/{data}/raw.parquet",
     output:
         [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
-    params:
-        spec=lambda w: spec(layers=config["layers"], hook_points=config["hook_points"],
-                  activations=config["activations"], **placement()),
-        out_dir="results/activations/{model}_{data}",
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/extract_activations/{model}_{data}.log",
     benchmark:
         bench("extract_activations", "{model}_{data}")
+    conda:
+        "../envs/torch.yaml"
     threads: 8
     resources:
         mem_mb=8000,
+    params:
+        spec=lambda w: spec(
+            layers=config["layers"],
+            hook_points=config["hook_points"],
+            activations=config["activations"],
+            **placement(),
+        ),
+        out_dir="results/activations/{model}_{data}",
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--model-dir {input.model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "

@@ -91,7 +91,7 @@ def source_fingerprint(path):
     from sae_diff.io import file_stamps
 
     if not Path(path).exists():
-        return None   # a hub id resolved from the local cache: its revision is in the spec
+        return None  # a hub id resolved from the local cache: its revision is in the spec
     return hashlib.sha256("\n".join(file_stamps(path)).encode()).hexdigest()[:16]
 
 
@@ -133,8 +133,11 @@ def init_model_input(wildcards):
 
 def dpo_inputs(wildcards):
     model = config["models"][wildcards.model]
-    return {"parent": f"results/models/{model['parent']}", "reference": f"results/models/{model['reference']}",
-            "samples": f"results/data/{model['pairs_from']}/samples.parquet"}
+    return {
+        "parent": f"results/models/{model['parent']}",
+        "reference": f"results/models/{model['reference']}",
+        "samples": f"results/data/{model['pairs_from']}/samples.parquet",
+    }
 
 
 def data_model_input(wildcards):
@@ -143,8 +146,12 @@ def data_model_input(wildcards):
 
 
 def sae_outputs():
-    return [f"{cfglib.sae_dir(cell, layer, name)}/sae_weights.safetensors"
-            for cell in CELLS for layer in config["layers"] for name in SAES]
+    return [
+        f"{cfglib.sae_dir(cell, layer, name)}/sae_weights.safetensors"
+        for cell in CELLS
+        for layer in config["layers"]
+        for name in SAES
+    ]
 
 
 def warm_start_dirs(wildcards):
@@ -168,8 +175,9 @@ def seed_pair_saes():
     """The trained SAE configs as calibration partners: no warm start, and another init seed when
     `diff.vary` asks for it (the data-order seed always changes, in seed_pair_training)."""
     offset = config["diff"]["seed_offset"] if config["diff"]["vary"] == "init_and_shuffle" else 0
-    return {n: {**config["saes"][n], "seed": config["saes"][n]["seed"] + offset, "warm_start": "none"}
-            for n in DIFF_SAES}
+    return {
+        n: {**config["saes"][n], "seed": config["saes"][n]["seed"] + offset, "warm_start": "none"} for n in DIFF_SAES
+    }
 
 
 def seed_pair_training():
@@ -191,31 +199,58 @@ def figure_targets():
     features = config["features"]
     out = {"iterations": ["results/figures/iterations/target_metric.png"]}
     per_sae = [(cell.name, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
-    out["training"] = [f"results/figures/saes/{c}/layer{l}/{n}_training.png" for c, l, n in per_sae
-                       if n in TRAINED_SAES]
+    out["training"] = [
+        f"results/figures/saes/{c}/layer{l}/{n}_training.png" for c, l, n in per_sae if n in TRAINED_SAES
+    ]
     out["density"] = [f"results/figures/eval/{c}/layer{l}/{n}_density.png" for c, l, n in per_sae]
     out["loss_by_position"] = [f"results/figures/eval/{c}/layer{l}/{n}_loss_by_position.png" for c, l, n in per_sae]
     out["statistics"] = [f"results/figures/features/{c}/layer{l}/{n}/statistics.png" for c, l, n in per_sae]
     out["embeddings"] = [f"results/figures/features/{c}/layer{l}/{n}/embeddings.png" for c, l, n in per_sae]
     if features.get("bias"):
         out["bias"] = [f"results/figures/features/{c}/layer{l}/{n}/bias.png" for c, l, n in per_sae]
-    out["coactivation"] = [f"results/figures/features/{c}/layer{l}/{n}/coactivation_{col}{suffix}.png"
-                           for c, l, n in per_sae for col in features["coactivation_columns"] for suffix in ("", "_top")]
+    out["coactivation"] = [
+        f"results/figures/features/{c}/layer{l}/{n}/coactivation_{col}{suffix}.png"
+        for c, l, n in per_sae
+        for col in features["coactivation_columns"]
+        for suffix in ("", "_top")
+    ]
     if len(config["layers"]) > 1:
-        out["coactivation_layers"] = [f"results/figures/features/{cell.name}/{n}_coactivation_{col}_layers.png"
-                                      for cell in CELLS for n in SAES for col in features["coactivation_columns"]]
-    out["evolution"] = [f"results/figures/evolution/layer{l}/{n}_counts.png" for l in config["layers"] for n in DIFF_SAES]
+        out["coactivation_layers"] = [
+            f"results/figures/features/{cell.name}/{n}_coactivation_{col}_layers.png"
+            for cell in CELLS
+            for n in SAES
+            for col in features["coactivation_columns"]
+        ]
+    out["evolution"] = [
+        f"results/figures/evolution/layer{l}/{n}_counts.png" for l in config["layers"] for n in DIFF_SAES
+    ]
     if PROBE_METRICS:
-        out["probe_auroc"] = [f"results/figures/probes/layer{l}/{n}_{m}_auroc.png" for l in config["layers"]
-                              for n in SAES for m in PROBE_METRICS]
-        out["probe_importance"] = [f"results/figures/probes/{c}/layer{l}/{n}_{m}_importance.png"
-                                   for c, l, n in per_sae for m in PROBE_METRICS]
-        out["probe_overlap"] = [f"results/figures/probes/layer{l}/{n}_{m}_overlap.png" for l in config["layers"]
-                                for n in DIFF_SAES for m in PROBE_METRICS]
-    out["dose_response"] = [f"results/figures/interventions/{r.experiment}/{r.cell.name}/layer{r.layer}/"
-                            f"{r.sae}_{r.metric}.png" for r in INTERVENTION_RUNS]
-    out["similarity"] = [f"results/figures/evolution/layer{l}/{n}_similarity_{b}.png" for l in config["layers"]
-                         for n in DIFF_SAES for b in config["grid"]["branches"] if branch_steps(b)]
+        out["probe_auroc"] = [
+            f"results/figures/probes/layer{l}/{n}_{m}_auroc.png"
+            for l in config["layers"]
+            for n in SAES
+            for m in PROBE_METRICS
+        ]
+        out["probe_importance"] = [
+            f"results/figures/probes/{c}/layer{l}/{n}_{m}_importance.png" for c, l, n in per_sae for m in PROBE_METRICS
+        ]
+        out["probe_overlap"] = [
+            f"results/figures/probes/layer{l}/{n}_{m}_overlap.png"
+            for l in config["layers"]
+            for n in DIFF_SAES
+            for m in PROBE_METRICS
+        ]
+    out["dose_response"] = [
+        f"results/figures/interventions/{r.experiment}/{r.cell.name}/layer{r.layer}/" f"{r.sae}_{r.metric}.png"
+        for r in INTERVENTION_RUNS
+    ]
+    out["similarity"] = [
+        f"results/figures/evolution/layer{l}/{n}_similarity_{b}.png"
+        for l in config["layers"]
+        for n in DIFF_SAES
+        for b in config["grid"]["branches"]
+        if branch_steps(b)
+    ]
     return out
 
 
@@ -223,7 +258,12 @@ def intervention_run(w):
     """The configured run behind these wildcards (its generating model)."""
     for run in INTERVENTION_RUNS:
         if (run.experiment, run.cell.name, str(run.layer), run.sae, run.metric) == (
-                w.experiment, w.cell, w.layer, w.sae, w.metric):
+            w.experiment,
+            w.cell,
+            w.layer,
+            w.sae,
+            w.metric,
+        ):
             return run
     raise ValueError(f"no configured intervention {w.experiment} {w.cell} layer{w.layer} {w.sae} {w.metric}")
 
@@ -238,9 +278,16 @@ def selected_by(experiment):
 def intervention_spec(w):
     run = intervention_run(w)
     path, wheres = cfglib.intervention_prompts(config)
-    return spec(interventions=config["interventions"], scorers=config["scorers"], prompts=path, wheres=wheres,
-                direction=cfglib.metric_direction(config, run.metric), metrics=METRIC_NAMES,
-                hook_point=config["saes"][run.sae].get("hook_point", "resid_post"), **placement())
+    return spec(
+        interventions=config["interventions"],
+        scorers=config["scorers"],
+        prompts=path,
+        wheres=wheres,
+        direction=cfglib.metric_direction(config, run.metric),
+        metrics=METRIC_NAMES,
+        hook_point=config["saes"][run.sae].get("hook_point", "resid_post"),
+        **placement(),
+    )
 
 
 def summary_inputs(wildcards):
@@ -248,19 +295,35 @@ def summary_inputs(wildcards):
         "models": [f"results/models/{m}" for m in MODELS],
         "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
         "iterations": "results/iterations.json",
-        "features": [f"results/features/{cell.name}/layer{layer}/{name}/stats.parquet"
-                     for cell in CELLS for layer in config["layers"] for name in SAES],
-        "evolution": [f"results/evolution/layer{layer}/{name}.json" for layer in config["layers"] for name in DIFF_SAES],
-        "probes": [f"results/probes/{cell.name}/layer{layer}/{name}/{metric}.json" for cell in CELLS
-                   for layer in config["layers"] for name in SAES for metric in PROBE_METRICS],
-        "probe_comparisons": [f"results/probes/comparison_layer{layer}.json" for layer in config["layers"]]
-        if PROBE_METRICS else [],
+        "features": [
+            f"results/features/{cell.name}/layer{layer}/{name}/stats.parquet"
+            for cell in CELLS
+            for layer in config["layers"]
+            for name in SAES
+        ],
+        "evolution": [
+            f"results/evolution/layer{layer}/{name}.json" for layer in config["layers"] for name in DIFF_SAES
+        ],
+        "probes": [
+            f"results/probes/{cell.name}/layer{layer}/{name}/{metric}.json"
+            for cell in CELLS
+            for layer in config["layers"]
+            for name in SAES
+            for metric in PROBE_METRICS
+        ],
+        "probe_comparisons": (
+            [f"results/probes/comparison_layer{layer}.json" for layer in config["layers"]] if PROBE_METRICS else []
+        ),
         "interventions": [f"{run.out_dir}/effects.json" for run in INTERVENTION_RUNS],
         "figures": [path for paths in figure_targets().values() for path in paths],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
-        "evals": [f"results/eval/{cell.name}/layer{layer}/{name}.json"
-                  for cell in CELLS for layer in config["layers"] for name in SAES],
+        "evals": [
+            f"results/eval/{cell.name}/layer{layer}/{name}.json"
+            for cell in CELLS
+            for layer in config["layers"]
+            for name in SAES
+        ],
     }
     return files
 
@@ -271,13 +334,24 @@ BENCHMARKS = (
     + [bench("make_data", d) for d in DATA]
     + [bench("score_data", d) for d in DATA]
     + [bench("extract_activations", c.name) for c in CELLS]
-    + ([bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if TRAINED_SAES else [])
+    + (
+        [bench("train_sae", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
+        if TRAINED_SAES
+        else []
+    )
     + ([bench("evaluate_saes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
     + ([bench("feature_stats", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
     + [bench("train_seed_sae", f"layer{layer}") for layer in config["layers"] if DIFF_SAES]
-    + ([bench("probes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
-       if SAES and PROBE_METRICS else [])
+    + (
+        [bench("probes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
+        if SAES and PROBE_METRICS
+        else []
+    )
     + [bench("intervene", f"{r.experiment}_{r.cell.name}_layer{r.layer}_{r.sae}_{r.metric}") for r in INTERVENTION_RUNS]
-    + [bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
-       for a, b, _ in cfglib.diff_pairs(config) for layer in config["layers"] if DIFF_SAES]
+    + [
+        bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
+        for a, b, _ in cfglib.diff_pairs(config)
+        for layer in config["layers"]
+        if DIFF_SAES
+    ]
 )

@@ -2,45 +2,47 @@
 
 
 rule make_data:
-    priority: 10  # the iterations chain is the critical path: run it before per-cell work
     input:
         data_model_input,
     output:
         "results/data/{data}/raw.parquet",
-    params:
-        spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], **placement()),
-        source=data_source,   # a user's table edited in place reruns what reads it
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/make_data/{data}.log",
     benchmark:
         bench("make_data", "{data}")
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    conda:
+        "../envs/torch.yaml"
     threads: 8
     resources:
         mem_mb=4000,
+    params:
+        spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], **placement()),
+        source=data_source,  # a user's table edited in place reruns what reads it
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff make-data --spec {params.spec:q} --data {wildcards.data} "
         "--threads {threads} --out {output:q} 3>&1 > {log:q} 2>&1"
 
 
 rule score_data:
-    priority: 10  # the iterations chain is the critical path: run it before per-cell work
     input:
         "results/data/{data}/raw.parquet",
     output:
         "results/data/{data}/samples.parquet",
-    params:
-        # a table's own metric columns keep their values when a scorer also computes them
-        spec=lambda w: spec(scorers=config["scorers"], **({"own_metrics": own} if (
-            own := config["data"][w.data].get("metric_columns")) else {})),
-    conda:
-        "../envs/analysis.yaml"
     log:
         "logs/score_data/{data}.log",
     benchmark:
         bench("score_data", "{data}")
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    conda:
+        "../envs/analysis.yaml"
     threads: 1
+    params:
+        # a table's own metric columns keep their values when a scorer also computes them
+        spec=lambda w: spec(
+            scorers=config["scorers"],
+            **({"own_metrics": own} if (own := config["data"][w.data].get("metric_columns")) else {}),
+        ),
     shell:
         "sae-diff score --spec {params.spec:q} --samples {input:q} --out {output:q} > {log:q} 2>&1"
 
@@ -50,15 +52,17 @@ rule iterations:
         expand("results/data/{data}/samples.parquet", data=DATA),
     output:
         json="results/iterations.json",
-        examples=report("results/iterations_examples.csv", category="Iterations",
-                        caption="../report/iterations_examples.rst"),
-    params:
-        spec=lambda w: spec(scorers=config["scorers"], data=config["data"], iterations=config.get("iterations"),
-                            seed=config["seed"]),
-    conda:
-        "../envs/analysis.yaml"
+        examples=report(
+            "results/iterations_examples.csv", category="Iterations", caption="../report/iterations_examples.rst"
+        ),
     log:
         "logs/iterations/iterations.log",
+    conda:
+        "../envs/analysis.yaml"
+    params:
+        spec=lambda w: spec(
+            scorers=config["scorers"], data=config["data"], iterations=config.get("iterations"), seed=config["seed"]
+        ),
     shell:
         "sae-diff iterations --spec {params.spec:q} --samples {input:q} --examples {output.examples:q} "
         "--out {output.json:q} > {log:q} 2>&1"

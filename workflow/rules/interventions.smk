@@ -13,21 +13,26 @@ rule attribute:
     output:
         table="results/attribution/{cell}/layer{layer}/{sae}/{metric}.parquet",
         summary="results/attribution/{cell}/layer{layer}/{sae}/{metric}.json",
-    params:
-        spec=lambda w: spec(interventions={"attribution": config["interventions"]["attribution"],
-                                           "seed": config["interventions"]["seed"]},
-                            direction=cfglib.metric_direction(config, w.metric),
-                            hook_point=config["saes"][w.sae].get("hook_point", "resid_post"), **placement()),
-        sae_dir=lambda w, input: str(Path(input.sae).parent),
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/attribute/{cell}_layer{layer}_{sae}_{metric}.log",
     benchmark:
         bench("attribute", "{cell}_layer{layer}_{sae}_{metric}")
+    conda:
+        "../envs/torch.yaml"
     threads: 8
     resources:
         mem_mb=8000,
+    params:
+        spec=lambda w: spec(
+            interventions={
+                "attribution": config["interventions"]["attribution"],
+                "seed": config["interventions"]["seed"],
+            },
+            direction=cfglib.metric_direction(config, w.metric),
+            hook_point=config["saes"][w.sae].get("hook_point", "resid_post"),
+            **placement(),
+        ),
+        sae_dir=lambda w, input: str(Path(input.sae).parent),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff attribute --spec {params.spec:q} --layer {wildcards.layer} --metric {wildcards.metric} "
         "--model-dir {input.model:q} --samples {input.samples:q} --sae-dir {params.sae_dir:q} --out {output.table:q} "
@@ -41,29 +46,32 @@ rule intervene:
         sae=lambda w: f"results/saes/{w.cell}/layer{w.layer}/{w.sae}/sae_weights.safetensors",
         probe="results/probes/{cell}/layer{layer}/{sae}/{metric}.json",
         stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
-        attribution=lambda w: [f"results/attribution/{w.cell}/layer{w.layer}/{w.sae}/{w.metric}.parquet"]
-        if selected_by(w.experiment) == "attribution" else [],
+        attribution=lambda w: (
+            [f"results/attribution/{w.cell}/layer{w.layer}/{w.sae}/{w.metric}.parquet"]
+            if selected_by(w.experiment) == "attribution"
+            else []
+        ),
     output:
         generations="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/generations.parquet",
         scores="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/scores.parquet",
         effects="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/effects.json",
+    log:
+        "logs/intervene/{experiment}_{cell}_layer{layer}_{sae}_{metric}.log",
+    benchmark:
+        bench("intervene", "{experiment}_{cell}_layer{layer}_{sae}_{metric}")
+    wildcard_constraints:
+        experiment="ablation|steering|clamping",
+    conda:
+        "../envs/torch.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
     params:
         spec=intervention_spec,
         out_dir=lambda w, output: str(Path(output.effects).parent),
         sae_dir=lambda w, input: str(Path(input.sae).parent),
         model=lambda w: intervention_run(w).model,
         attribution=lambda w, input: f"--attribution {shlex.quote(str(input.attribution))}" if input.attribution else "",
-    wildcard_constraints:
-        experiment="ablation|steering|clamping",
-    conda:
-        "../envs/torch.yaml"
-    log:
-        "logs/intervene/{experiment}_{cell}_layer{layer}_{sae}_{metric}.log",
-    benchmark:
-        bench("intervene", "{experiment}_{cell}_layer{layer}_{sae}_{metric}")
-    threads: 8
-    resources:
-        mem_mb=8000,
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "

@@ -2,50 +2,49 @@
 
 
 rule prepare_model:
-    priority: 10  # the iterations chain is the critical path: run it before per-cell work
-    wildcard_constraints:
-        model=one_of(PREPARED_MODELS),
     input:
         init_model_input,
     output:
         directory("results/models/{model}"),
-    params:
-        spec=lambda w: spec(models={w.model: config["models"][w.model]}),
-        source=model_source,   # a user's model folder edited in place reruns its conversion
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
         bench("prepare_model", "{model}")
+    wildcard_constraints:
+        model=one_of(PREPARED_MODELS),
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=4000,
+    params:
+        spec=lambda w: spec(models={w.model: config["models"][w.model]}),
+        source=model_source,  # a user's model folder edited in place reruns its conversion
     shell:
         "sae-diff prepare-model --spec {params.spec:q} --model {wildcards.model} "
         "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune_dpo:
-    priority: 10  # the iterations chain is the critical path: run it before per-cell work
     input:
         unpack(dpo_inputs),
     output:
         directory("results/models/{model}"),
-    wildcard_constraints:
-        model=one_of(DPO_MODELS),
-    params:
-        spec=lambda w: spec(models={w.model: config["models"][w.model]}, iterations=config["iterations"],
-                            **placement()),
-    conda:
-        "../envs/torch.yaml"
     log:
         "logs/finetune_dpo/{model}.log",
     benchmark:
         bench("finetune_dpo", "{model}")
+    wildcard_constraints:
+        model=one_of(DPO_MODELS),
+    priority: 10  # the iterations chain is the critical path: run it before per-cell work
+    conda:
+        "../envs/torch.yaml"
     threads: 8
     resources:
         mem_mb=8000,
+    params:
+        spec=lambda w: spec(models={w.model: config["models"][w.model]}, iterations=config["iterations"], **placement()),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples:q} "
         "--threads {threads} --no-progress --out {output:q} 3>&1 > {log:q} 2>&1"

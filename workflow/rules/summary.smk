@@ -9,13 +9,13 @@ rule summary:
         json="results/summary.json",
         table=report("results/summary_table.csv", category="Summary", caption="../report/summary_table.rst"),
         wandb=["results/wandb/run.json"] if config["wandb"]["mode"] != "disabled" else [],
+    log:
+        "logs/summary/summary.log",
+    conda:
+        "../envs/analysis.yaml"
     params:
         spec=lambda w: spec(**config, sae_order=SAES),  # JSON sorts keys; the headline follows config order
         wandb=lambda w, output: f"--wandb-out {shlex.quote(output.wandb[0])}" if output.wandb else "",
-    conda:
-        "../envs/analysis.yaml"
-    log:
-        "logs/summary/summary.log",
     shell:
         "sae-diff summary --spec {params.spec:q} --results results "
         "--benchmarks {input.benchmarks:q} --figures {input.figures:q} --table {output.table:q} "

@@ -23,11 +23,30 @@ from sae_diff import data, models
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE.parents[1] / "prompts" / "tiny.txt"
-SPEC = {"source": "random", "arch": "llama", "n_layers": 2, "d_model": 32, "n_heads": 4, "d_mlp": 64,
-        "max_positions": 128, "alphabet": "ascii", "seed": 0, "dtype": "float32", "trust_remote_code": False}
-SAMPLING = {"do_sample": True, "n_per_prompt": 8, "max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-            "batch_size": 16,
-            "chat_template": False, "seed": 0}
+SPEC = {
+    "source": "random",
+    "arch": "llama",
+    "n_layers": 2,
+    "d_model": 32,
+    "n_heads": 4,
+    "d_mlp": 64,
+    "max_positions": 128,
+    "alphabet": "ascii",
+    "seed": 0,
+    "dtype": "float32",
+    "trust_remote_code": False,
+}
+SAMPLING = {
+    "do_sample": True,
+    "n_per_prompt": 8,
+    "max_new_tokens": 32,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "batch_size": 16,
+    "chat_template": False,
+    "seed": 0,
+}
 
 
 def plain_hf_folder(out: Path) -> None:
@@ -45,7 +64,7 @@ def fine_tuned(base, step: int, direction: torch.Tensor):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * p.std() * torch.randn(p.shape, generator=gen))
-        down = model.model.layers[1].mlp.down_proj.weight          # [d_model, d_mlp]
+        down = model.model.layers[1].mlp.down_proj.weight  # [d_model, d_mlp]
         reader = torch.randn(down.shape[1], generator=torch.Generator().manual_seed(7))
         down.add_(step * 0.5 * torch.outer(direction, reader / reader.norm()))
     return model
@@ -73,9 +92,15 @@ def main() -> None:
         tokenizer.save_pretrained(out)
         plain_hf_folder(out)
         table = data.generate(model, tokenizer, prompts.copy(), dict(SAMPLING, seed=i), progress=False)
-        table = table[table["text"].str.strip() != ""]          # a text that stopped at once is no sample
-        table = pd.DataFrame({"id": table["prompt_id"], "prompt": table["prompt"], "text": table["text"],
-                              "rating": [rating(t) for t in table["text"]]})
+        table = table[table["text"].str.strip() != ""]  # a text that stopped at once is no sample
+        table = pd.DataFrame(
+            {
+                "id": table["prompt_id"],
+                "prompt": table["prompt"],
+                "text": table["text"],
+                "rating": [rating(t) for t in table["text"]],
+            }
+        )
         table.to_csv(HERE / f"D{i}.csv", index=False)
     shutil.rmtree(tmp)
 

@@ -21,8 +21,13 @@ from .model import SAE, SAEConfig
 # the SAELens config format we write; without a 6.x version SAELens reads cfg.json as pre-6.0
 # and rebuilds metadata from top-level keys (losing hook_name)
 SAELENS_FORMAT_VERSION = "6.54.0"
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
-                "matryoshka": "jumprelu"}
+SAELENS_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+}
 OURS = "sae_diff.json"
 WEIGHTS = "sae_weights.safetensors"
 
@@ -38,8 +43,12 @@ def saelens_cfg(sae: SAE) -> dict:
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name,
-                     "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None},
+        "metadata": {
+            "model_name": cfg.model_name,
+            "hook_name": cfg.hook_name,
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+        },
     }
     if cfg.architecture == "topk":
         out["k"] = cfg.k
@@ -75,8 +84,9 @@ def save(sae: SAE, folder: str | Path, extra: dict | None = None) -> Path:
         # checksums of the files later stages trust, verified by load(): a flipped byte in the
         # weights would otherwise give plausible but wrong metrics
         sums = {name: sha256_file(tmp / name) for name in (WEIGHTS, "cfg.json")}
-        (tmp / OURS).write_text(json.dumps({"config": sae.cfg.to_dict(), **(extra or {}), "sha256": sums},
-                                           indent=2, default=str))
+        (tmp / OURS).write_text(
+            json.dumps({"config": sae.cfg.to_dict(), **(extra or {}), "sha256": sums}, indent=2, default=str)
+        )
     return folder
 
 
@@ -85,12 +95,16 @@ def verify(folder: Path, recorded: dict) -> None:
     for name, digest in recorded.items():
         path = folder / name
         if not path.exists():
-            raise DataError(f"{path}: missing (listed in {folder / OURS}); rebuild the SAE: delete {folder} "
-                            "and rerun the workflow (rule train_sae or import_sae)")
+            raise DataError(
+                f"{path}: missing (listed in {folder / OURS}); rebuild the SAE: delete {folder} "
+                "and rerun the workflow (rule train_sae or import_sae)"
+            )
         if sha256_file(path) != digest:
-            raise DataError(f"{path}: corrupted (sha256 differs from the one recorded in {folder / OURS} when it "
-                            "was written); rebuild the SAE: delete its folder and rerun the workflow "
-                            "(rule train_sae or import_sae), e.g. snakemake --forcerun train_sae <target>")
+            raise DataError(
+                f"{path}: corrupted (sha256 differs from the one recorded in {folder / OURS} when it "
+                "was written); rebuild the SAE: delete its folder and rerun the workflow "
+                "(rule train_sae or import_sae), e.g. snakemake --forcerun train_sae <target>"
+            )
 
 
 def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, dict, Path]:
@@ -103,9 +117,11 @@ def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, di
             raise FileNotFoundError(f"{path}: missing (expected a {layout} SAE folder)")
     try:
         tensors = load_file(str(weights_path))
-    except Exception as error:   # safetensors raises its own SafetensorError on a truncated file
-        raise DataError(f"{weights_path}: not a readable safetensors file ({error}); rebuild or re-export it "
-                        "(for an SAE of this workflow: delete its folder and rerun)") from error
+    except Exception as error:  # safetensors raises its own SafetensorError on a truncated file
+        raise DataError(
+            f"{weights_path}: not a readable safetensors file ({error}); rebuild or re-export it "
+            "(for an SAE of this workflow: delete its folder and rerun)"
+        ) from error
     return json.loads(cfg_path.read_text()), tensors, cfg_path
 
 
@@ -122,23 +138,37 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE:
     else:
         arch = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(lens.get("architecture"))
         if arch is None:
-            raise ValueError(f"{cfg_path}: architecture {lens.get('architecture')!r} not supported; "
-                             "expected standard, topk or jumprelu")
+            raise ValueError(
+                f"{cfg_path}: architecture {lens.get('architecture')!r} not supported; "
+                "expected standard, topk or jumprelu"
+            )
         meta = {**{k: lens[k] for k in ("hook_name", "model_name") if k in lens}, **lens.get("metadata", {})}
-        cfg = SAEConfig(architecture=arch, d_in=int(lens["d_in"]), d_sae=int(lens["d_sae"]), k=int(lens.get("k", 32)),
-                        d_out=lens.get("d_out"), hook_name=meta.get("hook_name", ""),
-                        model_name=meta.get("model_name", ""),
-                        apply_b_dec_to_input=bool(lens.get("apply_b_dec_to_input", True)))
+        cfg = SAEConfig(
+            architecture=arch,
+            d_in=int(lens["d_in"]),
+            d_sae=int(lens["d_sae"]),
+            k=int(lens.get("k", 32)),
+            d_out=lens.get("d_out"),
+            hook_name=meta.get("hook_name", ""),
+            model_name=meta.get("model_name", ""),
+            apply_b_dec_to_input=bool(lens.get("apply_b_dec_to_input", True)),
+        )
     if lens.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{cfg_path}: normalize_activations {lens['normalize_activations']!r} not supported; "
-                         "expected 'none' (fold the scaling into the weights first)")
+        raise ValueError(
+            f"{cfg_path}: normalize_activations {lens['normalize_activations']!r} not supported; "
+            "expected 'none' (fold the scaling into the weights first)"
+        )
     return _filled(cfg, tensors, dtype, cfg_path)
 
 
 def _filled(cfg: SAEConfig, tensors: dict, dtype, where) -> SAE:
     """An SAE with W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec, (threshold) copied in."""
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.out_dim),
-                "b_dec": (cfg.out_dim,)}
+    expected = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.out_dim),
+        "b_dec": (cfg.out_dim,),
+    }
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"{where}: tensor {key!r} missing; found {sorted(tensors)}")
@@ -157,8 +187,13 @@ def _filled(cfg: SAEConfig, tensors: dict, dtype, where) -> SAE:
     return sae.eval()
 
 
-def load_gemma_scope(path: str | Path, transcoder: bool = False, hook_name: str = "", model_name: str = "",
-                     dtype: torch.dtype = torch.float32) -> SAE:
+def load_gemma_scope(
+    path: str | Path,
+    transcoder: bool = False,
+    hook_name: str = "",
+    model_name: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> SAE:
     """Gemma Scope JumpReLU SAEs and transcoders: ``params.npz`` or ``params.safetensors``.
 
     Their encoder takes the raw input (no b_dec subtraction), for SAEs and transcoders alike.
@@ -181,8 +216,15 @@ def load_gemma_scope(path: str | Path, transcoder: bool = False, hook_name: str 
     tensors = {k.replace("W_enc.weight", "W_enc"): v for k, v in tensors.items()}
     d_in, d_sae = tensors["W_enc"].shape
     d_out = tensors["W_dec"].shape[1]
-    cfg = SAEConfig(architecture="jumprelu", d_in=d_in, d_sae=d_sae, d_out=d_out if transcoder else None,
-                    hook_name=hook_name, model_name=model_name, apply_b_dec_to_input=False)
+    cfg = SAEConfig(
+        architecture="jumprelu",
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out if transcoder else None,
+        hook_name=hook_name,
+        model_name=model_name,
+        apply_b_dec_to_input=False,
+    )
     return _filled(cfg, tensors, dtype, path)
 
 
@@ -195,10 +237,20 @@ def load_sparsify(folder: str | Path, dtype: torch.dtype = torch.float32) -> SAE
     transcode = bool(scfg.get("transcode", False))
     d_sae, d_in = raw["encoder.weight"].shape
     d_out = raw["W_dec"].shape[1]
-    tensors = {"W_enc": raw["encoder.weight"].t(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"],
-               "b_dec": raw["b_dec"]}
-    cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=int(scfg["k"]),
-                    d_out=d_out if transcode else None, apply_b_dec_to_input=not transcode)
+    tensors = {
+        "W_enc": raw["encoder.weight"].t(),
+        "b_enc": raw["encoder.bias"],
+        "W_dec": raw["W_dec"],
+        "b_dec": raw["b_dec"],
+    }
+    cfg = SAEConfig(
+        architecture="topk",
+        d_in=d_in,
+        d_sae=d_sae,
+        k=int(scfg["k"]),
+        d_out=d_out if transcode else None,
+        apply_b_dec_to_input=not transcode,
+    )
     return _filled(cfg, tensors, dtype, folder / "sae.safetensors")
 
 
@@ -210,12 +262,17 @@ def load_any(path: str | Path, fmt: str = "auto", transcoder: bool = False, dtyp
             fmt = "saelens"
         elif (path / "sae.safetensors").exists():
             fmt = "sparsify"
-        elif path.suffix in (".npz", ".safetensors") or (path / "params.npz").exists() or \
-                (path / "params.safetensors").exists():
+        elif (
+            path.suffix in (".npz", ".safetensors")
+            or (path / "params.npz").exists()
+            or (path / "params.safetensors").exists()
+        ):
             fmt = "gemma_scope"
         else:
-            raise FileNotFoundError(f"{path}: no SAE found (expected sae_weights.safetensors, sae.safetensors, "
-                                    "params.npz or params.safetensors)")
+            raise FileNotFoundError(
+                f"{path}: no SAE found (expected sae_weights.safetensors, sae.safetensors, "
+                "params.npz or params.safetensors)"
+            )
     if fmt == "saelens":
         return load(path, dtype=dtype)
     if fmt == "sparsify":

@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+
 @functools.lru_cache(maxsize=1)
 def _triton_module():
     try:
@@ -52,8 +53,9 @@ def _row_sparse(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> torch.Ten
     batch, k = idx.shape
     rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
     indices = torch.stack([rows, idx.reshape(-1)])
-    return torch.sparse_coo_tensor(indices, vals.reshape(-1), (batch, n_cols), is_coalesced=True,
-                                   check_invariants=False)
+    return torch.sparse_coo_tensor(
+        indices, vals.reshape(-1), (batch, n_cols), is_coalesced=True, check_invariants=False
+    )
 
 
 def _gather_dot(idx: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,13 @@ def _gather_dot(idx: torch.Tensor, table: torch.Tensor, grad: torch.Tensor) -> t
         crow = torch.arange(0, batch * k + 1, k, device=idx.device)
         with warnings.catch_warnings():  # CSR is "beta" in torch; this use is covered by our tests
             warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(batch * k, dtype=grad.dtype),
-                                              (batch, table.shape[0]), check_invariants=False)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                idx.reshape(-1),
+                torch.zeros(batch * k, dtype=grad.dtype),
+                (batch, table.shape[0]),
+                check_invariants=False,
+            )
         return torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view(batch, k)
     out = torch.empty(idx.shape, dtype=grad.dtype, device=grad.device)
     for start in range(0, batch, GATHER_CHUNK):

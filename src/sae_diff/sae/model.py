@@ -26,21 +26,21 @@ class SAEConfig:
     architecture: str
     d_in: int
     d_sae: int
-    k: int = 32                                   # topk / batchtopk / matryoshka: mean active latents
-    d_out: int | None = None                      # transcoder target width (None: an SAE, target = input)
-    l1_coefficient: float = 1.0                   # relu
-    l0_coefficient: float = 1.0                   # jumprelu
-    jumprelu_bandwidth: float = 0.05              # width of the straight-through rectangle kernel
+    k: int = 32  # topk / batchtopk / matryoshka: mean active latents
+    d_out: int | None = None  # transcoder target width (None: an SAE, target = input)
+    l1_coefficient: float = 1.0  # relu
+    l0_coefficient: float = 1.0  # jumprelu
+    jumprelu_bandwidth: float = 0.05  # width of the straight-through rectangle kernel
     jumprelu_init_threshold: float = 0.1
     matryoshka_prefixes: list[int] = field(default_factory=list)  # nested prefix sizes; last == d_sae
-    k_aux: int | None = None                      # AuxK latents (default d_in // 2)
+    k_aux: int | None = None  # AuxK latents (default d_in // 2)
     # Encoder rows start as the decoder rows times this norm. 1/√3 is nn.Linear's default row
     # norm; with Adam a smaller encoder takes relatively larger early steps. Measured on
     # SmolLM2 layer 12 (TopK 4608, k 32, lr 4e-4, 106k tokens): eval FVU 0.386 at 1.0, 0.296 here.
-    encoder_init_norm: float = 3 ** -0.5
+    encoder_init_norm: float = 3**-0.5
     aux_coefficient: float = 1 / 32
-    threshold_momentum: float = 0.99              # batchtopk: running estimate of the inference threshold
-    apply_b_dec_to_input: bool | None = None      # None: subtract b_dec for SAEs, not for transcoders
+    threshold_momentum: float = 0.99  # batchtopk: running estimate of the inference threshold
+    apply_b_dec_to_input: bool | None = None  # None: subtract b_dec for SAEs, not for transcoders
     hook_name: str = ""
     target_hook_name: str = ""
     model_name: str = ""
@@ -51,7 +51,9 @@ class SAEConfig:
         if self.architecture == "matryoshka":
             prefixes = list(self.matryoshka_prefixes) or [self.d_sae]
             if sorted(set(prefixes)) != prefixes or prefixes[-1] != self.d_sae or prefixes[0] <= 0:
-                raise ValueError(f"matryoshka_prefixes {prefixes}: expected increasing sizes ending at d_sae={self.d_sae}")
+                raise ValueError(
+                    f"matryoshka_prefixes {prefixes}: expected increasing sizes ending at d_sae={self.d_sae}"
+                )
             self.matryoshka_prefixes = prefixes
 
     @property
@@ -110,9 +112,9 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
-        self.W_enc_T = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))   # row j: encoder of latent j
+        self.W_enc_T = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))  # row j: encoder of latent j
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))    # row j: decoder of latent j
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))  # row j: decoder of latent j
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         if cfg.architecture == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(cfg.jumprelu_init_threshold), dtype=dtype))
@@ -184,8 +186,9 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def training_losses(self, x: torch.Tensor, target: torch.Tensor | None = None,
-                        dead: torch.Tensor | None = None) -> dict:
+    def training_losses(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, dead: torch.Tensor | None = None
+    ) -> dict:
         """Loss terms and statistics for one batch. ``dead``: bool [d_sae], latents for AuxK."""
         cfg = self.cfg
         target = x if target is None else target
@@ -214,8 +217,13 @@ class SAE(nn.Module):
         loss = mse
         if arch == "matryoshka":
             # nested prefixes: every prefix of the dictionary must reconstruct on its own
-            loss = sum(((f[:, :p] @ self.W_dec[:p] + self.b_dec) - target).pow(2).sum(-1).mean()
-                       for p in cfg.matryoshka_prefixes[:-1]) + mse
+            loss = (
+                sum(
+                    ((f[:, :p] @ self.W_dec[:p] + self.b_dec) - target).pow(2).sum(-1).mean()
+                    for p in cfg.matryoshka_prefixes[:-1]
+                )
+                + mse
+            )
         if arch == "relu":
             sparsity = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
             loss = loss + cfg.l1_coefficient * sparsity
@@ -254,7 +262,9 @@ class SAE(nn.Module):
         if positive.numel():
             current = positive.min()
             old = self.threshold[0]
-            new = current if old <= 0 else self.cfg.threshold_momentum * old + (1 - self.cfg.threshold_momentum) * current
+            new = (
+                current if old <= 0 else self.cfg.threshold_momentum * old + (1 - self.cfg.threshold_momentum) * current
+            )
             self.threshold.fill_(float(new))
 
     # ------------------------------------------------------------------ constraints

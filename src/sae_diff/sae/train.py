@@ -19,14 +19,12 @@ from pathlib import Path
 import torch
 
 from ..activations import ActivationStore, ActivationStoreError
+from ..errors import TrainingError  # noqa: F401
 from ..io import atomic_path, crash_point, write_json
 from . import files
 from .model import SAE, SAEConfig
 
 log = logging.getLogger(__name__)
-
-
-from ..errors import TrainingError  # noqa: F401
 
 
 @dataclass
@@ -35,11 +33,11 @@ class TrainSpec:
     sae: SAEConfig
     lr: float = 4e-4
     warmup_steps: int = 50
-    decay_fraction: float = 0.2          # linear decay to 0 over the last fraction of steps
+    decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of steps
     seed: int = 0
-    init_sample: int = 4096              # tokens for the geometric median of b_dec
-    dead_tokens: int = 200_000           # a latent unfired for this many tokens counts as dead (AuxK)
-    warm_start: str | None = None        # folder of an SAE to start from (indices stay aligned)
+    init_sample: int = 4096  # tokens for the geometric median of b_dec
+    dead_tokens: int = 200_000  # a latent unfired for this many tokens counts as dead (AuxK)
+    warm_start: str | None = None  # folder of an SAE to start from (indices stay aligned)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,16 +68,26 @@ def estimate_scale(store: ActivationStore, n_tokens: int = 16384) -> float:
 class _Run:
     """One SAE being trained, with its optimizer state and dead-latent counters."""
 
-    def __init__(self, spec: TrainSpec, total_steps: int, scale: float, sample: torch.Tensor, scale_out: float,
-                 device: str = "cpu", precision=None):
+    def __init__(
+        self,
+        spec: TrainSpec,
+        total_steps: int,
+        scale: float,
+        sample: torch.Tensor,
+        scale_out: float,
+        device: str = "cpu",
+        precision=None,
+    ):
         self.spec = spec
         self.precision = precision or contextlib.nullcontext
         self.sae = SAE(spec.sae)
         if spec.warm_start:
             start = files.load(spec.warm_start)
             if (start.cfg.d_in, start.cfg.d_sae) != (spec.sae.d_in, spec.sae.d_sae):
-                raise TrainingError(f"{spec.name}: warm start {spec.warm_start} has shape "
-                                    f"{start.cfg.d_in}x{start.cfg.d_sae}, expected {spec.sae.d_in}x{spec.sae.d_sae}")
+                raise TrainingError(
+                    f"{spec.name}: warm start {spec.warm_start} has shape "
+                    f"{start.cfg.d_in}x{start.cfg.d_sae}, expected {spec.sae.d_in}x{spec.sae.d_sae}"
+                )
             self.sae.load_state_dict(start.state_dict(), strict=False)
             files.fold_scaling(self.sae, 1 / scale, 1 / scale_out)  # saved SAEs apply to raw activations
             self.sae.normalize_decoder()
@@ -98,7 +106,7 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = self.spec.lr * lr_factor(step, self.total, self.spec.warmup_steps, self.spec.decay_fraction)
         dead = self.since_fired >= self.spec.dead_tokens
-        with self.precision():   # the forward under autocast; backward and Adam in float32
+        with self.precision():  # the forward under autocast; backward and Adam in float32
             out = self.sae.training_losses(x, target, dead=dead)
         if not torch.isfinite(out["loss"]):
             raise TrainingError(f"SAE {self.spec.name}: non-finite loss at step {step}")
@@ -124,14 +132,14 @@ class _Run:
         return tensors
 
     def load_tensors(self, tensors: dict, prefix: str) -> None:
-        model_state = {k[len(prefix) + 6:]: v for k, v in tensors.items() if k.startswith(prefix + "model.")}
+        model_state = {k[len(prefix) + 6 :]: v for k, v in tensors.items() if k.startswith(prefix + "model.")}
         self.sae.load_state_dict(model_state)
         state = self.opt.state_dict()
         for key, value in tensors.items():
             if key.startswith(prefix + "adam."):
-                pid, name = key[len(prefix) + 5:].split(".", 1)
+                pid, name = key[len(prefix) + 5 :].split(".", 1)
                 state["state"].setdefault(int(pid), {})[name] = value
-        self.opt.load_state_dict(state)   # moves the moments to each parameter's device
+        self.opt.load_state_dict(state)  # moves the moments to each parameter's device
         self.since_fired = tensors[prefix + "since_fired"].to(self.since_fired.device)
 
 
@@ -148,21 +156,33 @@ def _batch_stats(x: torch.Tensor, out: dict) -> dict:
     return {"fvu": float(out["mse"] / var.clamp_min(1e-12)), "mse": float(out["mse"]), "l0": float(out["l0"])}
 
 
-def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], n_tokens: int,
-          batch_size: int = 4096, shuffle_buffer: int = 1 << 18, seed: int = 0, checkpoint_every: int = 200,
-          log_every: int = 10, work_dir: Path | None = None, target_store: ActivationStore | None = None,
-          progress: bool = True, epochs: int = 1, place=None) -> list[Path]:
+def train(
+    store: ActivationStore,
+    specs: list[TrainSpec],
+    out_dirs: list[Path],
+    n_tokens: int,
+    batch_size: int = 4096,
+    shuffle_buffer: int = 1 << 18,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    log_every: int = 10,
+    work_dir: Path | None = None,
+    target_store: ActivationStore | None = None,
+    progress: bool = True,
+    epochs: int = 1,
+    place=None,
+) -> list[Path]:
     """Train every spec on one pass of ``n_tokens`` tokens (times ``epochs``); write each SAE to its folder.
 
     ``place`` (a models.Placement or a device name; default CPU): the device the SAEs train on
     (batches are moved there as they come) and whether their forward runs under bf16 autocast.
     """
     from safetensors.torch import load_file, save_file
-    from ..progress import bar as progress_bar
 
     from ..io import check_replaceable
+    from ..progress import bar as progress_bar
 
-    for out_dir in out_dirs:   # a user's folder at an output path: an error before training, not after
+    for out_dir in out_dirs:  # a user's folder at an output path: an error before training, not after
         check_replaceable(Path(out_dir))
     steps_per_epoch = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
     total_steps = steps_per_epoch * epochs
@@ -197,14 +217,16 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
 
     def stream():
         for epoch in range(epochs):  # each epoch reshuffles with its own seed
-            batches = store.iter_batches(batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                         drop_last=True, paired=target_store)
+            batches = store.iter_batches(
+                batch_size, shuffle_buffer=shuffle_buffer, seed=seed + epoch, drop_last=True, paired=target_store
+            )
             for _, batch in zip(range(steps_per_epoch), batches):
                 yield batch
 
     batches = stream()
-    bar = progress_bar(total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}",
-                       enabled=progress)
+    bar = progress_bar(
+        total=total_steps, initial=start_step, desc=f"train {store.folder.parent.name}", enabled=progress
+    )
     step = start_step
     for step, batch in enumerate(_guarded(batches, lambda: step)):
         if step >= total_steps:
@@ -217,10 +239,16 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
         for i, run in enumerate(runs):
             out = run.step(step, x, y)
             if step % log_every == 0 or step == total_steps - 1:
-                logs[i].append({"step": step, "tokens": (step + 1) * batch_size, "loss": float(out["loss"].detach()),
-                                **_batch_stats(y, out),
-                                "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
-                                "lr": run.opt.param_groups[0]["lr"]})
+                logs[i].append(
+                    {
+                        "step": step,
+                        "tokens": (step + 1) * batch_size,
+                        "loss": float(out["loss"].detach()),
+                        **_batch_stats(y, out),
+                        "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
+                        "lr": run.opt.param_groups[0]["lr"],
+                    }
+                )
         bar.update(1)
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             tensors = {}
@@ -228,19 +256,32 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
                 tensors.update(run.state_tensors(f"{i}."))
             with atomic_path(ckpt_tensors) as tmp:
                 save_file(tensors, str(tmp))
-            write_json(ckpt_json, {"step": step + 1, "total_steps": total_steps,
-                                   "names": [s.name for s in specs], "logs": logs})
+            write_json(
+                ckpt_json,
+                {"step": step + 1, "total_steps": total_steps, "names": [s.name for s in specs], "logs": logs},
+            )
             crash_point("SAE_DIFF_KILL_AFTER_STEP", str(step + 1))
     bar.close()
 
     for run, out_dir, run_log in zip(runs, out_dirs, logs):
         run.sae.cpu().eval()
         files.fold_scaling(run.sae, scale, scale_out)
-        files.save(run.sae, out_dir, extra={"training": {"n_tokens": total_steps * batch_size, "epochs": epochs,
-                                                          "scale": scale,
-                                                          "scale_out": scale_out,
-                                                          "steps": total_steps, "lr": run.spec.lr,
-                                                          "seed": run.spec.seed, **run.spec.extra}})
+        files.save(
+            run.sae,
+            out_dir,
+            extra={
+                "training": {
+                    "n_tokens": total_steps * batch_size,
+                    "epochs": epochs,
+                    "scale": scale,
+                    "scale_out": scale_out,
+                    "steps": total_steps,
+                    "lr": run.spec.lr,
+                    "seed": run.spec.seed,
+                    **run.spec.extra,
+                }
+            },
+        )
         # the curve is drawn by its own figure job (figures.training) from this log
         with atomic_path(Path(out_dir) / "train_log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in run_log))
@@ -249,18 +290,44 @@ def train(store: ActivationStore, specs: list[TrainSpec], out_dirs: list[Path], 
     return [Path(p) for p in out_dirs]
 
 
-def spec_from_config(name: str, block: dict, d_in: int, d_out: int | None, hook_name: str, target_hook_name: str,
-                     model_name: str, warm_start: str | None) -> TrainSpec:
+def spec_from_config(
+    name: str,
+    block: dict,
+    d_in: int,
+    d_out: int | None,
+    hook_name: str,
+    target_hook_name: str,
+    model_name: str,
+    warm_start: str | None,
+) -> TrainSpec:
     """A TrainSpec from one entry of the config's ``saes`` block."""
     d_sae = block["expansion_factor"] * d_in
     prefixes = sorted({max(1, round(f * d_sae)) for f in block["matryoshka_fractions"]})
-    cfg = SAEConfig(architecture=block["architecture"], d_in=d_in, d_sae=d_sae, k=min(block["k"], d_sae), d_out=d_out,
-                    l1_coefficient=block["l1_coefficient"], l0_coefficient=block["l0_coefficient"],
-                    jumprelu_bandwidth=block["jumprelu_bandwidth"],
-                    jumprelu_init_threshold=block["jumprelu_init_threshold"],
-                    matryoshka_prefixes=prefixes if block["architecture"] == "matryoshka" else [],
-                    k_aux=block.get("k_aux"), aux_coefficient=block["aux_coefficient"], hook_name=hook_name,
-                    target_hook_name=target_hook_name, model_name=model_name)
-    return TrainSpec(name=name, sae=cfg, lr=block["lr"], warmup_steps=block["warmup_steps"],
-                     decay_fraction=block["decay_fraction"], seed=block["seed"], dead_tokens=block["dead_tokens"],
-                     warm_start=warm_start, extra={"config": block})
+    cfg = SAEConfig(
+        architecture=block["architecture"],
+        d_in=d_in,
+        d_sae=d_sae,
+        k=min(block["k"], d_sae),
+        d_out=d_out,
+        l1_coefficient=block["l1_coefficient"],
+        l0_coefficient=block["l0_coefficient"],
+        jumprelu_bandwidth=block["jumprelu_bandwidth"],
+        jumprelu_init_threshold=block["jumprelu_init_threshold"],
+        matryoshka_prefixes=prefixes if block["architecture"] == "matryoshka" else [],
+        k_aux=block.get("k_aux"),
+        aux_coefficient=block["aux_coefficient"],
+        hook_name=hook_name,
+        target_hook_name=target_hook_name,
+        model_name=model_name,
+    )
+    return TrainSpec(
+        name=name,
+        sae=cfg,
+        lr=block["lr"],
+        warmup_steps=block["warmup_steps"],
+        decay_fraction=block["decay_fraction"],
+        seed=block["seed"],
+        dead_tokens=block["dead_tokens"],
+        warm_start=warm_start,
+        extra={"config": block},
+    )

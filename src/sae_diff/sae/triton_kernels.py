@@ -70,8 +70,9 @@ def gather_sum(idx: torch.Tensor, vals: torch.Tensor, table: torch.Tensor) -> to
     table = table if table.stride(1) == 1 else table.contiguous()
     batch, k = idx.shape
     out = torch.empty((batch, table.shape[1]), dtype=torch.float32, device=table.device)
-    _gather_sum_kernel[_grid_d(batch, table.shape[1])](idx, vals, table, out, k, table.shape[1], table.stride(0),
-                                                      BLOCK=BLOCK_D)
+    _gather_sum_kernel[_grid_d(batch, table.shape[1])](
+        idx, vals, table, out, k, table.shape[1], table.stride(0), BLOCK=BLOCK_D
+    )
     return out.to(table.dtype)
 
 
