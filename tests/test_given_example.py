@@ -111,6 +111,9 @@ def test_the_given_example_runs_end_to_end(tmp_path):
     for job in ("[extract M2 D2]", "[train M2 D2 layer1]", "[features M2 D2 layer1]", "[intervene steering M2_D2"):
         assert job in terminal, job
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    from sae_diff import summary as summary_lib
+
+    summary_lib.validate(summary)  # interventions_skipped is part of the schema
     assert {m: summary["models"][m]["source"] for m in ("M0", "M1", "M2")} == {"M0": "hf", "M1": "hf", "M2": "hf"}
     assert set(summary["cells"]) == {"M0_D0", "M1_D1", "M2_D2"}
     for d in ("D0", "D1", "D2"):  # the table's own metric beside the scorer's

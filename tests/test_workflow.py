@@ -28,6 +28,7 @@ def test_summary_lists_every_cell_and_site(finished_run):
         "calibration",
         "diffs",
         "probes",
+        "attribution",
         "interventions",
     }
     assert all(v > 0 for v in summary["headline"]["timings"].values())

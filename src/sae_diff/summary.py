@@ -30,6 +30,7 @@ STAGES = {
     "train_seed_sae": "calibration",
     "diff_saes": "diffs",
     "probes": "probes",
+    "attribute": "attribution",
     "intervene": "interventions",
 }
 EVAL_KEYS = (

@@ -348,6 +348,13 @@ BENCHMARKS = (
         else []
     )
     + [bench("intervene", f"{r.experiment}_{r.cell.name}_layer{r.layer}_{r.sae}_{r.metric}") for r in INTERVENTION_RUNS]
+    + list(
+        dict.fromkeys(  # one attribution per (cell, layer, SAE, metric), shared by the experiments that use it
+            bench("attribute", f"{r.cell.name}_layer{r.layer}_{r.sae}_{r.metric}")
+            for r in INTERVENTION_RUNS
+            if selected_by(r.experiment) == "attribution"
+        )
+    )
     + [
         bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
         for a, b, _ in cfglib.diff_pairs(config)
