@@ -110,6 +110,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def verify_checksums(folder: Path, recorded: dict[str, str], record: Path, rebuild: str) -> None:
+    """Each file ``recorded`` names is in ``folder`` with the sha256 written beside it in
+    ``record``; otherwise a DataError naming the file and ``rebuild`` (how to remake it)."""
+    from .errors import DataError
+
+    for name, digest in recorded.items():
+        path = folder / name
+        problem = "missing" if not path.exists() else "corrupted" if sha256_file(path) != digest else None
+        if problem:
+            raise DataError(f"{path}: {problem} (its sha256 was recorded in {record} when it was written); {rebuild}")
+
+
 def file_stamps(root: str | Path, recursive: bool = True) -> list[str]:
     """``name:size:mtime_ns`` of every file under ``root`` (or of ``root`` itself), sorted: a cheap
     signature of a folder or file that changes when any file is rewritten, without reading it."""

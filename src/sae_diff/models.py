@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import ConfigError
-from .io import atomic_dir, sha256_file
+from .io import atomic_dir, sha256_file, verify_checksums
 
 log = logging.getLogger(__name__)
 
@@ -233,21 +233,17 @@ def checksums(folder: Path) -> dict[str, str]:
 def verify(folder: Path) -> None:
     """A prepared folder's files match the checksums written beside them when it was made
     (folders without them, from earlier versions or a user's own, pass as they are)."""
-    from .errors import DataError
-
     info_path = folder / MODEL_INFO
-    recorded = json.loads(info_path.read_text()).get("sha256") if info_path.exists() else None
-    if not recorded:
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if not info.get("sha256"):
         return
-    rule = "finetune_dpo" if json.loads(info_path.read_text()).get("source") == "dpo" else "prepare_model"
-    for name, digest in recorded.items():
-        path = folder / name
-        problem = "missing" if not path.exists() else "corrupted" if sha256_file(path) != digest else None
-        if problem:
-            raise DataError(
-                f"{path}: {problem} (its sha256 was recorded in {info_path} when rule {rule} wrote it); "
-                f"rebuild it: snakemake --forcerun {rule} <target> (or delete {folder} and rerun)"
-            )
+    rule = "finetune_dpo" if info.get("source") == "dpo" else "prepare_model"
+    verify_checksums(
+        folder,
+        info["sha256"],
+        info_path,
+        f"rebuild it with rule {rule} (snakemake --forcerun {rule} <target>, or delete {folder} and rerun)",
+    )
 
 
 def _load_hf(spec: dict, model_id: str):

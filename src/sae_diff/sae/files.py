@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from ..io import atomic_dir, sha256_file
+from ..io import atomic_dir, sha256_file, verify_checksums
 from .model import SAE, SAEConfig
 
 # the SAELens config format we write; without a 6.x version SAELens reads cfg.json as pre-6.0
@@ -92,19 +92,13 @@ def save(sae: SAE, folder: str | Path, extra: dict | None = None) -> Path:
 
 def verify(folder: Path, recorded: dict) -> None:
     """The folder's files match the checksums save() wrote beside them (a clear error if not)."""
-    for name, digest in recorded.items():
-        path = folder / name
-        if not path.exists():
-            raise DataError(
-                f"{path}: missing (listed in {folder / OURS}); rebuild the SAE: delete {folder} "
-                "and rerun the workflow (rule train_sae or import_sae)"
-            )
-        if sha256_file(path) != digest:
-            raise DataError(
-                f"{path}: corrupted (sha256 differs from the one recorded in {folder / OURS} when it "
-                "was written); rebuild the SAE: delete its folder and rerun the workflow "
-                "(rule train_sae or import_sae), e.g. snakemake --forcerun train_sae <target>"
-            )
+    verify_checksums(
+        folder,
+        recorded,
+        folder / OURS,
+        f"rebuild the SAE: delete {folder} and rerun the workflow (rule train_sae or import_sae), "
+        "e.g. snakemake --forcerun train_sae <target>",
+    )
 
 
 def _read_folder(folder: Path, weights_name: str, layout: str) -> tuple[dict, dict, Path]:
