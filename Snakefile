@@ -26,6 +26,8 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/diffs.smk"
+include: "workflow/rules/probes.smk"
 include: "workflow/rules/interventions.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/summary.smk"
@@ -34,4 +36,4 @@ include: "workflow/rules/summary.smk"
 rule all:
     default_target: True
     input:
-        "results/summary.json",
+        grid.summary_json(),

@@ -5,7 +5,7 @@ Same SmolLM2-135M model, prompts and settings (batch 16, 64 new tokens forced wi
 min_new_tokens, greedy); one untimed warm-up, then the four variants in a rotated order each
 round (whichever runs first in a round is measurably slower here), best of ``--rounds``.
 End-to-end differences on this shared 2-core machine swing by ±5%, more than the edit costs, so
-the script also times the edit itself (``interventions.editor``, what the hook runs) on a
+the script also times the edit itself (``editing.editor``, what the hook runs) on a
 decoding step's activation [batch, 1, d] and reports it against a plain decoding step.
 Needs `make run` (the prepared model and the demo's SAE).
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from demo_inputs import model_and_sae  # noqa: E402
 
-from sae_diff import data, interventions  # noqa: E402
+from sae_diff import data, editing  # noqa: E402
 
 
 def main() -> None:
@@ -48,9 +48,9 @@ def main() -> None:
     features = (2047, 338, 4426, 252, 3769)
     variants = {
         "plain generate": None,
-        "no-op splice (SAE encode, nothing changed)": interventions.Edit("noop"),
-        "ablation of 5 features": interventions.Edit("ablate", features),
-        "steering with 5 features": interventions.Edit("steer", features, (4.0,) * 5),
+        "no-op splice (SAE encode, nothing changed)": editing.Edit("noop"),
+        "ablation of 5 features": editing.Edit("ablate", features),
+        "steering with 5 features": editing.Edit("steer", features, (4.0,) * 5),
     }
     seconds = {name: [] for name in variants}
     outputs = {}
@@ -71,7 +71,7 @@ def main() -> None:
             context = (
                 contextlib.nullcontext()
                 if edit is None
-                else interventions.intervene(model, sae, args.layer, "resid_post", edit)
+                else editing.intervene(model, sae, args.layer, "resid_post", edit)
             )
             with context, torch.inference_mode():
                 start = time.perf_counter()
@@ -107,7 +107,7 @@ def main() -> None:
     for name, edit in variants.items():
         if edit is None:
             continue
-        apply = interventions.editor(sae, edit, "cpu")
+        apply = editing.editor(sae, edit, "cpu")
         with torch.inference_mode():
             for _ in range(20):
                 apply(x)

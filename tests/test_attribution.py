@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_diff import attribution, models
-from sae_diff.interventions import _first, _replace_first
+from sae_diff.editing import _first, _replace_first
 from sae_diff.sae.model import SAE, SAEConfig
 
 

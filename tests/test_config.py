@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from sae_diff import config as cfglib
-from sae_diff.config import Cell, ConfigError
+from sae_diff import grid
+from sae_diff.config import ConfigError
+from sae_diff.grid import Cell
 
 
 def _load(cfg: dict, tmp_path, root):
@@ -40,11 +42,11 @@ def test_same_defaults_as_snakemake_validate(test_config):
 
 def test_grid_branches(test_config, tmp_path, root):
     cfg = _load(test_config, tmp_path, root)
-    assert [c.name for c in cfglib.branch_cells(cfg, "MXDX")] == ["M0_D0", "M1_D1"]
-    assert [c.name for c in cfglib.branch_cells(cfg, "M0DX")] == ["M0_D0", "M0_D1"]
-    assert [c.name for c in cfglib.cells(cfg)] == ["M0_D0", "M0_D1", "M1_D1"]
+    assert [c.name for c in grid.branch_cells(cfg, "MXDX")] == ["M0_D0", "M1_D1"]
+    assert [c.name for c in grid.branch_cells(cfg, "M0DX")] == ["M0_D0", "M0_D1"]
+    assert [c.name for c in grid.cells(cfg)] == ["M0_D0", "M0_D1", "M1_D1"]
     cfg["grid"]["branches"] = ["MXDX"]
-    assert [c.name for c in cfglib.cells(cfg)] == ["M0_D0", "M1_D1"]
+    assert [c.name for c in grid.cells(cfg)] == ["M0_D0", "M1_D1"]
     assert Cell.parse("M3_D2") == Cell("M3", "D2")
 
 
@@ -240,16 +242,16 @@ def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
     """Ablation in the iteration's model, steering in M0, one run per branch cell; subsets and
     unknown names are checked."""
     cfg = _load(test_config, tmp_path, root)
-    runs = {(r.experiment, r.cell.name, r.model) for r in cfglib.intervention_runs(cfg)}
+    runs = {(r.experiment, r.cell.name, r.model) for r in grid.intervention_runs(cfg)}
     assert runs == {
         ("ablation", "M1_D1", "M1"),
         ("ablation", "M0_D1", "M1"),
         ("steering", "M1_D1", "M0"),
         ("steering", "M0_D1", "M0"),
     }
-    run = cfglib.intervention_runs(cfg)[0]
+    run = grid.intervention_runs(cfg)[0]
     assert run.out_dir == f"results/interventions/{run.experiment}/{run.cell.name}/layer1/topk/n_chars"
-    assert cfglib.metric_direction(cfg, "n_chars") == "up" and cfglib.metric_direction(cfg, "female_ratio") == "up"
+    assert grid.metric_direction(cfg, "n_chars") == "up" and grid.metric_direction(cfg, "female_ratio") == "up"
     for key, value, message in [
         ("metrics", ["female_ratio"], "not probed"),
         ("layers", [7], "not among layers"),
@@ -259,10 +261,10 @@ def test_intervention_runs_follow_the_seed_design(test_config, tmp_path, root):
         bad = copy.deepcopy(cfg)
         bad["interventions"][key] = value
         with pytest.raises(ConfigError, match=f"interventions.{key}.*{message}"):
-            cfglib.intervention_runs(bad)
+            grid.intervention_runs(bad)
     off = copy.deepcopy(cfg)
     off["interventions"]["enabled"] = False
-    assert cfglib.intervention_runs(off) == []
+    assert grid.intervention_runs(off) == []
 
 
 def test_snakefile_parses_without_importing_torch(tmp_path, root):
@@ -291,7 +293,8 @@ def test_snakefile_parses_without_importing_torch(tmp_path, root):
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
     }
-    assert "sae_diff.config" in imported and "torch" not in imported and "transformers" not in imported
+    assert {"sae_diff.config", "sae_diff.grid"} <= imported
+    assert "torch" not in imported and "transformers" not in imported
 
 
 def test_every_module_imports_first_without_a_circle(root):

@@ -208,3 +208,82 @@ def test_lineages_follow_matches_and_catch_a_reversion():
     assert counts[0]["changed"] == 1 and counts[0]["died"] == 1 and counts[0]["born"] == 1
     assert counts[1]["reverted"] == 1 and counts[1]["born"] == 1 and counts[1]["died"] == 1
     assert table.loc[table["origin_feature"] == 1, "label_M2_D2"].item() == "same"
+
+
+def test_calibration_record_against_a_plain_count():
+    """Compared: the seed baseline's changed fraction and MMCS against a loop over the null's
+    cosines in float64 (a NaN cosine, no partner, counts as not 'same'; MMCS skips it)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(11)
+    cos = np.clip(rng.normal(0.8, 0.15, 500), -1, 1)
+    cos[rng.choice(500, 7, replace=False)] = np.nan
+    null = pd.DataFrame({"dec_cos_match": cos})
+    thresholds = diff.calibrate(cos, 0.1, 0.01)
+    record = diff.calibration_record(null, thresholds)
+    changed = sum(1 for c in cos if not (c >= thresholds.same)) / len(cos)
+    finite = [float(c) for c in cos if c == c]
+    assert record["changed_fraction"] == pytest.approx(changed, abs=1e-12)
+    assert record["mmcs"] == pytest.approx(sum(finite) / len(finite), abs=1e-12)
+    assert record["thresholds"] == thresholds.to_dict()
+
+
+def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):
+    """Compared: evolution.run on files laid out as the workflow writes them (and handed over in
+    shuffled order) against evolution.lineages called on the same objects in memory."""
+    import json
+
+    import pandas as pd
+
+    from sae_diff import evolution, grid
+    from sae_diff.sae import files
+
+    rng = np.random.default_rng(5)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    decoders = [unit(rng.standard_normal((6, 16)))]
+    for _ in range(2):
+        nxt = decoders[-1].copy()
+        nxt[0] = unit(nxt[:1] + 0.8 * rng.standard_normal((1, 16)))[0]  # one feature moves each step
+        decoders.append(nxt)
+    cells = ["M0_D0", "M1_D1", "M2_D2"]
+    spec = {"saes": {"topk": {}}, "grid": {"branches": ["MXDX"]}, "data": {d: {} for d in ("D0", "D1", "D2")}}
+    stats = [_stats(6) for _ in cells]
+    saes_files, stats_files, diff_files = [], [], []
+    for cell, rows, table in zip(cells, decoders, stats):
+        files.save(sae_with_decoder(rows), tmp_path / grid.sae_dir(cell, 1, "topk"))
+        saes_files.append(str(tmp_path / grid.sae_weights(cell, 1, "topk")))
+        path = tmp_path / grid.feature_stats(cell, 1, "topk")
+        path.parent.mkdir(parents=True)
+        table.to_parquet(path)
+        stats_files.append(str(path))
+    steps, born = [], []
+    for t in range(2):
+        table, summary = diff.compare(
+            sae_with_decoder(decoders[t]),
+            sae_with_decoder(decoders[t + 1]),
+            stats[t],
+            stats[t + 1],
+            THRESHOLDS,
+            False,
+            0.1,
+        )
+        steps.append(table)
+        born.append(np.asarray(summary["born"]))
+        path = tmp_path / grid.diff_json(cells[t], cells[t + 1], 1, "topk")
+        path.parent.mkdir(parents=True)
+        table.to_parquet(path.with_suffix(".parquet"))
+        path.write_text(json.dumps({"a": cells[t], "b": cells[t + 1], "layer": 1, "sae": "topk", **summary}))
+        diff_files.append(str(path))
+    calibration = tmp_path / grid.calibration_json(1, "topk")
+    calibration.parent.mkdir(parents=True)
+    calibration.write_text(json.dumps({"thresholds": THRESHOLDS.to_dict(), "changed_fraction": 0.05}))
+
+    out = evolution.run(spec, 1, diff_files[::-1], [str(calibration)], saes_files[::-1], stats_files[::-1])
+    unit_decoders = [diff.unit_rows(sae_with_decoder(m).W_dec) for m in decoders]
+    expected, counts = evolution.lineages(cells, steps, born, unit_decoders, stats, THRESHOLDS)
+    got = out["topk"]["branches"]["MXDX"]
+    assert got["steps"] == counts and got["cells"] == cells
+    pd.testing.assert_frame_equal(got["lineages"], expected)
+    assert out["topk"]["seed_baseline_changed_fraction"] == 0.05
+    with pytest.raises(KeyError):  # a step whose diff was not handed over is not looked up on disk
+        evolution.run(spec, 1, diff_files[:1], [str(calibration)], saes_files, stats_files)

@@ -1,15 +1,16 @@
 """Interventions: hooks checked against plain tensor algebra on a tiny random model, and the
-experiment bookkeeping (feature choice, matched controls, effects) against hand-built tables."""
+experiment bookkeeping (feature choice, matched controls, effects, skip rules) against hand-built tables."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from sae_diff import interventions as iv
-from sae_diff import models
+from sae_diff import conditions, editing, effects, experiments, interventions, models
 from sae_diff.sae.model import SAE, SAEConfig
 
 GREEDY = {
@@ -55,7 +56,7 @@ def test_feature_acts_equal_dense_encode(arch):
         if arch == "batchtopk":
             sae.threshold.fill_(0.2)  # inference: the learned global threshold
         expected = sae.encode(x)[:, chosen]
-        got = iv.feature_acts(sae, x, chosen)
+        got = editing.feature_acts(sae, x, chosen)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
@@ -65,13 +66,13 @@ def test_noop_splice_reproduces_greedy_generation_token_for_token(tiny):
     model, tokenizer = tiny
     sae = _sae(model.config.hidden_size)
     plain = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
-    for positions in iv.POSITIONS:
-        with iv.intervene(model, sae, 1, "resid_post", iv.Edit("noop", positions=positions)):
+    for positions in experiments.POSITIONS:
+        with editing.intervene(model, sae, 1, "resid_post", editing.Edit("noop", positions=positions)):
             spliced = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
         assert spliced["completion_ids"].tolist() == plain["completion_ids"].tolist()
     # and the check is not vacuous: a real edit changes them
-    strong = iv.Edit("steer", (0,), (50.0,))
-    with iv.intervene(model, sae, 1, "resid_post", strong):
+    strong = editing.Edit("steer", (0,), (50.0,))
+    with editing.intervene(model, sae, 1, "resid_post", strong):
         steered = data.generate(model, tokenizer, _prompts(), GREEDY, keep_ids=True, progress=False)
     assert steered["completion_ids"].tolist() != plain["completion_ids"].tolist()
 
@@ -103,7 +104,7 @@ def test_ablation_removes_the_planted_feature_direction(tiny):
     f_j = torch.relu(x.double() @ sae.W_enc_T[j] + 10.0)
     assert bool((f_j > 0).all())
     captured = {}
-    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("ablate", (j,))):
+    with editing.intervene(model, sae, 1, "resid_post", editing.Edit("ablate", (j,))):
         with models.capture(model, [(1, "resid_post")], stop=True) as store:
             models.run_until_stopped(model, input_ids=ids)
         captured = store[(1, "resid_post")]
@@ -127,7 +128,7 @@ def test_clamp_sets_the_feature_to_its_value(tiny):
         sae.b_enc.fill_(5.0)  # every feature fires, so the ReLU is the identity here
         sae.b_dec.zero_()
     ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(4))
-    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("clamp", (2, 7), (1.5, 9.0))):
+    with editing.intervene(model, sae, 1, "resid_post", editing.Edit("clamp", (2, 7), (1.5, 9.0))):
         with models.capture(model, [(1, "resid_post")], stop=True) as store:
             models.run_until_stopped(model, input_ids=ids)
     f = sae.encode(store[(1, "resid_post")].double().reshape(-1, d))
@@ -151,7 +152,7 @@ def test_steering_shifts_logits_along_the_decoder_direction(tiny):
     unit_logits = unembed(sae.W_dec[j][None]).squeeze(0).detach()  # the direction's own logits
     previous = 0.0
     for c in (2.0, 8.0):
-        with iv.intervene(model, sae, last, "resid_post", iv.Edit("steer", (j,), (c,))):
+        with editing.intervene(model, sae, last, "resid_post", editing.Edit("steer", (j,), (c,))):
             steered = model(input_ids=ids).logits
         with torch.no_grad():
             expected = unembed(norm(x + c * sae.W_dec[j]))
@@ -159,7 +160,7 @@ def test_steering_shifts_logits_along_the_decoder_direction(tiny):
         shift = float(((steered - clean).mean((0, 1)) * unit_logits).sum())
         assert shift > previous
         previous = shift
-    with iv.intervene(model, sae, last, "resid_post", iv.Edit("steer", (j,), (-8.0,))):
+    with editing.intervene(model, sae, last, "resid_post", editing.Edit("steer", (j,), (-8.0,))):
         flipped = model(input_ids=ids).logits
     assert float(((flipped - clean).mean((0, 1)) * unit_logits).sum()) < 0
 
@@ -175,14 +176,14 @@ def test_generated_only_leaves_the_prompt_alone(tiny):
     def record(into):
         # registered after the editing hook, so it sees the block's output as edited
         return models.hook_module(model, 1, "resid_post").register_forward_hook(
-            lambda _m, _i, out: into.append(iv._first(out).detach().clone())
+            lambda _m, _i, out: into.append(editing._first(out).detach().clone())
         )
 
     plain, edited = [], []
     handle = record(plain)
     data.generate(model, tokenizer, _prompts(2), settings, progress=False)
     handle.remove()
-    with iv.intervene(model, sae, 1, "resid_post", iv.Edit("steer", (0,), (30.0,), positions="generated")):
+    with editing.intervene(model, sae, 1, "resid_post", editing.Edit("steer", (0,), (30.0,), positions="generated")):
         handle = record(edited)
         data.generate(model, tokenizer, _prompts(2), settings, progress=False)
         handle.remove()
@@ -204,10 +205,10 @@ def test_prompt_only_edits_the_prefill_alone(tiny):
     site = models.hook_module(model, 1, "resid_post")
     before, after = [], []
     # forward hooks run in registration order: raw output, then the edit, then the edited output
-    first = site.register_forward_hook(lambda _m, _i, out: before.append(iv._first(out).detach().clone()))
+    first = site.register_forward_hook(lambda _m, _i, out: before.append(editing._first(out).detach().clone()))
     try:
-        with iv.intervene(model, sae, 1, "resid_post", iv.Edit("steer", (0,), (30.0,), positions="prompt")):
-            last = site.register_forward_hook(lambda _m, _i, out: after.append(iv._first(out).detach().clone()))
+        with editing.intervene(model, sae, 1, "resid_post", editing.Edit("steer", (0,), (30.0,), positions="prompt")):
+            last = site.register_forward_hook(lambda _m, _i, out: after.append(editing._first(out).detach().clone()))
             data.generate(model, tokenizer, _prompts(2), dict(GREEDY, max_new_tokens=3), progress=False)
             last.remove()
     finally:
@@ -227,11 +228,11 @@ def test_select_features_follows_path_order_and_sign():
             "l1_entry": [3, 0, 1, np.nan, 2, np.nan, np.nan, 4],
         }
     )
-    assert iv.select_features(probe, [5, 1], 3, "promote", "up") == [5, 2, 0]
-    assert iv.select_features(probe, [5, 1], 2, "promote", "down") == [1, 4]
-    assert iv.select_features(probe, [], 3, "any", "up") == [1, 2, 4]
+    assert conditions.select_features(probe, [5, 1], 3, "promote", "up") == [5, 2, 0]
+    assert conditions.select_features(probe, [5, 1], 2, "promote", "down") == [1, 4]
+    assert conditions.select_features(probe, [], 3, "any", "up") == [1, 2, 4]
     with pytest.raises(ValueError, match="interventions.sign"):
-        iv.select_features(probe, [], 3, "both", "up")
+        conditions.select_features(probe, [], 3, "both", "up")
 
 
 def test_matched_random_features_are_near_in_firing_frequency():
@@ -239,21 +240,21 @@ def test_matched_random_features_are_near_in_firing_frequency():
     freq = np.exp(rng.uniform(np.log(1e-4), np.log(0.3), size=400))
     stats = pd.DataFrame({"feature": np.arange(400), "freq": freq, "dead": False})
     chosen = [3, 50, 100, 200]
-    picks = iv.matched_random(stats, chosen, seed=1, pool=10)
+    picks = conditions.matched_random(stats, chosen, seed=1, pool=10)
     assert len(set(picks)) == 4 and not set(picks) & set(chosen)
     for c, p in zip(chosen, picks):
         # within the 10 nearest of 396 log-uniform frequencies: a tight band around the target
         nearest = np.sort(np.abs(np.log(np.delete(freq, chosen)) - np.log(freq[c])))[9]
         assert abs(np.log(freq[p]) - np.log(freq[c])) <= nearest + 1e-12
-    assert iv.matched_random(stats, chosen, seed=1, pool=10) == picks  # deterministic
+    assert conditions.matched_random(stats, chosen, seed=1, pool=10) == picks  # deterministic
 
 
 def test_repetition_rate_and_completion_nll(tiny):
-    assert iv.repetition_rate("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
-    assert iv.repetition_rate("one two") == 0.0
+    assert effects.repetition_rate("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert effects.repetition_rate("one two") == 0.0
     model, tokenizer = tiny
     prompt, completion = "hello there", tokenizer("abc def", add_special_tokens=False)["input_ids"]
-    nll = iv.completion_nll(model, tokenizer, [prompt, prompt], [completion, []])
+    nll = effects.completion_nll(model, tokenizer, [prompt, prompt], [completion, []])
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] + completion
     with torch.no_grad():
         log_p = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
@@ -293,7 +294,7 @@ def _scores(effect_by_alpha: dict, control: float, n: int = 40, seed: int = 0) -
 
 def test_effects_pick_the_largest_coherent_alpha_on_the_select_half():
     scores = _scores({1.0: 0.05, 4.0: 0.3, 8.0: 0.5}, control=0.0)
-    out = iv.effects(scores, "m", 1.0, "steering", ["m"], max_perplexity_ratio=2.0)
+    out = effects.effects(scores, "m", 1.0, "steering", ["m"], max_perplexity_ratio=2.0)
     assert out["report"]["alpha"] == 4.0  # alpha 8 is stronger but its perplexity e^2 - 1 > 1
     assert out["report"]["effect"] == pytest.approx(0.3, abs=0.03)
     assert out["report"]["ci_low"] > 0.2 and out["report"]["p"] < 0.01
@@ -332,7 +333,7 @@ def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on
         add("random", "control", 0.0, features="3 4")
         add("feature_7", "single", -0.2)
         add("random_7", "control", 0.1, features="3")
-    out = iv.effects(pd.DataFrame(rows), "m", -1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
+    out = effects.effects(pd.DataFrame(rows), "m", -1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
     report = out["report"]
     assert report["condition"] == "feature_7" and report["features"] == [7]
     assert report["effect"] == pytest.approx(-0.2, abs=0.03) and report["ci_high"] < 0
@@ -342,32 +343,32 @@ def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on
 
 
 def test_conditions_give_each_single_its_own_matched_control():
-    conds = iv.conditions("ablation", [7, 9], [3, 4], {7: 1.0, 9: 1.0, 3: 1.0, 4: 1.0}, [1.0], 2, "all")
+    conds = conditions.conditions("ablation", [7, 9], [3, 4], {7: 1.0, 9: 1.0, 3: 1.0, 4: 1.0}, [1.0], 2, "all")
     by_name = {c.name: c for c in conds}
     assert by_name["random_7"].features == [3] and by_name["random_9"].features == [4]
     assert by_name["random_7"].role == "control" and by_name["feature_9"].role == "single"
-    swept = iv.conditions("steering", [7], [3], {7: 2.0, 3: 0.5}, [1.0, 4.0], 1, "all")
+    swept = conditions.conditions("steering", [7], [3], {7: 2.0, 3: 0.5}, [1.0, 4.0], 1, "all")
     assert [(c.name, c.alpha) for c in swept if c.name == "random_7"] == [("random_7", 1.0), ("random_7", 4.0)]
     assert [c.edit.values for c in swept if c.name == "random_7"] == [(0.5,), (2.0,)]
 
 
 def test_select_attributed_orders_by_attribution_and_sign():
     table = pd.DataFrame({"feature": np.arange(6), "attribution": [0.0, 0.5, -0.9, 0.2, -0.1, 0.7]})
-    assert iv.select_attributed(table, 2, "promote") == [5, 1]
-    assert iv.select_attributed(table, 2, "suppress") == [2, 4]
-    assert iv.select_attributed(table, 3, "any") == [2, 5, 1]
-    assert iv.select_attributed(table, 9, "promote") == [5, 1, 3]  # zero attributions never chosen
-    assert iv.selection_method({"select": {"ablation": "attribution"}}, "ablation") == "attribution"
-    assert iv.selection_method({"select": {"ablation": "attribution"}}, "steering") == "probe"
+    assert conditions.select_attributed(table, 2, "promote") == [5, 1]
+    assert conditions.select_attributed(table, 2, "suppress") == [2, 4]
+    assert conditions.select_attributed(table, 3, "any") == [2, 5, 1]
+    assert conditions.select_attributed(table, 9, "promote") == [5, 1, 3]  # zero attributions never chosen
+    assert experiments.selection_method({"select": {"ablation": "attribution"}}, "ablation") == "attribution"
+    assert experiments.selection_method({"select": {"ablation": "attribution"}}, "steering") == "probe"
     with pytest.raises(ValueError, match="expected probe or attribution"):
-        iv.selection_method({"select": {"ablation": "gradient"}}, "ablation")
+        experiments.selection_method({"select": {"ablation": "gradient"}}, "ablation")
 
 
 def test_expected_sign():
-    assert iv.expected_sign("up", "promote", "steering") == 1.0
-    assert iv.expected_sign("up", "promote", "ablation") == -1.0
-    assert iv.expected_sign("down", "promote", "steering") == -1.0
-    assert iv.expected_sign("up", "suppress", "steering") == -1.0
+    assert effects.expected_sign("up", "promote", "steering") == 1.0
+    assert effects.expected_sign("up", "promote", "ablation") == -1.0
+    assert effects.expected_sign("down", "promote", "steering") == -1.0
+    assert effects.expected_sign("up", "suppress", "steering") == -1.0
 
 
 def test_prefill_tracker_counts_forwards_per_generate_call(tiny):
@@ -377,7 +378,7 @@ def test_prefill_tracker_counts_forwards_per_generate_call(tiny):
     from sae_diff import data
 
     model, tokenizer = tiny
-    tracker = iv.PrefillTracker()
+    tracker = editing.PrefillTracker()
     seen = []
     uneven = pd.DataFrame({"prompt_id": [0, 1], "prompt": ["the cat", "a much longer prompt about the cat that sat"]})
     with tracker.track(model):
@@ -392,3 +393,103 @@ def test_prefill_tracker_counts_forwards_per_generate_call(tiny):
             probe.remove()
     assert seen == [True, False, False, True, False, True]
     assert "generate" not in vars(model)
+
+
+# --------------------------------------------------------------------------- skip_reason
+
+SCORERS = [{"name": "command", "metrics": ["m"]}]  # scores metric "m" only
+PROBE_OPTS = {"select": "probe"}
+ATTRIBUTION_OPTS = {"select": {"ablation": "attribution"}}
+
+
+def _probe(tmp_path, summary: dict, table: bool):
+    """A probe's summary JSON, with (``table``) or without its table beside it."""
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(summary))
+    if table:
+        pd.DataFrame({"feature": [0], "smd": [1.0]}).to_parquet(path.with_suffix(".parquet"))
+    return path
+
+
+def _attribution(tmp_path, summary: dict):
+    """A fork attribution table path whose summary JSON beside it is ``summary``."""
+    path = tmp_path / "attribution.parquet"
+    path.with_suffix(".json").write_text(json.dumps(summary))
+    return path
+
+
+def test_skip_reason_runs_a_probe_experiment_whose_probe_has_a_table(tmp_path):
+    """Compared: the result with a scored metric and the probe's table present, against None."""
+    probe = _probe(tmp_path, {"top_features": [0]}, table=True)
+    assert interventions.skip_reason("steering", PROBE_OPTS, SCORERS, "m", probe) is None
+
+
+def test_skip_reason_names_an_unscored_metric_before_anything_else(tmp_path):
+    """Compared: the reason for a metric no scorer computes, against the grid's own wording of it,
+    even though the probe was skipped too (the metric is checked first) and, for attribution, no
+    table was given (an unscored metric is skipped, not a configuration error)."""
+    from sae_diff.grid import unscored_metric_reason
+
+    probe = _probe(tmp_path, {"skipped": "too few samples"}, table=False)
+    expected = unscored_metric_reason(SCORERS, "other")
+    assert expected is not None and "'other'" in expected
+    assert interventions.skip_reason("steering", PROBE_OPTS, SCORERS, "other", probe) == expected
+    assert interventions.skip_reason("ablation", ATTRIBUTION_OPTS, SCORERS, "other", probe, None) == expected
+
+
+def test_skip_reason_names_a_skipped_probe(tmp_path):
+    """Compared: the reason when the probe left no table, against the probe's own "skipped" text,
+    or "no table" when its summary has none."""
+    probe = _probe(tmp_path, {"skipped": "3 labelled samples, need 20"}, table=False)
+    assert (
+        interventions.skip_reason("steering", PROBE_OPTS, SCORERS, "m", probe)
+        == f"the probe {probe} was skipped: 3 labelled samples, need 20"
+    )
+    bare = _probe(tmp_path, {}, table=False)
+    assert (
+        interventions.skip_reason("steering", PROBE_OPTS, SCORERS, "m", bare)
+        == f"the probe {bare} was skipped: no table"
+    )
+
+
+def test_skip_reason_with_attribution_ignores_the_probe_and_names_a_skipped_attribution(tmp_path):
+    """Compared: for attribution-picked features, None when the attribution ran (whatever the probe
+    did), and the attribution's own "skipped" text when it did not."""
+    probe = _probe(tmp_path, {"skipped": "too few samples"}, table=False)
+    ran = _attribution(tmp_path, {"n_pairs": 12})
+    assert interventions.skip_reason("ablation", ATTRIBUTION_OPTS, SCORERS, "m", probe, ran) is None
+    skipped = _attribution(tmp_path, {"skipped": "no fork in 40 prompts"})
+    assert (
+        interventions.skip_reason("ablation", ATTRIBUTION_OPTS, SCORERS, "m", probe, skipped)
+        == f"the attribution {skipped} was skipped: no fork in 40 prompts"
+    )
+    # steering in the same options still picks by probe, so the skipped probe decides
+    assert interventions.skip_reason("steering", ATTRIBUTION_OPTS, SCORERS, "m", probe, ran).startswith("the probe")
+
+
+def test_skip_reason_refuses_attribution_without_a_table(tmp_path):
+    """Compared: the error raised when features are to be picked by attribution and no attribution
+    table is given: a ConfigError naming the config key (the CLI prints it and exits 2)."""
+    from sae_diff.errors import ConfigError
+
+    probe = _probe(tmp_path, {"top_features": [0]}, table=True)
+    with pytest.raises(ConfigError, match=r"interventions\.select\.ablation = attribution: no attribution table"):
+        interventions.skip_reason("ablation", ATTRIBUTION_OPTS, SCORERS, "m", probe, None)
+
+
+def test_experiment_prompts_apply_the_filters_in_order_then_the_cap(tmp_path):
+    """Compared: the prompts kept against the rows picked by hand from the YAML's templates x
+    fillers (two filters, in order, then max_prompts); fewer than two left is an error naming the file."""
+    from sae_diff.errors import DataError
+    from sae_diff.interventions import experiment_prompts
+
+    path = tmp_path / "prompts.yaml"
+    path.write_text(
+        "languages:\n  en:\n    templates: ['A {job}.', 'The {job}.', 'One {job}.']\n"
+        "    fillers: {job: [nurse, pilot, cook]}\n"
+    )
+    kept = experiment_prompts(path, [{"template": [0, 2]}, {"job": ["pilot", "cook"]}], max_prompts=3)
+    assert kept["prompt"].tolist() == ["A pilot.", "A cook.", "One pilot."]
+    assert experiment_prompts(path, [None, None])["prompt"].tolist()[:2] == ["A nurse.", "A pilot."]
+    with pytest.raises(DataError, match="prompts.yaml.*need at least 2"):
+        experiment_prompts(path, [{"template": [1]}, {"job": ["cook"]}])

@@ -10,7 +10,7 @@ import yaml
 from scipy import stats
 
 from sae_diff import config as cfglib
-from sae_diff import iterations
+from sae_diff import grid, iterations
 from sae_diff.config import ConfigError
 
 
@@ -91,7 +91,7 @@ def _load(cfg, tmp_path, root):
 def test_dpo_block_expands_to_models_and_data(test_config, tmp_path, root):
     test_config["iterations"]["rounds"] = 3
     cfg = _load(test_config, tmp_path, root)
-    assert cfglib.model_ids(cfg) == ["M0", "M1", "M2", "M3"]
+    assert grid.model_ids(cfg) == ["M0", "M1", "M2", "M3"]
     assert cfg["models"]["M2"] == {
         "source": "dpo",
         "parent": "M1",
@@ -122,9 +122,9 @@ def test_given_method_resolves_the_same_grid_as_dpo(test_config, tmp_path, root,
     }
     given["interventions"] = {**given["interventions"], "prompts": "resources/prompts/tiny.txt"}
     given_cfg = _load(given, tmp_path, root)
-    assert cfglib.cells(given_cfg) == cfglib.cells(dpo_cfg)
-    assert cfglib.model_ids(given_cfg) == cfglib.model_ids(dpo_cfg)
-    assert cfglib.data_ids(given_cfg) == cfglib.data_ids(dpo_cfg)
+    assert grid.cells(given_cfg) == grid.cells(dpo_cfg)
+    assert grid.model_ids(given_cfg) == grid.model_ids(dpo_cfg)
+    assert grid.data_ids(given_cfg) == grid.data_ids(dpo_cfg)
     assert given_cfg["models"]["M1"] == {
         "source": "hf",
         "path": str(tiny_model_dir),

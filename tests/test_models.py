@@ -39,7 +39,7 @@ def test_init_from_perturbs_the_earlier_model(tmp_path, tiny_model_dir):
 
     root = tiny_model_dir.parent
     out = models.prepare(
-        "M1", {"M1": dict(TINY_SPEC, seed=5, init_from="M0", perturb_scale=0.1)}, root / "M1", models_root=root
+        "M1", {"M1": dict(TINY_SPEC, seed=5, init_from="M0", perturb_scale=0.1)}, root / "M1", init_from=root / "M0"
     )
     base, _ = models.load(tiny_model_dir)
     tuned, _ = models.load(out)

@@ -109,3 +109,66 @@ def test_spearman_cv_and_correlation_ci():
         stats.spearmanr(x[:, 7], v).statistic
     )
     assert probes.jaccard([1, 2, 3], [2, 3, 4]) == pytest.approx(0.5)
+
+
+def test_compare_layer_reads_the_files_it_is_given(tmp_path):
+    """Compared: probes.compare_layer on probe and diff files (handed over in shuffled order, one
+    probe skipped: JSON without a table) against compare_cells / compare_metrics called directly."""
+    import json
+
+    import pandas as pd
+
+    from sae_diff import grid
+
+    rng = np.random.default_rng(3)
+    n, k = 12, 3
+
+    def probe_table():
+        smd = rng.normal(size=n)
+        top = np.zeros(n, dtype=bool)
+        top[np.argsort(-np.abs(smd))[:k]] = True
+        return pd.DataFrame({"feature": np.arange(n), "smd": smd, "freq": rng.random(n), f"top{k}": top})
+
+    spec = {
+        "saes": {"topk": {}},
+        "probes": {"ks": [1, k]},
+        "metrics": ["m1", "m2"],
+        "cells": ["M0_D0", "M1_D1"],
+        "diff_saes": ["topk"],
+        "grid": {"branches": ["MXDX"]},
+        "data": {"D0": {}, "D1": {}},
+    }
+    tables, probe_files = {}, []
+    for cell in spec["cells"]:
+        for metric in spec["metrics"]:
+            path = tmp_path / grid.probe_json(cell, 1, "topk", metric)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            block = {"cell": cell, "layer": 1, "sae": "topk", "metric": metric, "auroc": float(rng.random())}
+            if (cell, metric) == ("M1_D1", "m2"):
+                block = {**block, "skipped": "too few labelled samples"}
+            else:
+                tables[(cell, metric)] = probe_table()
+                tables[(cell, metric)].to_parquet(path.with_suffix(".parquet"))
+            path.write_text(json.dumps(block))
+            probe_files.append(str(path))
+    diff_table = pd.DataFrame({"match": rng.permutation(n), "dec_cos_match": rng.random(n)})
+    diff_path = tmp_path / grid.diff_json("M0_D0", "M1_D1", 1, "topk")
+    diff_path.parent.mkdir(parents=True)
+    diff_table.to_parquet(diff_path.with_suffix(".parquet"))
+    diff_path.write_text(json.dumps({"a": "M0_D0", "b": "M1_D1", "layer": 1, "sae": "topk"}))
+
+    out = probes.compare_layer(spec, 1, probe_files[::-1], [str(diff_path)])
+    assert out["layer"] == 1 and out["k"] == k
+    assert [(r["cell"], r["metric"], r["skipped"]) for r in out["auroc"]] == [
+        ("M0_D0", "m1", None),
+        ("M1_D1", "m1", None),
+        ("M0_D0", "m2", None),
+        ("M1_D1", "m2", "too few labelled samples"),
+    ]
+    (pair,) = out["cells"]  # m2 has no table in M1_D1: only m1 is compared across cells
+    expected = probes.compare_cells(tables[("M0_D0", "m1")], tables[("M1_D1", "m1")], diff_table, k)
+    assert pair["metric"] == "m1" and pair["jaccard_top"] == expected["jaccard_top"]
+    assert pair["importance_spearman"] == expected["importance_spearman"]
+    assert out["metrics"] == {
+        "topk": {"M0_D0": probes.compare_metrics({m: tables[("M0_D0", m)] for m in ("m1", "m2")}, k)}
+    }

@@ -28,8 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import site_dir
 from .errors import ActivationStoreError  # noqa: F401
+from .grid import site_dir
 from .io import atomic_path, crash_point, file_stamps, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)

@@ -90,7 +90,7 @@ def attribute(
 ) -> np.ndarray:
     """[n_pairs, d_sae]: Σ_p f_j(x_p) d_j·∂m/∂x_p per fork (see the module docstring)."""
     from . import models
-    from .interventions import _first, _replace_first
+    from .editing import _first, _replace_first
     from .progress import bar
 
     site = models.hook_module(model, layer, hook)

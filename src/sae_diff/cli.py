@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("sae_diff")
@@ -23,9 +24,9 @@ def _spec(args) -> dict:
         return json.loads(text)
     if args.config is None:
         raise SystemExit("error: give --spec JSON or --config FILE")
-    from . import config as config_lib
+    from . import config as cfglib
 
-    return config_lib.load(args.config)
+    return cfglib.load(args.config)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +44,30 @@ def _cell(parser: argparse.ArgumentParser, layer: bool = False) -> None:
         parser.add_argument("--layer", type=int, required=True, help="block index")
 
 
-def cmd_validate(args) -> None:
-    from . import config as config_lib
-    from . import data, models
+# verb name -> (help, the function adding its arguments, the command); each verb's arguments
+# sit right above its command, and build_parser adds them in this order
+VERBS: dict[str, tuple[str, Callable, Callable]] = {}
 
-    cfg = config_lib.load(args.configfile)
+
+def verb(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(fn: Callable) -> Callable:
+        VERBS[name] = (help_text, add_arguments, fn)
+        return fn
+
+    return register
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("configfile")
+    p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
+
+
+@verb("validate", "validate a config file and print the grid", _validate_args)
+def cmd_validate(args) -> None:
+    from . import config as cfglib
+    from . import data, grid, models
+
+    cfg = cfglib.load(args.configfile)
     tables = {
         data_id: data.load_table(spec) for data_id, spec in cfg["data"].items() if spec["source"] == "table"
     }  # the user's tables, with the checks make-data applies
@@ -66,22 +86,38 @@ def cmd_validate(args) -> None:
     print(
         json.dumps(cfg, indent=2)
         if args.show
-        else f"{args.configfile}: valid ({len(config_lib.cells(cfg))} cells, layers {cfg['layers']})"
+        else f"{args.configfile}: valid ({len(grid.cells(cfg))} cells, layers {cfg['layers']})"
     )
-    for metric in dict.fromkeys(run.metric for run in config_lib.intervention_runs(cfg)):
-        reason = config_lib.unscored_metric_reason(cfg["scorers"], metric)
+    for metric in dict.fromkeys(run.metric for run in grid.intervention_runs(cfg)):
+        reason = grid.unscored_metric_reason(cfg["scorers"], metric)
         if reason:
             print(f"note: interventions on {metric} will be skipped: {reason}", file=sys.stderr)
 
 
+def _prepare_model_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--init-from", help="the prepared folder of the model this one starts from (init_from)")
+    p.add_argument("--out", required=True)
+
+
+@verb("prepare-model", "convert a configured model to a safetensors HF folder", _prepare_model_args)
 def cmd_prepare_model(args) -> None:
     from . import models
 
     spec = _spec(args)
     models.set_threads(args.threads)
-    models.prepare(args.model, spec["models"], args.out, models_root=args.models_root)
+    models.prepare(args.model, spec["models"], args.out, init_from=args.init_from)
 
 
+def _make_data_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--model-dir", help="the generating model's prepared folder (source generate)")
+    p.add_argument("--out", required=True)
+
+
+@verb("make-data", "generate or load one data set, with its train/eval split", _make_data_args)
 def cmd_make_data(args) -> None:
     from . import data, io, models
 
@@ -90,7 +126,7 @@ def cmd_make_data(args) -> None:
     table = data.make(
         spec["data"][args.data],
         spec["split"],
-        args.models_root,
+        args.model_dir,
         place=models.placement(spec),
         progress=not args.no_progress,
     )
@@ -98,6 +134,13 @@ def cmd_make_data(args) -> None:
     log.info("%s: %s", args.data, data.describe(table))
 
 
+def _score_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+
+
+@verb("score", "add the configured scorers' metric columns", _score_args)
 def cmd_score(args) -> None:
     import pandas as pd
 
@@ -108,6 +151,16 @@ def cmd_score(args) -> None:
     io.write_parquet(table, args.out)
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--model", required=True, help="the model id this round makes, e.g. M1")
+    p.add_argument("--samples", required=True, help="scored samples the pairs come from")
+    p.add_argument("--parent", required=True, help="the prepared folder of the model this round trains")
+    p.add_argument("--reference", required=True, help="the prepared folder of the DPO reference model")
+    p.add_argument("--out", required=True)
+
+
+@verb("finetune", "make one iteration by DPO on its parent's scored generations", _finetune_args)
 def cmd_finetune(args) -> None:
     """One DPO round: pairs from the scored samples, then TRL's DPOTrainer on the parent model."""
     import pandas as pd
@@ -134,10 +187,9 @@ def cmd_finetune(args) -> None:
         it["target"]["metric"],
         it["target"]["direction"],
     )
-    root = Path(args.models_root)
     record = finetune.dpo(
-        root / model["parent"],
-        root / model["reference"],
+        Path(args.parent),
+        Path(args.reference),
         pairs,
         it["dpo"],
         args.out,
@@ -147,6 +199,14 @@ def cmd_finetune(args) -> None:
     log.info("%s: DPO loss %.4f -> %.4f", args.model, record["loss_first"], record["loss_last"])
 
 
+def _iterations_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--samples", nargs="+", required=True, help="results/data/Di/samples.parquet, in order")
+    p.add_argument("--examples", help="also write a few held-out generations per iteration (CSV) here")
+    p.add_argument("--out", required=True)
+
+
+@verb("iterations", "per-iteration metric means with bootstrap CIs and the shift", _iterations_args)
 def cmd_iterations(args) -> None:
     """Per-iteration means of every metric with bootstrap CIs, and the M0 -> MX shift."""
     import pandas as pd
@@ -165,13 +225,24 @@ def cmd_iterations(args) -> None:
             pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
+def _features_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--acts-dir", required=True, help="the cell's activation stores (one folder per site)")
+    p.add_argument("--saes-dir", required=True, help="the (cell, layer)'s SAEs, one folder per config")
+    p.add_argument("--out-dir", required=True, help="one folder per SAE config is written here")
+
+
+@verb("features", "feature statistics, examples, logit lens and groups of one (cell, layer)", _features_args)
 def cmd_features(args) -> None:
     """Feature statistics, examples, logit lens, group statistics of the SAEs of one (cell, layer)."""
     import pandas as pd
 
     from . import features, models
     from .activations import open_stores
-    from .config import site_dir
+    from .grid import site_dir
 
     spec = _spec(args)
     models.set_threads(args.threads)
@@ -184,17 +255,17 @@ def cmd_features(args) -> None:
     for name, block in spec["saes"].items():
         hook = block.get("hook_point", "resid_post")
         (store,) = open_stores(
-            [Path(args.acts_root) / cell / site_dir(args.layer, hook)],
+            [Path(args.acts_dir) / site_dir(args.layer, hook)],
             args.model_dir,
             args.samples,
             place,
             loaded=(model, tokenizer),
         )
         summary = features.write(
-            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
+            Path(args.saes_dir) / name,
             store,
             samples,
-            Path(args.out_root) / cell / f"layer{args.layer}" / name,
+            Path(args.out_dir) / name,
             spec["features"],
             model=model,
             tokenizer=tokenizer,
@@ -204,6 +275,15 @@ def cmd_features(args) -> None:
         log.info("%s layer %d %s: %s", cell, args.layer, name, summary)
 
 
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--saes", required=True, help="folder of the base cell's SAEs of this layer")
+    p.add_argument("--seed-saes", required=True, help="folder of the seed-pair SAEs")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("calibrate", "thresholds from a seed pair of SAEs on the base cell", _calibrate_args)
 def cmd_calibrate(args) -> None:
     """Same / changed / new thresholds per SAE config from a seed pair on the base cell."""
     from . import diff, io
@@ -214,39 +294,46 @@ def cmd_calibrate(args) -> None:
         main = files.load(Path(args.saes) / name)
         seed = files.load(Path(args.seed_saes) / name)
         thresholds, null = diff.calibration(main, seed, spec["diff"]["same_quantile"], spec["diff"]["new_quantile"])
+        record = diff.calibration_record(null, thresholds)
+        record["seed_pair"] = [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)]
         out = Path(args.out_dir)
         io.write_parquet(null, out / f"{name}_null.parquet")
-        io.write_json(
-            out / f"{name}.json",
-            {
-                "thresholds": thresholds.to_dict(),
-                "mmcs": diff.mmcs(null),
-                "seed_pair": [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)],
-                "changed_fraction": float((diff.label(null["dec_cos_match"], thresholds) != "same").mean()),
-            },
-        )
+        io.write_json(out / f"{name}.json", record)
         log.info("layer %d %s: thresholds %s", args.layer, name, thresholds.to_dict())
 
 
+def _diff_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--a", required=True, help="cell, e.g. M0_D0")
+    p.add_argument("--b", required=True, help="cell, e.g. M1_D1")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--calibration", required=True, help="folder of the layer's calibration JSONs")
+    p.add_argument("--a-saes", required=True, help="cell a's SAEs of this layer, one folder per config")
+    p.add_argument("--b-saes", required=True, help="cell b's SAEs of this layer")
+    p.add_argument("--a-features", required=True, help="cell a's feature statistics of this layer")
+    p.add_argument("--b-features", required=True, help="cell b's feature statistics of this layer")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("diff", "labelled weight diff of the SAEs of two cells (one layer)", _diff_args)
 def cmd_diff(args) -> None:
     """Labelled weight diff of every SAE config between two cells of one layer."""
     import pandas as pd
 
     from . import diff, io
-    from .config import Cell, warm_start_source
+    from .grid import Cell, warm_start_source
     from .sae import files
 
     spec = _spec(args)
     a, b = Cell.parse(args.a), Cell.parse(args.b)
-    layer = f"layer{args.layer}"
     for name, block in spec["saes"].items():
         thresholds = diff.Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
         aligned = warm_start_source(spec, b, block.get("warm_start", "none")) == a
         table, summary = diff.compare(
-            files.load(Path(args.saes_root) / a.name / layer / name),
-            files.load(Path(args.saes_root) / b.name / layer / name),
-            pd.read_parquet(Path(args.features_root) / a.name / layer / name / "stats.parquet"),
-            pd.read_parquet(Path(args.features_root) / b.name / layer / name / "stats.parquet"),
+            files.load(Path(args.a_saes) / name),
+            files.load(Path(args.b_saes) / name),
+            pd.read_parquet(Path(args.a_features) / name / "stats.parquet"),
+            pd.read_parquet(Path(args.b_features) / name / "stats.parquet"),
             thresholds,
             aligned,
             spec["diff"]["norm_collapse"],
@@ -257,18 +344,42 @@ def cmd_diff(args) -> None:
         log.info("%s -> %s layer %d %s: %s", a.name, b.name, args.layer, name, summary["counts"])
 
 
+def _evolution_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--diffs", nargs="+", required=True, help="every diff summary (JSON) of the layer")
+    p.add_argument("--calibration", nargs="+", required=True, help="the layer's calibration JSONs, <sae>.json")
+    p.add_argument("--saes", nargs="+", required=True, help="sae_weights.safetensors of every cell's SAEs")
+    p.add_argument("--stats", nargs="+", required=True, help="stats.parquet of every cell's SAEs")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("evolution", "lineages and counts per step along each branch (one layer)", _evolution_args)
 def cmd_evolution(args) -> None:
     """Lineages and per-step counts along each branch, for every SAE config of one layer."""
     from . import evolution, io
 
     spec = _spec(args)
-    result = evolution.run(spec, args.layer, Path(args.results))
+    result = evolution.run(spec, args.layer, args.diffs, args.calibration, args.saes, args.stats)
     for name, block in result.items():
         for branch, part in block["branches"].items():
             io.write_parquet(part.pop("lineages"), Path(args.out_dir) / f"{name}_lineages_{branch}.parquet")
         io.write_json(Path(args.out_dir) / f"{name}.json", block)
 
 
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
+    p.add_argument("--acts-dir", required=True, help="the cell's activation stores (one folder per site)")
+    p.add_argument("--saes-dir", required=True, help="the (cell, layer)'s SAEs, one folder per config")
+    p.add_argument("--base-saes-dir", required=True, help="the base cell's SAEs of this layer")
+    p.add_argument("--features-dir", required=True, help="the (cell, layer)'s feature statistics")
+    p.add_argument("--out-dir", required=True, help="one folder per SAE config is written here")
+
+
+@verb("probe", "sparse and difference-in-means probes of one (cell, layer)'s SAEs", _probe_args)
 def cmd_probe(args) -> None:
     """Probes of every SAE of one (cell, layer) against every probed metric."""
     import pandas as pd
@@ -276,29 +387,27 @@ def cmd_probe(args) -> None:
 
     from . import features, io, models, probes
     from .activations import open_stores
-    from .config import site_dir
     from .diff import unit_rows
+    from .grid import site_dir
     from .sae import files
 
     spec = _spec(args)
-    cell, layer = f"{args.model}_{args.data}", f"layer{args.layer}"
+    cell = f"{args.model}_{args.data}"
     samples = pd.read_parquet(args.samples)
     opts = spec["probes"]
     raw_by_site: dict = {}  # the dense baseline, pooled once per hook site
     for name, block in spec["saes"].items():
-        folder = Path(args.features_root) / cell / layer / name
+        folder = Path(args.features_dir) / name
         pooled = load_file(str(folder / "pooled.safetensors"))
         table = samples.set_index("sample_id").loc[pooled["sample_id"]].reset_index()
         stats = pd.read_parquet(folder / "stats.parquet")
         site = site_dir(args.layer, block.get("hook_point", "resid_post"))
         if site not in raw_by_site:
-            (store,) = open_stores(
-                [Path(args.acts_root) / cell / site], args.model_dir, args.samples, models.placement(spec)
-            )
+            (store,) = open_stores([Path(args.acts_dir) / site], args.model_dir, args.samples, models.placement(spec))
             raw_by_site[site] = features.pool_raw(store, pooled["sample_id"], opts["pooling"])
         raw = raw_by_site[site]
-        sae = files.load(Path(args.saes_root) / cell / layer / name)
-        base = files.load(Path(args.saes_root) / "M0_D0" / layer / name)
+        sae = files.load(Path(args.saes_dir) / name)
+        base = files.load(Path(args.base_saes_dir) / name)
         cos = probes.max_cos_to(unit_rows(sae.W_dec), unit_rows(base.W_dec))
         for metric in spec["metrics"]:
             if metric not in table.columns:
@@ -312,14 +421,14 @@ def cmd_probe(args) -> None:
                 cos,
                 metric,
             )
-            out = Path(args.out_root) / cell / layer / name
+            out = Path(args.out_dir) / name
             if result is not None:
                 io.write_parquet(result, out / f"{metric}.parquet")
             io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary})
             log.info(
-                "%s %s %s %s: AUROC %s (random %s, raw %s)",
+                "%s layer%d %s %s: AUROC %s (random %s, raw %s)",
                 cell,
-                layer,
+                args.layer,
                 name,
                 metric,
                 summary.get("auroc"),
@@ -328,6 +437,24 @@ def cmd_probe(args) -> None:
             )
 
 
+def _intervene_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--experiment", required=True, choices=["ablation", "steering", "clamping"])
+    p.add_argument("--cell", required=True, help="the cell whose SAE and probe give the features, e.g. M2_D2")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--sae", required=True, help="SAE config name")
+    p.add_argument("--metric", required=True)
+    p.add_argument("--model", required=True, help="the model that generates (ablation: Mi, steering: M0)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--base-dir", required=True, help="M0: the perplexity reference")
+    p.add_argument("--sae-dir", required=True)
+    p.add_argument("--probe", required=True, help="the probe's JSON (its table beside it)")
+    p.add_argument("--stats", required=True, help="the SAE's feature stats.parquet")
+    p.add_argument("--attribution", help="the fork attribution table (when interventions.select picks by attribution)")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("intervene", "ablate / steer a cell's top probe features during generation, with controls", _intervene_args)
 def cmd_intervene(args) -> None:
     """One causal experiment: edit a cell's top features (by probe or attribution) during generation,
     with controls."""
@@ -335,38 +462,19 @@ def cmd_intervene(args) -> None:
 
     import pandas as pd
 
-    from . import config, data, interventions, io, models
-    from .errors import DataError
+    from . import interventions, io, models
 
     spec = _spec(args)
     models.set_threads(args.threads)
     place = models.placement(spec)
     opts = spec["interventions"]
-    prompts = data.load_prompts(spec["prompts"])
-    for where in spec["wheres"]:
-        prompts = data.select_prompts(prompts, where, spec["prompts"])
-    if opts.get("max_prompts"):
-        prompts = prompts.iloc[: opts["max_prompts"]]
-    if len(prompts) < 2:
-        raise DataError(
-            f"interventions: {len(prompts)} prompt(s) left in {spec['prompts']} after the filters "
-            f"{spec['wheres']}; need at least 2 (one to pick alpha, one to report)"
-        )
+    prompts = interventions.experiment_prompts(spec["prompts"], spec["wheres"], opts.get("max_prompts"))
     probe_json = json.loads(Path(args.probe).read_text())
     probe_table = Path(args.probe).with_suffix(".parquet")
     out = Path(args.out_dir)
-    method = interventions.selection_method(opts, args.experiment)
-    reason = config.unscored_metric_reason(spec["scorers"], args.metric)
-    if (
-        reason is None and method == "probe" and not probe_table.exists()
-    ):  # too few labelled samples: nothing was picked
-        reason = f"the probe {args.probe} was skipped: {probe_json.get('skipped', 'no table')}"
-    if reason is None and method == "attribution":
-        if not args.attribution:
-            raise SystemExit(f"interventions.select.{args.experiment} = attribution: give --attribution")
-        summary = json.loads(Path(args.attribution).with_suffix(".json").read_text())
-        if "skipped" in summary:
-            reason = f"the attribution {args.attribution} was skipped: {summary['skipped']}"
+    reason = interventions.skip_reason(
+        args.experiment, opts, spec["scorers"], args.metric, args.probe, args.attribution or None
+    )
     if reason is not None:  # every output says why nothing was run
         log.warning("%s %s layer %d: %s", args.experiment, args.cell, args.layer, reason)
         io.write_parquet(pd.DataFrame(), out / "generations.parquet")
@@ -432,6 +540,17 @@ def cmd_intervene(args) -> None:
     )
 
 
+def _attribute_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--metric", required=True)
+    p.add_argument("--model-dir", required=True, help="the cell's model")
+    p.add_argument("--samples", required=True, help="the cell's scored samples")
+    p.add_argument("--sae-dir", required=True)
+    p.add_argument("--out", required=True, help="table (.parquet); its summary goes beside it as .json")
+
+
+@verb("attribute", "fork attribution of one SAE's features for one metric on its cell's samples", _attribute_args)
 def cmd_attribute(args) -> None:
     """Fork attribution of one SAE's features for one metric (which features the model uses
     where two completions of a prompt part ways on the metric)."""
@@ -468,107 +587,57 @@ def cmd_attribute(args) -> None:
     )
 
 
+def _probe_compare_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--probes", nargs="+", required=True, help="every probe summary (JSON) of the layer")
+    p.add_argument("--diffs", nargs="*", default=[], help="every diff summary (JSON) of the layer")
+    p.add_argument("--out", required=True)
+
+
+@verb("probe-compare", "probe results across cells and metrics (one layer)", _probe_compare_args)
 def cmd_probe_compare(args) -> None:
     """Probe results across cells (intra- and inter-stage, through the diffs' matching) and metrics."""
-    import pandas as pd
-
     from . import io, probes
-    from .config import diff_pairs, pair_name
 
-    spec = _spec(args)
-    layer, root, k = f"layer{args.layer}", Path(args.results), max(spec["probes"]["ks"])
-    out: dict = {"layer": args.layer, "k": k, "auroc": [], "cells": [], "metrics": {}}
-
-    def table(cell: str, name: str, metric: str):
-        path = root / "probes" / cell / layer / name / f"{metric}.parquet"
-        return pd.read_parquet(path) if path.exists() else None
-
-    for name in spec["saes"]:
-        for metric in spec["metrics"]:
-            for cell in spec["cells"]:
-                block = io.read_json(root / "probes" / cell / layer / name / f"{metric}.json")
-                out["auroc"].append(
-                    {
-                        "cell": cell,
-                        "sae": name,
-                        "metric": metric,
-                        **{
-                            key: block.get(key)
-                            for key in (
-                                "auroc",
-                                "auroc_random_features",
-                                "auroc_raw_activations",
-                                "n_labelled",
-                                "skipped",
-                            )
-                        },
-                    }
-                )
-            for a, b, kind in diff_pairs(spec):
-                ta, tb = table(a.name, name, metric), table(b.name, name, metric)
-                if name not in spec["diff_saes"] or ta is None or tb is None:
-                    continue
-                diff_table = pd.read_parquet(root / "diff" / pair_name(a, b) / layer / f"{name}.parquet")
-                out["cells"].append(
-                    {
-                        "a": a.name,
-                        "b": b.name,
-                        "kind": kind,
-                        "sae": name,
-                        "metric": metric,
-                        **probes.compare_cells(ta, tb, diff_table, k),
-                    }
-                )
-        for cell in spec["cells"]:
-            tables = {m: t for m in spec["metrics"] if (t := table(cell, name, m)) is not None}
-            if len(tables) > 1:
-                out["metrics"].setdefault(name, {})[cell] = probes.compare_metrics(tables, k)
-    io.write_json(args.out, out)
+    io.write_json(args.out, probes.compare_layer(_spec(args), args.layer, args.probes, args.diffs))
 
 
+def _figure_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    from . import figures  # light: numpy, pandas and matplotlib load when a figure is drawn
+
+    p.add_argument("kind", choices=sorted(figures.KINDS))
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
+        "or one NAME=PATH per panel",
+    )
+    p.add_argument("--title")
+    p.add_argument("--out", required=True)
+
+
+@verb("figure", "draw one figure from a stage's tables", _figure_args)
 def cmd_figure(args) -> None:
     """One figure from a stage's tables; --spec carries the figure's own config block (and what it reads)."""
-    import pandas as pd
-
     from . import figures
 
-    spec = _spec(args)
-    block, out, title = spec["figure"], Path(args.out), args.title or ""
     named = dict(item.split("=", 1) for item in args.input)
-    samples = pd.read_parquet(named["samples"]) if "samples" in named else None
-    if args.kind == "statistics":
-        figures.statistics(Path(named["features"]), out, block, title)
-    elif args.kind == "bias":
-        figures.bias(Path(named["features"]), samples, spec["features"], out, block, title)
-    elif args.kind == "embeddings":
-        figures.embeddings(Path(named["features"]), samples, spec["features"], out, block, title)
-    elif args.kind in ("coactivation", "coactivation_top"):
-        figures.coactivation(Path(named["features"]), spec["column"], out, block, title, top=args.kind.endswith("top"))
-    elif args.kind == "coactivation_layers":
-        figures.coactivation_layers({k: Path(v) for k, v in named.items()}, spec["column"], out, block, title)
-    elif args.kind == "evolution":
-        figures.evolution(Path(named["evolution"]), out, block, title)
-    elif args.kind == "similarity":
-        null, thresholds = Path(named.pop("null")), Path(named.pop("thresholds"))
-        figures.similarity({k: Path(v) for k, v in named.items()}, null, thresholds, out, block, title)
-    elif args.kind == "iterations":
-        figures.iterations(Path(named["iterations"]), out, block)
-    elif args.kind == "probe_auroc":
-        figures.probe_auroc(Path(named["comparison"]), spec["branches"], spec["sae"], spec["metric"], out, block, title)
-    elif args.kind == "probe_importance":
-        figures.probe_importance(Path(named["probe"]), out, block, title)
-    elif args.kind == "probe_overlap":
-        figures.probe_overlap(Path(named["comparison"]), spec["cells"], spec["sae"], spec["metric"], out, block, title)
-    elif args.kind == "dose_response":
-        figures.dose_response(Path(named["effects"]), out, block, title)
-    elif args.kind == "training":
-        figures.training(Path(named["log"]), out, block, title)
-    elif args.kind == "density":
-        figures.density(Path(named["eval"]), out, block, title)
-    elif args.kind == "loss_by_position":
-        figures.loss_by_position(Path(named["table"]), Path(named["eval"]), out, block, title)
+    figures.draw(args.kind, named, _spec(args), Path(args.out), args.title or "")
 
 
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _cell(p)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("extract", "extract one cell's activations at every configured site", _extract_args)
 def cmd_extract(args) -> None:
     from . import activations, models
 
@@ -586,18 +655,27 @@ def cmd_extract(args) -> None:
     )
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
+    p.add_argument("--samples", help="the cell's samples: needed when its activations are not cached")
+    p.add_argument("--acts-dir", required=True, help="the cell's activation stores (one folder per site)")
+    p.add_argument("--out-dir", required=True, help="one folder per SAE config is written here")
+
+
+@verb("train", "train the configured SAEs of one (cell, layer)", _train_args)
 def cmd_train(args) -> None:
     """Train every configured SAE of one (cell, layer); configs sharing a site share one pass."""
     from .activations import open_stores
-    from .config import site_dir
+    from .grid import site_dir
     from .sae.train import spec_from_config, train
 
     spec = _spec(args)
     from . import models
 
     models.set_threads(args.threads)
-    cell, layer = f"{args.model}_{args.data}", args.layer
-    acts = Path(args.acts_root) / cell
+    layer, acts = args.layer, Path(args.acts_dir)
     groups: dict = {}
     for name, block in spec["saes"].items():
         if block.get("source", "train") == "pretrained":
@@ -622,7 +700,7 @@ def cmd_train(args) -> None:
             )
             for name in names
         ]
-        out_dirs = [Path(args.out_root) / cell / f"layer{layer}" / name for name in names]
+        out_dirs = [Path(args.out_dir) / name for name in names]
         train(
             store,
             specs,
@@ -636,10 +714,18 @@ def cmd_train(args) -> None:
             target_store=target_store,
             progress=not args.no_progress,
             place=place,
-            work_dir=Path(args.out_root) / cell / f"layer{layer}" / f".train_state-{hook}-{target or 'self'}",
+            work_dir=Path(args.out_dir) / f".train_state-{hook}-{target or 'self'}",
         )
 
 
+def _import_sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", required=True)
+    p.add_argument("--format", default="auto", choices=["auto", "saelens", "sparsify", "gemma_scope"])
+    p.add_argument("--transcoder", action="store_true")
+    p.add_argument("--out", required=True)
+
+
+@verb("import-sae", "copy a pretrained SAE into SAELens layout", _import_sae_args)
 def cmd_import_sae(args) -> None:
     """Bring a pretrained SAE (SAELens, sparsify, Gemma Scope) into the results in SAELens layout."""
     from .sae import files
@@ -648,16 +734,26 @@ def cmd_import_sae(args) -> None:
     files.save(sae, args.out, extra={"imported_from": str(args.path), "format": args.format})
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _cell(p, layer=True)
+    p.add_argument("--model-dir")
+    p.add_argument("--samples")
+    p.add_argument("--acts-dir", required=True, help="the cell's activation stores (one folder per site)")
+    p.add_argument("--saes-dir", required=True, help="the (cell, layer)'s SAEs, one folder per config")
+    p.add_argument("--out-dir", required=True, help="one <sae>.json and <sae>.loss_by_position.parquet per SAE")
+
+
+@verb("evaluate", "evaluate the SAEs of one (cell, layer)", _evaluate_args)
 def cmd_evaluate(args) -> None:
     """Evaluate the SAEs of one (cell, layer) on the cell's eval split, loading the model once."""
     from . import evaluate, models
-    from .config import site_dir
+    from .grid import site_dir
 
     spec = _spec(args)
     models.set_threads(args.threads)
     place = models.placement(spec)
-    cell = f"{args.model}_{args.data}"
-    cell_acts = Path(args.acts_root) / cell
+    cell_acts = Path(args.acts_dir)
     activations = spec["activations"]
     options = {
         **spec["evaluation"],
@@ -675,7 +771,7 @@ def cmd_evaluate(args) -> None:
     for name, block in spec["saes"].items():
         hook, target = block.get("hook_point", "resid_post"), block.get("target_hook_point")
         evaluate.evaluate_sae(
-            Path(args.saes_root) / cell / f"layer{args.layer}" / name,
+            Path(args.saes_dir) / name,
             cell_acts / site_dir(args.layer, hook),
             Path(args.out_dir) / f"{name}.json",
             model_dir=args.model_dir,
@@ -695,14 +791,13 @@ def _absorption(spec, args, cfg: dict, loaded, device) -> dict:
     from . import absorption
     from .sae import files
 
-    cell = f"{args.model}_{args.data}"
     out: dict = {}
     saes = {}
     for name, block in spec["saes"].items():
         if block.get("hook_point", "resid_post") != "resid_post" or block.get("target_hook_point"):
             out[name] = {"absorption_skipped": "absorption is defined on residual-stream SAEs"}
         else:
-            saes[name] = files.load_any(Path(args.saes_root) / cell / f"layer{args.layer}" / name)
+            saes[name] = files.load_any(Path(args.saes_dir) / name)
     if saes:
         settings = absorption.AbsorptionConfig(
             max_words=cfg["max_words"], n_icl_examples=cfg["n_icl_examples"], seed=cfg["seed"]
@@ -749,6 +844,15 @@ def _recon_on(sae_path, acts: str, batch_size: int = 4096, split: str = "eval") 
     return evaluate.json_ready(evaluate.reconstruction_metrics(sae, make))
 
 
+def _eval_recon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="an SAE folder (SAELens, sparsify) or Gemma Scope params file")
+    p.add_argument("--acts", required=True, help="safetensors with 'acts' [n, d_in], or an activation store folder")
+    p.add_argument("--split", default="eval", help="store split to read (store folders only)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--out", help="also write the JSON here")
+
+
+@verb("eval-recon", "reconstruction metrics of an SAE on given activations (prints JSON)", _eval_recon_args)
 def cmd_eval_recon(args) -> None:
     """Reconstruction metrics of any SAELens-layout SAE on given activations; prints JSON."""
     from . import io
@@ -759,6 +863,17 @@ def cmd_eval_recon(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="evaluation JSON, or an SAE folder / params file with --acts")
+    p.add_argument("b")
+    p.add_argument("--acts", help="activations both SAEs are measured on (safetensors 'acts' or store folder)")
+    p.add_argument("--split", default="eval")
+    p.add_argument("--name-a", default="A")
+    p.add_argument("--name-b", default="B")
+    p.add_argument("--out", required=True)
+
+
+@verb("compare", "compare two SAEs: evaluation JSONs, or SAE folders with --acts", _compare_args)
 def cmd_compare(args) -> None:
     """Two SAEs side by side with the better one per metric: evaluation JSONs, or two SAE
     folders measured here on the same activations (``--acts``)."""
@@ -777,12 +892,45 @@ def cmd_compare(args) -> None:
     print(text, end="")
 
 
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--models", nargs="*", default=[], help="model folders")
+    p.add_argument("--samples", nargs="*", default=[], help="each data set's samples.parquet")
+    p.add_argument("--iterations", help="iterations.json")
+    p.add_argument("--evolution", nargs="*", default=[], help="evolution JSONs (one per layer and SAE)")
+    p.add_argument("--probes", nargs="*", default=[], help="probe JSONs (one per cell, layer, SAE and metric)")
+    p.add_argument("--interventions", nargs="*", default=[], help="every experiment's effects.json")
+    p.add_argument("--manifests", nargs="*", default=[], help="activation manifest.json files")
+    p.add_argument("--saes", nargs="*", default=[], help="sae_weights.safetensors of each SAE folder")
+    p.add_argument("--evals", nargs="*", default=[], help="evaluation JSONs (<cell>/layer<L>/<sae>.json)")
+    p.add_argument("--features", nargs="*", default=[], help="stats.parquet of each feature folder")
+    p.add_argument("--benchmarks", nargs="*", default=[])
+    p.add_argument("--figures", nargs="*", default=[], help="every figure of the run (listed in the summary)")
+    p.add_argument("--table", help="also write the per-SAE summary table (CSV) here")
+    p.add_argument("--wandb-out", help="log the run to W&B (config key wandb) and write its record here")
+    p.add_argument("--out", required=True)
+
+
+@verb("summary", "write results/summary.json", _summary_args)
 def cmd_summary(args) -> None:
-    from . import config as config_lib
     from . import io, summary
 
     spec = _spec(args)
-    result = summary.build(spec, args.results, config_lib.cells(spec), args.benchmarks, args.figures)
+    result = summary.build(
+        spec,
+        models=args.models,
+        samples=args.samples,
+        iterations=args.iterations,
+        evolution=args.evolution,
+        probes=args.probes,
+        interventions=args.interventions,
+        manifests=args.manifests,
+        saes=args.saes,
+        evals=args.evals,
+        features=args.features,
+        benchmarks=args.benchmarks,
+        figures=args.figures,
+    )
     io.write_json(args.out, result)
     if args.table:
         with io.atomic_path(args.table) as tmp:
@@ -810,224 +958,10 @@ def cmd_summary(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-diff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
-
-    p = sub.add_parser("validate", help="validate a config file and print the grid")
-    p.add_argument("configfile")
-    p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("prepare-model", help="convert a configured model to a safetensors HF folder")
-    _common(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--models-root", default="results/models")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_prepare_model)
-
-    p = sub.add_parser("make-data", help="generate or load one data set, with its train/eval split")
-    _common(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--models-root", default="results/models")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_make_data)
-
-    p = sub.add_parser("score", help="add the configured scorers' metric columns")
-    _common(p)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_score)
-
-    p = sub.add_parser("finetune", help="make one iteration by DPO on its parent's scored generations")
-    _common(p)
-    p.add_argument("--model", required=True, help="the model id this round makes, e.g. M1")
-    p.add_argument("--samples", required=True, help="scored samples the pairs come from")
-    p.add_argument("--models-root", default="results/models")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_finetune)
-
-    p = sub.add_parser("iterations", help="per-iteration metric means with bootstrap CIs and the shift")
-    _common(p)
-    p.add_argument("--samples", nargs="+", required=True, help="results/data/Di/samples.parquet, in order")
-    p.add_argument("--examples", help="also write a few held-out generations per iteration (CSV) here")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_iterations)
-
-    p = sub.add_parser("features", help="feature statistics, examples, logit lens and groups of one (cell, layer)")
-    _common(p)
-    _cell(p, layer=True)
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--acts-root", default="results/activations")
-    p.add_argument("--saes-root", default="results/saes")
-    p.add_argument("--out-root", default="results/features")
-    p.set_defaults(fn=cmd_features)
-
-    p = sub.add_parser("calibrate", help="thresholds from a seed pair of SAEs on the base cell")
-    _common(p)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--saes", required=True, help="folder of the base cell's SAEs of this layer")
-    p.add_argument("--seed-saes", required=True, help="folder of the seed-pair SAEs")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_calibrate)
-
-    p = sub.add_parser("diff", help="labelled weight diff of the SAEs of two cells (one layer)")
-    _common(p)
-    p.add_argument("--a", required=True, help="cell, e.g. M0_D0")
-    p.add_argument("--b", required=True, help="cell, e.g. M1_D1")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--calibration", required=True, help="folder of the layer's calibration JSONs")
-    p.add_argument("--saes-root", default="results/saes")
-    p.add_argument("--features-root", default="results/features")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_diff)
-
-    p = sub.add_parser("evolution", help="lineages and counts per step along each branch (one layer)")
-    _common(p)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--results", default="results")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_evolution)
-
-    p = sub.add_parser("probe", help="sparse and difference-in-means probes of one (cell, layer)'s SAEs")
-    _common(p)
-    _cell(p, layer=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
-    p.add_argument("--acts-root", default="results/activations")
-    p.add_argument("--saes-root", default="results/saes")
-    p.add_argument("--features-root", default="results/features")
-    p.add_argument("--out-root", default="results/probes")
-    p.set_defaults(fn=cmd_probe)
-
-    p = sub.add_parser("intervene", help="ablate / steer a cell's top probe features during generation, with controls")
-    _common(p)
-    p.add_argument("--experiment", required=True, choices=["ablation", "steering", "clamping"])
-    p.add_argument("--cell", required=True, help="the cell whose SAE and probe give the features, e.g. M2_D2")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--sae", required=True, help="SAE config name")
-    p.add_argument("--metric", required=True)
-    p.add_argument("--model", required=True, help="the model that generates (ablation: Mi, steering: M0)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--base-dir", required=True, help="M0: the perplexity reference")
-    p.add_argument("--sae-dir", required=True)
-    p.add_argument("--probe", required=True, help="the probe's JSON (its table beside it)")
-    p.add_argument("--stats", required=True, help="the SAE's feature stats.parquet")
-    p.add_argument("--attribution", help="the fork attribution table (when interventions.select picks by attribution)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_intervene)
-
-    p = sub.add_parser("attribute", help="fork attribution of one SAE's features for one metric on its cell's samples")
-    _common(p)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--metric", required=True)
-    p.add_argument("--model-dir", required=True, help="the cell's model")
-    p.add_argument("--samples", required=True, help="the cell's scored samples")
-    p.add_argument("--sae-dir", required=True)
-    p.add_argument("--out", required=True, help="table (.parquet); its summary goes beside it as .json")
-    p.set_defaults(fn=cmd_attribute)
-
-    p = sub.add_parser("probe-compare", help="probe results across cells and metrics (one layer)")
-    _common(p)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_probe_compare)
-
-    p = sub.add_parser("figure", help="draw one figure from a stage's tables")
-    _common(p)
-    p.add_argument(
-        "kind",
-        choices=[
-            "statistics",
-            "bias",
-            "embeddings",
-            "coactivation",
-            "coactivation_top",
-            "coactivation_layers",
-            "evolution",
-            "similarity",
-            "iterations",
-            "probe_auroc",
-            "probe_importance",
-            "probe_overlap",
-            "dose_response",
-            "training",
-            "density",
-            "loss_by_position",
-        ],
-    )
-    p.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="what the figure reads: features=, samples=, evolution=, null=, thresholds=, iterations=, "
-        "or one NAME=PATH per panel",
-    )
-    p.add_argument("--title")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_figure)
-
-    p = sub.add_parser("extract", help="extract one cell's activations at every configured site")
-    _common(p)
-    _cell(p)
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_extract)
-
-    p = sub.add_parser("train", help="train the configured SAEs of one (cell, layer)")
-    _common(p)
-    _cell(p, layer=True)
-    p.add_argument("--model-dir", help="the cell's model: needed when its activations are not cached")
-    p.add_argument("--samples", help="the cell's samples: needed when its activations are not cached")
-    p.add_argument("--acts-root", default="results/activations")
-    p.add_argument("--out-root", default="results/saes")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("import-sae", help="copy a pretrained SAE into SAELens layout")
-    p.add_argument("--path", required=True)
-    p.add_argument("--format", default="auto", choices=["auto", "saelens", "sparsify", "gemma_scope"])
-    p.add_argument("--transcoder", action="store_true")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_import_sae)
-
-    p = sub.add_parser("evaluate", help="evaluate the SAEs of one (cell, layer)")
-    _common(p)
-    _cell(p, layer=True)
-    p.add_argument("--model-dir")
-    p.add_argument("--samples")
-    p.add_argument("--acts-root", default="results/activations")
-    p.add_argument("--saes-root", default="results/saes")
-    p.add_argument("--out-dir", required=True, help="one <sae>.json and <sae>.loss_by_position.parquet per SAE")
-    p.set_defaults(fn=cmd_evaluate)
-
-    p = sub.add_parser("eval-recon", help="reconstruction metrics of an SAE on given activations (prints JSON)")
-    p.add_argument("--sae", required=True, help="an SAE folder (SAELens, sparsify) or Gemma Scope params file")
-    p.add_argument("--acts", required=True, help="safetensors with 'acts' [n, d_in], or an activation store folder")
-    p.add_argument("--split", default="eval", help="store split to read (store folders only)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--out", help="also write the JSON here")
-    p.set_defaults(fn=cmd_eval_recon)
-
-    p = sub.add_parser("compare", help="compare two SAEs: evaluation JSONs, or SAE folders with --acts")
-    p.add_argument("a", help="evaluation JSON, or an SAE folder / params file with --acts")
-    p.add_argument("b")
-    p.add_argument("--acts", help="activations both SAEs are measured on (safetensors 'acts' or store folder)")
-    p.add_argument("--split", default="eval")
-    p.add_argument("--name-a", default="A")
-    p.add_argument("--name-b", default="B")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_compare)
-
-    p = sub.add_parser("summary", help="write results/summary.json")
-    _common(p)
-    p.add_argument("--results", default="results")
-    p.add_argument("--benchmarks", nargs="*", default=[])
-    p.add_argument("--figures", nargs="*", default=[], help="every figure of the run (listed in the summary)")
-    p.add_argument("--table", help="also write the per-SAE summary table (CSV) here")
-    p.add_argument("--wandb-out", help="log the run to W&B (config key wandb) and write its record here")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_summary)
+    for name, (help_text, add_arguments, fn) in VERBS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(fn=fn)
     return parser
 
 

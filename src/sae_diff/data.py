@@ -393,16 +393,20 @@ def order_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
-def make(spec: dict, split: dict, models_root: str | Path, place="cpu", progress: bool = True) -> pd.DataFrame:
+def make(
+    spec: dict, split: dict, model_dir: str | Path | None = None, place="cpu", progress: bool = True
+) -> pd.DataFrame:
     """Build one data set's sample table from its config block (``place``: a models.Placement
-    or a device name)."""
+    or a device name); ``model_dir``: the prepared folder of the generating model."""
     if spec["source"] == "table":
         table = load_table(spec)
     else:
         from . import models
 
         place = models.as_placement(place)
-        model, tokenizer = place.load(Path(models_root) / spec["model"])
+        if model_dir is None:
+            raise ValueError(f"data source generate (model {spec['model']}): give the model's prepared folder")
+        model, tokenizer = place.load(Path(model_dir))
         prompts = select_prompts(load_prompts(spec["prompts"]), spec.get("where"), spec["prompts"])
         if spec.get("max_prompts"):
             prompts = prompts.iloc[: spec["max_prompts"]]

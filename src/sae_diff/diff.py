@@ -177,6 +177,18 @@ def calibration(sae_main, sae_seed, same_quantile: float, new_quantile: float) -
     return calibrate(null["dec_cos_match"].to_numpy(), same_quantile, new_quantile), null
 
 
+def calibration_record(null: pd.DataFrame, thresholds: Thresholds) -> dict:
+    """What a seed pair says about the labels: the thresholds, the pair's MMCS, and the fraction of
+    its matched features that the labels would call anything but 'same' (``changed_fraction``,
+    reported as ``seed_baseline_changed_fraction``: the rate at which a step of two SAEs that
+    differ only in their seeds looks changed)."""
+    return {
+        "thresholds": thresholds.to_dict(),
+        "mmcs": mmcs(null),
+        "changed_fraction": float((label(null["dec_cos_match"].to_numpy(), thresholds) != "same").mean()),
+    }
+
+
 def compare(
     sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds, aligned: bool, collapse: float
 ) -> tuple[pd.DataFrame, dict]:

@@ -150,23 +150,29 @@ def cell_summary(stats: pd.DataFrame) -> dict:
     return out
 
 
-def run(spec: dict, layer: int, results) -> dict:
-    """Evolution of every trained SAE config of ``layer`` from the run's diff and feature files."""
+def run(spec: dict, layer: int, diffs: list, calibrations: list, saes: list, stats: list) -> dict:
+    """Evolution of every trained SAE config of ``layer``, from exactly the files its rule lists:
+    the layer's diff summaries (each names its cells and SAE; the table is beside it), the
+    calibration JSONs (``<sae>.json``), and the SAE weights and feature statistics of every cell
+    (found by their place in the layout, ``grid.cell_layer_name``)."""
     from pathlib import Path
 
-    from . import config as cfglib
+    from . import grid
     from .diff import unit_rows
     from .io import read_json
     from .sae import files
 
-    results = Path(results)
+    diff_of = {}
+    for path in map(Path, diffs):
+        summary = read_json(path)
+        diff_of[(summary["a"], summary["b"], summary["sae"])] = (summary, path.with_suffix(".parquet"))
+    calibration_of = {Path(path).stem: read_json(path) for path in calibrations}
+    sae_folder = {(c, n): Path(path).parent for path in saes for c, _, n in [grid.cell_layer_name(path)]}
+    stats_file = {(c, n): Path(path) for path in stats for c, _, n in [grid.cell_layer_name(path)]}
     out = {}
     for name in spec["saes"]:
-        calibration = read_json(results / "calibration" / f"layer{layer}" / f"{name}.json")
+        calibration = calibration_of[name]
         thresholds = Thresholds(**calibration["thresholds"])
-        stats_of = lambda cell: pd.read_parquet(
-            results / "features" / cell.name / f"layer{layer}" / name / "stats.parquet"
-        )  # noqa: E731
         block = {
             "layer": layer,
             "sae": name,
@@ -177,15 +183,15 @@ def run(spec: dict, layer: int, results) -> dict:
             "cells": {},
         }
         for branch in spec["grid"]["branches"]:
-            chain = cfglib.branch_cells(spec, branch)
+            chain = grid.branch_cells(spec, branch)
             steps, born = [], []
             for a, b in zip(chain, chain[1:]):
-                folder = results / "diff" / cfglib.pair_name(a, b) / f"layer{layer}"
-                steps.append(pd.read_parquet(folder / f"{name}.parquet"))
-                born.append(np.asarray(read_json(folder / f"{name}.json")["born"], dtype=np.int64))
-            decoders = [unit_rows(files.load(results / "saes" / c.name / f"layer{layer}" / name).W_dec) for c in chain]
-            stats = [stats_of(c) for c in chain]
-            table, counts = lineages([c.name for c in chain], steps, born, decoders, stats, thresholds)
+                summary, table = diff_of[(a.name, b.name, name)]
+                steps.append(pd.read_parquet(table))
+                born.append(np.asarray(summary["born"], dtype=np.int64))
+            decoders = [unit_rows(files.load(sae_folder[(c.name, name)]).W_dec) for c in chain]
+            cell_stats = [pd.read_parquet(stats_file[(c.name, name)]) for c in chain]
+            table, counts = lineages([c.name for c in chain], steps, born, decoders, cell_stats, thresholds)
             totals = {k: int(sum(c[k] for c in counts)) for k in COUNT_KEYS}
             block["branches"][branch] = {
                 "cells": [c.name for c in chain],
@@ -193,11 +199,11 @@ def run(spec: dict, layer: int, results) -> dict:
                 "totals": totals,
                 "lineages": table,
             }
-            for cell, cell_stats in zip(chain, stats):
-                block["cells"].setdefault(cell.name, cell_summary(cell_stats))
-        for a, b, kind in cfglib.diff_pairs(spec):
+            for cell, one in zip(chain, cell_stats):
+                block["cells"].setdefault(cell.name, cell_summary(one))
+        for a, b, kind in grid.diff_pairs(spec):
             if kind == "intra":
-                summary = read_json(results / "diff" / cfglib.pair_name(a, b) / f"layer{layer}" / f"{name}.json")
+                summary, _ = diff_of[(a.name, b.name, name)]
                 block["intra"].append(
                     {"base": a.name, "iteration": b.name, **summary["counts"], "mmcs": summary["mmcs"]}
                 )

@@ -2,18 +2,21 @@
 kind, each with its own block under ``figures`` in the config, so that a style change
 reruns that figure's jobs and nothing upstream.
 
-Kept free of torch: pooled activations are read with safetensors' numpy API.
+Kept free of torch: pooled activations are read with safetensors' numpy API. Light to import
+(numpy and pandas load inside the functions, matplotlib inside ``plots``), so the CLI's parser
+reads the kind names from ``KINDS``; ``draw`` runs one kind.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Callable
 
 from . import plots
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _pooled(feature_dir: Path) -> dict:
@@ -23,6 +26,8 @@ def _pooled(feature_dir: Path) -> dict:
 
 
 def statistics(feature_dir: Path, out: Path, block: dict, title: str) -> Path:
+    import pandas as pd
+
     stats = pd.read_parquet(Path(feature_dir) / "stats.parquet")
     pooled = _pooled(feature_dir)
     has_tokens = pooled["n_tokens"] > 0
@@ -33,6 +38,9 @@ def statistics(feature_dir: Path, out: Path, block: dict, title: str) -> Path:
 
 def bias(feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path, block: dict, title: str) -> Path:
     """All samples, then each value of the first group column (e.g. each language)."""
+    import numpy as np
+    import pandas as pd
+
     from . import groups
 
     spec = features_cfg.get("bias")
@@ -58,12 +66,16 @@ def bias(feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path
 
 def _aligned(samples: pd.DataFrame, sample_ids) -> pd.DataFrame:
     """The sample table in the pooled matrix's row order."""
+    import numpy as np
+
     return samples.set_index("sample_id").loc[np.asarray(sample_ids)].reset_index()
 
 
 def embeddings(
     feature_dir: Path, samples: pd.DataFrame, features_cfg: dict, out: Path, block: dict, title: str
 ) -> Path:
+    import pandas as pd
+
     pooled = _pooled(feature_dir)
     samples = _aligned(samples, pooled["sample_id"])
     columns = features_cfg["group_columns"]
@@ -82,6 +94,8 @@ def embeddings(
 
 
 def coactivation(feature_dir: Path, column: str, out: Path, block: dict, title: str, top: bool) -> Path:
+    import numpy as np
+
     matrix = np.load(Path(feature_dir) / f"coactivation_{column}.npy")
     classes = json.loads((Path(feature_dir) / f"coactivation_{column}.json").read_text())["classes"]
     return plots.coactivation_heatmap(
@@ -97,6 +111,8 @@ def coactivation(feature_dir: Path, column: str, out: Path, block: dict, title: 
 
 
 def coactivation_layers(feature_dirs: dict[str, Path], column: str, out: Path, block: dict, title: str) -> Path:
+    import numpy as np
+
     panels = []
     for name, folder in feature_dirs.items():
         classes = json.loads((Path(folder) / f"coactivation_{column}.json").read_text())["classes"]
@@ -115,6 +131,8 @@ def evolution(evolution_json: Path, out: Path, block: dict, title: str) -> Path:
 def similarity(
     diff_tables: dict[str, Path], null_table: Path, thresholds_json: Path, out: Path, block: dict, title: str
 ) -> Path:
+    import pandas as pd
+
     steps = [
         (name, pd.read_parquet(path, columns=["dec_cos_match"])["dec_cos_match"].dropna())
         for name, path in diff_tables.items()
@@ -150,6 +168,8 @@ def probe_auroc(
 
 
 def probe_importance(probe_json: Path, out: Path, block: dict, title: str) -> Path:
+    import pandas as pd
+
     summary = json.loads(Path(probe_json).read_text())
     table_path = Path(probe_json).with_suffix(".parquet")
     if not table_path.exists():  # the probe was skipped: say why instead of drawing nothing
@@ -188,8 +208,78 @@ def density(eval_json: Path, out: Path, block: dict, title: str) -> Path:
 
 
 def loss_by_position(table_path: Path, eval_json: Path, out: Path, block: dict, title: str) -> Path:
+    import pandas as pd
+
     table = pd.read_parquet(table_path)
     if table.empty:  # the spliced metrics were skipped: the figure says why
         reason = json.loads(Path(eval_json).read_text()).get("spliced_skipped", "no spliced evaluation")
         return plots.message(f"{title}\nnot measured: {reason}", out, size=block["size"], dpi=block["dpi"])
     return plots.loss_by_position(table, out, title, size=block["size"], dpi=block["dpi"])
+
+
+def _samples(named: dict[str, str]):
+    """The sample table a figure groups by (``samples=``), or None."""
+    import pandas as pd
+
+    return pd.read_parquet(named["samples"]) if "samples" in named else None
+
+
+def _paths(named: dict[str, str], leave_out: tuple[str, ...] = ()) -> dict[str, Path]:
+    """One panel per NAME=PATH, in the order given."""
+    return {name: Path(path) for name, path in named.items() if name not in leave_out}
+
+
+# kind -> draw(named inputs {NAME: PATH}, spec, out, title); spec["figure"] is the kind's own config block
+KINDS: dict[str, Callable[[dict[str, str], dict, Path, str], Path]] = {
+    "statistics": lambda named, spec, out, title: statistics(Path(named["features"]), out, spec["figure"], title),
+    "bias": lambda named, spec, out, title: bias(
+        Path(named["features"]), _samples(named), spec["features"], out, spec["figure"], title
+    ),
+    "embeddings": lambda named, spec, out, title: embeddings(
+        Path(named["features"]), _samples(named), spec["features"], out, spec["figure"], title
+    ),
+    "coactivation": lambda named, spec, out, title: coactivation(
+        Path(named["features"]), spec["column"], out, spec["figure"], title, top=False
+    ),
+    "coactivation_top": lambda named, spec, out, title: coactivation(
+        Path(named["features"]), spec["column"], out, spec["figure"], title, top=True
+    ),
+    "coactivation_layers": lambda named, spec, out, title: coactivation_layers(
+        _paths(named), spec["column"], out, spec["figure"], title
+    ),
+    "evolution": lambda named, spec, out, title: evolution(Path(named["evolution"]), out, spec["figure"], title),
+    "similarity": lambda named, spec, out, title: similarity(
+        _paths(named, leave_out=("null", "thresholds")),
+        Path(named["null"]),
+        Path(named["thresholds"]),
+        out,
+        spec["figure"],
+        title,
+    ),
+    "iterations": lambda named, spec, out, title: iterations(Path(named["iterations"]), out, spec["figure"]),
+    "probe_auroc": lambda named, spec, out, title: probe_auroc(
+        Path(named["comparison"]), spec["branches"], spec["sae"], spec["metric"], out, spec["figure"], title
+    ),
+    "probe_importance": lambda named, spec, out, title: probe_importance(
+        Path(named["probe"]), out, spec["figure"], title
+    ),
+    "probe_overlap": lambda named, spec, out, title: probe_overlap(
+        Path(named["comparison"]), spec["cells"], spec["sae"], spec["metric"], out, spec["figure"], title
+    ),
+    "dose_response": lambda named, spec, out, title: dose_response(Path(named["effects"]), out, spec["figure"], title),
+    "training": lambda named, spec, out, title: training(Path(named["log"]), out, spec["figure"], title),
+    "density": lambda named, spec, out, title: density(Path(named["eval"]), out, spec["figure"], title),
+    "loss_by_position": lambda named, spec, out, title: loss_by_position(
+        Path(named["table"]), Path(named["eval"]), out, spec["figure"], title
+    ),
+}
+
+
+def draw(kind: str, named_inputs: dict[str, str], spec: dict, out: str | Path, title: str = "") -> Path:
+    """Draw one figure of ``kind`` (a key of ``KINDS``) from its named input files into ``out``.
+
+    ``spec`` is what the figure rule passes: ``spec["figure"]`` is the kind's config block, plus what
+    the kind reads (``features``, ``column``, ``branches``, ``cells``, ``sae``, ``metric``)."""
+    if kind not in KINDS:
+        raise ValueError(f"figure kind {kind!r}: expected one of {', '.join(sorted(KINDS))}")
+    return KINDS[kind](dict(named_inputs), spec, Path(out), title or "")

@@ -185,8 +185,11 @@ def build_random_model(spec: dict, tokenizer, init_folder: Path | None = None):
     return model.eval()
 
 
-def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: str | Path = "results/models") -> Path:
-    """Convert one configured model into a safetensors HF folder at ``out_dir`` (atomically)."""
+def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, init_from: str | Path | None = None) -> Path:
+    """Convert one configured model into a safetensors HF folder at ``out_dir`` (atomically).
+
+    init_from: the prepared folder of the model named by ``init_from`` (random models that start
+    from an earlier one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,8 +214,9 @@ def prepare(model_id: str, models_cfg: dict, out_dir: str | Path, models_root: s
             model, tokenizer = _load_hf(spec, model_id)
         else:
             tokenizer = build_char_tokenizer(spec["alphabet"])
-            init = Path(models_root) / spec["init_from"] if "init_from" in spec else None
-            model = build_random_model(spec, tokenizer, init)
+            if "init_from" in spec and init_from is None:
+                raise ValueError(f"models.{model_id}.init_from = {spec['init_from']!r}: give its prepared folder")
+            model = build_random_model(spec, tokenizer, Path(init_from) if "init_from" in spec else None)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info["n_layers"] = n_blocks(model)

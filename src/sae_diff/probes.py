@@ -15,6 +15,8 @@ on the model's raw activations, and probes on randomly chosen features) use the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -457,6 +459,55 @@ def compare_cells(table_a: pd.DataFrame, table_b: pd.DataFrame, diff_table: pd.D
         "importance_change_vs_cos": spearman_with_ci(delta[has], cos[has], n_boot=200),
         "importance_change_vs_firing_change": spearman_with_ci(delta[has], freq_delta[has], n_boot=200),
     }
+
+
+def compare_layer(spec: dict, layer: int, probe_jsons: list, diff_jsons: list) -> dict:
+    """Probe results of one layer across cells and metrics.
+
+    probe_jsons: every probe summary of the layer (each names its cell, SAE and metric; its table,
+    when the probe ran, is beside it as .parquet); diff_jsons: every diff of the layer (each names
+    its cells a and b and its SAE; its table is beside it). Returns the AUROCs per cell, the
+    comparison of each diffed pair of cells through the diff's matching, and the comparison of
+    metrics within each cell, at k = the largest ``probes.ks``.
+    """
+    from .grid import diff_pairs
+    from .io import read_json
+
+    k = max(spec["probes"]["ks"])
+    probes = {}
+    for path in map(Path, probe_jsons):
+        block = read_json(path)
+        probes[(block["cell"], block["sae"], block["metric"])] = (block, path.with_suffix(".parquet"))
+    diffs = {}
+    for path in map(Path, diff_jsons):
+        block = read_json(path)
+        diffs[(block["a"], block["b"], block["sae"])] = path.with_suffix(".parquet")
+    out: dict = {"layer": layer, "k": k, "auroc": [], "cells": [], "metrics": {}}
+
+    def table(cell: str, name: str, metric: str):
+        _, path = probes[(cell, name, metric)]
+        return pd.read_parquet(path) if path.exists() else None
+
+    for name in spec["saes"]:
+        for metric in spec["metrics"]:
+            for cell in spec["cells"]:
+                block, _ = probes[(cell, name, metric)]
+                keys = ("auroc", "auroc_random_features", "auroc_raw_activations", "n_labelled", "skipped")
+                out["auroc"].append({"cell": cell, "sae": name, "metric": metric, **{k_: block.get(k_) for k_ in keys}})
+            for a, b, kind in diff_pairs(spec):
+                ta, tb = table(a.name, name, metric), table(b.name, name, metric)
+                if name not in spec["diff_saes"] or ta is None or tb is None:
+                    continue
+                diff_table = pd.read_parquet(diffs[(a.name, b.name, name)])
+                out["cells"].append(
+                    {"a": a.name, "b": b.name, "kind": kind, "sae": name, "metric": metric}
+                    | compare_cells(ta, tb, diff_table, k)
+                )
+        for cell in spec["cells"]:
+            tables = {m: t for m in spec["metrics"] if (t := table(cell, name, m)) is not None}
+            if len(tables) > 1:
+                out["metrics"].setdefault(name, {})[cell] = compare_metrics(tables, k)
+    return out
 
 
 def compare_metrics(tables: dict[str, pd.DataFrame], k: int) -> dict:

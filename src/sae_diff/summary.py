@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Cell, config_hash, site_dir
+from . import grid
+from .config import config_hash
+from .grid import cells as all_cells
+from .grid import site_dir
 from .io import read_json
 
 # rule name -> stage name reported under headline.timings
@@ -107,15 +110,25 @@ def data_summary(samples_path: Path) -> dict:
     return out
 
 
-def sae_summary(cell_dir: Path, cfg: dict) -> dict:
-    """Per layer and SAE: shape, training tokens and the last logged training statistics."""
+def _layout_key(path: Path, per_sae_folder: bool = True) -> tuple[str, str, str]:
+    """(cell, "layer{L}", SAE name) of a per-SAE file from its place in the layout."""
+    cell, layer, name = grid.cell_layer_name(path, per_sae_folder)
+    return cell, f"layer{layer}", name
+
+
+def sae_summary(cell: str, cfg: dict, folders: dict, evals: dict, features: dict) -> dict:
+    """Per layer and SAE of one cell: shape, training tokens and the last logged training statistics.
+
+    ``folders``, ``evals`` and ``features`` map (cell, "layer{L}", SAE name) to the SAE folder, its
+    evaluation JSON and its feature-statistics folder (see :func:`build`); a missing key is skipped."""
     import json
 
     out: dict = {}
     for layer in cfg["layers"]:
         for name in cfg.get("saes", {}):
-            folder = cell_dir / f"layer{layer}" / name
-            if not (folder / "sae_diff.json").exists():
+            key = (cell, f"layer{layer}", name)
+            folder = folders.get(key)
+            if folder is None or not (folder / "sae_diff.json").exists():
                 continue
             ours = read_json(folder / "sae_diff.json")
             log_path = folder / "train_log.jsonl"
@@ -138,8 +151,8 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                 }
             else:
                 out[f"layer{layer}"][name]["imported_from"] = ours.get("imported_from")
-            eval_path = cell_dir.parent.parent / "eval" / cell_dir.name / f"layer{layer}" / f"{name}.json"
-            if eval_path.exists():
+            eval_path = evals.get(key)
+            if eval_path is not None:
                 evaluation = read_json(eval_path)
                 out[f"layer{layer}"][name]["eval"] = {k: evaluation[k] for k in EVAL_KEYS if k in evaluation}
                 out[f"layer{layer}"][name]["eval"]["path"] = str(eval_path)
@@ -149,8 +162,8 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
                     }
                 if "groups" in evaluation:
                     out[f"layer{layer}"][name]["eval"]["groups"] = evaluation["groups"]
-            feature_dir = cell_dir.parent.parent / "features" / cell_dir.name / f"layer{layer}" / name
-            if (feature_dir / "stats.parquet").exists():
+            feature_dir = features.get(key)
+            if feature_dir is not None:
                 stats = pd.read_parquet(
                     feature_dir / "stats.parquet", columns=["dead", "prompt_only", "completion_only"]
                 )
@@ -165,33 +178,60 @@ def sae_summary(cell_dir: Path, cfg: dict) -> dict:
 
 
 def build(
-    cfg: dict, results: str | Path, cells: list[Cell], benchmarks: list[str | Path], figures: list[str | Path] = ()
+    cfg: dict,
+    *,
+    models: list[str | Path] = (),
+    samples: list[str | Path] = (),
+    iterations: str | Path | None = None,
+    evolution: list[str | Path] = (),
+    probes: list[str | Path] = (),
+    interventions: list[str | Path] = (),
+    manifests: list[str | Path] = (),
+    saes: list[str | Path] = (),
+    evals: list[str | Path] = (),
+    features: list[str | Path] = (),
+    benchmarks: list[str | Path] = (),
+    figures: list[str | Path] = (),
 ) -> dict:
-    """Assemble the summary from the files the run produced under ``results``."""
-    results = Path(results)
-    models = {}
-    for model_dir in sorted((results / "models").glob("M*")):
+    """Assemble the summary from exactly the files the ``summary`` rule lists, never a folder search.
+
+    A JSON that names what it describes is placed by its content: an activation ``manifest.json``
+    (cell, layer, hook_point), an evolution JSON (layer, sae), a probe JSON (cell, layer, sae, metric),
+    an ``effects.json`` (experiment, cell, layer, sae, metric). The rest is placed by its position:
+    ``models`` are model folders (named by the folder), ``samples`` are ``<D>/samples.parquet``,
+    ``saes`` are ``<cell>/layer<L>/<sae>/sae_weights.safetensors`` (the SAE folder is their parent),
+    ``evals`` are ``<cell>/layer<L>/<sae>.json``, ``features`` are ``<cell>/layer<L>/<sae>/stats.parquet``
+    (the feature folder is their parent). ``iterations`` is ``iterations.json`` or None.
+    """
+    model_block = {}
+    for model_dir in sorted(map(Path, models)):
         info_path = model_dir / "sae_diff_model.json"
         if info_path.exists():
             info = read_json(info_path)
-            models[model_dir.name] = {
+            model_block[model_dir.name] = {
                 "path": str(model_dir),
                 "source": info["source"],
                 "n_layers": info.get("n_layers"),
                 "d_model": info.get("d_model"),
             }
     data = {}
-    for samples in sorted((results / "data").glob("D*/samples.parquet")):
-        data[samples.parent.name] = data_summary(samples)
+    for samples_path in sorted(map(Path, samples)):
+        data[samples_path.parent.name] = data_summary(samples_path)
+    sites_found = {}
+    for manifest_path in map(Path, manifests):
+        manifest = read_json(manifest_path)
+        sites_found[(manifest["cell"], int(manifest["layer"]), manifest["hook_point"])] = (manifest_path, manifest)
+    sae_folders = {_layout_key(path): path.parent for path in map(Path, saes)}
+    eval_files = {_layout_key(path, per_sae_folder=False): path for path in map(Path, evals)}
+    feature_dirs = {_layout_key(path): path.parent for path in map(Path, features)}
     cell_block = {}
-    for cell in cells:
+    for cell in all_cells(cfg):
         sites = {}
         for layer in cfg["layers"]:
             for hook in cfg["hook_points"]:
-                manifest_path = results / "activations" / cell.name / site_dir(layer, hook) / "manifest.json"
-                if not manifest_path.exists():
+                if (cell.name, layer, hook) not in sites_found:
                     continue
-                manifest = read_json(manifest_path)
+                manifest_path, manifest = sites_found[(cell.name, layer, hook)]
                 sites[site_dir(layer, hook).replace("/", ".")] = {
                     "layer": layer,
                     "hook_point": hook,
@@ -203,13 +243,13 @@ def build(
                     "manifest": str(manifest_path),
                 }
         cell_block[cell.name] = {"model": cell.model, "data": cell.data, "activations": sites}
-        saes = sae_summary(results / "saes" / cell.name, cfg)
-        if saes:
-            cell_block[cell.name]["saes"] = saes
+        cell_saes = sae_summary(cell.name, cfg, sae_folders, eval_files, feature_dirs)
+        if cell_saes:
+            cell_block[cell.name]["saes"] = cell_saes
     headline = {}
-    iterations_path = results / "iterations.json"
+    iterations_path = Path(iterations) if iterations else None
     iterations_block = None
-    if iterations_path.exists():
+    if iterations_path is not None:
         from .iterations import headline as iterations_headline
 
         iterations_block = read_json(iterations_path)
@@ -217,7 +257,7 @@ def build(
         if shifted:
             headline["iterations"] = shifted
     evolution_blocks = {}
-    for path in sorted((results / "evolution").glob("layer*/*.json")):
+    for path in sorted(map(Path, evolution)):
         block = read_json(path)
         evolution_blocks[(block["layer"], block["sae"])] = block
     if evolution_blocks:
@@ -225,16 +265,14 @@ def build(
 
         headline["evolution"] = evolution_headline(evolution_blocks, cfg.get("sae_order", list(cfg["saes"])))
     probe_blocks = {}
-    for path in sorted((results / "probes").glob("*/layer*/*/*.json")):
+    for path in sorted(map(Path, probes)):
         block = read_json(path)
         probe_blocks.setdefault(block["cell"], {}).setdefault(f"layer{block['layer']}", {}).setdefault(
             block["sae"], {}
         )[block["metric"]] = {k: v for k, v in block.items() if k not in ("cell", "layer", "sae")}
     if probe_blocks:
         headline["probes"] = probes_headline(probe_blocks, cfg)
-    all_intervention_blocks = [
-        read_json(path) for path in sorted((results / "interventions").glob("*/*/layer*/*/*/effects.json"))
-    ]
+    all_intervention_blocks = [read_json(path) for path in sorted(map(Path, interventions))]
     intervention_blocks = [block for block in all_intervention_blocks if "skipped" not in block]
     skipped_interventions = [
         {key: block.get(key) for key in ("experiment", "cell", "layer", "sae", "metric", "skipped")}
@@ -242,12 +280,12 @@ def build(
         if "skipped" in block
     ]
     if intervention_blocks:
-        from .interventions import headline as interventions_headline
+        from .effects import headline as interventions_headline
 
         headline.update(interventions_headline(intervention_blocks, cfg))
     headline["timings"] = stage_timings(benchmarks)
-    for model_id, info in models.items():
-        dpo = _dpo_record(results / "models" / model_id)
+    for info in model_block.values():
+        dpo = _dpo_record(Path(info["path"]))
         if dpo:
             info["dpo"] = dpo
     return {
@@ -259,7 +297,7 @@ def build(
             "hook_points": cfg["hook_points"],
             "branches": cfg["grid"]["branches"],
         },
-        "models": models,
+        "models": model_block,
         "data": data,
         "cells": cell_block,
         **({"iterations": {"path": str(iterations_path), **iterations_block}} if iterations_block else {}),
@@ -279,8 +317,7 @@ def build(
 def probes_headline(blocks: dict, cfg: dict) -> dict:
     """``headline.probes``: per metric, the last iteration's own cell (MX_DX), the deepest layer and the
     first SAE config: its top features and nested-CV AUROC against the two baselines."""
-    from .config import branch_cells
-    from .config import cells as all_cells
+    from .grid import branch_cells
 
     chain = branch_cells(cfg, "MXDX") if "MXDX" in cfg["grid"]["branches"] else all_cells(cfg)
     cell, layer = chain[-1].name, f"layer{max(cfg['layers'])}"

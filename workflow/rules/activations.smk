@@ -3,11 +3,11 @@
 
 rule extract_activations:
     input:
-        model="results/models/{model}",
+        model=grid.model_dir("{model}"),
         # unscored samples: a scorer change must not re-extract activations
-        samples="results/data/{data}/raw.parquet",
+        samples=grid.raw_samples("{data}"),
     output:
-        [f"results/activations/{{model}}_{{data}}/{site}/manifest.json" for site in SITES],
+        [grid.manifest("{model}_{data}", site) for site in SITES],
     log:
         "logs/extract_activations/{model}_{data}.log",
     benchmark:
@@ -24,7 +24,7 @@ rule extract_activations:
             activations=config["activations"],
             **placement(),
         ),
-        out_dir="results/activations/{model}_{data}",
+        out_dir=grid.activations_dir("{model}_{data}"),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff extract --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--model-dir {input.model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "

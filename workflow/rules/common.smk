@@ -1,4 +1,5 @@
-# Config validation, the grid of cells, and the target lists every other rule file uses.
+# Config validation, the grid's id lists, and the named input functions of the rule files.
+# Every results path comes from sae_diff.grid (one home for the layout).
 import json
 import re
 import shlex
@@ -9,6 +10,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # parse-time helpers, even before install
 from sae_diff import config as cfglib  # noqa: E402
+from sae_diff import grid  # noqa: E402  (the grid and every results path)
 from sae_diff import scorers as scorerlib  # noqa: E402
 
 try:
@@ -16,20 +18,20 @@ try:
     cfglib.validate(config)
     validate(config, "../../src/sae_diff/schemas/config.schema.yaml")  # the same schema and defaults
     cfglib.check(config, [Path.cwd(), Path(workflow.basedir)])
-    INTERVENTION_RUNS = cfglib.intervention_runs(config)
+    INTERVENTION_RUNS = grid.intervention_runs(config)
 except cfglib.ConfigError as error:
     sys.exit(str(error))
 
-MODELS = cfglib.model_ids(config)
+MODELS = grid.model_ids(config)
 DPO_MODELS = [m for m in MODELS if config["models"][m]["source"] == "dpo"]
 PREPARED_MODELS = [m for m in MODELS if m not in DPO_MODELS]
-DATA = cfglib.data_ids(config)
-CELLS = cfglib.cells(config)
-SITES = [cfglib.site_dir(layer, hook) for layer, hook in cfglib.sites(config)]
+DATA = grid.data_ids(config)
+CELLS = grid.cells(config)
+SITES = [grid.site_dir(layer, hook) for layer, hook in grid.sites(config)]
 SAES = list(config["saes"])
 TRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "train"]
 PRETRAINED_SAES = [n for n, s in config["saes"].items() if s["source"] == "pretrained"]
-PROBE_METRICS = cfglib.probe_metrics(config)
+PROBE_METRICS = grid.probe_metrics(config)
 METRIC_NAMES = scorerlib.metric_columns(config["scorers"], config["data"])
 
 
@@ -71,7 +73,7 @@ def streaming_inputs(w, model=None, data=None):
     if config["activations"]["cache"]:
         return {}
     model, data = model or w.model, data or w.data
-    return {"stream_model": f"results/models/{model}", "stream_samples": f"results/data/{data}/samples.parquet"}
+    return {"stream_model": grid.model_dir(model), "stream_samples": grid.samples(data)}
 
 
 def streaming_args(w, model=None, data=None):
@@ -116,59 +118,73 @@ def one_of(ids):
 
 
 def bench(rule_name, pattern):
-    return f"results/benchmarks/{rule_name}/{pattern}.tsv"
+    return grid.benchmark(rule_name, pattern)
 
 
 def manifests(cell_name):
-    return [f"results/activations/{cell_name}/{site}/manifest.json" for site in SITES]
+    return [grid.manifest(cell_name, site) for site in SITES]
 
 
-# ----- input functions of the rule files
+# ----- named input functions of the rule files; w is the job's wildcards
 
 
-def init_model_input(wildcards):
-    source = config["models"][wildcards.model].get("init_from")
-    return [f"results/models/{source}"] if source else []
+def init_model_input(w):
+    source = config["models"][w.model].get("init_from")
+    return [grid.model_dir(source)] if source else []
 
 
-def dpo_inputs(wildcards):
-    model = config["models"][wildcards.model]
+def dpo_inputs(w):
+    model = config["models"][w.model]
     return {
-        "parent": f"results/models/{model['parent']}",
-        "reference": f"results/models/{model['reference']}",
-        "samples": f"results/data/{model['pairs_from']}/samples.parquet",
+        "parent": grid.model_dir(model["parent"]),
+        "reference": grid.model_dir(model["reference"]),
+        "samples": grid.samples(model["pairs_from"]),
     }
 
 
-def data_model_input(wildcards):
-    spec_ = config["data"][wildcards.data]
-    return [f"results/models/{spec_['model']}"] if spec_["source"] == "generate" else []
+def data_model_input(w):
+    block = config["data"][w.data]
+    return [grid.model_dir(block["model"])] if block["source"] == "generate" else []
+
+
+def cell_manifests(w):
+    """The activation stores of the job's cell (wildcards model and data)."""
+    return manifests(f"{w.model}_{w.data}")
+
+
+def cell_sae_weights(w, names=None):
+    """The SAEs of the job's (cell, layer): wildcards model, data, layer; every SAE unless named."""
+    return [grid.sae_weights(f"{w.model}_{w.data}", w.layer, n) for n in (SAES if names is None else names)]
+
+
+def base_sae_weights(w, names=None):
+    """The base cell's SAEs of the job's layer: probes measure decoder cosines to them."""
+    return [grid.sae_weights("M0_D0", w.layer, n) for n in (SAES if names is None else names)]
+
+
+def pretrained_sae_source(w):
+    return config["saes"][w.sae]["path"].format(model=w.model, data=w.data, layer=w.layer)
 
 
 def sae_outputs():
-    return [
-        f"{cfglib.sae_dir(cell, layer, name)}/sae_weights.safetensors"
-        for cell in CELLS
-        for layer in config["layers"]
-        for name in SAES
-    ]
+    return [grid.sae_weights(cell, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
 
 
-def warm_start_dirs(wildcards):
+def warm_start_dirs(w):
     """SAE name -> folder it starts from, for the configs that warm-start."""
-    cell = cfglib.Cell(wildcards.model, wildcards.data)
+    cell = grid.Cell(w.model, w.data)
     out = {}
     for name, block in config["saes"].items():
         if block["source"] != "train":
             continue
-        source = cfglib.warm_start_source(config, cell, block["warm_start"])
+        source = grid.warm_start_source(config, cell, block["warm_start"])
         if source is not None:
-            out[name] = cfglib.sae_dir(source, int(wildcards.layer), name)
+            out[name] = grid.sae_dir(source, int(w.layer), name)
     return out
 
 
-def warm_start_inputs(wildcards):
-    return [f"{folder}/sae_weights.safetensors" for folder in warm_start_dirs(wildcards).values()]
+def warm_start_inputs(w):
+    return [f"{folder}/sae_weights.safetensors" for folder in warm_start_dirs(w).values()]
 
 
 def seed_pair_saes():
@@ -184,69 +200,127 @@ def seed_pair_training():
     return {**config["training"], "seed": config["training"]["seed"] + config["diff"]["seed_offset"]}
 
 
+def pair_inputs(w):
+    """A diff's two cells (wildcards a and b) at one layer: SAEs, feature statistics, calibration."""
+    return {
+        "saes": [grid.sae_weights(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
+        "stats": [grid.feature_stats(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
+        "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
+    }
+
+
+def layer_diff_jsons(w):
+    """Every diff of the job's layer (both branches' steps and the intra pairs)."""
+    return [grid.diff_json(a, b, w.layer, n) for a, b, _ in grid.diff_pairs(config) for n in DIFF_SAES]
+
+
+def evolution_inputs(w):
+    """What the evolution of one layer reads: its diffs, and the SAEs, statistics and calibration behind them."""
+    return {
+        "diffs": layer_diff_jsons(w),
+        "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
+        "saes": [grid.sae_weights(c, w.layer, n) for c in CELLS for n in DIFF_SAES],
+        "stats": [grid.feature_stats(c, w.layer, n) for c in CELLS for n in DIFF_SAES],
+    }
+
+
+def probe_inputs(w):
+    """A (cell, layer)'s probes: its SAEs and their pooled statistics, the base cell's SAEs, the
+    activation stores (raw baseline), the scored samples, and the model when nothing is cached."""
+    cell = f"{w.model}_{w.data}"
+    return {
+        "saes": cell_sae_weights(w),
+        "stats": [grid.feature_stats(cell, w.layer, n) for n in SAES],
+        "base": base_sae_weights(w),
+        "acts": cell_manifests(w),
+        "samples": grid.samples(w.data),
+        **({} if config["activations"]["cache"] else {"model": grid.model_dir(w.model)}),
+    }
+
+
+def layer_probe_jsons(w):
+    return [grid.probe_json(c, w.layer, n, m) for c in CELLS for n in SAES for m in PROBE_METRICS]
+
+
+def cell_model(w):
+    """The model of the job's cell (wildcard cell, e.g. M2_D2)."""
+    return grid.model_dir(grid.Cell.parse(w.cell).model)
+
+
+def cell_samples(w):
+    """The scored samples of the job's cell (wildcard cell)."""
+    return grid.samples(grid.Cell.parse(w.cell).data)
+
+
 def figure_spec(kind):
     """A figure rule's params: its own `figures.<kind>` block only."""
     return lambda w: spec(figure=config["figures"][kind])
 
 
 def branch_steps(branch):
-    chain = cfglib.branch_cells(config, branch)
+    chain = grid.branch_cells(config, branch)
     return list(zip(chain, chain[1:]))
+
+
+def branch_diff_jsons(w):
+    return [grid.diff_json(a, b, w.layer, w.sae) for a, b in branch_steps(w.branch)]
+
+
+def layer_panels(w, input):
+    """One panel per layer: the folder of that layer's feature statistics."""
+    return input_args((f"layer{layer}", Path(path).parent) for layer, path in zip(config["layers"], input))
+
+
+def step_panels(w, input):
+    """One panel per step of the branch: the step's diff table (beside its summary)."""
+    steps = zip(branch_steps(w.branch), input.diffs)
+    return input_args((f"{a.name}→{b.name}", Path(path).with_suffix(".parquet")) for (a, b), path in steps)
 
 
 def figure_targets():
     """Every figure file of the run, by kind (the summary lists them; the report shows them)."""
-    features = config["features"]
-    out = {"iterations": ["results/figures/iterations/target_metric.png"]}
-    per_sae = [(cell.name, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
-    out["training"] = [
-        f"results/figures/saes/{c}/layer{l}/{n}_training.png" for c, l, n in per_sae if n in TRAINED_SAES
-    ]
-    out["density"] = [f"results/figures/eval/{c}/layer{l}/{n}_density.png" for c, l, n in per_sae]
-    out["loss_by_position"] = [f"results/figures/eval/{c}/layer{l}/{n}_loss_by_position.png" for c, l, n in per_sae]
-    out["statistics"] = [f"results/figures/features/{c}/layer{l}/{n}/statistics.png" for c, l, n in per_sae]
-    out["embeddings"] = [f"results/figures/features/{c}/layer{l}/{n}/embeddings.png" for c, l, n in per_sae]
-    if features.get("bias"):
-        out["bias"] = [f"results/figures/features/{c}/layer{l}/{n}/bias.png" for c, l, n in per_sae]
+    features, layers = config["features"], config["layers"]
+    per_sae = [dict(cell=c, layer=l, sae=n) for c in CELLS for l in layers for n in SAES]
+    out = {"iterations": [grid.figure("iterations")]}
+    out["training"] = [grid.figure("training", **ids) for ids in per_sae if ids["sae"] in TRAINED_SAES]
+    for kind in ("density", "loss_by_position", "statistics", "embeddings") + (
+        ("bias",) if features.get("bias") else ()
+    ):
+        out[kind] = [grid.figure(kind, **ids) for ids in per_sae]
     out["coactivation"] = [
-        f"results/figures/features/{c}/layer{l}/{n}/coactivation_{col}{suffix}.png"
-        for c, l, n in per_sae
+        grid.figure(kind, column=col, **ids)
+        for ids in per_sae
         for col in features["coactivation_columns"]
-        for suffix in ("", "_top")
+        for kind in ("coactivation", "coactivation_top")
     ]
-    if len(config["layers"]) > 1:
+    if len(layers) > 1:
         out["coactivation_layers"] = [
-            f"results/figures/features/{cell.name}/{n}_coactivation_{col}_layers.png"
-            for cell in CELLS
+            grid.figure("coactivation_layers", cell=c, sae=n, column=col)
+            for c in CELLS
             for n in SAES
             for col in features["coactivation_columns"]
         ]
-    out["evolution"] = [
-        f"results/figures/evolution/layer{l}/{n}_counts.png" for l in config["layers"] for n in DIFF_SAES
-    ]
+    out["evolution"] = [grid.figure("evolution", layer=l, sae=n) for l in layers for n in DIFF_SAES]
     if PROBE_METRICS:
         out["probe_auroc"] = [
-            f"results/figures/probes/layer{l}/{n}_{m}_auroc.png"
-            for l in config["layers"]
-            for n in SAES
-            for m in PROBE_METRICS
+            grid.figure("probe_auroc", layer=l, sae=n, metric=m) for l in layers for n in SAES for m in PROBE_METRICS
         ]
         out["probe_importance"] = [
-            f"results/figures/probes/{c}/layer{l}/{n}_{m}_importance.png" for c, l, n in per_sae for m in PROBE_METRICS
+            grid.figure("probe_importance", metric=m, **ids) for ids in per_sae for m in PROBE_METRICS
         ]
         out["probe_overlap"] = [
-            f"results/figures/probes/layer{l}/{n}_{m}_overlap.png"
-            for l in config["layers"]
+            grid.figure("probe_overlap", layer=l, sae=n, metric=m)
+            for l in layers
             for n in DIFF_SAES
             for m in PROBE_METRICS
         ]
     out["dose_response"] = [
-        f"results/figures/interventions/{r.experiment}/{r.cell.name}/layer{r.layer}/" f"{r.sae}_{r.metric}.png"
+        grid.figure("dose_response", experiment=r.experiment, cell=r.cell, layer=r.layer, sae=r.sae, metric=r.metric)
         for r in INTERVENTION_RUNS
     ]
     out["similarity"] = [
-        f"results/figures/evolution/layer{l}/{n}_similarity_{b}.png"
-        for l in config["layers"]
+        grid.figure("similarity", layer=l, sae=n, branch=b)
+        for l in layers
         for n in DIFF_SAES
         for b in config["grid"]["branches"]
         if branch_steps(b)
@@ -275,57 +349,49 @@ def selected_by(experiment):
     return selection_method(config["interventions"], experiment)
 
 
+def intervention_model(w):
+    """The model that generates: the iteration's for ablation, the base model for steering."""
+    return grid.model_dir(intervention_run(w).model)
+
+
+def attribution_input(w):
+    """The fork attribution table, for experiments that pick their features by attribution."""
+    if selected_by(w.experiment) != "attribution":
+        return []
+    return [grid.attribution_table(w.cell, w.layer, w.sae, w.metric)]
+
+
 def intervention_spec(w):
     run = intervention_run(w)
-    path, wheres = cfglib.intervention_prompts(config)
+    path, wheres = grid.intervention_prompts(config)
     return spec(
         interventions=config["interventions"],
         scorers=config["scorers"],
         prompts=path,
         wheres=wheres,
-        direction=cfglib.metric_direction(config, run.metric),
+        direction=grid.metric_direction(config, run.metric),
         metrics=METRIC_NAMES,
         hook_point=config["saes"][run.sae].get("hook_point", "resid_post"),
         **placement(),
     )
 
 
-def summary_inputs(wildcards):
-    files = {
-        "models": [f"results/models/{m}" for m in MODELS],
-        "samples": [f"results/data/{d}/samples.parquet" for d in DATA],
-        "iterations": "results/iterations.json",
-        "features": [
-            f"results/features/{cell.name}/layer{layer}/{name}/stats.parquet"
-            for cell in CELLS
-            for layer in config["layers"]
-            for name in SAES
-        ],
-        "evolution": [
-            f"results/evolution/layer{layer}/{name}.json" for layer in config["layers"] for name in DIFF_SAES
-        ],
-        "probes": [
-            f"results/probes/{cell.name}/layer{layer}/{name}/{metric}.json"
-            for cell in CELLS
-            for layer in config["layers"]
-            for name in SAES
-            for metric in PROBE_METRICS
-        ],
-        "probe_comparisons": (
-            [f"results/probes/comparison_layer{layer}.json" for layer in config["layers"]] if PROBE_METRICS else []
-        ),
+def summary_inputs(w):
+    per_sae = [(cell, layer, name) for cell in CELLS for layer in config["layers"] for name in SAES]
+    return {
+        "models": [grid.model_dir(m) for m in MODELS],
+        "samples": [grid.samples(d) for d in DATA],
+        "iterations": grid.iterations_json(),
+        "features": [grid.feature_stats(*ids) for ids in per_sae],
+        "evolution": [grid.evolution_json(layer, name) for layer in config["layers"] for name in DIFF_SAES],
+        "probes": [grid.probe_json(*ids, metric) for ids in per_sae for metric in PROBE_METRICS],
+        "probe_comparisons": [grid.probe_comparison(layer) for layer in config["layers"]] if PROBE_METRICS else [],
         "interventions": [f"{run.out_dir}/effects.json" for run in INTERVENTION_RUNS],
         "figures": [path for paths in figure_targets().values() for path in paths],
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
-        "evals": [
-            f"results/eval/{cell.name}/layer{layer}/{name}.json"
-            for cell in CELLS
-            for layer in config["layers"]
-            for name in SAES
-        ],
+        "evals": [grid.eval_json(*ids) for ids in per_sae],
     }
-    return files
 
 
 BENCHMARKS = (
@@ -356,8 +422,8 @@ BENCHMARKS = (
         )
     )
     + [
-        bench("diff_saes", f"{cfglib.pair_name(a, b)}_layer{layer}")
-        for a, b, _ in cfglib.diff_pairs(config)
+        bench("diff_saes", f"{grid.pair_name(a, b)}_layer{layer}")
+        for a, b, _ in grid.diff_pairs(config)
         for layer in config["layers"]
         if DIFF_SAES
     ]

@@ -3,9 +3,9 @@
 
 rule make_data:
     input:
-        data_model_input,
+        model=data_model_input,
     output:
-        "results/data/{data}/raw.parquet",
+        grid.raw_samples("{data}"),
     log:
         "logs/make_data/{data}.log",
     benchmark:
@@ -19,16 +19,17 @@ rule make_data:
     params:
         spec=lambda w: spec(data={w.data: config["data"][w.data]}, split=config["split"], **placement()),
         source=data_source,  # a user's table edited in place reruns what reads it
+        model=lambda w, input: f"--model-dir {shlex.quote(input.model[0])}" if input.model else "",
     shell:
-        "SAE_DIFF_PROGRESS_FD=3 sae-diff make-data --spec {params.spec:q} --data {wildcards.data} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff make-data --spec {params.spec:q} --data {wildcards.data} {params.model} "
         "--threads {threads} --out {output:q} 3>&1 > {log:q} 2>&1"
 
 
 rule score_data:
     input:
-        "results/data/{data}/raw.parquet",
+        grid.raw_samples("{data}"),
     output:
-        "results/data/{data}/samples.parquet",
+        grid.samples("{data}"),
     log:
         "logs/score_data/{data}.log",
     benchmark:
@@ -49,12 +50,10 @@ rule score_data:
 
 rule iterations:
     input:
-        expand("results/data/{data}/samples.parquet", data=DATA),
+        [grid.samples(d) for d in DATA],
     output:
-        json="results/iterations.json",
-        examples=report(
-            "results/iterations_examples.csv", category="Iterations", caption="../report/iterations_examples.rst"
-        ),
+        json=grid.iterations_json(),
+        examples=report(grid.iterations_examples(), category="Iterations", caption="../report/iterations_examples.rst"),
     log:
         "logs/iterations/iterations.log",
     conda:

@@ -3,15 +3,13 @@
 
 rule evaluate_saes:
     input:
-        saes=lambda w: [
-            f"{cfglib.sae_dir(cfglib.Cell(w.model, w.data), int(w.layer), n)}/sae_weights.safetensors" for n in SAES
-        ],
-        acts=lambda w: manifests(f"{w.model}_{w.data}"),
-        model="results/models/{model}",
-        samples="results/data/{data}/raw.parquet",
+        saes=cell_sae_weights,
+        acts=cell_manifests,
+        model=grid.model_dir("{model}"),
+        samples=grid.raw_samples("{data}"),
     output:
-        [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.json" for name in SAES],
-        [f"results/eval/{{model}}_{{data}}/layer{{layer}}/{name}.loss_by_position.parquet" for name in SAES],
+        [grid.eval_json("{model}_{data}", "{layer}", name) for name in SAES],
+        [grid.eval_loss_by_position("{model}_{data}", "{layer}", name) for name in SAES],
     log:
         "logs/evaluate_saes/{model}_{data}_layer{layer}.log",
     benchmark:
@@ -25,8 +23,11 @@ rule evaluate_saes:
         spec=lambda w: spec(
             saes=config["saes"], evaluation=config["evaluation"], activations=config["activations"], **placement()
         ),
-        out_dir="results/eval/{model}_{data}/layer{layer}",
+        acts_dir=grid.activations_dir("{model}_{data}"),
+        saes_dir=grid.saes_dir("{model}_{data}", "{layer}"),
+        out_dir=grid.eval_dir("{model}_{data}", "{layer}"),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff evaluate --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
         "--layer {wildcards.layer} --model-dir {input.model:q} --samples {input.samples:q} "
+        "--acts-dir {params.acts_dir:q} --saes-dir {params.saes_dir:q} "
         "--threads {threads} --out-dir {params.out_dir:q} 3>&1 > {log:q} 2>&1"

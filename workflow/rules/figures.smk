@@ -4,11 +4,9 @@
 
 rule figure_iterations:
     input:
-        "results/iterations.json",
+        grid.iterations_json(),
     output:
-        report(
-            "results/figures/iterations/target_metric.png", category="Iterations", caption="../report/iterations.rst"
-        ),
+        report(grid.figure("iterations"), category="Iterations", caption="../report/iterations.rst"),
     log:
         "logs/figures/iterations.log",
     conda:
@@ -21,10 +19,10 @@ rule figure_iterations:
 
 rule figure_statistics:
     input:
-        "results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+        grid.feature_stats("{cell}", "{layer}", "{sae}"),
     output:
         report(
-            "results/figures/features/{cell}/layer{layer}/{sae}/statistics.png",
+            grid.figure("statistics"),
             category="Features",
             subcategory="layer {layer}",
             caption="../report/statistics.rst",
@@ -43,11 +41,11 @@ rule figure_statistics:
 
 rule figure_bias:
     input:
-        stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
-        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
+        stats=grid.feature_stats("{cell}", "{layer}", "{sae}"),
+        samples=cell_samples,
     output:
         report(
-            "results/figures/features/{cell}/layer{layer}/{sae}/bias.png",
+            grid.figure("bias"),
             category="Features",
             subcategory="layer {layer}",
             caption="../report/bias.rst",
@@ -66,11 +64,11 @@ rule figure_bias:
 
 rule figure_embeddings:
     input:
-        stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
-        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
+        stats=grid.feature_stats("{cell}", "{layer}", "{sae}"),
+        samples=cell_samples,
     output:
         report(
-            "results/figures/features/{cell}/layer{layer}/{sae}/embeddings.png",
+            grid.figure("embeddings"),
             category="Features",
             subcategory="layer {layer}",
             caption="../report/embeddings.rst",
@@ -89,16 +87,16 @@ rule figure_embeddings:
 
 rule figure_coactivation:
     input:
-        "results/features/{cell}/layer{layer}/{sae}/stats.parquet",
+        grid.feature_stats("{cell}", "{layer}", "{sae}"),
     output:
         full=report(
-            "results/figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}.png",
+            grid.figure("coactivation"),
             category="Co-activation",
             subcategory="layer {layer}",
             caption="../report/coactivation.rst",
         ),
         top=report(
-            "results/figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}_top.png",
+            grid.figure("coactivation_top"),
             category="Co-activation",
             subcategory="layer {layer}",
             caption="../report/coactivation.rst",
@@ -119,10 +117,10 @@ rule figure_coactivation:
 
 rule figure_coactivation_layers:
     input:
-        [f"results/features/{{cell}}/layer{layer}/{{sae}}/stats.parquet" for layer in config["layers"]],
+        [grid.feature_stats("{cell}", layer, "{sae}") for layer in config["layers"]],
     output:
         report(
-            "results/figures/features/{cell}/{sae}_coactivation_{column}_layers.png",
+            grid.figure("coactivation_layers"),
             category="Co-activation",
             subcategory="across layers",
             caption="../report/coactivation.rst",
@@ -133,9 +131,7 @@ rule figure_coactivation_layers:
         "../envs/analysis.yaml"
     params:
         spec=lambda w: spec(figure=config["figures"]["coactivation_layers"], column=w.column),
-        panels=lambda w, input: input_args(
-            (f"layer{layer}", Path(path).parent) for layer, path in zip(config["layers"], input)
-        ),
+        panels=layer_panels,
         title="{sae} SAE on {cell}: mean activation by {column} across layers",
     shell:
         "sae-diff figure coactivation_layers --spec {params.spec:q} {params.panels} --title {params.title:q} "
@@ -144,10 +140,10 @@ rule figure_coactivation_layers:
 
 rule figure_evolution:
     input:
-        "results/evolution/layer{layer}/{sae}.json",
+        grid.evolution_json("{layer}", "{sae}"),
     output:
         report(
-            "results/figures/evolution/layer{layer}/{sae}_counts.png",
+            grid.figure("evolution"),
             category="Evolution",
             subcategory="layer {layer}",
             caption="../report/evolution.rst",
@@ -164,13 +160,11 @@ rule figure_evolution:
 
 rule figure_similarity:
     input:
-        diffs=lambda w: [
-            f"results/diff/{cfglib.pair_name(a, b)}/layer{w.layer}/{w.sae}.json" for a, b in branch_steps(w.branch)
-        ],
-        calibration="results/calibration/layer{layer}/{sae}.json",
+        diffs=branch_diff_jsons,
+        calibration=grid.calibration_json("{layer}", "{sae}"),
     output:
         report(
-            "results/figures/evolution/layer{layer}/{sae}_similarity_{branch}.png",
+            grid.figure("similarity"),
             category="Evolution",
             subcategory="layer {layer}",
             caption="../report/similarity.rst",
@@ -181,11 +175,8 @@ rule figure_similarity:
         "../envs/analysis.yaml"
     params:
         spec=figure_spec("similarity"),
-        panels=lambda w, input: input_args(
-            (f"{a.name}→{b.name}", Path(path).with_suffix(".parquet"))
-            for (a, b), path in zip(branch_steps(w.branch), input.diffs)
-        ),
-        null="results/calibration/layer{layer}/{sae}_null.parquet",
+        panels=step_panels,
+        null=lambda w, input: str(Path(input.calibration).with_name(f"{w.sae}_null.parquet")),
         title="{sae} SAE, layer {layer}, branch {branch}: matched decoder cosine per step",
     shell:
         "sae-diff figure similarity --spec {params.spec:q} {params.panels} --input null={params.null:q} "
@@ -194,10 +185,10 @@ rule figure_similarity:
 
 rule figure_probe_auroc:
     input:
-        "results/probes/comparison_layer{layer}.json",
+        grid.probe_comparison("{layer}"),
     output:
         report(
-            "results/figures/probes/layer{layer}/{sae}_{metric}_auroc.png",
+            grid.figure("probe_auroc"),
             category="Probes",
             subcategory="layer {layer}",
             caption="../report/probe_auroc.rst",
@@ -211,7 +202,7 @@ rule figure_probe_auroc:
             figure=config["figures"]["probe_auroc"],
             sae=w.sae,
             metric=w.metric,
-            branches={b: [c.name for c in cfglib.branch_cells(config, b)] for b in config["grid"]["branches"]},
+            branches={b: [c.name for c in grid.branch_cells(config, b)] for b in config["grid"]["branches"]},
         ),
         title="{sae} SAE, layer {layer}: probes of {metric}",
     shell:
@@ -221,10 +212,10 @@ rule figure_probe_auroc:
 
 rule figure_probe_importance:
     input:
-        "results/probes/{cell}/layer{layer}/{sae}/{metric}.json",
+        grid.probe_json("{cell}", "{layer}", "{sae}", "{metric}"),
     output:
         report(
-            "results/figures/probes/{cell}/layer{layer}/{sae}_{metric}_importance.png",
+            grid.figure("probe_importance"),
             category="Probes",
             subcategory="layer {layer}",
             caption="../report/probe_importance.rst",
@@ -243,10 +234,10 @@ rule figure_probe_importance:
 
 rule figure_probe_overlap:
     input:
-        "results/probes/comparison_layer{layer}.json",
+        grid.probe_comparison("{layer}"),
     output:
         report(
-            "results/figures/probes/layer{layer}/{sae}_{metric}_overlap.png",
+            grid.figure("probe_overlap"),
             category="Probes",
             subcategory="layer {layer}",
             caption="../report/probe_overlap.rst",
@@ -267,10 +258,10 @@ rule figure_probe_overlap:
 
 rule figure_dose_response:
     input:
-        "results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/effects.json",
+        f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/effects.json",
     output:
         report(
-            "results/figures/interventions/{experiment}/{cell}/layer{layer}/{sae}_{metric}.png",
+            grid.figure("dose_response"),
             category="Interventions",
             subcategory="{experiment}, layer {layer}",
             caption="../report/dose_response.rst",
@@ -291,10 +282,10 @@ rule figure_dose_response:
 
 rule figure_training:
     input:
-        "results/saes/{cell}/layer{layer}/{sae}/sae_weights.safetensors",
+        grid.sae_weights("{cell}", "{layer}", "{sae}"),
     output:
         report(
-            "results/figures/saes/{cell}/layer{layer}/{sae}_training.png",
+            grid.figure("training"),
             category="SAE training",
             subcategory="layer {layer}",
             caption="../report/training.rst",
@@ -305,7 +296,7 @@ rule figure_training:
         "../envs/analysis.yaml"
     params:
         spec=figure_spec("training"),
-        log="results/saes/{cell}/layer{layer}/{sae}/train_log.jsonl",  # written with the weights
+        log=lambda w, input: str(Path(input[0]).with_name("train_log.jsonl")),  # written with the weights
         title="{sae} SAE on {cell}, layer {layer}: training",
     shell:
         "sae-diff figure training --spec {params.spec:q} --input log={params.log:q} --title {params.title:q} "
@@ -314,10 +305,10 @@ rule figure_training:
 
 rule figure_density:
     input:
-        "results/eval/{cell}/layer{layer}/{sae}.json",
+        grid.eval_json("{cell}", "{layer}", "{sae}"),
     output:
         report(
-            "results/figures/eval/{cell}/layer{layer}/{sae}_density.png",
+            grid.figure("density"),
             category="Evaluation",
             subcategory="layer {layer}",
             caption="../report/density.rst",
@@ -336,11 +327,11 @@ rule figure_density:
 
 rule figure_loss_by_position:
     input:
-        table="results/eval/{cell}/layer{layer}/{sae}.loss_by_position.parquet",
-        eval="results/eval/{cell}/layer{layer}/{sae}.json",
+        table=grid.eval_loss_by_position("{cell}", "{layer}", "{sae}"),
+        eval=grid.eval_json("{cell}", "{layer}", "{sae}"),
     output:
         report(
-            "results/figures/eval/{cell}/layer{layer}/{sae}_loss_by_position.png",
+            grid.figure("loss_by_position"),
             category="Evaluation",
             subcategory="layer {layer}",
             caption="../report/loss_by_position.rst",

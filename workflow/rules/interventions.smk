@@ -7,12 +7,12 @@ rule attribute:
     """Fork attribution: which of a cell's SAE features the cell's model uses where two of its
     completions of one prompt part ways on the metric."""
     input:
-        model=lambda w: f"results/models/{cfglib.Cell.parse(w.cell).model}",
-        samples=lambda w: f"results/data/{cfglib.Cell.parse(w.cell).data}/samples.parquet",
-        sae="results/saes/{cell}/layer{layer}/{sae}/sae_weights.safetensors",
+        model=cell_model,
+        samples=cell_samples,
+        sae=grid.sae_weights("{cell}", "{layer}", "{sae}"),
     output:
-        table="results/attribution/{cell}/layer{layer}/{sae}/{metric}.parquet",
-        summary="results/attribution/{cell}/layer{layer}/{sae}/{metric}.json",
+        table=grid.attribution_table("{cell}", "{layer}", "{sae}", "{metric}"),
+        summary=grid.attribution_summary("{cell}", "{layer}", "{sae}", "{metric}"),
     log:
         "logs/attribute/{cell}_layer{layer}_{sae}_{metric}.log",
     benchmark:
@@ -28,7 +28,7 @@ rule attribute:
                 "attribution": config["interventions"]["attribution"],
                 "seed": config["interventions"]["seed"],
             },
-            direction=cfglib.metric_direction(config, w.metric),
+            direction=grid.metric_direction(config, w.metric),
             hook_point=config["saes"][w.sae].get("hook_point", "resid_post"),
             **placement(),
         ),
@@ -41,20 +41,16 @@ rule attribute:
 
 rule intervene:
     input:
-        model=lambda w: f"results/models/{intervention_run(w).model}",
-        base="results/models/M0",
-        sae=lambda w: f"results/saes/{w.cell}/layer{w.layer}/{w.sae}/sae_weights.safetensors",
-        probe="results/probes/{cell}/layer{layer}/{sae}/{metric}.json",
-        stats="results/features/{cell}/layer{layer}/{sae}/stats.parquet",
-        attribution=lambda w: (
-            [f"results/attribution/{w.cell}/layer{w.layer}/{w.sae}/{w.metric}.parquet"]
-            if selected_by(w.experiment) == "attribution"
-            else []
-        ),
+        model=intervention_model,
+        base=grid.model_dir("M0"),
+        sae=grid.sae_weights("{cell}", "{layer}", "{sae}"),
+        probe=grid.probe_json("{cell}", "{layer}", "{sae}", "{metric}"),
+        stats=grid.feature_stats("{cell}", "{layer}", "{sae}"),
+        attribution=attribution_input,
     output:
-        generations="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/generations.parquet",
-        scores="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/scores.parquet",
-        effects="results/interventions/{experiment}/{cell}/layer{layer}/{sae}/{metric}/effects.json",
+        generations=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/generations.parquet",
+        scores=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/scores.parquet",
+        effects=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/effects.json",
     log:
         "logs/intervene/{experiment}_{cell}_layer{layer}_{sae}_{metric}.log",
     benchmark:

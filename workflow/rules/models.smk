@@ -3,9 +3,9 @@
 
 rule prepare_model:
     input:
-        init_model_input,
+        init_from=init_model_input,
     output:
-        directory("results/models/{model}"),
+        directory(grid.model_dir("{model}")),
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
@@ -21,8 +21,9 @@ rule prepare_model:
     params:
         spec=lambda w: spec(models={w.model: config["models"][w.model]}),
         source=model_source,  # a user's model folder edited in place reruns its conversion
+        init_from=lambda w, input: f"--init-from {shlex.quote(input.init_from[0])}" if input.init_from else "",
     shell:
-        "sae-diff prepare-model --spec {params.spec:q} --model {wildcards.model} "
+        "sae-diff prepare-model --spec {params.spec:q} --model {wildcards.model} {params.init_from} "
         "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
@@ -30,7 +31,7 @@ rule finetune_dpo:
     input:
         unpack(dpo_inputs),
     output:
-        directory("results/models/{model}"),
+        directory(grid.model_dir("{model}")),
     log:
         "logs/finetune_dpo/{model}.log",
     benchmark:
@@ -46,5 +47,6 @@ rule finetune_dpo:
     params:
         spec=lambda w: spec(models={w.model: config["models"][w.model]}, iterations=config["iterations"], **placement()),
     shell:
-        "SAE_DIFF_PROGRESS_FD=3 sae-diff finetune --spec {params.spec:q} --model {wildcards.model} --samples {input.samples:q} "
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff finetune --spec {params.spec:q} --model {wildcards.model} "
+        "--parent {input.parent:q} --reference {input.reference:q} --samples {input.samples:q} "
         "--threads {threads} --no-progress --out {output:q} 3>&1 > {log:q} 2>&1"

@@ -4,10 +4,10 @@
 rule train_sae:
     input:
         unpack(streaming_inputs),
-        acts=lambda w: manifests(f"{w.model}_{w.data}"),
+        acts=cell_manifests,
         warm=warm_start_inputs,
     output:
-        [f"results/saes/{{model}}_{{data}}/layer{{layer}}/{name}/sae_weights.safetensors" for name in TRAINED_SAES],
+        [grid.sae_weights("{model}_{data}", "{layer}", name) for name in TRAINED_SAES],
     log:
         "logs/train_sae/{model}_{data}_layer{layer}.log",
     benchmark:
@@ -25,16 +25,19 @@ rule train_sae:
             **placement(),
         ),
         stream=streaming_args,
+        acts_dir=grid.activations_dir("{model}_{data}"),
+        out_dir=grid.saes_dir("{model}_{data}", "{layer}"),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff train --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} {params.stream} --threads {threads} 3>&1 > {log:q} 2>&1"
+        "--layer {wildcards.layer} --acts-dir {params.acts_dir:q} --out-dir {params.out_dir:q} {params.stream} "
+        "--threads {threads} 3>&1 > {log:q} 2>&1"
 
 
 rule import_sae:
     input:
-        lambda w: config["saes"][w.sae]["path"].format(model=w.model, data=w.data, layer=w.layer),
+        pretrained_sae_source,
     output:
-        "results/saes/{model}_{data}/layer{layer}/{sae}/sae_weights.safetensors",
+        grid.sae_weights("{model}_{data}", "{layer}", "{sae}"),
     log:
         "logs/import_sae/{model}_{data}_layer{layer}_{sae}.log",
     wildcard_constraints:
@@ -44,7 +47,7 @@ rule import_sae:
     params:
         format=lambda w: config["saes"][w.sae].get("format", "auto"),
         transcoder=lambda w: "--transcoder" if config["saes"][w.sae].get("transcoder") else "",
-        out_dir="results/saes/{model}_{data}/layer{layer}/{sae}",
+        out_dir=grid.sae_dir("{model}_{data}", "{layer}", "{sae}"),
     shell:
         "sae-diff import-sae --path {input:q} --format {params.format:q} {params.transcoder} "
         "--out {params.out_dir:q} > {log:q} 2>&1"

@@ -1,0 +1,273 @@
+"""What the edits did: every generation scored, effects against the no-op with their statistics,
+and the summary's intervention headline.
+
+Every text is scored with the configured scorers plus coherence (perplexity under M0,
+repetition), and effects are reported against the no-op with bootstrap CIs and permutation
+p-values. The reported condition (the group or a single feature, and alpha) is picked on the
+``select`` half of the prompts and its effects are measured on the ``report`` half.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .stats import bootstrap_mean, bootstrap_shift
+
+# --------------------------------------------------------------------------- coherence
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of the text's word n-grams that already occurred earlier in it (0: no loops)."""
+    words = re.findall(r"\w+", str(text).lower())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def completion_nll(
+    model,
+    tokenizer,
+    prompt_texts: list[str],
+    completion_ids: list[list[int]],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Mean negative log-likelihood per completion token under ``model`` (NaN for an empty completion)."""
+    out = np.full(len(prompt_texts), np.nan)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(prompt_texts), batch_size):
+        batch = range(start, min(start + batch_size, len(prompt_texts)))
+        seqs = []
+        for i in batch:
+            prompt = tokenizer(prompt_texts[i], add_special_tokens=True)["input_ids"]
+            seqs.append((list(prompt), list(completion_ids[i])))
+        width = max(len(p) + len(c) for p, c in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        scored = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions whose token is scored
+        for j, (p, c) in enumerate(seqs):
+            ids[j, : len(p) + len(c)] = torch.tensor(p + c)
+            attn[j, : len(p) + len(c)] = 1
+            scored[j, len(p) : len(p) + len(c)] = True
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
+        log_p = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = scored[:, 1:]
+        for j, i in enumerate(batch):
+            if mask[j].any():
+                out[i] = float(-log_p[j][mask[j]].double().mean())
+    return out
+
+
+# --------------------------------------------------------------------------- effects
+
+
+def score(
+    generations: pd.DataFrame,
+    scorer_specs: list[dict],
+    base_model,
+    tokenizer,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """The scorers' metrics plus coherence: perplexity of the completion under M0 and repetition."""
+    from . import scorers
+
+    table = generations.drop(columns=["completion_ids"])
+    scored = scorers.score(table, scorer_specs)
+    nll = completion_nll(
+        base_model,
+        tokenizer,
+        generations["prompt_text"].tolist(),
+        generations["completion_ids"].tolist(),
+        batch_size,
+        device,
+    )
+    scored["nll_base"] = nll
+    scored["perplexity_base"] = np.exp(nll)
+    scored["repetition"] = [repetition_rate(t) for t in generations["text"]]
+    return scored
+
+
+def _shift(before: pd.Series, after: pd.Series, seed: int) -> dict:
+    return bootstrap_shift(before.to_numpy(dtype=float), after.to_numpy(dtype=float), seed=seed)
+
+
+def _perplexity_change(noop: pd.DataFrame, cond: pd.DataFrame) -> float | None:
+    """Relative change of the geometric-mean perplexity under M0: exp(mean NLL - mean NLL_noop) - 1."""
+    a, b = noop["nll_base"].dropna(), cond["nll_base"].dropna()
+    if a.empty or b.empty:
+        return None
+    return float(math.expm1(b.mean() - a.mean()))
+
+
+def expected_sign(direction: str, sign: str, experiment: str) -> float:
+    """Which way the metric should move: steering promoters pushes it the target's way, ablating
+    them pushes it back; suppressors the other way round."""
+    out = 1.0 if direction == "up" else -1.0
+    if sign == "suppress":
+        out = -out
+    return -out if experiment == "ablation" else out
+
+
+def effects(
+    scores: pd.DataFrame,
+    metric: str,
+    expected: float,
+    experiment: str,
+    metrics: list[str],
+    max_perplexity_ratio: float,
+    seed: int = 0,
+) -> dict:
+    """Per condition and half: every metric's mean and its shift from the no-op; the condition
+    (the group or a single feature) and alpha picked on the ``select`` half, and its effects on
+    the ``report`` half against the no-op and against its own matched random control."""
+    rows = []
+    for (name, alpha, half), group in scores.groupby(["condition", "alpha", "half"], dropna=False, sort=False):
+        noop = scores[(scores["condition"] == "noop") & (scores["half"] == half)]
+        entry = {
+            "condition": name,
+            "role": group["role"].iloc[0],
+            "alpha": None if pd.isna(alpha) else float(alpha),
+            "half": half,
+            "features": group["features"].iloc[0],
+            "n": int(len(group)),
+            "perplexity_change": _perplexity_change(noop, group),
+            "repetition": float(group["repetition"].mean()),
+            "metrics": {m: bootstrap_mean(group[m].to_numpy(dtype=float), seed=seed) for m in metrics},
+            "vs_noop": {m: _shift(noop[m], group[m], seed) for m in metrics},
+        }
+        rows.append(entry)
+
+    def find(name, half, alpha):
+        for row in rows:
+            if row["condition"] == name and row["half"] == half and (alpha is None or row["alpha"] == alpha):
+                return row
+        return None
+
+    # the reported condition is picked on the select half: among the group and each single
+    # feature (at each alpha when swept), the largest effect the expected way whose perplexity
+    # stays within max_perplexity_ratio of the no-op's; ties go to the group, then the smaller alpha
+    selection = []
+    for row in rows:
+        if row["half"] != "select" or row["role"] not in ("target", "single"):
+            continue
+        ppl = row["perplexity_change"]
+        selection.append(
+            {
+                "condition": row["condition"],
+                "alpha": row["alpha"],
+                "effect": row["vs_noop"][metric]["diff"],
+                "perplexity_change": ppl,
+                "coherent": ppl is None or ppl + 1.0 <= max_perplexity_ratio,
+            }
+        )
+    scored = [c for c in selection if c["coherent"] and c["effect"] is not None]
+    group = [c for c in selection if c["condition"] == "features"]
+    if scored:
+        chosen = max(scored, key=lambda c: (expected * c["effect"], c["condition"] == "features", -(c["alpha"] or 0)))
+    else:  # nothing stays coherent: the group at its gentlest alpha
+        chosen = min(group, key=lambda c: c["alpha"] or 0) if group else {"condition": "features", "alpha": None}
+    name, chosen_alpha = chosen["condition"], chosen["alpha"]
+    control_name = "random" if name == "features" else "random_" + name.split("_", 1)[1]
+    report = None
+    target = find(name, "report", chosen_alpha)
+    control = find(control_name, "report", chosen_alpha)
+    noop = scores[(scores["condition"] == "noop") & (scores["half"] == "report")]
+    if target is not None:
+        t_rows = scores[(scores["condition"] == name) & (scores["half"] == "report")]
+        c_rows = scores[(scores["condition"] == control_name) & (scores["half"] == "report")]
+        if chosen_alpha is not None:
+            t_rows, c_rows = t_rows[t_rows["alpha"] == chosen_alpha], c_rows[c_rows["alpha"] == chosen_alpha]
+        shift = target["vs_noop"][metric]
+        report = {
+            "condition": name,
+            "features": [int(f) for f in str(target["features"]).split()],
+            "alpha": chosen_alpha,
+            "expected_sign": expected,
+            "effect": shift["diff"],
+            "ci_low": shift["ci_low"],
+            "ci_high": shift["ci_high"],
+            "p": shift["p"],
+            "control_effect": control["vs_noop"][metric]["diff"] if control else None,
+            "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
+            if control
+            else None,
+            "vs_control": _shift(c_rows[metric], t_rows[metric], seed) if control else None,
+            "perplexity_change": target["perplexity_change"],
+            "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
+            "n": target["n"],
+            "baseline_mean": float(noop[metric].mean()) if noop[metric].notna().any() else None,
+        }
+        flipped = find("flipped", "report", chosen_alpha) if name == "features" else None
+        if flipped is not None:
+            report["flipped_effect"] = flipped["vs_noop"][metric]["diff"]
+    return {"conditions": rows, "selection": selection, "report": report}
+
+
+def noop_check(generations: pd.DataFrame) -> dict:
+    """Does the no-op splice reproduce the plain generations token for token?"""
+    plain = generations[generations["condition"] == "plain"].set_index(["prompt_id", "n"])["completion_ids"]
+    noop = generations[generations["condition"] == "noop"].set_index(["prompt_id", "n"])["completion_ids"]
+    same = [list(plain[key]) == list(noop[key]) for key in plain.index]
+    return {"n": len(same), "n_identical": int(sum(same)), "identical": bool(all(same))}
+
+
+# --------------------------------------------------------------------------- summary headline
+
+
+def headline(blocks: list[dict], cfg: dict) -> dict:
+    """``headline.steering`` / ``headline.ablation``: per metric, the report-half effect of the
+    chosen features with its CI and p, the matched random control's effect and the perplexity
+    change, for the last iteration's own cell (MXDX, else M0DX), the deepest layer tested and
+    the first SAE config.
+    """
+    from .grid import Cell, data_ids
+
+    last = data_ids(cfg)[-1]
+    wanted_cells = [Cell("M" + last[1:], last).name, Cell("M0", last).name]
+    if "MXDX" not in cfg["grid"]["branches"]:
+        wanted_cells.reverse()
+    order = cfg.get("sae_order", list(cfg["saes"]))
+    out: dict = {}
+    for experiment in ("steering", "ablation"):
+        mine = [
+            b for b in blocks if b["experiment"] == experiment and (b.get("report") or {}).get("effect") is not None
+        ]
+        for metric in dict.fromkeys(b["metric"] for b in mine):
+            candidates = [b for b in mine if b["metric"] == metric and b.get("cell") in wanted_cells]
+            if not candidates:
+                continue
+            best = min(
+                candidates,
+                key=lambda b: (
+                    wanted_cells.index(b["cell"]),
+                    -b["layer"],
+                    order.index(b["sae"]) if b.get("sae") in order else len(order),
+                ),
+            )
+            report = best["report"]
+            entry = {k: report[k] for k in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change")}
+            if any(v is None for v in entry.values()):
+                continue
+            entry.update(
+                cell=best["cell"],
+                layer=best["layer"],
+                sae=best["sae"],
+                model=best.get("model"),
+                alpha=report["alpha"],
+                condition=report.get("condition", "features"),
+                features=report.get("features", best["features"]),
+                selected_by=best.get("select", "probe"),
+                n=report["n"],
+            )
+            if report.get("vs_control"):
+                entry["p_vs_control"] = report["vs_control"]["p"]
+            out.setdefault(experiment, {})[metric] = entry
+    return out

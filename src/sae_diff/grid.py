@@ -1,0 +1,428 @@
+"""The grid of a run and where each of its results lives.
+
+One home for two facts every stage shares:
+
+- the grid: cells (model, data), the branches MXDX / M0DX, the diff pairs, the intervention
+  runs, the sites (layer, hook point) and the metrics probed;
+- the results layout: one function per artifact, returning its path relative to the run
+  folder. The rule files, the CLI and the library all call these, so moving an artifact is
+  one edit here.
+
+Path functions take ids as strings (or a ``Cell``) and format them into the path, so a rule
+can pass wildcard placeholders (``feature_stats("{cell}", "{layer}", "{sae}")``) and get the
+rule's pattern. Nothing here reads the file system or imports torch: the Snakefile imports
+this module at every parse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+RESULTS = "results"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, data) pair of the grid."""
+
+    model: str
+    data: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.data}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        match = re.fullmatch(r"(M\d+)_(D\d+)", name)
+        if not match:
+            raise ValueError(f"cell {name!r}: expected the form M<i>_D<j>")
+        return cls(*match.groups())
+
+
+def model_ids(cfg: dict) -> list[str]:
+    return sorted(cfg["models"], key=lambda m: int(m[1:]))
+
+
+def data_ids(cfg: dict) -> list[str]:
+    return sorted(cfg["data"], key=lambda d: int(d[1:]))
+
+
+def branch_cells(cfg: dict, branch: str) -> list[Cell]:
+    """MXDX: each model on its own data; M0DX: the base model on each iteration's data."""
+    datas = data_ids(cfg)
+    if branch == "MXDX":
+        return [Cell("M" + d[1:], d) for d in datas]
+    if branch == "M0DX":
+        return [Cell("M0", d) for d in datas]
+    raise ValueError(f"branch {branch!r}: expected MXDX or M0DX")
+
+
+def cells(cfg: dict) -> list[Cell]:
+    """Every cell of the configured branches, each once, base cells first."""
+    seen: dict[str, Cell] = {}
+    for branch in cfg["grid"]["branches"]:
+        for cell in branch_cells(cfg, branch):
+            seen.setdefault(cell.name, cell)
+    return sorted(seen.values(), key=lambda c: (int(c.data[1:]), int(c.model[1:])))
+
+
+def warm_start_source(cfg: dict, cell: Cell, mode: str) -> Cell | None:
+    """The cell an SAE of ``cell`` starts from: the previous one of its branch, or the base cell."""
+    if mode == "none" or cell == Cell("M0", "D0"):
+        return None
+    if mode == "base":
+        return Cell("M0", "D0")
+    j = int(cell.data[1:])
+    if cell.model == "M0":
+        return Cell("M0", f"D{j - 1}")
+    return Cell(f"M{int(cell.model[1:]) - 1}", f"D{j - 1}")
+
+
+def site_dir(layer: int, hook: str) -> str:
+    """Folder of one hook site inside a cell: resid_post at layer{L}/, others below it."""
+    return f"layer{layer}" if hook == "resid_post" else f"layer{layer}/{hook}"
+
+
+def sites(cfg: dict) -> list[tuple[int, str]]:
+    return [(layer, hook) for layer in cfg["layers"] for hook in cfg["hook_points"]]
+
+
+def diff_pairs(cfg: dict) -> list[tuple[Cell, Cell, str]]:
+    """SAE pairs to diff: each step of each branch ('step': MiDi → Mi+1Di+1, M0Di → M0Di+1)
+    and, with both branches, each iteration against the base model on its data ('intra': M0Di vs MiDi)."""
+    pairs: dict[tuple[Cell, Cell], str] = {}
+    branches = cfg["grid"]["branches"]
+    for branch in branches:
+        chain = branch_cells(cfg, branch)
+        for a, b in zip(chain, chain[1:]):
+            pairs.setdefault((a, b), "step")
+    if {"MXDX", "M0DX"} <= set(branches):
+        for d in data_ids(cfg)[1:]:
+            pairs.setdefault((Cell("M0", d), Cell("M" + d[1:], d)), "intra")
+    return [(a, b, kind) for (a, b), kind in pairs.items()]
+
+
+def pair_name(a: Cell, b: Cell) -> str:
+    return f"{a.name}__{b.name}"
+
+
+def probe_metrics(cfg: dict) -> list[str]:
+    """The metrics probed: ``probes.metrics``, else the iterations' target metric."""
+    target = (cfg.get("iterations") or {}).get("target")
+    return list(cfg["probes"].get("metrics") or ([target["metric"]] if target else []))
+
+
+def metric_direction(cfg: dict, metric: str) -> str:
+    """Which way a metric should go: ``interventions.directions``, else the iterations target's
+    direction for its metric, else up."""
+    given = cfg["interventions"]["directions"].get(metric)
+    if given:
+        return given
+    target = (cfg.get("iterations") or {}).get("target") or {}
+    return target.get("direction", "up") if target.get("metric") == metric else "up"
+
+
+@dataclass(frozen=True)
+class InterventionRun:
+    """One causal experiment: which features (the probe of ``cell``'s SAE) are edited in which model."""
+
+    experiment: str
+    cell: Cell
+    layer: int
+    sae: str
+    metric: str
+    model: str  # the model generating: Mi for ablation, M0 for steering
+
+    @property
+    def out_dir(self) -> str:
+        return intervention_dir(self.experiment, self.cell, self.layer, self.sae, self.metric)
+
+
+def intervention_runs(cfg: dict) -> list[InterventionRun]:
+    """Every experiment x iteration x branch x layer x SAE x metric the ``interventions`` block asks for.
+
+    Iteration i's cell is MiDi (branch MXDX) or M0Di (M0DX); ablation runs in Mi, steering and
+    clamping in M0. Iteration 0 (the base cell) has nothing to compare and is skipped.
+    """
+    from .experiments import EXPERIMENTS
+
+    block = cfg["interventions"]
+    probed = probe_metrics(cfg)
+    metrics = block.get("metrics") or probed
+    if not block["enabled"] or not metrics:
+        return []
+    unprobed = [m for m in metrics if m not in probed]
+    if unprobed:
+        raise ConfigError(
+            f"interventions.metrics: {unprobed} are not probed (probes.metrics: {probed}); "
+            "the features to test come from the probes"
+        )
+    datas = [d for d in data_ids(cfg) if int(d[1:]) > 0]
+    wanted = block.get("iterations")
+    if wanted is not None:
+        missing = [i for i in wanted if f"D{i}" not in datas]
+        if missing:
+            raise ConfigError(f"interventions.iterations: {missing} have no data D<i> (have {datas})")
+        datas = [d for d in datas if int(d[1:]) in wanted]
+    layers = block.get("layers") or cfg["layers"]
+    bad = [layer for layer in layers if layer not in cfg["layers"]]
+    if bad:
+        raise ConfigError(f"interventions.layers: {bad} are not among layers {cfg['layers']}")
+    saes = block.get("saes") or list(cfg["saes"])
+    bad = [name for name in saes if name not in cfg["saes"]]
+    if bad:
+        raise ConfigError(f"interventions.saes: {bad} are not configured SAEs ({list(cfg['saes'])})")
+    branches = block.get("branches") or cfg["grid"]["branches"]
+    runs = []
+    models = set(cfg["models"])
+    for experiment in block["experiments"]:
+        edit, runs_in = EXPERIMENTS[experiment]
+        for d in datas:
+            i = d[1:]
+            for branch in branches:
+                cell = Cell(f"M{i}", d) if branch == "MXDX" else Cell("M0", d)
+                model = f"M{i}" if runs_in == "iteration" else "M0"
+                if cell.model not in models or model not in models:
+                    continue
+                for layer in layers:
+                    for name in saes:
+                        for metric in metrics:
+                            runs.append(InterventionRun(experiment, cell, layer, name, metric, model))
+    return list(dict.fromkeys(runs))
+
+
+def unscored_metric_reason(scorers: list[dict], metric: str) -> str | None:
+    """Why an intervention on ``metric`` cannot be measured, or None when a scorer computes it.
+
+    An intervention scores the texts it generates; a metric that only the user's tables carry
+    has no value on them.
+    """
+    from .scorers import metric_names
+
+    scored = metric_names(scorers)
+    if metric in scored:
+        return None
+    return (
+        f"metric {metric!r} comes only from the data tables: no configured scorer computes it on new "
+        f"generations (scorers compute: {', '.join(scored) or 'nothing'}); add a scorer that does "
+        "(the `command` scorer runs your own program)"
+    )
+
+
+def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
+    """The interventions' prompt file and the row filters applied to it, in order: its own
+    ``prompts`` and ``where``, else the iterations' prompts, their ``where`` and the target's."""
+    block, it = cfg["interventions"], cfg.get("iterations") or {}
+    if block.get("prompts"):
+        return block["prompts"], [block.get("where")]
+    if not it.get("prompts"):
+        raise ConfigError(
+            "config error: interventions.prompts: required when no iterations block names the "
+            "prompts (method given): the prompts the edited models generate from, one per line "
+            "or a YAML prompt set"
+        )
+    return it["prompts"], [it.get("where"), block.get("where", (it.get("target") or {}).get("where"))]
+
+
+# --------------------------------------------------------------------------- results layout
+
+
+def _cell_name(cell) -> str:
+    return cell.name if isinstance(cell, Cell) else str(cell)
+
+
+def model_dir(model: str) -> str:
+    """A model as a safetensors HF folder (converted, or made by a DPO round)."""
+    return f"{RESULTS}/models/{model}"
+
+
+def raw_samples(data: str) -> str:
+    """A data set as generated or read, with its train/eval split, before scoring."""
+    return f"{RESULTS}/data/{data}/raw.parquet"
+
+
+def samples(data: str) -> str:
+    """A data set with the scorers' metric columns."""
+    return f"{RESULTS}/data/{data}/samples.parquet"
+
+
+def iterations_json() -> str:
+    return f"{RESULTS}/iterations.json"
+
+
+def iterations_examples() -> str:
+    return f"{RESULTS}/iterations_examples.csv"
+
+
+def activations_dir(cell) -> str:
+    """A cell's activation stores, one folder per site (``site_dir``)."""
+    return f"{RESULTS}/activations/{_cell_name(cell)}"
+
+
+def manifest(cell, site: str) -> str:
+    return f"{activations_dir(cell)}/{site}/manifest.json"
+
+
+def saes_dir(cell, layer) -> str:
+    """The SAEs of one (cell, layer), one folder per SAE config."""
+    return f"{RESULTS}/saes/{_cell_name(cell)}/layer{layer}"
+
+
+def sae_dir(cell, layer, name: str) -> str:
+    return f"{saes_dir(cell, layer)}/{name}"
+
+
+def sae_weights(cell, layer, name: str) -> str:
+    """The file that stands for an SAE folder in the DAG (written last, so the folder is whole)."""
+    return f"{sae_dir(cell, layer, name)}/sae_weights.safetensors"
+
+
+def cell_layer_name(path, per_sae_folder: bool = True) -> tuple[str, int, str]:
+    """(cell, layer, SAE name) of a file from its place in the layout, for library code handed a
+    list of files by its rule: a file inside a per-SAE folder (``sae_weights``, ``feature_stats``:
+    ``<cell>/layer<L>/<sae>/<file>``), or with ``per_sae_folder=False`` a per-SAE file
+    (``eval_json``: ``<cell>/layer<L>/<sae>.json``)."""
+    from pathlib import PurePath
+
+    path = PurePath(path)
+    folder, name = (path.parent, path.parent.name) if per_sae_folder else (path, path.name.split(".")[0])
+    cell, layer = folder.parent.parent.name, folder.parent.name
+    if not re.fullmatch(r"layer\d+", layer) or not re.fullmatch(r"M\d+_D\d+", cell):
+        raise ValueError(f"{path}: expected <cell>/layer<L>/<sae>{'/<file>' if per_sae_folder else '.json'}")
+    return cell, int(layer[5:]), name
+
+
+def seed_saes_dir(layer) -> str:
+    """The calibration partners of the base cell's SAEs (same config and data, other seeds)."""
+    return f"{RESULTS}/calibration/seed_saes/M0_D0/layer{layer}"
+
+
+def seed_sae_weights(layer, name: str) -> str:
+    return f"{seed_saes_dir(layer)}/{name}/sae_weights.safetensors"
+
+
+def calibration_dir(layer) -> str:
+    return f"{RESULTS}/calibration/layer{layer}"
+
+
+def calibration_json(layer, name: str) -> str:
+    return f"{calibration_dir(layer)}/{name}.json"
+
+
+def eval_dir(cell, layer) -> str:
+    return f"{RESULTS}/eval/{_cell_name(cell)}/layer{layer}"
+
+
+def eval_json(cell, layer, name: str) -> str:
+    return f"{eval_dir(cell, layer)}/{name}.json"
+
+
+def eval_loss_by_position(cell, layer, name: str) -> str:
+    return f"{eval_dir(cell, layer)}/{name}.loss_by_position.parquet"
+
+
+def features_dir(cell, layer) -> str:
+    """Feature statistics of the SAEs of one (cell, layer), one folder per SAE config."""
+    return f"{RESULTS}/features/{_cell_name(cell)}/layer{layer}"
+
+
+def feature_stats(cell, layer, name: str) -> str:
+    return f"{features_dir(cell, layer)}/{name}/stats.parquet"
+
+
+def diff_dir(a, b, layer) -> str:
+    return f"{RESULTS}/diff/{_cell_name(a)}__{_cell_name(b)}/layer{layer}"
+
+
+def diff_json(a, b, layer, name: str) -> str:
+    """A labelled diff's summary; its per-feature table is beside it (``.parquet``)."""
+    return f"{diff_dir(a, b, layer)}/{name}.json"
+
+
+def evolution_dir(layer) -> str:
+    return f"{RESULTS}/evolution/layer{layer}"
+
+
+def evolution_json(layer, name: str) -> str:
+    return f"{evolution_dir(layer)}/{name}.json"
+
+
+def probes_dir(cell, layer) -> str:
+    return f"{RESULTS}/probes/{_cell_name(cell)}/layer{layer}"
+
+
+def probe_json(cell, layer, name: str, metric: str) -> str:
+    """A probe's summary; its per-feature table is beside it (``.parquet``) unless it was skipped."""
+    return f"{probes_dir(cell, layer)}/{name}/{metric}.json"
+
+
+def probe_comparison(layer) -> str:
+    return f"{RESULTS}/probes/comparison_layer{layer}.json"
+
+
+def attribution_table(cell, layer, name: str, metric: str) -> str:
+    """Fork attribution per feature; its summary is beside it (``.json``)."""
+    return f"{RESULTS}/attribution/{_cell_name(cell)}/layer{layer}/{name}/{metric}.parquet"
+
+
+def attribution_summary(cell, layer, name: str, metric: str) -> str:
+    return attribution_table(cell, layer, name, metric).removesuffix(".parquet") + ".json"
+
+
+def intervention_dir(experiment: str, cell, layer, name: str, metric: str) -> str:
+    """generations.parquet, scores.parquet and effects.json of one causal experiment."""
+    return f"{RESULTS}/interventions/{experiment}/{_cell_name(cell)}/layer{layer}/{name}/{metric}"
+
+
+def summary_json() -> str:
+    return f"{RESULTS}/summary.json"
+
+
+def summary_table() -> str:
+    return f"{RESULTS}/summary_table.csv"
+
+
+def wandb_record() -> str:
+    return f"{RESULTS}/wandb/run.json"
+
+
+def benchmark(rule: str, job: str) -> str:
+    """Snakemake's benchmark TSV of one job (summed per stage in headline.timings)."""
+    return f"{RESULTS}/benchmarks/{rule}/{job}.tsv"
+
+
+# every figure of a run, by kind: the figure rules' outputs and the summary's list both come from here
+FIGURES = {
+    "iterations": "figures/iterations/target_metric.png",
+    "training": "figures/saes/{cell}/layer{layer}/{sae}_training.png",
+    "density": "figures/eval/{cell}/layer{layer}/{sae}_density.png",
+    "loss_by_position": "figures/eval/{cell}/layer{layer}/{sae}_loss_by_position.png",
+    "statistics": "figures/features/{cell}/layer{layer}/{sae}/statistics.png",
+    "embeddings": "figures/features/{cell}/layer{layer}/{sae}/embeddings.png",
+    "bias": "figures/features/{cell}/layer{layer}/{sae}/bias.png",
+    "coactivation": "figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}.png",
+    "coactivation_top": "figures/features/{cell}/layer{layer}/{sae}/coactivation_{column}_top.png",
+    "coactivation_layers": "figures/features/{cell}/{sae}_coactivation_{column}_layers.png",
+    "evolution": "figures/evolution/layer{layer}/{sae}_counts.png",
+    "similarity": "figures/evolution/layer{layer}/{sae}_similarity_{branch}.png",
+    "probe_auroc": "figures/probes/layer{layer}/{sae}_{metric}_auroc.png",
+    "probe_importance": "figures/probes/{cell}/layer{layer}/{sae}_{metric}_importance.png",
+    "probe_overlap": "figures/probes/layer{layer}/{sae}_{metric}_overlap.png",
+    "dose_response": "figures/interventions/{experiment}/{cell}/layer{layer}/{sae}_{metric}.png",
+}
+
+
+class _KeepMissing(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def figure(kind: str, **ids) -> str:
+    """A figure's path; ids not given stay as ``{wildcards}``, so ``figure("statistics")`` is the
+    rule's output pattern."""
+    ids = {key: _cell_name(value) for key, value in ids.items()}
+    return f"{RESULTS}/" + FIGURES[kind].format_map(_KeepMissing(ids))
