@@ -270,13 +270,14 @@ def _scores(effect_by_alpha: dict, control: float, n: int = 40, seed: int = 0) -
     for half in ("select", "report"):
 
         def add(name, role, alpha, shift, nll=1.0):
-            for _ in range(n):
+            for i in range(n):
                 rows.append(
                     {
                         "condition": name,
                         "role": role,
                         "alpha": alpha,
                         "half": half,
+                        "prompt_id": i + (n if half == "report" else 0),
                         "features": "1",
                         "m": 0.3 + shift + rng.normal(0, 0.05),
                         "nll_base": nll,
@@ -313,13 +314,14 @@ def test_effects_report_a_single_feature_against_its_own_control_when_it_wins_on
     for half in ("select", "report"):
 
         def add(name, role, shift, nll=1.0, features="7"):
-            for _ in range(40):
+            for i in range(40):
                 rows.append(
                     {
                         "condition": name,
                         "role": role,
                         "alpha": np.nan,
                         "half": half,
+                        "prompt_id": i + (40 if half == "report" else 0),
                         "features": features,
                         "m": 0.8 + shift + rng.normal(0, 0.05),
                         "nll_base": nll,
@@ -493,3 +495,97 @@ def test_experiment_prompts_apply_the_filters_in_order_then_the_cap(tmp_path):
     assert experiment_prompts(path, [None, None])["prompt"].tolist()[:2] == ["A nurse.", "A pilot."]
     with pytest.raises(DataError, match="prompts.yaml.*need at least 2"):
         experiment_prompts(path, [{"template": [1]}, {"job": ["cook"]}])
+
+
+def test_report_half_generates_only_the_chosen_condition_its_control_and_the_baselines():
+    """Compared: the report stage's conditions against the names and alphas written out by hand."""
+    from sae_diff.interventions import reported_conditions
+
+    steer = conditions.conditions("steering", [7, 9], [3, 4], {7: 1.0, 9: 1.0, 3: 1.0, 4: 1.0}, [1.0, 4.0], 1, "all")
+    names = lambda conds: [(c.name, c.alpha) for c in conds]  # noqa: E731
+    group = reported_conditions(steer, "features", 4.0, "random")
+    assert names(group) == [("plain", None), ("noop", None), ("features", 4.0), ("random", 4.0), ("flipped", 4.0)]
+    single = reported_conditions(steer, "feature_7", 1.0, "random_7")
+    assert names(single) == [("plain", None), ("noop", None), ("feature_7", 1.0), ("random_7", 1.0)]
+    ablate = conditions.conditions("ablation", [7, 9], [3, 4], {7: 1.0, 9: 1.0, 3: 1.0, 4: 1.0}, [1.0], 2, "all")
+    assert names(reported_conditions(ablate, "features", None, "random")) == [
+        ("plain", None),
+        ("noop", None),
+        ("features", None),
+        ("random", None),
+    ]
+
+
+def test_effects_pair_by_prompt_and_report_the_prompts_an_edit_leaves_undefined():
+    """Constructed: the edit adds +0.2 to every prompt and leaves 4 of 20 report prompts without a
+    value (NaN): the effect is the paired +0.2 over the 16 defined prompts, undefined_change 0.2."""
+    rows = []
+    rng = np.random.default_rng(5)
+    base = rng.normal(0.5, 0.2, 40)
+    for half, ids in (("select", range(20)), ("report", range(20, 40))):
+        for name, role, shift in (
+            ("plain", "baseline", 0),
+            ("noop", "baseline", 0),
+            ("features", "target", 0.2),
+            ("random", "control", 0),
+        ):
+            for i in ids:
+                value = base[i] + shift
+                if name == "features" and half == "report" and i < 24:
+                    value = np.nan
+                rows.append(
+                    {
+                        "condition": name,
+                        "role": role,
+                        "alpha": np.nan,
+                        "half": half,
+                        "features": "1",
+                        "prompt_id": i,
+                        "m": value,
+                        "nll_base": 1.0,
+                        "repetition": 0.0,
+                    }
+                )
+    out = effects.effects(pd.DataFrame(rows), "m", 1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
+    report = out["report"]
+    assert report["effect"] == pytest.approx(0.2, abs=1e-9) and report["n_pairs"] == 16
+    assert report["undefined_change"] == pytest.approx(0.2) and report["paired"]
+    assert out["chosen"] == {"condition": "features", "alpha": None, "control": "random"}
+
+
+def test_selection_prefers_a_sure_effect_to_a_large_mean_over_few_prompts():
+    """Constructed select half: a single feature moves the metric +0.5 but leaves 16 of 20 prompts
+    undefined (4 pairs, wide CI); the group moves it +0.3 on all 20 (tight CI). Compared: the pick
+    by the CI bound (the group) against the pick by the mean alone (the single)."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(0.5, 0.1, 40)
+    rows = []
+    for half, ids in (("select", range(20)), ("report", range(20, 40))):
+        for name, role, shift, lost in (
+            ("plain", "baseline", 0.0, 0),
+            ("noop", "baseline", 0.0, 0),
+            ("features", "target", 0.3, 0),
+            ("random", "control", 0.0, 0),
+            ("feature_7", "single", 0.5, 16),
+            ("random_7", "control", 0.0, 0),
+        ):
+            for k, i in enumerate(ids):
+                value = np.nan if k < lost else base[i] + shift + rng.normal(0, 0.2 if name == "feature_7" else 0.01)
+                rows.append(
+                    {
+                        "condition": name,
+                        "role": role,
+                        "alpha": np.nan,
+                        "half": half,
+                        "features": "7",
+                        "prompt_id": i,
+                        "m": value,
+                        "nll_base": 1.0,
+                        "repetition": 0.0,
+                    }
+                )
+    out = effects.effects(pd.DataFrame(rows), "m", 1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
+    by_name = {s["condition"]: s for s in out["selection"]}
+    assert by_name["feature_7"]["effect"] > by_name["features"]["effect"]  # the mean alone would pick it
+    assert by_name["feature_7"]["n_pairs"] == 4 and by_name["feature_7"]["undefined_change"] == pytest.approx(0.8)
+    assert out["chosen"]["condition"] == "features"

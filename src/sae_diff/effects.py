@@ -2,9 +2,12 @@
 and the summary's intervention headline.
 
 Every text is scored with the configured scorers plus coherence (perplexity under M0,
-repetition), and effects are reported against the no-op with bootstrap CIs and permutation
-p-values. The reported condition (the group or a single feature, and alpha) is picked on the
-``select`` half of the prompts and its effects are measured on the ``report`` half.
+repetition). Every condition generates from the same prompts, so effects are paired: per
+prompt, the condition's metric (its samples' mean) minus the no-op's, over the prompts both
+define, with a paired bootstrap CI and a sign-flip permutation p-value; the change in the
+share of prompts the metric leaves undefined is reported beside it. The reported condition
+(the group or a single feature, and alpha) is picked on the ``select`` half of the prompts
+and its effects are measured on the ``report`` half.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .stats import bootstrap_mean, bootstrap_shift
+from .stats import bootstrap_mean, paired_shift
 
 # --------------------------------------------------------------------------- coherence
 
@@ -95,8 +98,13 @@ def score(
     return scored
 
 
-def _shift(before: pd.Series, after: pd.Series, seed: int) -> dict:
-    return bootstrap_shift(before.to_numpy(dtype=float), after.to_numpy(dtype=float), seed=seed)
+def _shift(before: pd.DataFrame, after: pd.DataFrame, metric: str, seed: int) -> dict:
+    """``after`` against ``before`` on one metric, paired by prompt: each prompt's value is the
+    mean over its samples (NaN when none defines the metric); prompts in only one side drop out."""
+    a = before.groupby("prompt_id")[metric].mean()
+    b = after.groupby("prompt_id")[metric].mean()
+    a, b = a.align(b, join="inner")
+    return paired_shift(a.to_numpy(dtype=float), b.to_numpy(dtype=float), seed=seed)
 
 
 def _perplexity_change(noop: pd.DataFrame, cond: pd.DataFrame) -> float | None:
@@ -141,7 +149,7 @@ def effects(
             "perplexity_change": _perplexity_change(noop, group),
             "repetition": float(group["repetition"].mean()),
             "metrics": {m: bootstrap_mean(group[m].to_numpy(dtype=float), seed=seed) for m in metrics},
-            "vs_noop": {m: _shift(noop[m], group[m], seed) for m in metrics},
+            "vs_noop": {m: _shift(noop, group, m, seed) for m in metrics},
         }
         rows.append(entry)
 
@@ -152,18 +160,25 @@ def effects(
         return None
 
     # the reported condition is picked on the select half: among the group and each single
-    # feature (at each alpha when swept), the largest effect the expected way whose perplexity
-    # stays within max_perplexity_ratio of the no-op's; ties go to the group, then the smaller alpha
+    # feature (at each alpha when swept) whose perplexity stays within max_perplexity_ratio of the
+    # no-op's, the one whose paired effect is surely largest the expected way: the largest bound
+    # of its 95% CI on the side of the no-op (a large mean over a few defined prompts does not win
+    # by luck); ties go to the group, then the smaller alpha
     selection = []
     for row in rows:
         if row["half"] != "select" or row["role"] not in ("target", "single"):
             continue
-        ppl = row["perplexity_change"]
+        ppl, shift = row["perplexity_change"], row["vs_noop"][metric]
         selection.append(
             {
                 "condition": row["condition"],
                 "alpha": row["alpha"],
-                "effect": row["vs_noop"][metric]["diff"],
+                "effect": shift["diff"],
+                "bound": None
+                if shift["diff"] is None
+                else min(expected * shift["ci_low"], expected * shift["ci_high"]),
+                "n_pairs": shift.get("n_pairs"),
+                "undefined_change": shift.get("undefined_change"),
                 "perplexity_change": ppl,
                 "coherent": ppl is None or ppl + 1.0 <= max_perplexity_ratio,
             }
@@ -171,7 +186,10 @@ def effects(
     scored = [c for c in selection if c["coherent"] and c["effect"] is not None]
     group = [c for c in selection if c["condition"] == "features"]
     if scored:
-        chosen = max(scored, key=lambda c: (expected * c["effect"], c["condition"] == "features", -(c["alpha"] or 0)))
+        chosen = max(
+            scored,
+            key=lambda c: (c["bound"], expected * c["effect"], c["condition"] == "features", -(c["alpha"] or 0)),
+        )
     else:  # nothing stays coherent: the group at its gentlest alpha
         chosen = min(group, key=lambda c: c["alpha"] or 0) if group else {"condition": "features", "alpha": None}
     name, chosen_alpha = chosen["condition"], chosen["alpha"]
@@ -195,11 +213,14 @@ def effects(
             "ci_low": shift["ci_low"],
             "ci_high": shift["ci_high"],
             "p": shift["p"],
+            "paired": True,
+            "n_pairs": shift["n_pairs"],
+            "undefined_change": shift["undefined_change"],
             "control_effect": control["vs_noop"][metric]["diff"] if control else None,
             "control_ci": [control["vs_noop"][metric]["ci_low"], control["vs_noop"][metric]["ci_high"]]
             if control
             else None,
-            "vs_control": _shift(c_rows[metric], t_rows[metric], seed) if control else None,
+            "vs_control": _shift(c_rows, t_rows, metric, seed) if control else None,
             "perplexity_change": target["perplexity_change"],
             "repetition_change": target["repetition"] - float(noop["repetition"].mean()),
             "n": target["n"],
@@ -208,7 +229,8 @@ def effects(
         flipped = find("flipped", "report", chosen_alpha) if name == "features" else None
         if flipped is not None:
             report["flipped_effect"] = flipped["vs_noop"][metric]["diff"]
-    return {"conditions": rows, "selection": selection, "report": report}
+    chosen = {"condition": name, "alpha": chosen_alpha, "control": control_name}
+    return {"conditions": rows, "selection": selection, "chosen": chosen, "report": report}
 
 
 def noop_check(generations: pd.DataFrame) -> dict:
@@ -266,6 +288,9 @@ def headline(blocks: list[dict], cfg: dict) -> dict:
                 features=report.get("features", best["features"]),
                 selected_by=best.get("select", "probe"),
                 n=report["n"],
+                paired=report.get("paired", False),
+                n_pairs=report.get("n_pairs"),
+                undefined_change=report.get("undefined_change"),
             )
             if report.get("vs_control"):
                 entry["p_vs_control"] = report["vs_control"]["p"]

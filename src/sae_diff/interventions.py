@@ -101,6 +101,13 @@ def experiment_prompts(path: str | Path, wheres: list[dict | None], max_prompts:
     return prompts
 
 
+def reported_conditions(conds: list[Condition], name: str, alpha: float | None, control: str) -> list[Condition]:
+    """What the report half generates: the baselines, the condition picked on the select half at
+    its alpha, its matched random control, and (the group, when steering) its sign-flipped twin."""
+    kept = {"plain", "noop", name, control} | ({"flipped"} if name == "features" else set())
+    return [c for c in conds if c.name in kept and (c.alpha is None or alpha is None or c.alpha == alpha)]
+
+
 def generate_all(
     model,
     tokenizer,
@@ -199,22 +206,47 @@ def run(
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
     halves = split_prompts(prompts, opts["seed"])
-    with place.precision():
-        generations = generate_all(
-            model, tokenizer, sae, layer, hook, halves, conds, sampling, place.device, progress, work_dir
-        )
-        base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else place.load(base_dir)
-        scores = score(generations, scorer_specs, base, base_tokenizer, sampling["batch_size"], place.device)
     expected = expected_sign(direction, opts["sign"], experiment)
-    result = effects(
-        scores,
-        metric,
-        expected,
-        experiment,
-        [m for m in metrics if m in scores.columns],
-        opts["max_perplexity_ratio"],
-        seed=opts["seed"],
-    )
+
+    def measured(scores: pd.DataFrame) -> dict:
+        measured_metrics = [m for m in metrics if m in scores.columns]
+        return effects(
+            scores, metric, expected, experiment, measured_metrics, opts["max_perplexity_ratio"], opts["seed"]
+        )
+
+    # two stages: every condition on the select half picks what is reported; only that condition,
+    # its controls and the baselines then generate on the report half (the rest would never be read)
+    stages, scored = [], []
+    with place.precision():
+        base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else place.load(base_dir)
+        for half in ("select", "report"):
+            stage = conds
+            if half == "report":
+                chosen = measured(pd.concat(scored, ignore_index=True))["chosen"]
+                stage = reported_conditions(conds, chosen["condition"], chosen["alpha"], chosen["control"])
+            stage_dir = None if work_dir is None else Path(work_dir) / half
+            generated = generate_all(
+                model,
+                tokenizer,
+                sae,
+                layer,
+                hook,
+                halves[halves["half"] == half],
+                stage,
+                sampling,
+                place.device,
+                progress,
+                stage_dir,
+            )
+            # condition_index: the condition's place in the experiment's full list, in both stages
+            generated["condition_index"] = generated["condition_index"].map(
+                {i: conds.index(c) for i, c in enumerate(stage)}
+            )
+            stages.append(generated)
+            scored.append(score(generated, scorer_specs, base, base_tokenizer, sampling["batch_size"], place.device))
+    generations = pd.concat(stages, ignore_index=True).assign(generation_id=lambda t: np.arange(len(t)))
+    scores = pd.concat(scored, ignore_index=True).assign(generation_id=generations["generation_id"])
+    result = measured(scores)
     result.update(
         experiment=experiment,
         metric=metric,
@@ -231,5 +263,6 @@ def run(
         max_perplexity_ratio=opts["max_perplexity_ratio"],
         noop=noop_check(generations),
         prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
+        generations={half: int((generations["half"] == half).sum()) for half in ("select", "report")},
     )
     return generations, scores, result

@@ -597,16 +597,19 @@ def probe_overlap(
 
 
 def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6), dpi: int = 110) -> Path:
-    """An intervention's effect on its metric and on coherence, on the prompts that report.
+    """An intervention's effect on its metric and on coherence.
 
-    Swept experiments (steering, clamping): the metric against the signed strength alpha
-    (sign-flipped steering at -alpha), for the chosen features, matched random features and
-    single features, with the no-op's mean and CI as a band and the alpha picked on the other
-    prompt half marked. Ablation: one bar per condition.
+    The curves and bars show every condition on the select half (the only half where all of them
+    generate: it picks what is reported); the reported condition's value on the report half is
+    drawn over them as a star (and its matched random control's as a cross), and the title gives
+    its paired effect. Swept experiments (steering, clamping): the metric against the signed
+    strength alpha (sign-flipped steering at -alpha), with the no-op's mean and CI as a band and
+    the picked alpha marked. Ablation: one bar per condition.
     """
     plt = _pyplot()
     metric = block["metric"]
-    rows = [r for r in block["conditions"] if r["half"] == "report"]
+    rows = [r for r in block["conditions"] if r["half"] == "select"]
+    reported_rows = [r for r in block["conditions"] if r["half"] == "report"]
     noop = next(r for r in rows if r["condition"] == "noop")
     fig, axes = plt.subplots(1, 3, figsize=size, gridspec_kw={"width_ratios": [1.6, 1, 1]})
     report = block.get("report") or {}
@@ -708,7 +711,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         axes[1].set_xticks(range(len(order)), labels, rotation=20, ha="right")
         axes[2].bar(range(len(order)), [r["repetition"] for r in chosen], color=colors)
         axes[2].set_xticks(range(len(order)), labels, rotation=20, ha="right")
-    axes[0].set_ylabel(f"mean {metric} (95% bootstrap CI)")
+    _mark_report_half(axes[0], block, reported_rows, metric, swept, order if not swept else None)
+    axes[0].set_ylabel(f"mean {metric} (95% bootstrap CI), select half")
     axes[1].set_ylabel("perplexity under M0 / no-op's")
     axes[1].set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -726,8 +730,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
     axes[0].set_title(metric)
     axes[1].set_title("coherence: perplexity")
     axes[2].set_title("coherence: repetition")
-    if swept:
-        axes[0].legend(frameon=False, fontsize=8)
+    axes[0].legend(frameon=False, fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     if report and report.get("effect") is not None:
@@ -740,6 +743,27 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         )
     fig.suptitle(title, fontsize=10)
     return _save(fig, out, dpi)
+
+
+def _mark_report_half(ax, block: dict, rows: list[dict], metric: str, swept: bool, order: list[str] | None) -> None:
+    """The reported condition and its control on the report half, over the select-half curves."""
+    report = block.get("report") or {}
+    control = (block.get("chosen") or {}).get("control")
+    for name, marker, color, label in (
+        (report.get("condition"), "*", "black", "reported, report half"),
+        (control, "x", "dimgray", "its random control, report half"),
+    ):
+        row = next((r for r in rows if r["condition"] == name), None)
+        stats = row["metrics"][metric] if row else None
+        if not stats or stats["mean"] is None:
+            continue
+        if swept:
+            x = row["alpha"]
+        elif order and name in order:
+            x = order.index(name)
+        else:
+            continue
+        ax.plot([x], [stats["mean"]], marker=marker, color=color, ms=13, ls="none", label=label, zorder=5)
 
 
 def _ratio(row: dict) -> float:
