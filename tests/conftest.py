@@ -98,6 +98,7 @@ def finished_run(tmp_path_factory):
         "intervene": 4,
         "figure_dose_response": 4,
         "attribute": 2,
+        "prompt_split": 1,
         "summary": 1,
     }
     result = snakemake(workdir, "--cores", "2", timeout=1500)  # ~4 min on 2 idle cores; bounded, not tight

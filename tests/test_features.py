@@ -119,3 +119,102 @@ def test_weight_columns(tmp_path):
     cols = features.weight_columns(sae)
     assert cols["enc_norm"].to_numpy() == pytest.approx(np.linalg.norm(sae.W_enc_T.detach().double().numpy(), axis=1))
     assert isinstance(cols, pd.DataFrame) and len(cols) == sae.cfg.d_sae
+
+
+def _store_from_zero(tmp_path, d_in=12, n_samples=12, seed=3):
+    """Like _store, but the store kept position 0 (a prompt token), and one sample has no
+    prompt token after position 0, one no completion token: they pool to zeros."""
+    rng = np.random.default_rng(seed)
+    meta = {"sample_idx": [], "position": [], "in_prompt": [], "token_ids": []}
+    for s in range(n_samples):
+        length = int(rng.integers(5, 10))
+        n_prompt = {0: 1, 1: length}.get(s, 3)  # sample 0: prompt = position 0 only; sample 1: prompt only
+        meta["sample_idx"] += [100 + s] * length
+        meta["position"] += list(range(length))
+        meta["in_prompt"] += [p < n_prompt for p in range(length)]
+        meta["token_ids"] += list(rng.integers(0, 50, size=length))
+    acts = torch.from_numpy(rng.normal(size=(len(meta["position"]), d_in))).float()
+    acts[np.asarray(meta["position"]) == 0] += 50.0  # a loud first position: excluding it matters
+    meta = {k: np.asarray(v) for k, v in meta.items()}
+    store = write_store(tmp_path / "store0", acts, split="eval", shard_tokens=13, meta=meta)
+    return ActivationStore(store), acts, meta
+
+
+def test_poolings_match_numpy_reference(tmp_path):
+    """Compared: every pooling (max / mean over completion tokens, prompt = mean over prompt
+    tokens at positions > 0, before_scored = mean over completion tokens before each sample's
+    cut-off), of the SAE features (features.run) and of the raw activations and an encoder
+    (features.pool_tokens / pool_raw), against numpy means / maxima over the positions picked
+    by hand from the store's metadata; samples without such tokens give zeros."""
+    sae = _sae()
+    store, acts, meta = _store_from_zero(tmp_path)
+    ids = np.arange(100, 112)
+    # cut-offs: mid-completion, none (the whole completion), at the first completion token (nothing)
+    cutoffs = np.array([5, features.NO_CUTOFF, 3, 4, 6, features.NO_CUTOFF, 3, 7, 8, 5, 4, 6])
+    result = features.run(sae, store, ids, batch_size=7, progress=False, cutoffs=cutoffs)
+    with torch.no_grad():
+        dense = sae.encode(acts).double().numpy()
+    raw = acts.double().numpy()
+    for how in ("max", "mean", "prompt", "before_scored"):
+        cut = cutoffs[::-1] if how == "before_scored" else None
+        pooled = features.pool_tokens(store, ids[::-1], how, {"sae": sae.encode}, batch_size=5, cutoffs=cut)
+        assert features.pool_raw(store, ids[::-1], how, cutoffs=cut) == pytest.approx(pooled["raw"])
+        for row, s in enumerate(ids):
+            tokens = meta["sample_idx"] == s
+            if how == "prompt":
+                picked = tokens & meta["in_prompt"] & (meta["position"] > 0)
+            elif how == "before_scored":
+                picked = tokens & ~meta["in_prompt"] & (meta["position"] < cutoffs[row])
+            else:
+                picked = tokens & ~meta["in_prompt"]
+            reduce = (lambda a: a.max(0)) if how == "max" else (lambda a: a.mean(0))
+            want_sae = reduce(dense[picked]) if picked.any() else np.zeros(dense.shape[1])
+            want_raw = reduce(raw[picked]) if picked.any() else np.zeros(raw.shape[1])
+            assert result.pooled[how][row].numpy() == pytest.approx(want_sae, rel=1e-5, abs=1e-5), (how, s)
+            back = len(ids) - 1 - row  # pool_tokens rows follow the (reversed) ids it was given
+            assert pooled["raw"][back] == pytest.approx(want_raw, rel=1e-6, abs=1e-6), (how, s)
+            assert pooled["sae"][back] == pytest.approx(want_sae, rel=1e-5, abs=1e-5), (how, s)
+        if how == "prompt":
+            assert float(result.pooled["n_prompt_tokens"][0]) == 0 and not result.pooled["prompt"][0].any()
+    assert not result.pooled["before_scored"][6].any()  # cut at its first completion token: nothing
+    with pytest.raises(ValueError, match="needs each sample's scored_cutoff"):
+        features.pool_raw(store, ids, "before_scored")
+    with pytest.raises(ValueError, match="unknown pooling 'first'"):
+        features.pool_raw(store, ids, "first")
+    with pytest.raises(ValueError, match="sample 100 is not in the cell's sample table"):
+        features.pool_raw(store, ids[1:], "mean")
+
+
+def test_first_scored_positions_against_the_store_tokenization(tiny_model_dir):
+    """Compared: the position of the first gendered word's first token against a hand count on
+    the tiny model's character-level tokenizer (prompt tokens with BOS, then one token per
+    character of the completion): English and French lexicons, a curly apostrophe before the
+    word, a word inside a longer word that must not count, no prompt text (the completion then
+    takes the BOS), and no gendered word at all (NO_CUTOFF)."""
+    from sae_diff import models
+    from sae_diff.activations import tokenize
+
+    _, tokenizer = models.load(tiny_model_dir)
+    table = pd.DataFrame(
+        {
+            "sample_id": [0, 1, 2, 3, 4],
+            "split": "train",
+            "prompt_text": ["Write: ", "Ecris: ", "Go ", "", "Go "],
+            "text": ["Then she left", "Puis elle part", "The chef’s his", "A man", "Nothing here"],
+            "language": ["en", "fr", "en", "en", "en"],
+        }
+    )
+    got = features.first_scored_positions(table, tokenizer)
+    bos = 1
+    want = [
+        bos + len("Write: ") + len("Then "),
+        bos + len("Ecris: ") + len("Puis "),
+        bos + len("Go ") + len("The chef’s "),  # 'chef' holds no 'he': whole words only
+        bos + len("A "),
+        features.NO_CUTOFF,
+    ]
+    assert got.tolist() == want
+    # the same positions index the store's tokenization of prompt + completion
+    sequences = tokenize(tokenizer, table, 128, exclude_special=False, exclude_first=False)
+    assert tokenizer.decode(sequences[0].ids[got[0] : got[0] + 3]) == "she"
+    assert tokenizer.decode(sequences[3].ids[got[3] : got[3] + 3]) == "man"

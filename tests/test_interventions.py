@@ -355,11 +355,22 @@ def test_conditions_give_each_single_its_own_matched_control():
 
 
 def test_select_attributed_orders_by_attribution_and_sign():
-    table = pd.DataFrame({"feature": np.arange(6), "attribution": [0.0, 0.5, -0.9, 0.2, -0.1, 0.7]})
-    assert conditions.select_attributed(table, 2, "promote") == [5, 1]
-    assert conditions.select_attributed(table, 2, "suppress") == [2, 4]
-    assert conditions.select_attributed(table, 3, "any") == [2, 5, 1]
-    assert conditions.select_attributed(table, 9, "promote") == [5, 1, 3]  # zero attributions never chosen
+    """By the mean attribution, and by t: a large mean over noisy forks loses to a surer one."""
+    table = pd.DataFrame(
+        {
+            "feature": np.arange(6),
+            "attribution": [0.0, 0.5, -0.9, 0.2, -0.1, 0.7],
+            "t": [0.0, 4.0, -2.0, 3.0, -5.0, 1.0],
+        }
+    )
+    assert conditions.select_attributed(table, 2, "promote", by="attribution") == [5, 1]
+    assert conditions.select_attributed(table, 2, "suppress", by="attribution") == [2, 4]
+    assert conditions.select_attributed(table, 3, "any", by="attribution") == [2, 5, 1]
+    assert conditions.select_attributed(table, 9, "promote", by="attribution") == [5, 1, 3]  # zeros never chosen
+    assert conditions.select_attributed(table, 2, "promote") == [1, 3]
+    assert conditions.select_attributed(table, 2, "suppress") == [4, 2]
+    with pytest.raises(ValueError, match="rank_by"):
+        conditions.select_attributed(table, 2, "promote", by="mean")
     assert experiments.selection_method({"select": {"ablation": "attribution"}}, "ablation") == "attribution"
     assert experiments.selection_method({"select": {"ablation": "attribution"}}, "steering") == "probe"
     with pytest.raises(ValueError, match="expected probe or attribution"):
@@ -550,7 +561,7 @@ def test_effects_pair_by_prompt_and_report_the_prompts_an_edit_leaves_undefined(
     report = out["report"]
     assert report["effect"] == pytest.approx(0.2, abs=1e-9) and report["n_pairs"] == 16
     assert report["undefined_change"] == pytest.approx(0.2) and report["paired"]
-    assert out["chosen"] == {"condition": "features", "alpha": None, "control": "random"}
+    assert out["chosen"] == {"condition": "features", "alpha": None, "control": "random", "comparisons": {}}
 
 
 def test_selection_prefers_a_sure_effect_to_a_large_mean_over_few_prompts():
@@ -589,3 +600,189 @@ def test_selection_prefers_a_sure_effect_to_a_large_mean_over_few_prompts():
     assert by_name["feature_7"]["effect"] > by_name["features"]["effect"]  # the mean alone would pick it
     assert by_name["feature_7"]["n_pairs"] == 4 and by_name["feature_7"]["undefined_change"] == pytest.approx(0.8)
     assert out["chosen"]["condition"] == "features"
+
+
+def _dense_sae(d: int, d_sae: int = 24) -> SAE:
+    return _sae(d, "relu", d_sae=d_sae, seed=11).double()
+
+
+def test_direction_edits_equal_their_closed_forms():
+    """Compared on fresh random float64 activations: add (x + v), project_out (x - (x.u)u) and
+    ablate_matched (x + |sum_j f_j d_j| u, the features' ablation size from a dense encode) against
+    the formulas; the edit log's mean |dx| against the mean of those sizes over moved positions."""
+    d = 12
+    sae = _dense_sae(d)
+    x = torch.randn(3, 7, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    v = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    u = v / v.norm()
+    got = editing.editor(sae, editing.Edit("add", direction=tuple(v.tolist())), "cpu")(x)
+    torch.testing.assert_close(got, x + v, rtol=0, atol=1e-12)
+    got = editing.editor(sae, editing.Edit("project_out", direction=tuple(v.tolist())), "cpu")(x)
+    torch.testing.assert_close(got, x - (x @ u)[..., None] * u, rtol=0, atol=1e-12)
+    assert float((got @ u).abs().max()) < 1e-12
+    level = editing.Edit("project_out", values=(2.5,), direction=tuple(v.tolist()))  # mean-ablation to 2.5
+    got = editing.editor(sae, level, "cpu")(x)
+    torch.testing.assert_close(got, x - ((x @ u) - 2.5)[..., None] * u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got @ u, torch.full((3, 7), 2.5, dtype=torch.float64), rtol=0, atol=1e-12)
+    chosen = [1, 4, 9]
+    with torch.no_grad():
+        size = (sae.encode(x.reshape(-1, d))[:, chosen] @ sae.W_dec[chosen]).norm(dim=-1).reshape(3, 7)
+    matched = editing.Edit("ablate_matched", tuple(chosen), direction=tuple(u.tolist()))
+    got = editing.editor(sae, matched, "cpu")(x)
+    torch.testing.assert_close(got, x + size[..., None] * u, rtol=0, atol=1e-12)
+    log = editing.EditLog()
+    log.add(x, got)
+    moved = size[size > 0]
+    assert log.edited == int((size > 0).sum()) and log.positions == 21
+    assert log.mean_norm == pytest.approx(float(moved.mean()), rel=1e-12)
+    with pytest.raises(ValueError, match="direction goes with"):
+        editing.Edit("steer", (1,), (1.0,), direction=(1.0,))
+
+
+def test_random_null_keeps_the_edit_size_and_changes_only_the_features():
+    """Steering: each random direction moves x by |sum_j c_j d_j| of the chosen edit (computed by
+    hand in float64); each feature draw has as many features, none chosen or excluded, each among
+    the pool nearest in log frequency, steered by alpha times its own typical activation.
+    Ablation: the directions ablate_matched the chosen features' own |dx|."""
+    d, d_sae = 10, 30
+    sae = _dense_sae(d, d_sae)
+    w_dec = sae.W_dec.detach().numpy()
+    rng = np.random.default_rng(0)
+    freq = pd.Series(np.exp(rng.uniform(-8, -1, d_sae)))
+    live = freq.index
+    typical = {j: float(v) for j, v in enumerate(rng.uniform(1, 3, d_sae))}
+    chosen = [2, 5]
+    target = conditions.Condition(
+        "features", "target", editing.Edit("steer", (2, 5), (2.0 * typical[2], 2.0 * typical[5])), 2.0, chosen
+    )
+    nulls = conditions.null_conditions("steering", target, w_dec, freq, live, typical, 10, 0, 4, [7], "all")
+    size = np.linalg.norm(2.0 * typical[2] * w_dec[2].astype(np.float64) + 2.0 * typical[5] * w_dec[5])
+    directions = [c for c in nulls if c.name.startswith("null_direction_")]
+    drawn = [c for c in nulls if c.name.startswith("null_feature_")]
+    assert len(directions) == 5 and len(drawn) == 5 and all(c.role == "null" for c in nulls)
+    for c in directions:
+        assert c.edit.kind == "add" and np.linalg.norm(c.edit.direction) == pytest.approx(size, rel=1e-12)
+    distance = (np.log(freq) - np.log(freq[2])).abs().drop(index=[2, 5, 7]).sort_values(kind="stable")
+    for c in drawn:
+        assert len(c.features) == 2 and not set(c.features) & {2, 5, 7} and len(set(c.features)) == 2
+        assert c.features[0] in set(distance.index[:4])
+        assert c.edit.values == pytest.approx(tuple(2.0 * typical[j] for j in c.features))
+    ablated = conditions.Condition("features", "target", editing.Edit("ablate", (2, 5)), None, chosen)
+    nulls = conditions.null_conditions("ablation", ablated, w_dec, freq, live, typical, 4, 0, 4, [], "all")
+    for c in nulls[2:]:
+        assert c.edit.kind == "ablate_matched" and c.edit.features == (2, 5)
+        assert np.linalg.norm(c.edit.direction) == pytest.approx(1.0, rel=1e-12)
+
+
+def _null_rows(effects_by_draw):
+    return [
+        {"condition": f"null_{kind.removesuffix('s')}_{i:03d}", "vs_noop": {"m": {"diff": v}}, "delta_norm": 1.0}
+        for i, (kind, v) in enumerate(effects_by_draw)
+    ]
+
+
+def test_random_null_rank_p_is_calibrated_and_finds_a_planted_edit():
+    """Simulated report halves of 30 prompts: the no-op, 50 null edits and the target edit, the
+    null edits moving each prompt only by noise. Compared: the rank p against (1 + #{null >=
+    observed}) / (1 + n) counted by hand; over 400 placebo targets (no effect) the rejection rate
+    at 0.05 stays within the binomial range of 5%; a planted +0.5 target is found (p = 1/51) in
+    nearly every simulation, its effect estimated at +0.5."""
+    rng = np.random.default_rng(0)
+    null = [("features", 0.1), ("directions", -0.2), ("features", 0.3), ("directions", 0.0)]
+    out = effects.random_null(_null_rows(null), "m", 1.0, 0.1)
+    assert out["p"] == pytest.approx((1 + 2) / 5) and out["n_controls"] == 4
+    assert out["features"]["p"] == pytest.approx((1 + 2) / 3) and out["directions"]["p"] == pytest.approx(1 / 3)
+    assert effects.random_null(_null_rows(null), "m", -1.0, 0.1)["p"] == pytest.approx((1 + 3) / 5)
+
+    def simulate(planted):
+        noop = rng.normal(0.5, 0.2, 30)
+        draws = [(k, float(np.mean(noop + rng.normal(0, 0.3, 30) - noop))) for k in ["features", "directions"] * 25]
+        observed = float(np.mean(noop + planted + rng.normal(0, 0.3, 30) - noop))
+        return observed, effects.random_null(_null_rows(draws), "m", 1.0, observed)["p"]
+
+    placebo = [simulate(0.0)[1] for _ in range(400)]
+    rate = np.mean(np.array(placebo) <= 0.05)
+    assert rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 400)
+    planted = [simulate(0.5) for _ in range(200)]
+    assert np.mean([p <= 1 / 51 + 1e-12 for _, p in planted]) >= 0.95
+    assert np.mean([e for e, _ in planted]) == pytest.approx(0.5, abs=0.03)
+
+
+def test_family_wide_benjamini_hochberg_over_every_reported_test():
+    """q over the family (every experiment x cell x layer x SAE x metric with a reported p)
+    against BH computed by hand: q_(i) = min_{j >= i} p_(j) m / j."""
+    ps = [0.01, 0.04, 0.03, 0.2]
+    blocks = [
+        {"experiment": e, "cell": c, "layer": 12, "sae": "topk", "metric": "m", "report": {"p": p, "null": {"p": p}}}
+        for (e, c), p in zip([("steering", "A"), ("ablation", "A"), ("steering", "B"), ("ablation", "B")], ps)
+    ]
+    blocks.append({"experiment": "steering", "cell": "C", "layer": 12, "sae": "topk", "metric": "m", "report": None})
+    order = np.argsort(ps)
+    ranked = np.array(ps)[order] * 4 / np.arange(1, 5)
+    expected = np.empty(4)
+    expected[order] = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = effects.family(blocks)
+    assert len(out) == 4 and all(v["family_size"] == 4 for v in out.values())
+    got = [out[(b["experiment"], b["cell"], 12, "topk", "m")]["q"] for b in blocks[:4]]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_comparison_methods_move_as_far_as_the_sae_group():
+    """Difference-in-means steering at each alpha is moved by |sum_j alpha s_j d_j| of the SAE
+    group (float64 by hand); ablation projects it out; the prompting baseline is steering's only."""
+    d = 8
+    sae = _dense_sae(d, 16)
+    w_dec = sae.W_dec.detach().numpy()
+    typical = {j: 1.0 + j for j in range(16)}
+    diffmean = np.arange(1.0, d + 1)
+    out = conditions.comparison_conditions("steering", [1, 3], w_dec, diffmean, "Be long.", [1, 4], typical, "all")
+    assert [c.name for c in out] == ["diffmean", "diffmean", "prompting"] and out[2].instruction == "Be long."
+    for c, alpha in zip(out[:2], [1, 4]):
+        size = np.linalg.norm(alpha * (2.0 * w_dec[1].astype(np.float64) + 4.0 * w_dec[3]))
+        assert c.alpha == alpha and np.linalg.norm(c.edit.direction) == pytest.approx(size, rel=1e-12)
+        np.testing.assert_allclose(np.asarray(c.edit.direction) / size, diffmean / np.linalg.norm(diffmean), atol=1e-12)
+    out = conditions.comparison_conditions("ablation", [1], w_dec, diffmean, "Be long.", [None], typical, "all", 0.7)
+    assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("diffmean", "project_out", (0.7,))]
+    assert conditions.comparison_conditions("steering", [1], w_dec, np.zeros(d), None, [1], typical, "all") == []
+
+
+def test_mean_projection_and_firing_at_edits_against_a_direct_forward(tiny):
+    """Compared on the tiny model: the mean of x.u over the prompts' tokens (position 0 left out)
+    and each feature's firing rate over prompt + completion tokens, against one hand-run forward
+    per sequence with the block's output read by a hook (float64)."""
+    model, tokenizer = tiny
+    d = model.config.hidden_size
+    prompts = _prompts(3)
+    direction = np.random.default_rng(2).normal(size=d)
+    sampling = {"chat_template": False}
+    got = interventions.mean_projection(model, tokenizer, 1, "resid_post", prompts, sampling, direction)
+    unit = direction / np.linalg.norm(direction)
+    rows, seen = [], {}
+    handle = models.hook_module(model, 1, "resid_post").register_forward_hook(
+        lambda _m, _i, out: seen.__setitem__("x", (out[0] if isinstance(out, tuple) else out).detach())
+    )
+    try:
+        for text in prompts["prompt"]:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+            rows.append(seen["x"][0, 1:].double().numpy())
+    finally:
+        handle.remove()
+    assert got == pytest.approx(float((np.concatenate(rows) @ unit).mean()), rel=1e-6)
+    sae = _sae(d, "relu", d_sae=16, seed=3)
+    generations = prompts.assign(prompt_text=prompts["prompt"], completion_ids=[[5, 6], [7], []])
+    freq = interventions.firing_at_edits(model, sae, 1, "resid_post", generations, tokenizer)
+    expected, n = np.zeros(16), 0
+    handle = models.hook_module(model, 1, "resid_post").register_forward_hook(
+        lambda _m, _i, out: seen.__setitem__("x", (out[0] if isinstance(out, tuple) else out).detach())
+    )
+    try:
+        for text, extra in zip(generations["prompt_text"], generations["completion_ids"]):
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tokenizer(text)["input_ids"] + extra]))
+                acts = sae.double().encode(seen["x"][0, 1:].double())
+            expected += (acts > 0).sum(0).numpy()
+            n += acts.shape[0]
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(freq.to_numpy(), expected / n, atol=1e-12)

@@ -59,6 +59,7 @@ def test_summarize_reports_every_iteration_held_out_part_and_headline():
     assert per["M0"]["all"]["mean"] == pytest.approx(1 / 3) and per["M0"]["all"]["n"] == 3
     assert per["M1"]["eval"]["mean"] == pytest.approx(0.5)
     assert out["metrics"]["m"]["shift"]["all"]["diff"] == pytest.approx(0.75 - 1 / 3)
+    assert out["metrics"]["m"]["shift"]["all"]["paired"]  # one prompt, paired by its text
     assert out["examples"]["M0"][1]["m"] is None  # NaN becomes null in JSON
     head = iterations.headline(out)
     assert head["metric"] == "m" and set(head["means"]) == {"M0", "M1"}

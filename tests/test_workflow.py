@@ -335,6 +335,22 @@ def test_interventions_outputs_and_headline(finished_run):
             assert effects["report"]["condition"] in {"features", single}
             assert ("flipped" in conditions) == (experiment == "steering")
             assert set(generations["half"]) == {"select", "report"}
+            # the report half: a random null of 6 edits (config), half feature sets, half directions
+            # of the reported edit's size; the difference in means (and, steering, prompting) beside it
+            null = effects["report"]["null"]
+            assert null["n_controls"] == 6 and null["features"]["n"] == 3 and null["directions"]["n"] == 3
+            assert 1 / 7 <= null["p"] <= 1
+            assert {c for c in conditions if c.startswith("null_")} == {
+                f"null_{kind}_{i:03d}" for kind in ("feature", "direction") for i in range(3)
+            }
+            assert ("prompting" in conditions) == (experiment == "steering") and "diffmean" in conditions
+            reported = generations[generations["half"] == "report"]
+            assert set(reported["condition"]) >= {"diffmean"} | {c for c in conditions if c.startswith("null_")}
+            # the split: tiny.txt selects features, tiny_heldout.txt picks and reports; no prompt in both
+            assert effects["split"] == {"select_features": 8, "select_condition": 4, "report": 4}
+            assert set(generations["prompt"].str.removesuffix(" Answer at length.")) <= set(
+                (ROOT / "resources/prompts/tiny_heldout.txt").read_text().splitlines()
+            )
             figure = results / "figures" / "interventions" / experiment / cell / "layer1" / "topk_n_chars.png"
             assert figure.stat().st_size > 10_000
     for cell in ("M1_D1", "M0_D1"):  # the ablated features are the attribution table's top ones
@@ -345,7 +361,8 @@ def test_interventions_outputs_and_headline(finished_run):
         ablation = json.loads(
             (results / "interventions" / "ablation" / cell / "layer1" / "topk" / "n_chars" / "effects.json").read_text()
         )
-        positive = table[table["attribution"] > 0].sort_values("attribution", ascending=False)["feature"].tolist()
+        # ranked by t = mean / standard error over the selection forks (interventions.attribution.rank_by)
+        positive = table[table["t"] > 0].sort_values("t", ascending=False, kind="stable")["feature"].tolist()
         assert ablation["features"] == positive[: len(ablation["features"])]
     head = json.loads((results / "summary.json").read_text())["headline"]
     for experiment in ("steering", "ablation"):
@@ -353,6 +370,11 @@ def test_interventions_outputs_and_headline(finished_run):
         assert block["selected_by"] == ("attribution" if experiment == "ablation" else "probe")
         assert block["cell"] == "M1_D1" and block["ci_low"] <= block["effect"] <= block["ci_high"]
         assert 0 < block["p"] <= 1 and block["perplexity_change"] > -1
+        assert block["n_controls"] == 6 and 1 / 7 <= block["null_p"] <= 1 and block["paired"]
+        assert block["family_size"] == 4 and block["p"] <= block["q"] <= 1  # 2 experiments x 2 cells
+        assert block["split"] == {"select_features": 8, "select_condition": 4, "report": 4}
+        assert set(block["baselines"]) == {"diffmean", "adl", "prompting"} and block["baselines"]["adl"] is None
+        assert (block["baselines"]["prompting"] is None) == (experiment == "ablation")
 
 
 def test_interventions_setting_change_reruns_interventions_only(finished_run):

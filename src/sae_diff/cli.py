@@ -376,16 +376,26 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saes-dir", required=True, help="the (cell, layer)'s SAEs, one folder per config")
     p.add_argument("--base-saes-dir", required=True, help="the base cell's SAEs of this layer")
     p.add_argument("--features-dir", required=True, help="the (cell, layer)'s feature statistics")
+    p.add_argument(
+        "--prompt-split",
+        help="the prompt split table: probe only the samples of its feature-selection prompts",
+    )
     p.add_argument("--out-dir", required=True, help="one folder per SAE config is written here")
 
 
 @verb("probe", "sparse and difference-in-means probes of one (cell, layer)'s SAEs", _probe_args)
 def cmd_probe(args) -> None:
-    """Probes of every SAE of one (cell, layer) against every probed metric."""
+    """Probes of every SAE of one (cell, layer) against every probed metric.
+
+    Folds are grouped by the samples' prompt_id (by sample when there is none); with
+    --prompt-split only the feature-selection prompts' samples are probed. Beside each
+    probe's JSON: ``<metric>.diffmean.npy``, the difference-in-means direction (high minus low)
+    of the pooled raw activations over the labelled samples, float32 [d_model]."""
+    import numpy as np
     import pandas as pd
     from safetensors.numpy import load_file
 
-    from . import features, io, models, probes
+    from . import features, io, models, probes, splits
     from .activations import open_stores
     from .diff import unit_rows
     from .grid import site_dir
@@ -393,40 +403,79 @@ def cmd_probe(args) -> None:
 
     spec = _spec(args)
     cell = f"{args.model}_{args.data}"
-    samples = pd.read_parquet(args.samples)
+    samples = splits.restrict_samples(pd.read_parquet(args.samples), args.prompt_split)
     opts = spec["probes"]
-    raw_by_site: dict = {}  # the dense baseline, pooled once per hook site
+    pooling = opts["pooling"]
+    place = models.placement(spec)
+    fold_groups = "prompt_id" if "prompt_id" in samples.columns else "sample"
+    stores: dict = {}  # one activation store per hook site
     for name, block in spec["saes"].items():
         folder = Path(args.features_dir) / name
         pooled = load_file(str(folder / "pooled.safetensors"))
-        table = samples.set_index("sample_id").loc[pooled["sample_id"]].reset_index()
+        if pooling not in pooled:
+            raise ValueError(
+                f"{folder / 'pooled.safetensors'}: no pooling {pooling!r} (probes.pooling); it has "
+                f"{sorted(k for k in pooled if k in features.POOLINGS)}: rerun the features stage"
+            )
+        ids = pooled["sample_id"]
+        kept = np.isin(ids, samples["sample_id"].to_numpy())
+        table = samples.set_index("sample_id").loc[ids[kept]].reset_index()
+        groups = table[fold_groups].astype(str).to_numpy()
         stats = pd.read_parquet(folder / "stats.parquet")
         site = site_dir(args.layer, block.get("hook_point", "resid_post"))
-        if site not in raw_by_site:
-            (store,) = open_stores([Path(args.acts_dir) / site], args.model_dir, args.samples, models.placement(spec))
-            raw_by_site[site] = features.pool_raw(store, pooled["sample_id"], opts["pooling"])
-        raw = raw_by_site[site]
+        if site not in stores:
+            (stores[site],) = open_stores([Path(args.acts_dir) / site], args.model_dir, args.samples, place)
+        store = stores[site]
         sae = files.load(Path(args.saes_dir) / name)
+        init, init_note = probes.init_sae(Path(args.saes_dir) / name, store)
+        encoders = {"random_directions": probes.random_directions(store, sae.cfg.d_sae, opts["seed"])}
+        if init is not None:
+            encoders["init_sae"] = init.to(place.device).encode
+        else:
+            log.warning("%s %s: no init-SAE baseline (%s)", cell, name, init_note)
+        # every sample of the cell is pooled (the store holds them all), then the kept rows
+        cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
+        by_store = features.pool_tokens(store, ids, pooling, encoders, device=place.device, cutoffs=cutoffs)
+        raw = by_store.pop("raw")[kept]
+        baselines = {key: matrix[kept] for key, matrix in by_store.items()}
         base = files.load(Path(args.base_saes_dir) / name)
         cos = probes.max_cos_to(unit_rows(sae.W_dec), unit_rows(base.W_dec))
         for metric in spec["metrics"]:
             if metric not in table.columns:
                 raise ValueError(f"probes.metrics: {metric!r} is not a column of {args.samples}")
+            values = table[metric].to_numpy(dtype=float)
             result, summary = probes.probe_metric(
-                pooled[opts["pooling"]].astype("float64"),
-                table[metric].to_numpy(dtype=float),
+                pooled[pooling][kept].astype("float64"),
+                values,
                 stats,
                 opts,
                 raw,
                 cos,
                 metric,
+                groups=groups,
+                baselines=baselines,
             )
+            y = probes.metric_labels(values, opts, metric)
+            direction = probes.diffmean_direction(raw[y >= 0], y[y >= 0]).astype(np.float32)
             out = Path(args.out_dir) / name
             if result is not None:
                 io.write_parquet(result, out / f"{metric}.parquet")
-            io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary})
+            else:  # skipped: a table an earlier run of this rule wrote must not pass for this one's
+                (out / f"{metric}.parquet").unlink(missing_ok=True)
+            with io.atomic_path(out / f"{metric}.diffmean.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, direction)
+            extra = {
+                "pooling": pooling,
+                "fold_groups": fold_groups,
+                "n_samples_split": int(len(table)),
+                "prompt_split": str(args.prompt_split) if args.prompt_split else None,
+                "diffmean_norm": float(np.linalg.norm(direction)),
+                "init_sae": init_note,
+                "random_directions": f"ReLU projections onto {sae.cfg.d_sae} random unit directions",
+            }
+            io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary, **extra})
             log.info(
-                "%s layer%d %s %s: AUROC %s (random %s, raw %s)",
+                "%s layer%d %s %s: AUROC %s (random %s, raw %s, diffmean %s, init SAE %s)",
                 cell,
                 args.layer,
                 name,
@@ -434,6 +483,8 @@ def cmd_probe(args) -> None:
                 summary.get("auroc"),
                 summary.get("auroc_random_features"),
                 summary.get("auroc_raw_activations"),
+                summary.get("auroc_diffmean"),
+                summary.get("auroc_init_sae"),
             )
 
 
@@ -451,6 +502,8 @@ def _intervene_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", required=True, help="the probe's JSON (its table beside it)")
     p.add_argument("--stats", required=True, help="the SAE's feature stats.parquet")
     p.add_argument("--attribution", help="the fork attribution table (when interventions.select picks by attribution)")
+    p.add_argument("--prompt-split", required=True, help="the prompt split (which prompts pick, which report)")
+    p.add_argument("--diffmean", help="the probe's difference-in-means direction (.npy): a comparison method")
     p.add_argument("--out-dir", required=True)
 
 
@@ -460,6 +513,7 @@ def cmd_intervene(args) -> None:
     with controls."""
     import shutil
 
+    import numpy as np
     import pandas as pd
 
     from . import interventions, io, models
@@ -510,10 +564,13 @@ def cmd_intervene(args) -> None:
         spec["direction"],
         spec["metrics"],
         opts["sampling"],
+        args.prompt_split,
+        spec["separate"],
         place=place,
         progress=not args.no_progress,
         work_dir=work,
         attribution=pd.read_parquet(args.attribution) if args.attribution else None,
+        diffmean=np.load(args.diffmean) if args.diffmean else None,
     )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(
@@ -524,7 +581,8 @@ def cmd_intervene(args) -> None:
     shutil.rmtree(work, ignore_errors=True)
     report = result["report"] or {}
     log.info(
-        "%s %s layer %d %s %s: effect %s [%s, %s] p=%s, random %s, perplexity %+.1f%%, no-op identical %s",
+        "%s %s layer %d %s %s: effect %s [%s, %s] p=%s, null p=%s (%s draws), random %s, perplexity %+.1f%%, "
+        "no-op identical %s",
         args.experiment,
         args.cell,
         args.layer,
@@ -534,9 +592,42 @@ def cmd_intervene(args) -> None:
         report.get("ci_low"),
         report.get("ci_high"),
         report.get("p"),
+        (report.get("null") or {}).get("p"),
+        (report.get("null") or {}).get("n_controls"),
         report.get("control_effect"),
         100 * (report.get("perplexity_change") or 0.0),
         result["noop"]["identical"],
+    )
+
+
+def _prompt_split_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--out", required=True, help="the split table (.csv)")
+
+
+@verb("prompt-split", "split the causal tests' prompts: select features, condition, report", _prompt_split_args)
+def cmd_prompt_split(args) -> None:
+    """The prompt split, written before any probe, attribution or intervention runs."""
+    from . import data, io, splits
+    from .interventions import experiment_prompts
+
+    spec = _spec(args)
+    opts = spec["interventions"]
+    sources = spec["sources"]
+    data_prompts = None
+    if sources["data"] is not None:
+        path, where = sources["data"]
+        data_prompts = data.select_prompts(data.load_prompts(path), where, str(path))
+    path, wheres = sources["interventions"]
+    asked = experiment_prompts(path, wheres, opts.get("max_prompts"))
+    split = splits.make(data_prompts, asked, sources["separate"], opts["split"], opts["seed"])
+    splits.check(split)
+    with io.atomic_path(args.out) as tmp:
+        split.to_csv(tmp, index=False)
+    log.info(
+        "prompt split: %s (%s)",
+        splits.counts(split, sources["separate"], set(asked["prompt"])),
+        "a separate report set" if sources["separate"] else "one prompt set split three ways",
     )
 
 
@@ -547,13 +638,22 @@ def _attribute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", required=True, help="the cell's model")
     p.add_argument("--samples", required=True, help="the cell's scored samples")
     p.add_argument("--sae-dir", required=True)
+    p.add_argument(
+        "--prompt-split",
+        default=None,
+        help="the prompt split table (CSV); when given, only samples of feature-selection prompts are used",
+    )
     p.add_argument("--out", required=True, help="table (.parquet); its summary goes beside it as .json")
 
 
 @verb("attribute", "fork attribution of one SAE's features for one metric on its cell's samples", _attribute_args)
 def cmd_attribute(args) -> None:
     """Fork attribution of one SAE's features for one metric (which features the model uses
-    where two completions of a prompt part ways on the metric)."""
+    where two completions of a prompt part ways on the metric), checked on held-out forks
+    against the full ablation (the summary's ``check``).
+
+    Positions are left out as in SAE training: the spec's ``masking`` (``exclude_first_position``,
+    ``exclude_special_tokens``, both true when absent, as ``activations``' defaults)."""
     import pandas as pd
 
     from . import attribution, io, models
@@ -561,6 +661,7 @@ def cmd_attribute(args) -> None:
     spec = _spec(args)
     models.set_threads(args.threads)
     opts = spec["interventions"]["attribution"]
+    masking = spec.get("masking") or {}
     table, summary = attribution.run(
         args.model_dir,
         args.sae_dir,
@@ -573,17 +674,25 @@ def cmd_attribute(args) -> None:
         seed=spec["interventions"]["seed"],
         place=models.placement(spec),
         progress=not args.no_progress,
+        prompt_split=args.prompt_split,
+        check_features=opts.get("check_features", 50),
+        check_forks=opts.get("check_forks", 32),
+        exclude_first=masking.get("exclude_first_position", True),
+        exclude_special=masking.get("exclude_special_tokens", True),
     )
     out = Path(args.out)
     io.write_parquet(table, out)
     io.write_json(out.with_suffix(".json"), summary)
+    check = summary.get("check", {})
     log.info(
-        "attribution %s layer %d %s: %d forks, top %s",
+        "attribution %s layer %d %s: %d selection forks, top %s; held-out check: %s",
         args.sae_dir,
         args.layer,
         args.metric,
         summary["n_forks"],
         summary.get("top_features"),
+        check.get("skipped")
+        or f"{check.get('n_forks_heldout')} forks, Spearman {check.get('spearman')} {check.get('spearman_ci')}",
     )
 
 

@@ -6,7 +6,9 @@ SLURM job step parses it), and ``sae_diff.interventions`` imports torch.
 
 from __future__ import annotations
 
-EDIT_KINDS = ("noop", "ablate", "steer", "clamp")
+# noop / ablate / steer / clamp edit SAE features; add / project_out / ablate_matched move the
+# activation along a given direction (the baselines and the random-direction null)
+EDIT_KINDS = ("noop", "ablate", "steer", "clamp", "add", "project_out", "ablate_matched")
 POSITIONS = ("all", "generated", "prompt")
 # experiment kind -> (edit it applies, which model it runs in): the seed's design ablates in the
 # fine-tuned model and steers the base model

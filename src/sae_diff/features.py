@@ -6,8 +6,14 @@ One pass encodes every kept token of the cell once per SAE and produces:
   sequences, mean / max / quantiles of the activation when firing, firing positions (mean,
   quantiles, relative rank within the sequence), prompt-only and completion-only flags;
 * the top-activating examples of each feature (eval tokens, the token marked in its context);
-* per-sample pooled activations over the completion tokens (max and mean; both splits),
-  with each sample's token L0 and activation sums, for group statistics and probes;
+* per-sample pooled activations (both splits), with each sample's token L0 and activation
+  sums, for group statistics and probes; the poolings (``POOLINGS``):
+  ``max`` / ``mean`` over the completion tokens, and ``prompt``: the mean over the prompt's
+  tokens only (position 0 excluded even when the store kept it) -- what the model holds
+  before it writes a word, so it cannot count the words a completion metric counts; and
+  ``before_scored``: the mean over the completion tokens before the first scored word (the
+  first gendered word of the gender_pronouns lexicon; the whole completion when it has none),
+  each sample's cut-off position saved as ``scored_cutoff``;
 * logit-lens tokens: the decoder direction through the final norm's scale and the
   unembedding — the tokens it promotes and suppresses.
 """
@@ -31,11 +37,77 @@ POSITION_QUANTILES = (0.1, 0.5, 0.9)
 MARK = ("⟦", "⟧")  # around the activating token in an example's context
 
 
+# pooling name -> (which tokens of a sample it reads, how it reduces them)
+POOLINGS = {
+    "max": ("completion", "max"),
+    "mean": ("completion", "mean"),
+    "prompt": ("prompt", "mean"),
+    "before_scored": ("before_scored", "mean"),
+}
+NO_CUTOFF = np.iinfo(np.int32).max  # scored_cutoff of a sample without a scored word
+
+
+def pooled_tokens(how: str, in_prompt, position, cutoff=None):
+    """Boolean mask of the tokens that pooling ``how`` reads (numpy or torch inputs alike):
+    completion tokens for max / mean; prompt tokens at positions > 0 for prompt; completion
+    tokens at positions below ``cutoff`` (per token: its sample's first scored word) for
+    before_scored."""
+    if how not in POOLINGS:
+        raise ValueError(f"unknown pooling {how!r}; expected one of {sorted(POOLINGS)}")
+    tokens = POOLINGS[how][0]
+    if tokens == "completion":
+        return ~in_prompt
+    if tokens == "prompt":
+        return in_prompt & (position > 0)
+    if cutoff is None:
+        raise ValueError("pooling 'before_scored' needs each sample's scored_cutoff (features stage)")
+    return ~in_prompt & (position < cutoff)
+
+
+def _same_length_lower(text: str) -> str:
+    """text.lower(), character by character where lowering would change the length (offsets stay valid)."""
+    low = text.lower()
+    return low if len(low) == len(text) else "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+
+
+def first_scored_positions(samples: pd.DataFrame, tokenizer, language_column: str = "language") -> np.ndarray:
+    """Per sample (row of ``samples``): the sequence position of the token holding the first
+    character of the completion's first scored word -- a word of the gender_pronouns lexicon
+    (``scorers.GENDER_WORDS``, by the sample's language, found as that scorer finds them) --
+    with prompt + completion tokenized as the activation store does (``activations.tokenize``);
+    ``NO_CUTOFF`` when the completion has no such word. Needs a fast tokenizer (offsets)."""
+    from .scorers import _WORD, GENDER_WORDS
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("pooling before_scored: the tokenizer gives no character offsets (not a fast tokenizer)")
+    out = np.full(len(samples), NO_CUTOFF, dtype=np.int64)
+    languages = samples[language_column] if language_column in samples.columns else ["en"] * len(samples)
+    for i, (prompt_text, text, language) in enumerate(
+        zip(samples.get("prompt_text", [""] * len(samples)), samples["text"], languages)
+    ):
+        text = str(text)
+        lexicon = GENDER_WORDS.get(language, GENDER_WORDS["en"])
+        words = lexicon["male"] | lexicon["female"]
+        first = next(
+            (m.start() for m in _WORD.finditer(_same_length_lower(text).replace("’", "'")) if m.group() in words), None
+        )
+        if first is None:
+            continue
+        prompt_text = prompt_text if isinstance(prompt_text, str) else ""
+        n_prompt = len(tokenizer(prompt_text, add_special_tokens=True)["input_ids"]) if prompt_text else 0
+        enc = tokenizer(text, add_special_tokens=not n_prompt, return_offsets_mapping=True)
+        for j, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > first and b > a:
+                out[i] = n_prompt + j
+                break
+    return out
+
+
 @dataclass
 class FeaturePass:
     stats: pd.DataFrame  # one row per feature
     examples: dict  # feature -> list of top-activating examples
-    pooled: dict  # sample_id, max, mean [n_samples, d_sae], l0_sum, act_sum, n_tokens
+    pooled: dict  # sample_id, max, mean, prompt [n_samples, d_sae], l0_sum, act_sum, n_tokens, ...
 
 
 def _pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -116,10 +188,13 @@ def run(
     tokenizer=None,
     device: str = "cpu",
     progress: bool = True,
+    cutoffs: np.ndarray | None = None,
 ) -> FeaturePass:
     """Encode the store's tokens (both splits) once; statistics on eval, pooling on all samples.
 
     sample_ids: every sample id of the cell's table (rows of the pooled matrices, in order).
+    cutoffs: per sample (same order) the position of its first scored word
+    (``first_scored_positions``); with them the ``before_scored`` pooling is made too.
     """
     from .progress import bar as progress_bar
 
@@ -129,7 +204,14 @@ def run(
     n = len(sample_ids)
     pooled_max = torch.zeros((n, d_sae))
     pooled_sum = torch.zeros((n, d_sae))
+    prompt_sum = torch.zeros((n, d_sae))
     n_completion = torch.zeros(n)
+    n_prompt = torch.zeros(n)
+    if cutoffs is not None:
+        cutoffs_t = torch.as_tensor(np.asarray(cutoffs, dtype=np.int64))
+        if len(cutoffs_t) != n:
+            raise ValueError(f"cutoffs has {len(cutoffs_t)} entries for {n} samples")
+        before_sum, n_before = torch.zeros((n, d_sae)), torch.zeros(n)
     l0_sum, act_sum, n_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n)
     firings = {k: [] for k in ("feat", "act", "pos", "sample", "in_prompt")}
     sae = sae.to(device).eval()
@@ -160,6 +242,16 @@ def run(
                     n_completion.index_add_(0, rows[comp], torch.ones(int(comp.sum())))
                     index = rows[comp][:, None].expand(-1, d_sae)
                     pooled_max.scatter_reduce_(0, index, f[comp], "amax", include_self=True)
+                position = shard["position"][start : start + batch_size]
+                prompt = pooled_tokens("prompt", in_prompt, position)
+                if prompt.any():
+                    prompt_sum.index_add_(0, rows[prompt], f[prompt])
+                    n_prompt.index_add_(0, rows[prompt], torch.ones(int(prompt.sum())))
+                if cutoffs is not None:
+                    before = pooled_tokens("before_scored", in_prompt, position, cutoffs_t[rows])
+                    if before.any():
+                        before_sum.index_add_(0, rows[before], f[before])
+                        n_before.index_add_(0, rows[before], torch.ones(int(before.sum())))
                 if split == "eval":
                     r, c = active.nonzero(as_tuple=True)
                     firings["feat"].append(c.numpy())
@@ -189,11 +281,17 @@ def run(
         "sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)),
         "max": pooled_max,
         "mean": mean,
+        "prompt": prompt_sum / n_prompt.clamp_min(1)[:, None],
         "l0_sum": l0_sum,
         "act_sum": act_sum,
         "n_tokens": n_tokens,
         "n_completion_tokens": n_completion,
+        "n_prompt_tokens": n_prompt,
     }
+    if cutoffs is not None:
+        pooled["before_scored"] = before_sum / n_before.clamp_min(1)[:, None]
+        pooled["n_before_scored_tokens"] = n_before
+        pooled["scored_cutoff"] = cutoffs_t
     return FeaturePass(stats=stats, examples=examples, pooled=pooled)
 
 
@@ -299,10 +397,16 @@ def write(
     sae = files.load(sae_dir)
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)
+    cutoffs = None
+    if tokenizer is not None and "text" in samples.columns and getattr(tokenizer, "is_fast", False):
+        cutoffs = first_scored_positions(samples, tokenizer)
+    elif opts["pooling"] == "before_scored":
+        raise ValueError("features.pooling = before_scored needs the samples' text and the model's fast tokenizer")
     result = run(
         sae,
         store,
         samples["sample_id"].to_numpy(),
+        cutoffs=cutoffs,
         batch_size=opts["batch_size"],
         n_examples=opts["n_examples"],
         context_window=opts["context_window"],
@@ -368,26 +472,80 @@ def write(
     }
 
 
-def pool_raw(store: ActivationStore, sample_ids: np.ndarray, how: str = "mean") -> np.ndarray:
-    """The model's own activations pooled over each sample's completion tokens (both splits):
-    the dense baseline the probes compare SAE features with."""
+def pool_tokens(
+    store: ActivationStore,
+    sample_ids: np.ndarray,
+    how: str = "mean",
+    encoders: dict | None = None,
+    batch_size: int = 4096,
+    device: str = "cpu",
+    cutoffs: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-sample pooled activations over the tokens pooling ``how`` reads (``pooled_tokens``),
+    in one pass over the store (both splits): ``raw``, the model's own activations (float64),
+    and one float32 matrix per entry of ``encoders`` (name -> function from a float32 batch of
+    activations [n, d_model] on ``device`` to features [n, width], e.g. an SAE's encode).
+    Rows follow ``sample_ids``; a sample without such tokens pools to zeros. ``cutoffs``
+    (before_scored only): per sample, in the order of ``sample_ids``, its ``scored_cutoff``."""
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
     sorter = np.argsort(sample_ids)
-    out = np.zeros((len(sample_ids), store.d_model))
-    counts = np.zeros(len(sample_ids))
-    if how == "max":
-        out[:] = -np.inf
+    if how not in POOLINGS:
+        raise ValueError(f"unknown pooling {how!r}; expected one of {sorted(POOLINGS)}")
+    reduce = POOLINGS[how][1]
+    encoders = encoders or {}
+    out: dict[str, torch.Tensor] = {}  # made at the first batch (an encoder's width is known then)
+    counts = torch.zeros(len(sample_ids), dtype=torch.float64)
+    cut = None if cutoffs is None else np.asarray(cutoffs, dtype=np.int64)
+    if cut is not None and len(cut) != len(sample_ids):
+        raise ValueError(f"cutoffs has {len(cut)} entries for {len(sample_ids)} samples")
     for split in ("train", "eval"):
         for shard in store.iter_shards(split):
-            keep = ~shard["in_prompt"].numpy()
-            rows = sorter[np.searchsorted(sample_ids, shard["sample_idx"].numpy()[keep], sorter=sorter)]
-            acts = shard["acts"].float().numpy()[keep].astype(np.float64)
-            if how == "max":
-                np.maximum.at(out, rows, acts)
-            else:
-                np.add.at(out, rows, acts)
-            np.add.at(counts, rows, 1)
-    if how == "max":
-        out[counts == 0] = 0.0
-        return out
-    return out / np.maximum(counts, 1)[:, None]
+            token_cut = None
+            if cut is not None:
+                everyone = shard["sample_idx"].numpy()
+                at = np.clip(np.searchsorted(sample_ids, everyone, sorter=sorter), 0, max(len(sample_ids) - 1, 0))
+                token_cut = torch.from_numpy(np.where(sample_ids[sorter[at]] == everyone, cut[sorter[at]], NO_CUTOFF))
+            keep = pooled_tokens(how, shard["in_prompt"], shard["position"], token_cut).numpy()
+            found = shard["sample_idx"].numpy()[keep]
+            index = np.clip(np.searchsorted(sample_ids, found, sorter=sorter), 0, max(len(sample_ids) - 1, 0))
+            if len(found) and not np.array_equal(sample_ids[sorter[index]], found):
+                bad = found[sample_ids[sorter[index]] != found][0]
+                raise ValueError(f"{store.folder}: sample {int(bad)} is not in the cell's sample table")
+            rows_all = torch.from_numpy(sorter[index])
+            acts_all = shard["acts"][torch.from_numpy(keep)]
+            for start in range(0, len(rows_all), batch_size):
+                rows = rows_all[start : start + batch_size]
+                acts = acts_all[start : start + batch_size].float()
+                parts = {"raw": acts.double()}
+                with torch.no_grad():
+                    for name, encode in encoders.items():
+                        parts[name] = encode(acts.to(device)).float().cpu()
+                for name, part in parts.items():
+                    if name not in out:
+                        fill = -torch.inf if reduce == "max" else 0.0
+                        out[name] = torch.full((len(sample_ids), part.shape[1]), fill, dtype=part.dtype)
+                    if reduce == "max":
+                        index_rows = rows[:, None].expand(-1, part.shape[1])
+                        out[name].scatter_reduce_(0, index_rows, part, "amax", include_self=True)
+                    else:
+                        out[name].index_add_(0, rows, part)
+                counts.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+    result = {}
+    for name, matrix in out.items():
+        if reduce == "max":
+            matrix = torch.where(counts[:, None] > 0, matrix, torch.zeros((), dtype=matrix.dtype))
+        else:
+            matrix = matrix / counts.clamp_min(1).to(matrix.dtype)[:, None]
+        result[name] = matrix.numpy()
+    result.setdefault("raw", np.zeros((len(sample_ids), store.d_model)))
+    for name in encoders:  # no token read anywhere: an encoder's width is unknown -> an empty matrix
+        result.setdefault(name, np.zeros((len(sample_ids), 0), dtype=np.float32))
+    return result
+
+
+def pool_raw(
+    store: ActivationStore, sample_ids: np.ndarray, how: str = "mean", cutoffs: np.ndarray | None = None
+) -> np.ndarray:
+    """The model's own activations pooled over each sample's tokens that pooling ``how`` reads
+    (both splits; float64): the dense baseline the probes compare SAE features with."""
+    return pool_tokens(store, sample_ids, how, cutoffs=cutoffs)["raw"]

@@ -228,6 +228,18 @@ def intervention_prompts(cfg: dict) -> tuple[str, list[dict | None]]:
     return it["prompts"], [it.get("where"), block.get("where", (it.get("target") or {}).get("where"))]
 
 
+def split_sources(cfg: dict) -> dict:
+    """What the prompt split divides (``sae_diff.splits``): ``data`` — the prompt file the cells'
+    data was generated from and its filter (None when the data came as given samples);
+    ``interventions`` — the interventions' prompt file and filters (``intervention_prompts``);
+    ``separate`` — whether the interventions' prompts are a set of their own (then every data
+    prompt selects features and the separate set is split between condition and report)."""
+    it = cfg.get("iterations") or {}
+    path, wheres = intervention_prompts(cfg)
+    data = (it["prompts"], it.get("where")) if it.get("prompts") else None
+    return {"data": data, "interventions": (path, wheres), "separate": data is None or path != data[0]}
+
+
 # --------------------------------------------------------------------------- results layout
 
 
@@ -371,6 +383,18 @@ def attribution_table(cell, layer, name: str, metric: str) -> str:
 
 def attribution_summary(cell, layer, name: str, metric: str) -> str:
     return attribution_table(cell, layer, name, metric).removesuffix(".parquet") + ".json"
+
+
+def probe_diffmean(cell, layer, name: str, metric: str) -> str:
+    """The difference-in-means direction of a probe's high and low samples' raw activations
+    (float32 .npy; zeros when the probe was skipped): a comparison method of the interventions."""
+    return probe_json(cell, layer, name, metric).removesuffix(".json") + ".diffmean.npy"
+
+
+def prompt_split() -> str:
+    """The causal tests' prompt split (``sae_diff.splits``): which prompts select features, which
+    pick the condition and which report it."""
+    return f"{RESULTS}/interventions/prompt_split.csv"
 
 
 def intervention_dir(experiment: str, cell, layer, name: str, metric: str) -> str:

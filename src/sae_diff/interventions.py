@@ -28,11 +28,12 @@ import pandas as pd
 
 from .conditions import (
     Condition,
+    comparison_conditions,
     conditions,
     matched_random,
+    null_conditions,
     select_attributed,
     select_features,
-    split_prompts,
     typical_activation,
 )
 from .editing import intervene
@@ -102,10 +103,59 @@ def experiment_prompts(path: str | Path, wheres: list[dict | None], max_prompts:
 
 
 def reported_conditions(conds: list[Condition], name: str, alpha: float | None, control: str) -> list[Condition]:
-    """What the report half generates: the baselines, the condition picked on the select half at
-    its alpha, its matched random control, and (the group, when steering) its sign-flipped twin."""
+    """What the report half generates of the experiment's conditions: the baselines, the
+    condition picked on the select half at its alpha, its matched random control, and (the
+    group, when steering) its sign-flipped twin. The random null and the comparison methods
+    come on top (``run``)."""
     kept = {"plain", "noop", name, control} | ({"flipped"} if name == "features" else set())
     return [c for c in conds if c.name in kept and (c.alpha is None or alpha is None or c.alpha == alpha)]
+
+
+def _site_rows(model, layer: int, hook: str, id_lists, device="cpu"):
+    """The activation at (layer, hook) of each token sequence, position 0 left out as in SAE training."""
+    import torch
+
+    from . import models
+
+    for ids in id_lists:
+        with torch.inference_mode(), models.capture(model, [(layer, hook)]) as store:
+            models.run_until_stopped(model, input_ids=torch.tensor([list(ids)], device=device))
+        yield store[(layer, hook)][0, 1:]
+
+
+def firing_at_edits(model, sae: SAE, layer: int, hook: str, generations: pd.DataFrame, tokenizer, device="cpu"):
+    """Each feature's firing rate over the tokens the edits reach (every prompt and completion
+    token of ``generations`` but the first position, as in SAE training): what an ablation's
+    random controls are matched on, so that a control fires where the edit acts."""
+    import torch
+
+    sequences = (
+        list(tokenizer(row["prompt_text"], add_special_tokens=True)["input_ids"]) + list(row["completion_ids"])
+        for _, row in generations.iterrows()
+    )
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    n = 0
+    for x in _site_rows(model, layer, hook, sequences, device):
+        fired += (sae.encode(x.to(sae.W_dec.dtype).to(sae.W_dec.device)) > 0).sum(dim=0).double().cpu()
+        n += x.shape[0]
+    return pd.Series((fired / max(n, 1)).numpy(), index=np.arange(sae.cfg.d_sae), name="freq_at_edits")
+
+
+def mean_projection(
+    model, tokenizer, layer: int, hook: str, prompts: pd.DataFrame, sampling: dict, direction, device="cpu"
+):
+    """The mean of x . u (u = direction / |direction|) over the prompts' tokens as the model
+    reads them (chat template applied; position 0 left out): the level a mean-ablation of the
+    direction sets its projection to."""
+    from .data import format_prompt
+
+    unit = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)
+    texts = [
+        format_prompt(tokenizer, p, sampling["chat_template"], sampling.get("system_prompt")) for p in prompts["prompt"]
+    ]
+    sequences = (tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts)
+    values = [x.double().cpu().numpy() @ unit for x in _site_rows(model, layer, hook, sequences, device)]
+    return float(np.concatenate(values).mean())
 
 
 def generate_all(
@@ -137,10 +187,14 @@ def generate_all(
             log.info("condition %s: resumed from %s", label, done)
             continue
         context = contextlib.nullcontext() if cond.edit is None else intervene(model, sae, layer, hook, cond.edit)
-        with context:
+        asked = prompts
+        if cond.instruction is not None:  # the prompting baseline: the instruction after each prompt
+            asked = prompts.assign(prompt=prompts["prompt"] + " " + cond.instruction)
+        with context as moved:
             table = data.generate(
-                model, tokenizer, prompts, sampling, device=device, progress=progress, keep_ids=True, desc=label
+                model, tokenizer, asked, sampling, device=device, progress=progress, keep_ids=True, desc=label
             )
+        table["delta_norm"] = np.nan if moved is None or moved.mean_norm is None else moved.mean_norm
         table.insert(0, "condition", cond.name)
         table.insert(1, "role", cond.role)
         table.insert(2, "alpha", np.nan if cond.alpha is None else float(cond.alpha))
@@ -171,15 +225,21 @@ def run(
     direction: str,
     metrics: list[str],
     sampling: dict,
+    split_path: str | Path,
+    separate: bool,
     place="cpu",
     progress: bool = True,
     work_dir: Path | None = None,
     attribution: pd.DataFrame | None = None,
+    diffmean: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
     (``place``: a models.Placement or a device name). The features come from the probe or, when
-    ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table."""
-    from . import models
+    ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table, both
+    fitted on the split's feature-selection prompts; the prompts' other two parts (the split at
+    ``split_path``; ``separate``: the prompts are a set of their own) pick the condition and
+    report it. ``diffmean``: the probe's difference-in-means direction, a comparison method."""
+    from . import models, splits
     from .sae import files
 
     if experiment not in EXPERIMENTS:
@@ -189,7 +249,7 @@ def run(
     if method == "attribution":
         if attribution is None:
             raise ValueError(f"interventions.select.{experiment} = attribution: no attribution table given")
-        features = select_attributed(attribution, opts["k"], opts["sign"])
+        features = select_attributed(attribution, opts["k"], opts["sign"], opts["attribution"]["rank_by"])
     else:
         features = select_features(
             probe_table, probe_json.get("top_features") or [], opts["k"], opts["sign"], direction
@@ -198,14 +258,35 @@ def run(
         raise DataError(
             f"no feature of {sae_dir} points the asked way ({opts['sign']}) for {metric} (selected by {method})"
         )
-    random = matched_random(
-        stats, features, seed=opts["seed"], pool=opts["random_pool"], exclude=probe_json.get("top_features") or []
-    )
-    typical = dict(zip(features + random, typical_activation(stats, features + random, opts["scale"])))
+    exclude = probe_json.get("top_features") or []
+    random = matched_random(stats, features, seed=opts["seed"], pool=opts["random_pool"], exclude=exclude)
+    table = stats.set_index("feature")
+    live = table.index[(table["freq"] > 0) & ~table["dead"].astype(bool)]
+    typical = dict(zip(table.index, typical_activation(stats, list(table.index), opts["scale"])))
     conds = conditions(experiment, features, random, typical, opts["alphas"], opts["singles"], opts["positions"])
+    w_dec = sae.W_dec.detach().double().cpu().numpy()
+    swept = opts["alphas"] if experiment in SWEPT else [None]
+    instruction = (opts.get("baselines") or {}).get("prompting", {}).get(metric)
+    if not (opts.get("baselines") or {}).get("diffmean", True):
+        diffmean = None
+    # the condition-selection half also runs the comparison methods at every size: their size is
+    # picked there the same way as the SAE edit's (prompting has no size: report half only)
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
-    halves = split_prompts(prompts, opts["seed"])
+    halves = splits.intervention_halves(prompts, split_path, separate)
+    level = None
+    if diffmean is not None and experiment == "ablation" and np.linalg.norm(diffmean) > 0:
+        # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
+        select_half = halves[halves["half"] == "select"]
+        level = mean_projection(model, tokenizer, layer, hook, select_half, sampling, diffmean, place.device)
+    compared = [
+        c
+        for c in comparison_conditions(
+            experiment, features, w_dec, diffmean, None, swept, typical, opts["positions"], level
+        )
+        if c.name != "prompting"
+    ]
+    registry = conds + compared  # every condition's index in effects.json (condition_index)
     expected = expected_sign(direction, opts["sign"], experiment)
 
     def measured(scores: pd.DataFrame) -> dict:
@@ -215,15 +296,40 @@ def run(
         )
 
     # two stages: every condition on the select half picks what is reported; only that condition,
-    # its controls and the baselines then generate on the report half (the rest would never be read)
+    # its controls, its random null and the comparison methods then generate on the report half
     stages, scored = [], []
     with place.precision():
         base, base_tokenizer = (model, tokenizer) if Path(base_dir) == Path(model_dir) else place.load(base_dir)
         for half in ("select", "report"):
-            stage = conds
+            stage = conds + compared
             if half == "report":
                 chosen = measured(pd.concat(scored, ignore_index=True))["chosen"]
                 stage = reported_conditions(conds, chosen["condition"], chosen["alpha"], chosen["control"])
+                target = next(c for c in stage if c.name == chosen["condition"])
+                freq = table["freq"]
+                if experiment == "ablation":  # controls that fire where the ablation acts
+                    plain = stages[0][stages[0]["condition"] == "plain"]
+                    freq = firing_at_edits(model, sae, layer, hook, plain, tokenizer, place.device)
+                nulls = null_conditions(
+                    experiment,
+                    target,
+                    w_dec,
+                    freq,
+                    live,
+                    typical,
+                    opts["random_null"]["n_controls"],
+                    opts["seed"] + 7,
+                    opts["random_pool"],
+                    sorted(set(exclude) | set(features)),
+                    opts["positions"],
+                )
+                picked = chosen["comparisons"]
+                report_compared = [c for c in compared if c.name in picked and c.alpha == picked[c.name]]
+                report_compared += comparison_conditions(
+                    experiment, features, w_dec, None, instruction, [], typical, opts["positions"]
+                )
+                stage = stage + report_compared + nulls
+                registry += [c for c in report_compared + nulls if all(c is not r for r in registry)]
             stage_dir = None if work_dir is None else Path(work_dir) / half
             generated = generate_all(
                 model,
@@ -240,7 +346,7 @@ def run(
             )
             # condition_index: the condition's place in the experiment's full list, in both stages
             generated["condition_index"] = generated["condition_index"].map(
-                {i: conds.index(c) for i, c in enumerate(stage)}
+                {i: next(j for j, r in enumerate(registry) if r is c) for i, c in enumerate(stage)}
             )
             stages.append(generated)
             scored.append(score(generated, scorer_specs, base, base_tokenizer, sampling["batch_size"], place.device))
@@ -256,12 +362,14 @@ def run(
         select=method,
         features=features,
         random_features=random,
-        typical_activation={str(k): v for k, v in typical.items()},
+        typical_activation={str(k): typical[k] for k in features + random},
         scale=opts["scale"],
         alphas=opts["alphas"] if experiment in SWEPT else None,
         positions=opts["positions"],
         max_perplexity_ratio=opts["max_perplexity_ratio"],
         noop=noop_check(generations),
+        diffmean_level=level,  # the projection the difference-in-means ablation sets (ablation)
+        split=splits.counts(splits.read(split_path), separate, set(prompts["prompt"])),
         prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
         generations={half: int((generations["half"] == half).sum()) for half in ("select", "report")},
     )

@@ -2,7 +2,10 @@
 
 Di is what Mi generated, so the mean of a metric over Di is Mi's behaviour. Samples whose
 metric is undefined (NaN: e.g. ``female_ratio`` of a text with no gendered word) are left
-out and counted.
+out and counted. Every iteration generates several samples from each of the same prompts, so
+the statistics are by prompt: CIs resample whole prompts, and the shift pairs each prompt's
+samples under M0 with its samples under MX (a prompt is known by its text: the data stage
+numbers prompts per data set).
 """
 
 from __future__ import annotations
@@ -10,7 +13,30 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .stats import bootstrap_mean, bootstrap_shift
+from .stats import bootstrap_mean, bootstrap_shift, cluster_mean, paired_cluster_shift
+
+
+def _clusters(table: pd.DataFrame) -> np.ndarray | None:
+    """Each sample's prompt (its text; else its id), or None when the table has neither."""
+    for column in ("prompt", "prompt_id"):
+        if column in table.columns:
+            return table[column].astype(str).to_numpy()
+    return None
+
+
+def _mean(table: pd.DataFrame, metric: str, seed: int) -> dict:
+    values = table[metric].to_numpy(dtype=float)
+    clusters = _clusters(table)
+    return bootstrap_mean(values, seed=seed) if clusters is None else cluster_mean(values, clusters, seed=seed)
+
+
+def _shift(before: pd.DataFrame, after: pd.DataFrame, metric: str, seed: int) -> dict:
+    """``after`` against ``before``, paired by prompt where both know their prompts (and share
+    some); otherwise two independent samples."""
+    cb, ca = _clusters(before), _clusters(after)
+    if cb is not None and ca is not None and set(cb) & set(ca):
+        return paired_cluster_shift(before[metric], cb, after[metric], ca, seed=seed)
+    return {**bootstrap_shift(before[metric], after[metric], seed=seed), "paired": False}
 
 
 def metric_block(tables: dict[str, pd.DataFrame], metric: str, seed: int = 0) -> dict:
@@ -19,13 +45,11 @@ def metric_block(tables: dict[str, pd.DataFrame], metric: str, seed: int = 0) ->
     per = {}
     for d in ids:
         table = tables[d]
-        values = table[metric].to_numpy(dtype=float)
-        held_out = table["split"].to_numpy() == "eval"
         per["M" + d[1:]] = {
             "data": d,
             "n_samples": int(len(table)),
-            "all": bootstrap_mean(values, seed=seed),
-            "eval": bootstrap_mean(values[held_out], seed=seed),
+            "all": _mean(table, metric, seed),
+            "eval": _mean(table[table["split"] == "eval"], metric, seed),
         }
     block = {"per_iteration": per}
     if len(ids) > 1:
@@ -33,10 +57,8 @@ def metric_block(tables: dict[str, pd.DataFrame], metric: str, seed: int = 0) ->
         block["shift"] = {
             "from": "M" + ids[0][1:],
             "to": "M" + ids[-1][1:],
-            "all": bootstrap_shift(before[metric], after[metric], seed=seed),
-            "eval": bootstrap_shift(
-                before.loc[before["split"] == "eval", metric], after.loc[after["split"] == "eval", metric], seed=seed
-            ),
+            "all": _shift(before, after, metric, seed),
+            "eval": _shift(before[before["split"] == "eval"], after[after["split"] == "eval"], metric, seed),
         }
     return block
 

@@ -613,7 +613,12 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
     noop = next(r for r in rows if r["condition"] == "noop")
     fig, axes = plt.subplots(1, 3, figsize=size, gridspec_kw={"width_ratios": [1.6, 1, 1]})
     report = block.get("report") or {}
-    styles = {"features": ("tab:red", "o", 2.2), "flipped": ("tab:purple", "v", 1.6), "random": ("tab:gray", "s", 1.6)}
+    styles = {
+        "features": ("tab:red", "o", 2.2),
+        "flipped": ("tab:purple", "v", 1.6),
+        "random": ("tab:gray", "s", 1.6),
+        "diffmean": ("tab:green", "D", 1.6),
+    }
     swept = block.get("alphas") is not None
     if swept:
 
@@ -623,6 +628,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             return chosen, xs
 
         names = ["features", "random"] + (["flipped"] if any(r["condition"] == "flipped" for r in rows) else [])
+        names += ["diffmean"] if any(r["condition"] == "diffmean" for r in rows) else []
         names += sorted({r["condition"] for r in rows if r["role"] == "single"})
         for name in names:
             chosen, xs = line(name, -1.0 if name == "flipped" else 1.0)
@@ -631,6 +637,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
                 "features": f"top features {block['features']}",
                 "random": "matched random features",
                 "flipped": "top features, sign flipped",
+                "diffmean": "difference in means, same |dx|",
             }.get(name, name.replace("_", " "))
             if name == report.get("condition"):
                 label += " (reported)"
@@ -746,9 +753,31 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
 
 
 def _mark_report_half(ax, block: dict, rows: list[dict], metric: str, swept: bool, order: list[str] | None) -> None:
-    """The reported condition and its control on the report half, over the select-half curves."""
+    """The reported condition and its control on the report half, over the select-half curves,
+    with the random null beside it: the report-half no-op's mean plus each null edit's paired
+    effect (edits of the same size with other features or random directions)."""
+    import numpy as np
+
     report = block.get("report") or {}
     control = (block.get("chosen") or {}).get("control")
+    null = report.get("null") or {}
+    noop = next((r for r in rows if r["condition"] == "noop"), None)
+    level = noop["metrics"][metric]["mean"] if noop else None
+    if swept:
+        x_report = report.get("alpha")
+    else:
+        x_report = order.index(report["condition"]) if order and report.get("condition") in order else None
+    if level is not None and x_report is not None:
+        spread = 0.08 * max(abs(x_report), 1.0) if swept else 0.15
+        rng = np.random.default_rng(0)
+        for kind, color in (("features", "tab:olive"), ("directions", "tab:cyan")):
+            values = (null.get(kind) or {}).get("effects") or []
+            if not values:
+                continue
+            xs = x_report + rng.uniform(-spread, spread, len(values))
+            label = f"random null: {kind}, same |dx| (report half, n={len(values)}"
+            label += f"; pooled rank p={null['p']:.3g})" if null.get("p") is not None else ")"
+            ax.scatter(xs, level + np.asarray(values), s=9, color=color, alpha=0.55, zorder=4, label=label)
     for name, marker, color, label in (
         (report.get("condition"), "*", "black", "reported, report half"),
         (control, "x", "dimgray", "its random control, report half"),

@@ -9,8 +9,21 @@ middle is left out of the classification. Two probes rank features:
   where it enters the path, and the top-k at each sparsity k are the first k to enter.
 
 Honest evaluation: every AUROC comes from nested cross-validation, with the feature
-selection and the choice of k inside the training folds only; the baselines (a dense probe
-on the model's raw activations, and probes on randomly chosen features) use the same folds.
+selection and the choice of k inside the training folds only. The folds are grouped by
+prompt (StratifiedGroupKFold on the samples' ``prompt_id``): the samples of one prompt share
+its tokens, so a feature that merely recognises the prompt would otherwise score by seeing
+the same prompt on both sides of a fold. The baselines use the same folds and, where they
+choose features, the same selector at the probe's k of each outer fold:
+
+* ``random_features``: k features drawn at random among the live ones (no selection);
+* ``init_sae`` (the untrained SAE, re-created from its recorded seed: ``init_sae``),
+  ``random_directions`` (ReLU projections onto as many random unit directions as the SAE has
+  features: ``random_directions``), or any matrix passed in ``baselines``: the selector picks
+  k of its columns on the training folds, exactly as for the SAE;
+* ``raw_neurons``: the selector picks k of the model's raw (pooled) activation dimensions;
+* ``diffmean``: the difference-in-means direction of the raw activations (high minus low,
+  training fold only), the projection onto it a 1-d logistic probe;
+* ``raw_activations``: a dense logistic probe on all raw activation dimensions.
 """
 
 from __future__ import annotations
@@ -53,6 +66,12 @@ def labels(values, quantiles=(0.25, 0.75), low: float | None = None, high: float
     out[finite & (v <= low)] = 0
     out[finite & (v >= high)] = 1
     return out
+
+
+def metric_labels(values, opts: dict, metric: str) -> np.ndarray:
+    """``labels`` with the probes' cut-offs for ``metric`` (``probes.thresholds`` or ``probes.quantiles``)."""
+    cut = opts["thresholds"].get(metric, {})
+    return labels(values, opts["quantiles"], cut.get("low"), cut.get("high"))
 
 
 # --------------------------------------------------------------------------- difference in means
@@ -166,6 +185,8 @@ SELECTORS = {"dim": _dim_top_k, "l1": lambda x, y, k: top_k(l1_path_order(x, y)[
 def _fit_predict(x_train, y_train, x_test, c: float = 1.0, seed: int = 0) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
 
+    if len(np.unique(y_train)) < 2:  # a training fold with one class: no probe, chance scores
+        return np.full(len(x_test), 0.5)
     model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
     model.fit(_standardize(x_train), y_train)
     return model.predict_proba(_standardize(x_test, x_train))[:, 1]
@@ -175,6 +196,42 @@ def _auroc(y, scores) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, scores)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def folds(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs, stratified by ``y``; with ``groups``, no group is split across
+    a train and a test side (StratifiedGroupKFold). Without groups: StratifiedKFold by sample.
+
+    The number of folds drops to the number of groups when there are fewer (at least 2)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    if groups is None:
+        n = min(n_splits, int(np.bincount(y).min()) if len(y) else 0)
+        if n < 2:
+            raise ValueError(f"cannot make {n_splits} folds: a class has {n} sample(s)")
+        return list(StratifiedKFold(n_splits=n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    groups = np.asarray(groups)
+    if len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} entries for {len(y)} samples")
+    n = min(n_splits, len(np.unique(groups)))
+    if n < 2:
+        raise ValueError(f"cannot make grouped folds: {len(np.unique(groups))} group(s) (prompt ids)")
+    splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y, groups))
+
+
+def _sub(groups, index):
+    return None if groups is None else np.asarray(groups)[index]
+
+
+def diffmean_direction(raw: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mean of the y == 1 rows minus mean of the y == 0 rows (zeros when a class is empty)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    y = np.asarray(y)
+    if not (y == 1).any() or not (y == 0).any():
+        return np.zeros(raw.shape[1])
+    return raw[y == 1].mean(0) - raw[y == 0].mean(0)
 
 
 def nested_cv(
@@ -187,68 +244,99 @@ def nested_cv(
     seed: int = 0,
     raw: np.ndarray | None = None,
     leaky: bool = False,
+    groups: np.ndarray | None = None,
+    baselines: dict[str, np.ndarray] | None = None,
+    live: np.ndarray | None = None,
 ) -> dict:
     """Out-of-fold AUROC of a probe on the top-k features, k and the features chosen on the
-    training folds only; and, on the same folds, a probe on k random features and a dense
-    probe on ``raw`` (the model's own activations).
+    training folds only; and, on the same folds, the baselines of the module docstring:
+    ``auroc_random_features`` (k random live features; ``live`` a boolean mask, default all),
+    ``auroc_<name>`` for each matrix of ``baselines`` (the same selector at the fold's k),
+    and with ``raw``: ``auroc_raw_neurons``, ``auroc_diffmean``, ``auroc_raw_activations``.
 
+    groups: one label per sample (its prompt id); folds never split a group (outer and inner).
+    None: plain stratified folds by sample.
     leaky=True selects features on all samples first (the mistake this guards against; tests only).
     """
-    from sklearn.model_selection import StratifiedKFold
-
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y)
     select = SELECTORS[selector]
     rng = np.random.default_rng(seed)
-    outer = StratifiedKFold(n_splits=n_outer, shuffle=True, random_state=seed)
-    oof = {"probe": np.zeros(len(y)), "random": np.zeros(len(y)), "raw": np.zeros(len(y))}
+    baselines = {k: np.asarray(v, dtype=np.float64) for k, v in (baselines or {}).items()}
+    for name, matrix in baselines.items():
+        if len(matrix) != len(y):
+            raise ValueError(f"baseline {name!r} has {len(matrix)} rows for {len(y)} samples")
+    pool = np.arange(x.shape[1]) if live is None else np.nonzero(np.asarray(live, dtype=bool))[0]
+    if not len(pool):
+        pool = np.arange(x.shape[1])
+    names = ["probe", "random_features", *baselines]
+    if raw is not None:
+        raw = np.asarray(raw, dtype=np.float64)
+        names += ["raw_neurons", "diffmean", "raw_activations"]
+    oof = {name: np.zeros(len(y)) for name in names}
     chosen_k = []
     leaked = select(x, y, max(ks)) if leaky else None
-    for train, test in outer.split(x, y):
-        inner = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1)
+    for train, test in folds(y, groups, n_outer, seed):
         scores = {k: [] for k in ks}
-        for itrain, ival in inner.split(x[train], y[train]):
+        for itrain, ival in folds(y[train], _sub(groups, train), n_inner, seed + 1):
             a, b = train[itrain], train[ival]
             order = leaked if leaky else select(x[a], y[a], max(ks))
             for k in ks:
                 cols = order[:k]
                 scores[k].append(_auroc(y[b], _fit_predict(x[a][:, cols], y[a], x[b][:, cols], seed=seed)))
-        best = max(ks, key=lambda k: (np.nanmean(scores[k]), -k))
+        best = max(ks, key=lambda k: (np.nanmean(scores[k]) if np.isfinite(scores[k]).any() else -1.0, -k))
         chosen_k.append(best)
-        cols = (leaked if leaky else select(x[train], y[train], max(ks)))[:best]
-        oof["probe"][test] = _fit_predict(x[train][:, cols], y[train], x[test][:, cols], seed=seed)
-        random_cols = rng.choice(x.shape[1], size=min(best, x.shape[1]), replace=False)
-        oof["random"][test] = _fit_predict(x[train][:, random_cols], y[train], x[test][:, random_cols], seed=seed)
+
+        def probe(matrix, cols):
+            return _fit_predict(matrix[train][:, cols], y[train], matrix[test][:, cols], seed=seed)
+
+        oof["probe"][test] = probe(x, (leaked if leaky else select(x[train], y[train], max(ks)))[:best])
+        oof["random_features"][test] = probe(x, rng.choice(pool, size=min(best, len(pool)), replace=False))
+        for name, matrix in baselines.items():
+            oof[name][test] = probe(matrix, select(matrix[train], y[train], best)[:best])
         if raw is not None:
-            oof["raw"][test] = _fit_predict(raw[train], y[train], raw[test], seed=seed)
+            oof["raw_neurons"][test] = probe(raw, select(raw[train], y[train], best)[:best])
+            w = diffmean_direction(raw[train], y[train])
+            oof["diffmean"][test] = _fit_predict(raw[train] @ w[:, None], y[train], raw[test] @ w[:, None], seed=seed)
+            oof["raw_activations"][test] = _fit_predict(raw[train], y[train], raw[test], seed=seed)
     out = {
         "auroc": _auroc(y, oof["probe"]),
-        "auroc_random_features": _auroc(y, oof["random"]),
+        **{f"auroc_{name}": _auroc(y, oof[name]) for name in names[1:]},
         "chosen_k": [int(k) for k in chosen_k],
         "n_samples": int(len(y)),
         "n_high": int((y == 1).sum()),
         "selector": selector,
+        "fold_groups": "sample" if groups is None else "groups",
+        "n_groups": int(len(y) if groups is None else len(np.unique(groups))),
     }
-    if raw is not None:
-        out["auroc_raw_activations"] = _auroc(y, oof["raw"])
     return out
 
 
-def spearman_cv(x: np.ndarray, values: np.ndarray, k: int, n_folds: int = 5, seed: int = 0) -> float:
+def spearman_cv(
+    x: np.ndarray, values: np.ndarray, k: int, n_folds: int = 5, seed: int = 0, groups: np.ndarray | None = None
+) -> float:
     """Spearman correlation of out-of-fold ridge predictions of the continuous metric from
-    the top-k features by |Spearman| on each training fold."""
+    the top-k features by |Spearman| on each training fold (folds grouped by ``groups`` when given)."""
     from scipy.stats import spearmanr
     from sklearn.linear_model import Ridge
-    from sklearn.model_selection import KFold
+    from sklearn.model_selection import GroupKFold, KFold
 
     x = np.asarray(x, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     keep = np.isfinite(v)
     x, v = x[keep], v[keep]
+    g = None if groups is None else np.asarray(groups)[keep]
     if len(v) < 2 * n_folds or np.std(v) == 0:
         return float("nan")
+    if g is None:
+        splits = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x)
+    else:
+        n = min(n_folds, len(np.unique(g)))
+        if n < 2:
+            return float("nan")
+        splits = GroupKFold(n_splits=n, shuffle=True, random_state=seed).split(x, v, g)
     predictions = np.zeros(len(v))
-    for train, test in KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x):
+    for train, test in splits:
         xr = pd.DataFrame(x[train]).rank().to_numpy()
         vr = pd.Series(v[train]).rank().to_numpy()
         xc, vc = xr - xr.mean(0), vr - vr.mean()
@@ -268,6 +356,7 @@ def iterative_annotation(
     stop_auroc: float = 0.55,
     selector: str = "dim",
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Fit, record the top-k features, zero them, refit, until the nested-CV AUROC <= stop_auroc.
 
@@ -276,7 +365,7 @@ def iterative_annotation(
     x = np.array(x, dtype=np.float64)
     rows, rounds = [], []
     for r in range(max_rounds):
-        result = nested_cv(x, y, ks=(k,), selector=selector, seed=seed)
+        result = nested_cv(x, y, ks=(k,), selector=selector, seed=seed, groups=groups)
         rounds.append({"round": r, "auroc": result["auroc"]})
         if not result["auroc"] > stop_auroc:
             break
@@ -313,6 +402,68 @@ def jaccard(a, b) -> float | None:
     return len(a & b) / len(a | b) if a | b else None
 
 
+# --------------------------------------------------------------------------- baseline encoders
+
+INIT_SAMPLE = 4096  # tokens whose geometric median the trainer's init puts in b_dec (TrainSpec.init_sample)
+
+
+def init_sae(sae_dir: str | Path, store) -> tuple[object | None, str]:
+    """The untrained SAE of an SAE folder we trained, re-created as the trainer made it: the
+    same config, ``SAE.initialize`` with the recorded seed on the first ``INIT_SAMPLE`` training
+    tokens of ``store`` (scaled by the recorded input scale), then the scaling folded in so it
+    reads raw activations. Returns (SAE or None, a note saying what it is or why there is none).
+
+    A warm-started SAE started from another SAE, not from this init: the init is still
+    the untrained SAE of its config and seed (the note says so)."""
+    import json
+
+    import torch
+
+    from .sae import files
+    from .sae.model import SAE, SAEConfig
+
+    record_path = Path(sae_dir) / files.OURS
+    if not record_path.exists():
+        return None, f"no {files.OURS} in {sae_dir}: not trained here, no recorded seed"
+    record = json.loads(record_path.read_text())
+    training = record.get("training") or {}
+    missing = [key for key in ("seed", "scale") if key not in training]
+    if missing:
+        return None, f"{record_path}: training record lacks {missing}"
+    sae = SAE(SAEConfig(**record["config"]))
+    if sae.cfg.is_transcoder:
+        return None, "transcoder: its init needs the target site's store"
+    first = next(iter(store.iter_batches(INIT_SAMPLE)), None)
+    if first is None:
+        return None, f"{store.folder}: no training tokens"
+    scale = float(training["scale"])
+    sae.initialize(first.float() * scale, seed=int(training["seed"]))
+    files.fold_scaling(sae, scale, float(training.get("scale_out", scale)))
+    warm = ((training.get("config") or {}).get("warm_start") or "none") != "none"
+    note = f"re-created from seed {int(training['seed'])}"
+    if warm:
+        note += " (the trained SAE was warm-started: its actual start was another SAE)"
+    return sae.to(torch.float32).eval(), note
+
+
+def random_directions(store, width: int, seed: int):
+    """ReLU projections of the centred activations onto ``width`` random unit directions:
+    f(x) = ReLU((x - c) R^T), R Gaussian rows normalised (seeded), c the mean of the first
+    ``INIT_SAMPLE`` training tokens. An encoder for ``features.pool_tokens``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn((width, store.d_model), generator=gen, dtype=torch.float64)
+    r = (r / r.norm(dim=1, keepdim=True)).float()
+    first = next(iter(store.iter_batches(INIT_SAMPLE)), None)
+    c = first.float().mean(0) if first is not None else torch.zeros(store.d_model)
+
+    def encode(x):
+        return torch.relu((x - c.to(x.device)) @ r.to(x.device).T)
+
+    return encode
+
+
 # --------------------------------------------------------------------------- one SAE, one metric
 
 
@@ -329,10 +480,17 @@ def probe_metric(
     raw: np.ndarray | None,
     cos_to_base: np.ndarray | None,
     metric: str,
+    groups: np.ndarray | None = None,
+    baselines: dict[str, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame | None, dict]:
-    """Everything the probes say about one metric for one SAE: (one row per feature, summary)."""
+    """Everything the probes say about one metric for one SAE: (one row per feature, summary).
+
+    groups: each sample's prompt id (the folds never split one); baselines: other per-sample
+    feature matrices (rows as ``x``, e.g. ``init_sae``, ``random_directions``) probed on the
+    same folds with the same selector; raw: the model's pooled activations (dense, neuron and
+    difference-in-means baselines)."""
     cut = opts["thresholds"].get(metric, {})
-    y_all = labels(values, opts["quantiles"], cut.get("low"), cut.get("high"))
+    y_all = metric_labels(values, opts, metric)
     keep = y_all >= 0
     y = y_all[keep]
     n_high, n_low = int((y == 1).sum()), int((y == 0).sum())
@@ -349,6 +507,9 @@ def probe_metric(
             "of each (probes.min_per_class)"
         )
         return None, summary
+    if groups is not None and len(np.unique(np.asarray(groups)[keep])) < 2:
+        summary["skipped"] = "the labelled samples come from fewer than 2 prompts: no grouped folds"
+        return None, summary
     xl = x[keep]
     d, p = permutation_pvalues(xl, y, opts["n_permutations"], seed=opts["seed"])
     q = benjamini_hochberg(p)
@@ -361,6 +522,7 @@ def probe_metric(
         table.loc[top_k(entry, k), f"top{k}"] = True
     table["importance"] = 1.0 / (1.0 + np.where(entry >= 0, entry, np.inf))  # earlier on the path: larger; never: 0
     table["rank"] = np.where(entry >= 0, entry, -1)
+    gl = None if groups is None else np.asarray(groups)[keep]
     cv = nested_cv(
         xl,
         y,
@@ -369,10 +531,13 @@ def probe_metric(
         n_outer=opts["n_folds"],
         seed=opts["seed"],
         raw=raw[keep] if raw is not None else None,
+        groups=gl,
+        baselines={name: matrix[keep] for name, matrix in (baselines or {}).items()},
+        live=~stats["dead"].to_numpy(dtype=bool),
     )
     k_star = int(np.median(cv["chosen_k"]))
     rows, rounds = iterative_annotation(
-        xl, y, k_star, opts["rounds"], opts["stop_auroc"], opts["selector"], seed=opts["seed"]
+        xl, y, k_star, opts["rounds"], opts["stop_auroc"], opts["selector"], seed=opts["seed"], groups=gl
     )
     table["round"] = -1
     table["round_rank"] = -1
@@ -385,12 +550,13 @@ def probe_metric(
     summary.update(
         {
             "auroc": cv["auroc"],
-            "auroc_random_features": cv["auroc_random_features"],
+            **{key: value for key, value in cv.items() if key.startswith("auroc_")},
             "auroc_raw_activations": cv.get("auroc_raw_activations"),
+            "n_groups": cv["n_groups"],
             "chosen_k": cv["chosen_k"],
             "k": k_star,
             "selector": opts["selector"],
-            "spearman": spearman_cv(x, values, k_star, n_folds=opts["n_folds"], seed=opts["seed"]),
+            "spearman": spearman_cv(x, values, k_star, n_folds=opts["n_folds"], seed=opts["seed"], groups=groups),
             "top_features": [int(j) for j in top_k(entry, max(opts["ks"]))],
             "top_dim": [
                 {"feature": int(j), "smd": float(d[j]), "q": float(q[j])}
@@ -492,7 +658,17 @@ def compare_layer(spec: dict, layer: int, probe_jsons: list, diff_jsons: list) -
         for metric in spec["metrics"]:
             for cell in spec["cells"]:
                 block, _ = probes[(cell, name, metric)]
-                keys = ("auroc", "auroc_random_features", "auroc_raw_activations", "n_labelled", "skipped")
+                keys = (
+                    "auroc",
+                    "auroc_random_features",
+                    "auroc_raw_activations",
+                    "auroc_init_sae",
+                    "auroc_random_directions",
+                    "auroc_diffmean",
+                    "auroc_raw_neurons",
+                    "n_labelled",
+                    "skipped",
+                )
                 out["auroc"].append({"cell": cell, "sae": name, "metric": metric, **{k_: block.get(k_) for k_ in keys}})
             for a, b, kind in diff_pairs(spec):
                 ta, tb = table(a.name, name, metric), table(b.name, name, metric)

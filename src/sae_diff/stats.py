@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 N_BOOTSTRAP = 4000
 
@@ -89,3 +90,61 @@ def paired_shift(before, after, n_boot: int = N_BOOTSTRAP, seed: int = 0, level:
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     signs = rng.choice(np.array([-1.0, 1.0]), size=(n_boot, len(d)))
     return {**_tested(d.mean(), means, (signs * d).mean(axis=1), level), **out}
+
+
+def _cluster_sums(values, clusters, order) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster of ``order``: the sum and the count of the defined (finite) values."""
+    frame = pd.DataFrame({"v": np.asarray(values, dtype=np.float64), "c": np.asarray(clusters)})
+    frame = frame[np.isfinite(frame["v"])]
+    grouped = frame.groupby("c")["v"].agg(["sum", "count"]).reindex(order, fill_value=0)
+    return grouped["sum"].to_numpy(dtype=np.float64), grouped["count"].to_numpy(dtype=np.float64)
+
+
+def cluster_mean(values, clusters, n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of the defined values with a percentile-bootstrap CI that resamples whole clusters
+    (a prompt's samples share the prompt: resampling them one by one understates the spread)."""
+    x = np.asarray(values, dtype=np.float64)
+    c = np.asarray(clusters)
+    order = pd.unique(c[np.isfinite(x)])
+    if len(order) == 0:
+        return {"n": 0, "n_clusters": 0, "mean": None, "ci_low": None, "ci_high": None}
+    sums, counts = _cluster_sums(x, c, order)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(order), size=(n_boot, len(order)))
+    means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "n": int(counts.sum()),
+        "n_clusters": int(len(order)),
+        "mean": float(sums.sum() / counts.sum()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+    }
+
+
+def paired_cluster_shift(
+    before, before_clusters, after, after_clusters, n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Difference of means (after - before) over the clusters (prompts) both sides have, paired
+    by cluster: a bootstrap that resamples clusters (each with its before and after samples) and
+    a permutation p that swaps, per cluster, which side its samples belong to (under the null,
+    the two sides of one prompt are exchangeable). Values that are undefined (NaN) drop out;
+    a cluster with no defined value on one side drops out of the pairing."""
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    ca, cb = np.asarray(before_clusters), np.asarray(after_clusters)
+    shared = sorted(set(ca[np.isfinite(a)]) & set(cb[np.isfinite(b)]))
+    out = {"paired": True, "n_clusters": len(shared), "n_before": 0, "n_after": 0}
+    if not shared:
+        return {"diff": None, "ci_low": None, "ci_high": None, "p": None, **out}
+    sa, na = _cluster_sums(a, ca, shared)
+    sb, nb = _cluster_sums(b, cb, shared)
+    out.update(n_before=int(na.sum()), n_after=int(nb.sum()))
+    observed = sb.sum() / nb.sum() - sa.sum() / na.sum()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(shared), size=(n_boot, len(shared)))
+    boot = sb[idx].sum(1) / nb[idx].sum(1) - sa[idx].sum(1) / na[idx].sum(1)
+    swap = rng.random((n_boot, len(shared))) < 0.5
+    null = np.where(swap, sa, sb).sum(1) / np.where(swap, na, nb).sum(1) - np.where(swap, sb, sa).sum(1) / np.where(
+        swap, nb, na
+    ).sum(1)
+    return {**_tested(observed, boot, null, level), **out}

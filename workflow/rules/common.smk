@@ -226,7 +226,8 @@ def evolution_inputs(w):
 
 def probe_inputs(w):
     """A (cell, layer)'s probes: its SAEs and their pooled statistics, the base cell's SAEs, the
-    activation stores (raw baseline), the scored samples, and the model when nothing is cached."""
+    activation stores (raw baseline), the scored samples, the model when nothing is cached, and
+    the prompt split when causal tests run (probes fit on the feature-selection prompts only)."""
     cell = f"{w.model}_{w.data}"
     return {
         "saes": cell_sae_weights(w),
@@ -235,7 +236,20 @@ def probe_inputs(w):
         "acts": cell_manifests(w),
         "samples": grid.samples(w.data),
         **({} if config["activations"]["cache"] else {"model": grid.model_dir(w.model)}),
+        **({"split": grid.prompt_split()} if INTERVENTION_RUNS else {}),
     }
+
+
+def prompt_files(w):
+    """The prompt files the prompt split reads: the data's and the interventions' (one when they are one)."""
+    sources = grid.split_sources(config)
+    files = [sources["interventions"][0]] + ([sources["data"][0]] if sources["data"] else [])
+    return sorted(set(files))
+
+
+def prompt_split_arg(w, input):
+    """``--prompt-split FILE`` when the job reads the prompt split (causal tests run), else nothing."""
+    return f"--prompt-split {shlex.quote(str(input.split))}" if "split" in input.keys() else ""
 
 
 def layer_probe_jsons(w):
@@ -369,6 +383,7 @@ def intervention_spec(w):
         scorers=config["scorers"],
         prompts=path,
         wheres=wheres,
+        separate=grid.split_sources(config)["separate"],
         direction=grid.metric_direction(config, run.metric),
         metrics=METRIC_NAMES,
         hook_point=config["saes"][run.sae].get("hook_point", "resid_post"),

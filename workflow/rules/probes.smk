@@ -7,6 +7,7 @@ rule probes:
         unpack(probe_inputs),
     output:
         [grid.probe_json("{model}_{data}", "{layer}", name, metric) for name in SAES for metric in PROBE_METRICS],
+        [grid.probe_diffmean("{model}_{data}", "{layer}", name, metric) for name in SAES for metric in PROBE_METRICS],
     log:
         "logs/probes/{model}_{data}_layer{layer}.log",
     benchmark:
@@ -26,9 +27,11 @@ rule probes:
         base_dir=grid.saes_dir("M0_D0", "{layer}"),
         features_dir=grid.features_dir("{model}_{data}", "{layer}"),
         out_dir=grid.probes_dir("{model}_{data}", "{layer}"),
+        split=prompt_split_arg,
     shell:
         "sae-diff probe --spec {params.spec:q} --model {wildcards.model} --data {wildcards.data} "
-        "--layer {wildcards.layer} --samples {input.samples:q} {params.model_dir} --acts-dir {params.acts_dir:q} "
+        "--layer {wildcards.layer} --samples {input.samples:q} {params.model_dir} {params.split} "
+        "--acts-dir {params.acts_dir:q} "
         "--saes-dir {params.saes_dir:q} --base-saes-dir {params.base_dir:q} --features-dir {params.features_dir:q} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
