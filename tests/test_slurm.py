@@ -88,7 +88,7 @@ def test_every_job_went_through_sbatch(slurm_run):
     workdir, jobs, output = slurm_run
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
     n_jobs = sum(jobs.values())
-    assert n_jobs == 35 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)
+    assert n_jobs == 36 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)  # prompt_split included
     logs = list((workdir / "logs" / "slurm").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)  # one kept SLURM log per job, named by its job id
 
