@@ -113,6 +113,19 @@ def kept_positions(context: list[int], special_ids=(), exclude_first: bool = Tru
     return keep
 
 
+def _fork_inputs(pairs: list[Fork], special_ids, exclude_first: bool, device, like: torch.Tensor, desc: str, progress):
+    """Per fork with a kept position (``kept_positions``): its index, the fork, its context as
+    input ids [1, positions] on ``device`` and its kept positions as a 0/1 mask in ``like``'s
+    dtype and device (what attribution and the ablation check both sum or edit over)."""
+    from .progress import bar
+
+    for i, fork in enumerate(bar(pairs, desc=desc, enabled=progress)):
+        keep = kept_positions(fork.context, special_ids, exclude_first)
+        if keep.any():
+            mask = torch.as_tensor(keep, device=like.device, dtype=like.dtype)
+            yield i, fork, torch.tensor([fork.context], device=device), mask
+
+
 def _last_logits(model) -> dict:
     """The keyword that makes the model compute logits at the last position only (if any)."""
     params = inspect.signature(type(model).forward).parameters
@@ -143,7 +156,6 @@ def attribute(
     context (``kept_positions``; see the module docstring)."""
     from . import models
     from .editing import _first, _replace_first
-    from .progress import bar
 
     site = models.hook_module(model, layer, hook)
     sae_device = models.site_device(model, layer, hook)
@@ -164,16 +176,13 @@ def attribute(
         p.requires_grad_(False)
     handle = site.register_forward_hook(keep_grad)
     try:
-        for i, fork in enumerate(bar(pairs, desc="attribution", enabled=progress)):
-            keep = kept_positions(fork.context, special_ids, exclude_first)
-            if not keep.any():
-                continue
-            ids = torch.tensor([fork.context], device=device)
+        for i, fork, ids, mask in _fork_inputs(
+            pairs, special_ids, exclude_first, device, W_dec, "attribution", progress
+        ):
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False, **last).logits[0, -1]
                 _margin(logits, fork).backward()
             x, grad = held["x"][0].detach(), held["x"].grad[0]
-            mask = torch.as_tensor(keep, device=W_dec.device, dtype=W_dec.dtype)
             with torch.no_grad():
                 acts = sae.encode(x.to(W_dec.dtype)) * mask[:, None]  # [positions, d_sae]
                 out[i] = (acts * (grad.to(W_dec.dtype) @ W_dec.T)).sum(0).double().cpu().numpy()
@@ -235,7 +244,6 @@ def ablation_effects(
     """
     from . import models
     from .editing import _first, _replace_first
-    from .progress import bar
 
     site = models.hook_module(model, layer, hook)
     sae_device = models.site_device(model, layer, hook)
@@ -281,11 +289,9 @@ def ablation_effects(
         return out
     handle = site.register_forward_hook(edit)
     try:
-        for i, fork in enumerate(bar(pairs, desc="ablation check", enabled=progress)):
-            keep = kept_positions(fork.context, special_ids, exclude_first)
-            if not keep.any():
-                continue
-            ids = torch.tensor([fork.context], device=device)
+        for i, fork, ids, mask in _fork_inputs(
+            pairs, special_ids, exclude_first, device, W_dec, "ablation check", progress
+        ):
             # the unedited forward: x at the hook point, block layer-1's output, m
             captures = [site.register_forward_hook(capture_site)]
             if early is not None:
@@ -296,7 +302,6 @@ def ablation_effects(
             finally:
                 for h in captures:
                     h.remove()
-            mask = torch.as_tensor(keep, device=W_dec.device, dtype=W_dec.dtype)
             with torch.no_grad():
                 acts = sae.encode(held["x"][0].to(W_dec.dtype))[:, feats] * mask[:, None]  # [positions, F]
             firing = torch.nonzero((acts != 0).any(0)).flatten().tolist()

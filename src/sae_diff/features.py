@@ -204,14 +204,14 @@ def run(
     n = len(sample_ids)
     pooled_max = torch.zeros((n, d_sae))
     pooled_sum = torch.zeros((n, d_sae))
-    prompt_sum = torch.zeros((n, d_sae))
     n_completion = torch.zeros(n)
-    n_prompt = torch.zeros(n)
+    # the mean poolings over other tokens than the completion's: name -> (sum, token count)
+    extra = {"prompt": (torch.zeros((n, d_sae)), torch.zeros(n))}
     if cutoffs is not None:
         cutoffs_t = torch.as_tensor(np.asarray(cutoffs, dtype=np.int64))
         if len(cutoffs_t) != n:
             raise ValueError(f"cutoffs has {len(cutoffs_t)} entries for {n} samples")
-        before_sum, n_before = torch.zeros((n, d_sae)), torch.zeros(n)
+        extra["before_scored"] = (torch.zeros((n, d_sae)), torch.zeros(n))
     l0_sum, act_sum, n_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n)
     firings = {k: [] for k in ("feat", "act", "pos", "sample", "in_prompt")}
     sae = sae.to(device).eval()
@@ -243,15 +243,12 @@ def run(
                     index = rows[comp][:, None].expand(-1, d_sae)
                     pooled_max.scatter_reduce_(0, index, f[comp], "amax", include_self=True)
                 position = shard["position"][start : start + batch_size]
-                prompt = pooled_tokens("prompt", in_prompt, position)
-                if prompt.any():
-                    prompt_sum.index_add_(0, rows[prompt], f[prompt])
-                    n_prompt.index_add_(0, rows[prompt], torch.ones(int(prompt.sum())))
-                if cutoffs is not None:
-                    before = pooled_tokens("before_scored", in_prompt, position, cutoffs_t[rows])
-                    if before.any():
-                        before_sum.index_add_(0, rows[before], f[before])
-                        n_before.index_add_(0, rows[before], torch.ones(int(before.sum())))
+                for name, (total, count) in extra.items():
+                    cut = cutoffs_t[rows] if name == "before_scored" else None
+                    keep = pooled_tokens(name, in_prompt, position, cut)
+                    if keep.any():
+                        total.index_add_(0, rows[keep], f[keep])
+                        count.index_add_(0, rows[keep], torch.ones(int(keep.sum())))
                 if split == "eval":
                     r, c = active.nonzero(as_tuple=True)
                     firings["feat"].append(c.numpy())
@@ -281,16 +278,15 @@ def run(
         "sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)),
         "max": pooled_max,
         "mean": mean,
-        "prompt": prompt_sum / n_prompt.clamp_min(1)[:, None],
         "l0_sum": l0_sum,
         "act_sum": act_sum,
         "n_tokens": n_tokens,
         "n_completion_tokens": n_completion,
-        "n_prompt_tokens": n_prompt,
     }
+    for name, (total, count) in extra.items():
+        pooled[name] = total / count.clamp_min(1)[:, None]
+        pooled[f"n_{name}_tokens"] = count
     if cutoffs is not None:
-        pooled["before_scored"] = before_sum / n_before.clamp_min(1)[:, None]
-        pooled["n_before_scored_tokens"] = n_before
         pooled["scored_cutoff"] = cutoffs_t
     return FeaturePass(stats=stats, examples=examples, pooled=pooled)
 
