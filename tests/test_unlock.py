@@ -58,7 +58,8 @@ def test_a_live_run_in_the_folder_keeps_its_lock(tmp_path):
     # a process named snakemake working in this folder stands for a run that is still alive
     alive = subprocess.Popen(["bash", "-c", "exec -a snakemake sleep 30"], cwd=tmp_path)
     deadline = time.monotonic() + 10
-    while b"snakemake" not in Path(f"/proc/{alive.pid}/cmdline").read_bytes():  # until it has exec'd
+    # until bash has exec'd: before that its cmdline also contains the word ("bash -c exec -a snakemake ...")
+    while Path(f"/proc/{alive.pid}/cmdline").read_bytes().split(b"\0")[0] != b"snakemake":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     try:
