@@ -99,6 +99,10 @@ def finished_run(tmp_path_factory):
         "figure_dose_response": 4,
         "attribute": 2,
         "prompt_split": 1,
+        "diff_sae": 1,
+        "adl": 1,
+        "token_kl": 1,
+        "diffing_record": 1,
         "summary": 1,
     }
     result = snakemake(workdir, "--cores", "2", timeout=1500)  # ~4 min on 2 idle cores; bounded, not tight

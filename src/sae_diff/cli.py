@@ -827,6 +827,155 @@ def cmd_train(args) -> None:
         )
 
 
+def _same_token_args(p: argparse.ArgumentParser, layer: bool = True) -> None:
+    """The two cells of a same-token pair (M0Di, MiDi): activation sites, models, the shared samples."""
+    _common(p)
+    if layer:
+        p.add_argument("--layer", type=int, required=True, help="block index")
+        p.add_argument("--base-acts", required=True, help="the base cell's activation store of the site")
+        p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
+    p.add_argument("--base-model-dir", help="the base model (needed when the activations are not cached)")
+    p.add_argument("--tuned-model-dir", required=True, help="the tuned model (logit lens; streamed activations)")
+    p.add_argument("--samples", required=True, help="the data both cells ran on")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("diff-sae", "train an SAE on tuned - base activations of the same tokens and rank its latents", _same_token_args)
+def cmd_diff_sae(args) -> None:
+    import pandas as pd
+
+    from . import diff_sae, models
+    from .paired import open_pair
+    from .sae.train import spec_from_config
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    place = models.placement(spec)
+    model, tokenizer = place.load(args.tuned_model_dir)
+    base, tuned = open_pair(
+        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place, (model, tokenizer)
+    )
+    train_spec = spec_from_config(
+        "diff_sae",
+        spec["diff_sae"],
+        d_in=tuned.d_model,
+        d_out=None,
+        hook_name=tuned.manifest["hook_name"],
+        target_hook_name="",
+        model_name=f"{Path(args.tuned_model_dir).name}-minus-{Path(args.base_model_dir or args.base_acts).name}",
+        warm_start=None,
+    )
+    diff_sae.run(
+        base,
+        tuned,
+        train_spec,
+        spec["training"],
+        Path(args.out_dir),
+        pd.read_parquet(args.samples),
+        spec["features"],
+        model,
+        tokenizer,
+        place,
+        progress=not args.no_progress,
+    )
+
+
+def _adl_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--base-model-dir", required=True)
+    p.add_argument("--tuned-model-dir", required=True)
+    p.add_argument("--samples", required=True, help="the iteration's data (its texts are the lens's second set)")
+    p.add_argument("--prompts", required=True, help="unrelated text, one per line")
+    p.add_argument("--layers", type=int, nargs="+", required=True)
+    p.add_argument("--out-dirs", nargs="+", required=True, help="one folder per layer, in --layers order")
+
+
+@verb("adl", "activation-difference lens of a tuned model against the base model", _adl_args)
+def cmd_adl(args) -> None:
+    import pandas as pd
+
+    from . import lens, models
+
+    spec = _spec(args)
+    opts = spec["adl"]
+    if len(args.layers) != len(args.out_dirs):
+        raise SystemExit(f"error: {len(args.layers)} layers but {len(args.out_dirs)} --out-dirs")
+    models.set_threads(args.threads)
+    samples = pd.read_parquet(args.samples)
+    text_sets = {
+        "neutral": lens.neutral_texts(args.prompts)[: opts["max_texts"]],
+        "data": samples.sort_values("sample_id")["text"].astype(str).tolist()[: opts["max_texts"]],
+    }
+    found = lens.write_adl(
+        args.base_model_dir,
+        args.tuned_model_dir,
+        text_sets,
+        args.layers,
+        args.out_dirs,
+        opts["n_positions"],
+        opts["k"],
+        opts["batch_size"],
+        models.placement(spec),
+        progress=not args.no_progress,
+    )
+    log.info("activation-difference lens, promoted tokens: %s", found)
+
+
+def _token_kl_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--base-model-dir", required=True)
+    p.add_argument("--tuned-model-dir", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("token-kl", "per-token KL between a tuned model and the base model on the data's eval split", _token_kl_args)
+def cmd_token_kl(args) -> None:
+    import pandas as pd
+
+    from . import lens, models
+
+    spec = _spec(args)
+    opts = spec["kl"]
+    models.set_threads(args.threads)
+    record = lens.write_kl(
+        args.base_model_dir,
+        args.tuned_model_dir,
+        pd.read_parquet(args.samples),
+        args.out_dir,
+        opts["max_samples"],
+        opts["top_n"],
+        opts["context_window"],
+        opts["batch_size"],
+        spec["max_length"],
+        models.placement(spec),
+        progress=not args.no_progress,
+    )
+    log.info("per-token KL: mean KL(Mi||M0) %.4g over %d tokens", record["mean_kl_tuned_base"], record["n_tokens"])
+
+
+def _diffing_record_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--pair", required=True, help="the same-token pair, M0_Di__Mi_Di")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--diff-sae", help="the diff-SAE's folder of this pair and layer")
+    p.add_argument("--adl", help="the activation-difference lens's folder of this pair and layer")
+    p.add_argument("--kl", help="the per-token KL folder of this pair")
+    p.add_argument("--out", required=True)
+
+
+@verb("diffing-record", "one record per same-token pair and layer: each method's top findings and agreement",
+      _diffing_record_args)  # fmt: skip
+def cmd_diffing_record(args) -> None:
+    from . import diffing, io
+
+    spec = _spec(args)
+    folders = {method: getattr(args, method) for method in diffing.READERS if getattr(args, method)}
+    record = diffing.record(args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"])
+    io.write_json(args.out, record)
+    log.info("%s layer %d: %d cross-method agreements", args.pair, args.layer, len(record["agreement"]))
+
+
 def _import_sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", required=True)
     p.add_argument("--format", default="auto", choices=["auto", "saelens", "sparsify", "gemma_scope"])
@@ -1015,6 +1164,7 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", nargs="*", default=[], help="stats.parquet of each feature folder")
     p.add_argument("--benchmarks", nargs="*", default=[])
     p.add_argument("--figures", nargs="*", default=[], help="every figure of the run (listed in the summary)")
+    p.add_argument("--diffing", nargs="*", default=[], help="the same-token diffing records (one per pair and layer)")
     p.add_argument("--table", help="also write the per-SAE summary table (CSV) here")
     p.add_argument("--wandb-out", help="log the run to W&B (config key wandb) and write its record here")
     p.add_argument("--out", required=True)
@@ -1039,6 +1189,7 @@ def cmd_summary(args) -> None:
         features=args.features,
         benchmarks=args.benchmarks,
         figures=args.figures,
+        diffing=args.diffing,
     )
     io.write_json(args.out, result)
     if args.table:

@@ -351,7 +351,28 @@ def check(cfg: dict, base_dirs: list[Path] | None = None, check_depth: bool = Tr
     # build then accept and refuse the same configs
     if intervention_runs(cfg):
         intervention_prompts(cfg)
+    _check_diffing(cfg, base_dirs)
     return cfg
+
+
+def _check_diffing(cfg: dict, base_dirs: list[Path]) -> None:
+    """Same-token diffing reads the resid_post stores of the configured layers, and the lens its text file."""
+    block = cfg.get("diffing")
+    if not block or not block.get("methods"):
+        return
+    for j, layer in enumerate(block.get("layers") or []):
+        if layer not in cfg["layers"]:
+            raise ConfigError(
+                f"config error: diffing.layers[{j}] = {layer}: expected one of layers {cfg['layers']} "
+                "(same-token methods read the activations extracted there)"
+            )
+    if {"crosscoder", "diff_sae"} & set(block["methods"]) and "resid_post" not in cfg["hook_points"]:
+        raise ConfigError(
+            f"config error: diffing.methods {block['methods']}: the crosscoder and the diff-SAE read resid_post "
+            f"activations, but hook_points is {cfg['hook_points']} (add resid_post, or drop those methods)"
+        )
+    if "adl" in block["methods"]:
+        block["adl"]["prompts"] = str(resolve_path(block["adl"]["prompts"], base_dirs, "diffing.adl.prompts"))
 
 
 def load(path: str | Path, base_dirs: list[Path] | None = None, check_depth: bool = True) -> dict:

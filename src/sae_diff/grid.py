@@ -110,6 +110,32 @@ def pair_name(a: Cell, b: Cell) -> str:
     return f"{a.name}__{b.name}"
 
 
+DIFFING_METHODS = ("crosscoder", "diff_sae", "adl", "kl")
+
+
+def same_token_pairs(cfg: dict) -> list[tuple[Cell, Cell]]:
+    """(M0Di, MiDi) for every iteration i ≥ 1: the base and the tuned model on the same texts of Di.
+
+    Both cells are extracted only when both branches are configured (M0DX holds M0Di); without
+    M0DX there is no same-token pair and the same-token methods have nothing to run on."""
+    have = {c.name for c in cells(cfg)}
+    pairs = []
+    for d in data_ids(cfg)[1:]:
+        base, tuned = Cell("M0", d), Cell("M" + d[1:], d)
+        if base.name in have and tuned.name in have:
+            pairs.append((base, tuned))
+    return pairs
+
+
+def diffing_methods(cfg: dict) -> list[str]:
+    """The same-token methods that run: the configured ones, when there is a same-token pair."""
+    return list(cfg["diffing"]["methods"]) if same_token_pairs(cfg) else []
+
+
+def diffing_layers(cfg: dict) -> list[int]:
+    return list(cfg["diffing"].get("layers") or cfg["layers"])
+
+
 def probe_metrics(cfg: dict) -> list[str]:
     """The metrics probed: ``probes.metrics``, else the iterations' target metric."""
     target = (cfg.get("iterations") or {}).get("target")
@@ -400,6 +426,43 @@ def prompt_split() -> str:
 def intervention_dir(experiment: str, cell, layer, name: str, metric: str) -> str:
     """generations.parquet, scores.parquet and effects.json of one causal experiment."""
     return f"{RESULTS}/interventions/{experiment}/{_cell_name(cell)}/layer{layer}/{name}/{metric}"
+
+
+def same_token_pair(i) -> str:
+    """The name of iteration i's same-token pair: ``M0_D{i}__M{i}_D{i}`` (``i`` may be ``"{i}"``)."""
+    return f"M0_D{i}__M{i}_D{i}"
+
+
+def diffing_dir(method: str, pair: str, layer=None) -> str:
+    """One same-token method's results for a pair ``M0_Di__Mi_Di`` (per layer, except per-token KL)."""
+    base = f"{RESULTS}/diffing/{method}/{pair}"
+    return base if layer is None else f"{base}/layer{layer}"
+
+
+def diff_sae_latents(pair: str, layer) -> str:
+    """The diff-SAE's latents ranked by the share of Mi − M0 they carry (sae/, features/ beside it)."""
+    return f"{diffing_dir('diff_sae', pair, layer)}/latents.parquet"
+
+
+def diff_sae_metrics(pair: str, layer) -> str:
+    return f"{diffing_dir('diff_sae', pair, layer)}/metrics.json"
+
+
+def adl_files(pair: str, layer) -> list[str]:
+    """The activation-difference lens of one pair and layer: directions (safetensors) and readout (JSON)."""
+    folder = diffing_dir("adl", pair, layer)
+    return [f"{folder}/adl.safetensors", f"{folder}/adl.json"]
+
+
+def kl_files(pair: str) -> list[str]:
+    """Per-token KL of one pair on its data's eval split: every token, the top tokens, the means."""
+    folder = diffing_dir("kl", pair)
+    return [f"{folder}/tokens.parquet", f"{folder}/top.parquet", f"{folder}/kl.json"]
+
+
+def diffing_record(pair: str, layer) -> str:
+    """Every same-token method's top findings for one pair and layer, and where they agree."""
+    return f"{RESULTS}/diffing/records/{pair}/layer{layer}.json"
 
 
 def summary_json() -> str:

@@ -159,3 +159,16 @@ class DifferenceStore(ActivationStore):
         a, b = self.base.load_shard(base_entry, verify), self.tuned.load_shard(entry, verify)
         check_same_tokens([a, b], [self.base, self.tuned], entry["file"])
         return {**b, "acts": b["acts"].float() - a["acts"].float()}
+
+
+def open_pair(
+    base_acts, tuned_acts, base_model_dir=None, tuned_model_dir=None, samples=None, place="cpu", tuned_loaded=None
+) -> tuple[ActivationStore, ActivationStore]:
+    """The base and tuned cells' stores of one site; uncached ones stream from their own model.
+
+    ``tuned_loaded``: the tuned model and tokenizer when the caller has them already (the logit lens)."""
+    from .activations import open_stores
+
+    (base,) = open_stores([base_acts], base_model_dir, samples, place)
+    (tuned,) = open_stores([tuned_acts], tuned_model_dir, samples, place, loaded=tuned_loaded)
+    return base, tuned

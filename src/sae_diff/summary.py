@@ -192,6 +192,7 @@ def build(
     features: list[str | Path] = (),
     benchmarks: list[str | Path] = (),
     figures: list[str | Path] = (),
+    diffing: list[str | Path] = (),
 ) -> dict:
     """Assemble the summary from exactly the files the ``summary`` rule lists, never a folder search.
 
@@ -283,6 +284,10 @@ def build(
         from .effects import headline as interventions_headline
 
         headline.update(interventions_headline(intervention_blocks, cfg))
+    if diffing:
+        from .diffing import headline as diffing_headline
+
+        headline["diffing"] = diffing_headline([read_json(path) for path in sorted(map(Path, diffing))])
     headline["timings"] = stage_timings(benchmarks)
     for info in model_block.values():
         dpo = _dpo_record(Path(info["path"]))

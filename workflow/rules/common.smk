@@ -1,6 +1,7 @@
 # Config validation, the grid's id lists, and the named input functions of the rule files.
 # Every results path comes from sae_diff.grid (one home for the layout).
 import json
+import os
 import re
 import shlex
 import sys
@@ -43,6 +44,8 @@ wildcard_constraints:
 
 # diffs need a seed-pair calibration, so only SAEs trained here are diffed
 DIFF_SAES = TRAINED_SAES if config["diff"]["enabled"] else []
+DIFFING_METHODS = grid.diffing_methods(config)
+DIFFING_LAYERS = grid.diffing_layers(config)
 
 
 wildcard_constraints:
@@ -52,6 +55,7 @@ wildcard_constraints:
     cell=r"M\d+_D\d+",
     branch=r"MXDX|M0DX",
     column=r"[A-Za-z0-9_]+",
+    i=r"\d+",
 
 
 def spec(**parts):
@@ -207,6 +211,57 @@ def pair_inputs(w):
         "stats": [grid.feature_stats(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
         "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
     }
+
+
+def same_token_inputs(w):
+    """Iteration i's same-token pair at one layer (wildcards i, layer): both cells' resid_post stores,
+    the tuned model (logit lens, streaming), the samples both ran on, and the base model when streamed."""
+    site = grid.site_dir(int(w.layer), "resid_post")
+    files = {
+        "base_acts": grid.manifest(f"M0_D{w.i}", site),
+        "tuned_acts": grid.manifest(f"M{w.i}_D{w.i}", site),
+        "tuned_model": grid.model_dir(f"M{w.i}"),
+        "samples": grid.samples(f"D{w.i}"),
+    }
+    if not config["activations"]["cache"]:
+        files["base_model"] = grid.model_dir("M0")
+    return files
+
+
+def same_token_base_model_arg(w, input):
+    return f"--base-model-dir {shlex.quote(input.base_model)}" if "base_model" in input.keys() else ""
+
+
+def diffing_record_inputs(w):
+    """The outputs of every same-token method of iteration i at one layer (wildcards i, layer)."""
+    pair = grid.same_token_pair(w.i)
+    files = {}
+    if "diff_sae" in DIFFING_METHODS:
+        files["diff_sae"] = [grid.diff_sae_latents(pair, w.layer), grid.diff_sae_metrics(pair, w.layer)]
+    if "adl" in DIFFING_METHODS:
+        files["adl"] = grid.adl_files(pair, w.layer)
+    if "kl" in DIFFING_METHODS:
+        files["kl"] = grid.kl_files(pair)
+    return files
+
+
+def diffing_record_args(w, input):
+    """--<method> <folder> for each method, the folder holding the files listed as its input."""
+    return " ".join(
+        f"--{method.replace('_', '-')} {shlex.quote(os.path.dirname(input[method][0]))}"
+        for method in ("diff_sae", "adl", "kl")
+        if method in input.keys()
+    )
+
+
+def diffing_targets():
+    """The same-token records, one per iteration and layer (each lists its methods' files)."""
+    return [
+        grid.diffing_record(grid.same_token_pair(tuned.data[1:]), layer)
+        for _, tuned in grid.same_token_pairs(config)
+        for layer in grid.diffing_layers(config)
+        if DIFFING_METHODS
+    ]
 
 
 def layer_diff_jsons(w):
@@ -406,6 +461,7 @@ def summary_inputs(w):
         "manifests": [m for cell in CELLS for m in manifests(cell.name)],
         "saes": sae_outputs(),
         "evals": [grid.eval_json(*ids) for ids in per_sae],
+        "diffing": diffing_targets(),
     }
 
 

@@ -21,7 +21,7 @@ rule summary:
         "--models {input.models:q} --samples {input.samples:q} --iterations {input.iterations:q} "
         "--evolution {input.evolution:q} --probes {input.probes:q} --interventions {input.interventions:q} "
         "--manifests {input.manifests:q} --saes {input.saes:q} --evals {input.evals:q} "
-        "--features {input.features:q} "
+        "--features {input.features:q} --diffing {input.diffing:q} "
         "--benchmarks {input.benchmarks:q} --figures {input.figures:q} --table {output.table:q} "
         "{params.wandb} "
         "--out {output.json:q} > {log:q} 2>&1"

@@ -1,0 +1,147 @@
+"""One record per same-token pair and layer: what each method found, and where the methods agree.
+
+The same-token methods (``crosscoder``, ``diff_sae``, ``lens`` for the activation-difference lens
+and per-token KL) each write their own files under ``results/diffing/{method}/{pair}/``. This
+module reads them back into one small JSON per (pair, layer), the source of ``headline.diffing``:
+
+- per method, its top Mi-only directions (latent ids; for the lens, its promoted tokens), with the
+  numbers that rank them;
+- ``agreement``: every pair of directions from two different methods whose decoder vectors have
+  |cosine| ≥ ``agreement_cosine`` (0.7 by default: well above what two random directions in
+  d_model ≥ 64 dimensions reach, |cos| ≈ 1/√d), so a reader sees which findings two methods share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def unit_rows(vectors) -> np.ndarray:
+    rows = torch.as_tensor(vectors, dtype=torch.float64)
+    return (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()
+
+
+def agreement(directions: dict[str, tuple[list, np.ndarray]], threshold: float) -> list[dict]:
+    """Pairs of directions from two different methods with |cosine| ≥ ``threshold``.
+
+    directions: method -> (ids, vectors [n, d]); ids name each row (latent id, or ``position:p`` for the lens).
+    """
+    found = []
+    methods = sorted(directions)
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            ids_a, va = directions[a]
+            ids_b, vb = directions[b]
+            if len(ids_a) == 0 or len(ids_b) == 0:
+                continue
+            cos = unit_rows(va) @ unit_rows(vb).T
+            for r, c in zip(*np.nonzero(np.abs(cos) >= threshold)):
+                found.append({a: ids_a[r], b: ids_b[c], "cosine": float(cos[r, c])})
+    return sorted(found, key=lambda row: -abs(row["cosine"]))
+
+
+def diff_sae_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
+    """The diff-SAE's headline block and its top latents' decoder rows."""
+    from .io import read_json
+    from .sae import files
+
+    folder = Path(folder)
+    metrics = read_json(folder / "metrics.json")
+    if metrics.get("identical"):
+        return {"identical": True, "top": []}, ([], np.zeros((0, 0)))
+    table = pd.read_parquet(folder / "latents.parquet").head(top)
+    ids = [int(v) for v in table["latent"]]
+    sae = files.load(folder / "sae")
+    block = {
+        "top": ids,
+        "share": [round(float(v), 4) for v in table["share"]],
+        "fvu": metrics.get("fvu"),
+        "b_dec_share": metrics.get("b_dec_share"),
+    }
+    if "promoted" in table.columns:  # logit lens through the tuned model: each latent's first tokens
+        block["promoted"] = [[str(t) for t in list(tokens)[:5]] for tokens in table["promoted"]]
+    return block, (ids, sae.W_dec.detach().double().numpy()[ids])
+
+
+def adl_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
+    """The lens's headline (promoted tokens of the unrelated-text direction, and of the data's) and
+    its two directions."""
+    from safetensors.torch import load_file
+
+    from .io import read_json
+
+    record = read_json(Path(folder) / "adl.json")
+    tensors = load_file(str(Path(folder) / "adl.safetensors"))
+    sets = [name for name in ("neutral", "data") if name in record]
+    block = {
+        "top": record["neutral"]["promoted"][:top] if "neutral" in record else [],
+        "suppressed": record["neutral"]["suppressed"][:top] if "neutral" in record else [],
+        "data_top": record["data"]["promoted"][:top] if "data" in record else [],
+        "direction_norm": {name: record[name]["direction_norm"] for name in sets},
+        "positions": record["headline_positions"],
+    }
+    vectors = np.stack([tensors[f"{name}.direction"].double().numpy() for name in sets]) if sets else np.zeros((0, 0))
+    return block, (sets, vectors)
+
+
+def kl_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
+    """Per-token KL: its means and the tokens where Mi departs most from M0 (no direction)."""
+    from .io import read_json
+
+    record = read_json(Path(folder) / "kl.json")
+    block = {key: record[key] for key in record if key.startswith(("mean_", "median_", "n_"))}
+    return {**block, "top": record["top_tokens"][:top]}, ([], np.zeros((0, 0)))
+
+
+READERS = {"diff_sae": diff_sae_block, "adl": adl_block, "kl": kl_block}
+
+
+def aligned_latents(directions: dict[str, tuple[list, np.ndarray]], k: int = 5) -> dict:
+    """For each lens direction, the latents of each latent method whose decoders align with it most."""
+    if "adl" not in directions:
+        return {}
+    out = {}
+    names, lens_vectors = directions["adl"]
+    for method, (ids, vectors) in directions.items():
+        if method == "adl" or len(ids) == 0:
+            continue
+        cos = unit_rows(lens_vectors) @ unit_rows(vectors).T
+        for row, name in enumerate(names):
+            order = np.argsort(-np.abs(cos[row]), kind="stable")[:k]
+            out.setdefault(name, {})[method] = [{"latent": ids[j], "cosine": float(cos[row, j])} for j in order]
+    return out
+
+
+def record(pair: str, layer: int, folders: dict[str, Path], top: int, threshold: float) -> dict:
+    """The per-(pair, layer) record: each method's block and the cross-method agreement.
+
+    folders: method -> its output folder for this pair and layer (only the methods that ran)."""
+    blocks, directions = {}, {}
+    for method, folder in folders.items():
+        blocks[method], found = READERS[method](Path(folder), top)
+        if len(found[0]):
+            directions[method] = found
+    if "adl" in blocks:
+        blocks["adl"]["aligned"] = aligned_latents(directions)
+    return {
+        "pair": pair,
+        "layer": int(layer),
+        "methods": blocks,
+        "agreement_cosine": threshold,
+        "agreement": agreement(directions, threshold),
+    }
+
+
+def headline(records: list[dict]) -> dict:
+    """``headline.diffing``: method -> ``M{i}`` -> layer -> the method's block (with the agreements it is part of)."""
+    out: dict = {}
+    for rec in records:
+        iteration = rec["pair"].split("__")[1].split("_")[0]  # M0_Di__Mi_Di -> Mi
+        for method, block in rec["methods"].items():
+            shared = [row for row in rec["agreement"] if method in row]
+            out.setdefault(method, {}).setdefault(iteration, {})[f"layer{rec['layer']}"] = {**block, "agrees_with": shared}
+    return out

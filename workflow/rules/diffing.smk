@@ -1,0 +1,108 @@
+# Same-token model diffing: each iteration Mi against the base model M0 on the same texts of Di
+# (cells M0Di and MiDi), per layer at the resid_post site: a diff-SAE on Mi - M0, the
+# activation-difference lens, per-token KL, and one record per pair and layer that the summary reads.
+
+SAME_TOKEN_PAIR = grid.same_token_pair("{i}")
+
+
+rule diff_sae:
+    input:
+        unpack(same_token_inputs),
+    output:
+        latents=grid.diff_sae_latents(SAME_TOKEN_PAIR, "{layer}"),
+        metrics=grid.diff_sae_metrics(SAME_TOKEN_PAIR, "{layer}"),
+    log:
+        "logs/diff_sae/M{i}_layer{layer}.log",
+    benchmark:
+        bench("diff_sae", "M{i}_layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
+    params:
+        spec=lambda w: spec(
+            diff_sae=config["diffing"]["diff_sae"],
+            training=config["training"],
+            features=config["features"],
+            **placement(),
+        ),
+        base_model=same_token_base_model_arg,
+        out_dir=grid.diffing_dir("diff_sae", SAME_TOKEN_PAIR, "{layer}"),
+    shell:
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff diff-sae --spec {params.spec:q} --layer {wildcards.layer} "
+        "--base-acts {input.base_acts:q} --tuned-acts {input.tuned_acts:q} {params.base_model} "
+        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
+        "--threads {threads} 3>&1 > {log:q} 2>&1"
+
+
+rule adl:
+    """The activation-difference lens of iteration i at every diffing layer (one pass per model)."""
+    input:
+        base_model=grid.model_dir("M0"),
+        tuned_model=grid.model_dir("M{i}"),
+        samples=grid.samples("D{i}"),
+        prompts=config["diffing"]["adl"]["prompts"],
+    output:
+        [path for layer in DIFFING_LAYERS for path in grid.adl_files(SAME_TOKEN_PAIR, layer)],
+    log:
+        "logs/adl/M{i}.log",
+    benchmark:
+        bench("adl", "M{i}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    params:
+        spec=lambda w: spec(adl=config["diffing"]["adl"], **placement()),
+        layers=" ".join(map(str, DIFFING_LAYERS)),
+        out_dirs=lambda w: " ".join(
+            shlex.quote(grid.diffing_dir("adl", grid.same_token_pair(w.i), layer)) for layer in DIFFING_LAYERS
+        ),
+    shell:
+        "sae-diff adl --spec {params.spec:q} --base-model-dir {input.base_model:q} "
+        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --prompts {input.prompts:q} "
+        "--layers {params.layers} --out-dirs {params.out_dirs} --threads {threads} > {log:q} 2>&1"
+
+
+rule token_kl:
+    """Per-token KL(Mi || M0) and KL(M0 || Mi) on the eval split of Di."""
+    input:
+        base_model=grid.model_dir("M0"),
+        tuned_model=grid.model_dir("M{i}"),
+        samples=grid.samples("D{i}"),
+    output:
+        grid.kl_files(SAME_TOKEN_PAIR),
+    log:
+        "logs/token_kl/M{i}.log",
+    benchmark:
+        bench("token_kl", "M{i}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    params:
+        spec=lambda w: spec(
+            kl=config["diffing"]["kl"], max_length=config["activations"]["max_length"], **placement()
+        ),
+        out_dir=grid.diffing_dir("kl", SAME_TOKEN_PAIR),
+    shell:
+        "sae-diff token-kl --spec {params.spec:q} --base-model-dir {input.base_model:q} "
+        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
+        "--threads {threads} > {log:q} 2>&1"
+
+
+rule diffing_record:
+    """Each method's top findings for one pair and layer, and where two methods find the same direction."""
+    input:
+        unpack(diffing_record_inputs),
+    output:
+        grid.diffing_record(SAME_TOKEN_PAIR, "{layer}"),
+    log:
+        "logs/diffing_record/M{i}_layer{layer}.log",
+    conda:
+        "../envs/analysis.yaml"
+    params:
+        spec=lambda w: spec(top=config["diffing"]["top"], agreement_cosine=config["diffing"]["agreement_cosine"]),
+        methods=diffing_record_args,
+    shell:
+        "sae-diff diffing-record --spec {params.spec:q} --pair M0_D{wildcards.i}__M{wildcards.i}_D{wildcards.i} "
+        "--layer {wildcards.layer} {params.methods} --out {output:q} > {log:q} 2>&1"
