@@ -853,8 +853,9 @@ def cmd_diff_sae(args) -> None:
     place = models.placement(spec)
     model, tokenizer = place.load(args.tuned_model_dir)
     base, tuned = open_pair(
-        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place, (model, tokenizer)
-    )
+        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place,
+        tuned_loaded=(model, tokenizer),
+    )  # fmt: skip
     train_spec = spec_from_config(
         "diff_sae",
         spec["diff_sae"],

@@ -143,5 +143,6 @@ def headline(records: list[dict]) -> dict:
         iteration = rec["pair"].split("__")[1].split("_")[0]  # M0_Di__Mi_Di -> Mi
         for method, block in rec["methods"].items():
             shared = [row for row in rec["agreement"] if method in row]
-            out.setdefault(method, {}).setdefault(iteration, {})[f"layer{rec['layer']}"] = {**block, "agrees_with": shared}
+            by_layer = out.setdefault(method, {}).setdefault(iteration, {})
+            by_layer[f"layer{rec['layer']}"] = {**block, "agrees_with": shared}
     return out

@@ -80,9 +80,7 @@ rule token_kl:
         "../envs/torch.yaml"
     threads: 4
     params:
-        spec=lambda w: spec(
-            kl=config["diffing"]["kl"], max_length=config["activations"]["max_length"], **placement()
-        ),
+        spec=lambda w: spec(kl=config["diffing"]["kl"], max_length=config["activations"]["max_length"], **placement()),
         out_dir=grid.diffing_dir("kl", SAME_TOKEN_PAIR),
     shell:
         "sae-diff token-kl --spec {params.spec:q} --base-model-dir {input.base_model:q} "
