@@ -99,9 +99,11 @@ def finished_run(tmp_path_factory):
         "figure_dose_response": 4,
         "attribute": 2,
         "prompt_split": 1,
+        "crosscoder": 1,
         "diff_sae": 1,
         "adl": 1,
         "token_kl": 1,
+        "kl_recovery": 1,
         "diffing_record": 1,
         "summary": 1,
     }

@@ -881,6 +881,49 @@ def cmd_diff_sae(args) -> None:
     )
 
 
+@verb("crosscoder", "train a crosscoder on base and tuned activations of the same tokens", _same_token_args)
+def cmd_crosscoder(args) -> None:
+    import pandas as pd
+
+    from . import crosscoder, models
+    from .paired import PairedStore, open_pair
+
+    spec = _spec(args)
+    opts = spec["crosscoder"]
+    models.set_threads(args.threads)
+    place = models.placement(spec)
+    tuned_model, tokenizer = place.load(args.tuned_model_dir)
+    base_model = place.load(args.base_model_dir)[0] if args.base_model_dir else None
+    base, tuned = open_pair(
+        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place,
+        tuned_loaded=(tuned_model, tokenizer),
+    )  # fmt: skip
+    paired = PairedStore([base, tuned], names=["M0", Path(args.tuned_model_dir).name])
+    cfg = crosscoder.CrosscoderConfig(
+        n_models=2,
+        d_in=paired.d_model,
+        d_sae=opts["expansion_factor"] * paired.d_model,
+        architecture=opts["architecture"],
+        k=opts["k"],
+        l1_coefficient=opts["l1_coefficient"],
+        model_names=paired.names,
+        hook_name=tuned.manifest["hook_name"],
+    )
+    crosscoder.run(
+        paired,
+        cfg,
+        Path(args.out_dir),
+        spec["training"],
+        opts,
+        pd.read_parquet(args.samples),
+        lens_models=[base_model, tuned_model],
+        tokenizer=tokenizer,
+        features_opts=spec["features"],
+        device=place.device,
+        progress=not args.no_progress,
+    )
+
+
 def _adl_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--base-model-dir", required=True)
@@ -905,7 +948,11 @@ def cmd_adl(args) -> None:
     samples = pd.read_parquet(args.samples)
     text_sets = {
         "neutral": lens.neutral_texts(args.prompts)[: opts["max_texts"]],
-        "data": samples.sort_values("sample_id")["text"].astype(str).tolist()[: opts["max_texts"]],
+        # the train split only: KL recovery patches the data direction in and measures on eval samples
+        "data": samples[samples["split"] == "train"]
+        .sort_values("sample_id")["text"]
+        .astype(str)
+        .tolist()[: opts["max_texts"]],
     }
     found = lens.write_adl(
         args.base_model_dir,
@@ -955,13 +1002,54 @@ def cmd_token_kl(args) -> None:
     log.info("per-token KL: mean KL(Mi||M0) %.4g over %d tokens", record["mean_kl_tuned_base"], record["n_tokens"])
 
 
+def _kl_recovery_args(p: argparse.ArgumentParser) -> None:
+    _token_kl_args(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--crosscoder", help="the crosscoder's folder of this pair and layer")
+    p.add_argument("--diff-sae", help="the diff-SAE's folder of this pair and layer")
+    p.add_argument("--adl", help="the activation-difference lens's folder of this pair and layer")
+
+
+@verb("kl-recovery", "the share of KL(Mi || M0) each method's directions close at a layer, beside random ones",
+      _kl_recovery_args)  # fmt: skip
+def cmd_kl_recovery(args) -> None:
+    import pandas as pd
+
+    from . import models, recovery
+
+    spec = _spec(args)
+    opts = spec["kl"]
+    models.set_threads(args.threads)
+    result = recovery.run(
+        args.base_model_dir,
+        args.tuned_model_dir,
+        pd.read_parquet(args.samples),
+        args.layer,
+        Path(args.diff_sae) if args.diff_sae else None,
+        Path(args.adl) if args.adl else None,
+        Path(args.crosscoder) if args.crosscoder else None,
+        Path(args.out_dir) / "recovery.json",
+        top=spec["top"],
+        n_random=opts["n_random"],
+        max_samples=opts["recovery_samples"],
+        batch_size=opts["batch_size"],
+        max_length=spec["max_length"],
+        seed=spec["seed"],
+        place=models.placement(spec),
+        progress=not args.no_progress,
+    )
+    log.info("KL recovery at layer %d: %s", args.layer, {k: v["recovery"] for k, v in result["targets"].items()})
+
+
 def _diffing_record_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--pair", required=True, help="the same-token pair, M0_Di__Mi_Di")
     p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--crosscoder", help="the crosscoder's folder of this pair and layer")
     p.add_argument("--diff-sae", help="the diff-SAE's folder of this pair and layer")
     p.add_argument("--adl", help="the activation-difference lens's folder of this pair and layer")
     p.add_argument("--kl", help="the per-token KL folder of this pair")
+    p.add_argument("--kl-recovery", help="the KL recovery JSON of this pair and layer")
     p.add_argument("--out", required=True)
 
 
@@ -972,7 +1060,7 @@ def cmd_diffing_record(args) -> None:
 
     spec = _spec(args)
     folders = {method: getattr(args, method) for method in diffing.READERS if getattr(args, method)}
-    record = diffing.record(args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"])
+    record = diffing.record(args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"], args.kl_recovery)
     io.write_json(args.out, record)
     log.info("%s layer %d: %d cross-method agreements", args.pair, args.layer, len(record["agreement"]))
 

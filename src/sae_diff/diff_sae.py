@@ -11,10 +11,12 @@ it unchanged. One job writes, under its folder:
     latents.parquet one row per latent, ranked by ``share``: the part of the difference it carries
     metrics.json    FVU / L0 / dead of the SAE on the eval split's differences, ``b_dec_share``
 
-``share`` of latent j = Σ_t f_j(t)·⟨W_dec[j], Δ_t⟩ / Σ_t ‖Δ_t‖² on the eval split: the projection
+``share`` of latent j = Σ_t f_j(t)·⟨W_dec[j], Δ_t⟩ / Σ_t ‖Δ_t‖² on the train split: the projection
 of the difference onto the latent's own contributions. The shares of all latents plus
 ``b_dec_share`` (the constant part) sum to ⟨x̂_t, Δ_t⟩ summed over tokens / Σ‖Δ_t‖²; for a perfect
-reconstruction, 1.
+reconstruction, 1. The ranking uses the train split (the tokens the SAE was fitted on) so that
+what is reported about the top latents afterwards (their KL recovery, the metrics) is measured on
+the eval split, which chose nothing.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def carried_share(sae, store: ActivationStore, split: str = "eval", batch_size: 
     return (numerator / energy).numpy(), {"n_tokens": n, "b_dec_share": constant / energy, "mean_sq_diff": energy / n}
 
 
-def latent_table(sae, store: ActivationStore, stats: pd.DataFrame | None = None, batch_size: int = 4096):
-    """Latents ranked by ``share`` (rank 1: carries the most), joined to the feature statistics."""
-    share, totals = carried_share(sae, store, batch_size=batch_size)
+def latent_table(
+    sae, store: ActivationStore, stats: pd.DataFrame | None = None, batch_size: int = 4096, split: str = "train"
+):
+    """Latents ranked by ``share`` on ``split`` (rank 1: carries the most), joined to the feature statistics."""
+    share, totals = carried_share(sae, store, split=split, batch_size=batch_size)
     table = pd.DataFrame({"latent": np.arange(len(share)), "share": share})
     if stats is not None:
         table = table.merge(stats.rename(columns={"feature": "latent"}), on="latent", how="left")

@@ -97,7 +97,38 @@ def kl_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
     return {**block, "top": record["top_tokens"][:top]}, ([], np.zeros((0, 0)))
 
 
-READERS = {"diff_sae": diff_sae_block, "adl": adl_block, "kl": kl_block}
+def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
+    """The crosscoder's class counts, Latent Scaling labels and top Mi-only latents (genuine first),
+    with every Mi-only latent's tuned decoder row (the directions other methods are matched to)."""
+    from . import crosscoder
+    from .io import read_json
+
+    folder = Path(folder)
+    table = pd.read_parquet(folder / "latents.parquet")
+    metrics = read_json(folder / "metrics.json")
+    ranked = table.dropna(subset=["mi_only_rank"]).sort_values("mi_only_rank")
+    ids = [int(v) for v in ranked["latent"]]
+    classes = metrics["classes"]
+    block = {
+        "top": ids[:top],
+        "n_mi_only": classes["mi_only"],
+        "n_shared": classes["shared"],
+        "n_m0_only": classes["m0_only"],
+        "n_other": classes["other"],
+        "scaling_labels": metrics["scaling_labels"],
+        "top_scaling_label": [str(v) for v in ranked["scaling_label"].head(top)],
+        "fvu": {name: block["fvu"] for name, block in metrics.get("models", {}).items()},
+    }
+    last = [c for c in table.columns if c.startswith("promoted_m")]
+    if last:
+        block["promoted"] = [[str(t) for t in list(tokens)[:5]] for tokens in ranked[sorted(last)[-1]].head(top)]
+    if not ids:
+        return block, ([], np.zeros((0, 0)))
+    cc = crosscoder.load(folder / "crosscoder")
+    return block, (ids, cc.W_dec.detach().double().numpy()[ids, -1, :])
+
+
+READERS = {"crosscoder": crosscoder_block, "diff_sae": diff_sae_block, "adl": adl_block, "kl": kl_block}
 
 
 def aligned_latents(directions: dict[str, tuple[list, np.ndarray]], k: int = 5) -> dict:
@@ -116,10 +147,26 @@ def aligned_latents(directions: dict[str, tuple[list, np.ndarray]], k: int = 5) 
     return out
 
 
-def record(pair: str, layer: int, folders: dict[str, Path], top: int, threshold: float) -> dict:
+def best_matches(source: tuple[list, np.ndarray], target: tuple[list, np.ndarray]) -> list[dict]:
+    """For each source direction, the target direction with the largest |cosine| (and the cosine)."""
+    ids_s, vs = source
+    ids_t, vt = target
+    cos = unit_rows(vs) @ unit_rows(vt).T
+    best = np.argmax(np.abs(cos), axis=1)
+    return [{"latent": ids_s[i], "match": ids_t[j], "cosine": float(cos[i, j])} for i, j in enumerate(best)]
+
+
+# KL recovery targets (recovery.run) and the method block each one belongs to
+RECOVERY_OF = {"crosscoder_mi_only": "crosscoder", "diff_sae_top": "diff_sae", "adl_data": "adl"}
+
+
+def record(
+    pair: str, layer: int, folders: dict[str, Path], top: int, threshold: float, kl_recovery: Path | None = None
+) -> dict:
     """The per-(pair, layer) record: each method's block and the cross-method agreement.
 
-    folders: method -> its output folder for this pair and layer (only the methods that ran)."""
+    folders: method -> its output folder for this pair and layer (only the methods that ran);
+    kl_recovery: the pair and layer's ``recovery.json``, whose numbers join the blocks they measure."""
     blocks, directions = {}, {}
     for method, folder in folders.items():
         blocks[method], found = READERS[method](Path(folder), top)
@@ -127,12 +174,29 @@ def record(pair: str, layer: int, folders: dict[str, Path], top: int, threshold:
             directions[method] = found
     if "adl" in blocks:
         blocks["adl"]["aligned"] = aligned_latents(directions)
+    if "diff_sae" in directions and "crosscoder" in directions:
+        blocks["diff_sae"]["crosscoder_match"] = best_matches(directions["diff_sae"], directions["crosscoder"])
+    if kl_recovery is not None:
+        from .io import read_json
+
+        measured = read_json(kl_recovery)
+        for target, block in measured["targets"].items():
+            numbers = {k: v for k, v in block.items() if k != "null"}
+            method = RECOVERY_OF.get(target)
+            if method in blocks:
+                blocks[method]["kl_recovery"] = numbers
+            if "kl" in blocks:
+                blocks["kl"].setdefault("recovery", {})[target] = numbers
+        if "kl" in blocks:
+            blocks["kl"]["recovery_before"] = measured["mean_kl_before"]
+    # the headline lists each method's top latents; agreement is sought among those only
+    shown = {m: (ids[:top], vectors[:top]) for m, (ids, vectors) in directions.items()}
     return {
         "pair": pair,
         "layer": int(layer),
         "methods": blocks,
         "agreement_cosine": threshold,
-        "agreement": agreement(directions, threshold),
+        "agreement": agreement(shown, threshold),
     }
 
 

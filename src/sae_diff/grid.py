@@ -439,6 +439,14 @@ def diffing_dir(method: str, pair: str, layer=None) -> str:
     return base if layer is None else f"{base}/layer{layer}"
 
 
+def crosscoder_files(pair: str, layer) -> list[str]:
+    """The crosscoder of one pair and layer (its folder ``crosscoder/`` beside): latents, examples, metrics."""
+    folder = diffing_dir("crosscoder", pair, layer)
+    return [f"{folder}/crosscoder/crosscoder_weights.safetensors"] + [
+        f"{folder}/{name}" for name in ("latents.parquet", "examples.json", "metrics.json")
+    ]
+
+
 def diff_sae_latents(pair: str, layer) -> str:
     """The diff-SAE's latents ranked by the share of Mi − M0 they carry (sae/, features/ beside it)."""
     return f"{diffing_dir('diff_sae', pair, layer)}/latents.parquet"
@@ -458,6 +466,11 @@ def kl_files(pair: str) -> list[str]:
     """Per-token KL of one pair on its data's eval split: every token, the top tokens, the means."""
     folder = diffing_dir("kl", pair)
     return [f"{folder}/tokens.parquet", f"{folder}/top.parquet", f"{folder}/kl.json"]
+
+
+def kl_recovery(pair: str, layer) -> str:
+    """How much of KL(Mi ‖ M0) each method's directions close when added into M0 at the layer, beside random latents."""
+    return f"{diffing_dir('kl', pair, layer)}/recovery.json"
 
 
 def diffing_record(pair: str, layer) -> str:

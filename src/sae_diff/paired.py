@@ -75,6 +75,11 @@ class PairedStore:
         return len(self.stores)
 
     @property
+    def folder(self):
+        """The last (tuned) model's store folder, for messages that name where the tokens come from."""
+        return self.stores[-1].folder
+
+    @property
     def d_model(self) -> int:
         return self.stores[0].d_model
 

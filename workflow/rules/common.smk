@@ -215,43 +215,52 @@ def pair_inputs(w):
 
 def same_token_inputs(w):
     """Iteration i's same-token pair at one layer (wildcards i, layer): both cells' resid_post stores,
-    the tuned model (logit lens, streaming), the samples both ran on, and the base model when streamed."""
+    both models (logit lens of each model's decoder; streamed activations) and the samples both ran on."""
     site = grid.site_dir(int(w.layer), "resid_post")
-    files = {
+    return {
         "base_acts": grid.manifest(f"M0_D{w.i}", site),
         "tuned_acts": grid.manifest(f"M{w.i}_D{w.i}", site),
+        "base_model": grid.model_dir("M0"),
         "tuned_model": grid.model_dir(f"M{w.i}"),
         "samples": grid.samples(f"D{w.i}"),
     }
-    if not config["activations"]["cache"]:
-        files["base_model"] = grid.model_dir("M0")
-    return files
-
-
-def same_token_base_model_arg(w, input):
-    return f"--base-model-dir {shlex.quote(input.base_model)}" if "base_model" in input.keys() else ""
 
 
 def diffing_record_inputs(w):
     """The outputs of every same-token method of iteration i at one layer (wildcards i, layer)."""
     pair = grid.same_token_pair(w.i)
     files = {}
+    if "crosscoder" in DIFFING_METHODS:
+        files["crosscoder"] = grid.crosscoder_files(pair, w.layer)[1:]
     if "diff_sae" in DIFFING_METHODS:
         files["diff_sae"] = [grid.diff_sae_latents(pair, w.layer), grid.diff_sae_metrics(pair, w.layer)]
     if "adl" in DIFFING_METHODS:
         files["adl"] = grid.adl_files(pair, w.layer)
     if "kl" in DIFFING_METHODS:
         files["kl"] = grid.kl_files(pair)
+        if {"crosscoder", "diff_sae", "adl"} & set(DIFFING_METHODS):
+            files["kl_recovery"] = grid.kl_recovery(pair, w.layer)
     return files
 
 
-def diffing_record_args(w, input):
-    """--<method> <folder> for each method, the folder holding the files listed as its input."""
+def method_folder_args(input, methods):
+    """--<method> <folder> for each method listed as input, the folder holding its files."""
     return " ".join(
         f"--{method.replace('_', '-')} {shlex.quote(os.path.dirname(input[method][0]))}"
-        for method in ("diff_sae", "adl", "kl")
+        for method in methods
         if method in input.keys()
     )
+
+
+def kl_recovery_inputs(w):
+    """Both models, the data, and the directions of every method that has them (wildcards i, layer)."""
+    files = {k: v for k, v in diffing_record_inputs(w).items() if k in ("crosscoder", "diff_sae", "adl")}
+    return {
+        **files,
+        "base_model": grid.model_dir("M0"),
+        "tuned_model": grid.model_dir(f"M{w.i}"),
+        "samples": grid.samples(f"D{w.i}"),
+    }
 
 
 def diffing_targets():

@@ -5,6 +5,35 @@
 SAME_TOKEN_PAIR = grid.same_token_pair("{i}")
 
 
+rule crosscoder:
+    input:
+        unpack(same_token_inputs),
+    output:
+        grid.crosscoder_files(SAME_TOKEN_PAIR, "{layer}"),
+    log:
+        "logs/crosscoder/M{i}_layer{layer}.log",
+    benchmark:
+        bench("crosscoder", "M{i}_layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
+    params:
+        spec=lambda w: spec(
+            crosscoder=config["diffing"]["crosscoder"],
+            training=config["training"],
+            features=config["features"],
+            **placement(),
+        ),
+        out_dir=grid.diffing_dir("crosscoder", SAME_TOKEN_PAIR, "{layer}"),
+    shell:
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff crosscoder --spec {params.spec:q} --layer {wildcards.layer} "
+        "--base-acts {input.base_acts:q} --tuned-acts {input.tuned_acts:q} --base-model-dir {input.base_model:q} "
+        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
+        "--threads {threads} 3>&1 > {log:q} 2>&1"
+
+
 rule diff_sae:
     input:
         unpack(same_token_inputs),
@@ -27,11 +56,10 @@ rule diff_sae:
             features=config["features"],
             **placement(),
         ),
-        base_model=same_token_base_model_arg,
         out_dir=grid.diffing_dir("diff_sae", SAME_TOKEN_PAIR, "{layer}"),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff diff-sae --spec {params.spec:q} --layer {wildcards.layer} "
-        "--base-acts {input.base_acts:q} --tuned-acts {input.tuned_acts:q} {params.base_model} "
+        "--base-acts {input.base_acts:q} --tuned-acts {input.tuned_acts:q} --base-model-dir {input.base_model:q} "
         "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
         "--threads {threads} 3>&1 > {log:q} 2>&1"
 
@@ -88,6 +116,36 @@ rule token_kl:
         "--threads {threads} > {log:q} 2>&1"
 
 
+rule kl_recovery:
+    """The share of KL(Mi || M0) each method's top directions close when added into M0 at the layer,
+    beside as many random latents of the same dictionary."""
+    input:
+        unpack(kl_recovery_inputs),
+    output:
+        grid.kl_recovery(SAME_TOKEN_PAIR, "{layer}"),
+    log:
+        "logs/kl_recovery/M{i}_layer{layer}.log",
+    benchmark:
+        bench("kl_recovery", "M{i}_layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    params:
+        spec=lambda w: spec(
+            kl=config["diffing"]["kl"],
+            top=config["diffing"]["top"],
+            max_length=config["activations"]["max_length"],
+            seed=config["seed"],
+            **placement(),
+        ),
+        methods=lambda w, input: method_folder_args(input, ("crosscoder", "diff_sae", "adl")),
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+    shell:
+        "sae-diff kl-recovery --spec {params.spec:q} --layer {wildcards.layer} --base-model-dir {input.base_model:q} "
+        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} {params.methods} "
+        "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+
+
 rule diffing_record:
     """Each method's top findings for one pair and layer, and where two methods find the same direction."""
     input:
@@ -100,7 +158,8 @@ rule diffing_record:
         "../envs/analysis.yaml"
     params:
         spec=lambda w: spec(top=config["diffing"]["top"], agreement_cosine=config["diffing"]["agreement_cosine"]),
-        methods=diffing_record_args,
+        methods=lambda w, input: method_folder_args(input, ("crosscoder", "diff_sae", "adl", "kl"))
+        + (f" --kl-recovery {shlex.quote(input.kl_recovery)}" if "kl_recovery" in input.keys() else ""),
     shell:
         "sae-diff diffing-record --spec {params.spec:q} --pair M0_D{wildcards.i}__M{wildcards.i}_D{wildcards.i} "
         "--layer {wildcards.layer} {params.methods} --out {output:q} > {log:q} 2>&1"
