@@ -105,6 +105,7 @@ def finished_run(tmp_path_factory):
         "token_kl": 1,
         "kl_recovery": 1,
         "diffing_record": 1,
+        "figure_diffing": 1,
         "summary": 1,
     }
     result = snakemake(workdir, "--cores", "2", timeout=1500)  # ~4 min on 2 idle cores; bounded, not tight

@@ -311,6 +311,33 @@ def test_figure_style_change_reruns_only_that_figure(finished_run, kind, rule, n
     assert planned(snakemake(finished_run, "-n", configfile=path)) == {rule: n, "summary": 1, "all": 1}
 
 
+def test_same_token_diffing_outputs_and_headline(finished_run):
+    """M1 against M0 on D1: every method wrote its files, the record joins them, and
+    headline.diffing carries each method's block under M1 / layer1 with the issue's keys."""
+    import pandas as pd
+
+    results = finished_run / "results" / "diffing"
+    pair = "M0_D1__M1_D1"
+    crosscoder = pd.read_parquet(results / "crosscoder" / pair / "layer1" / "latents.parquet")
+    assert len(crosscoder) == 32 * 8 and {"delta_norm", "class", "scaling_label", "promoted_m0", "promoted_m1"} <= set(
+        crosscoder
+    )
+    diff_sae = pd.read_parquet(results / "diff_sae" / pair / "layer1" / "latents.parquet")
+    assert diff_sae["rank"].tolist() == list(range(1, len(diff_sae) + 1))
+    tokens = pd.read_parquet(results / "kl" / pair / "tokens.parquet")
+    assert (tokens[["kl_tuned_base", "kl_base_tuned"]] >= -1e-6).all().all() and len(tokens) > 0
+    recovery = json.loads((results / "kl" / pair / "layer1" / "recovery.json").read_text())
+    assert len(recovery["targets"]["diff_sae_top"]["null"]) == 10
+    headline = json.loads((finished_run / "results" / "summary.json").read_text())["headline"]["diffing"]
+    assert set(headline) == {"crosscoder", "diff_sae", "adl", "kl"}
+    block = headline["crosscoder"]["M1"]["layer1"]
+    assert block["n_mi_only"] + block["n_shared"] + block["n_m0_only"] + block["n_other"] == 256
+    assert headline["diff_sae"]["M1"]["layer1"]["top"][:3] == diff_sae["latent"].head(3).tolist()
+    assert len(headline["adl"]["M1"]["layer1"]["top"]) == 5  # diffing.adl.k in config/test.yaml
+    assert "diff_sae_top" in headline["kl"]["M1"]["layer1"]["recovery"]
+    assert (finished_run / "results" / "figures" / "diffing" / pair / "layer1.png").stat().st_size > 10_000
+
+
 def test_interventions_outputs_and_headline(finished_run):
     """Every experiment wrote its generations, scores and effects; the no-op splice reproduced
     the plain greedy generations; the headline carries the fixed keys."""

@@ -229,6 +229,22 @@ def _paths(named: dict[str, str], leave_out: tuple[str, ...] = ()) -> dict[str, 
     return {name: Path(path) for name, path in named.items() if name not in leave_out}
 
 
+def diffing(named: dict, out: Path, block: dict, title: str) -> Path:
+    """One same-token pair and layer: the record plus the tables of the methods that ran."""
+    import pandas as pd
+
+    def table(key):
+        return pd.read_parquet(named[key]) if key in named else None
+
+    record = json.loads(Path(named["record"]).read_text())
+    if "crosscoder" in named:
+        metrics = json.loads((Path(named["crosscoder"]).parent / "metrics.json").read_text())
+        record["thresholds"] = metrics.get("thresholds")
+    return plots.same_token_diffing(
+        record, table("crosscoder"), table("diff_sae"), table("kl"), out, title, size=block["size"], dpi=block["dpi"]
+    )
+
+
 # kind -> draw(named inputs {NAME: PATH}, spec, out, title); spec["figure"] is the kind's own config block
 KINDS: dict[str, Callable[[dict[str, str], dict, Path, str], Path]] = {
     "statistics": lambda named, spec, out, title: statistics(Path(named["features"]), out, spec["figure"], title),
@@ -268,6 +284,7 @@ KINDS: dict[str, Callable[[dict[str, str], dict, Path, str], Path]] = {
     ),
     "dose_response": lambda named, spec, out, title: dose_response(Path(named["effects"]), out, spec["figure"], title),
     "training": lambda named, spec, out, title: training(Path(named["log"]), out, spec["figure"], title),
+    "diffing": lambda named, spec, out, title: diffing(named, out, spec["figure"], title),
     "density": lambda named, spec, out, title: density(Path(named["eval"]), out, spec["figure"], title),
     "loss_by_position": lambda named, spec, out, title: loss_by_position(
         Path(named["table"]), Path(named["eval"]), out, spec["figure"], title

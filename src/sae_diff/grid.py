@@ -513,6 +513,7 @@ FIGURES = {
     "probe_importance": "figures/probes/{cell}/layer{layer}/{sae}_{metric}_importance.png",
     "probe_overlap": "figures/probes/layer{layer}/{sae}_{metric}_overlap.png",
     "dose_response": "figures/interventions/{experiment}/{cell}/layer{layer}/{sae}_{metric}.png",
+    "diffing": "figures/diffing/{pair}/layer{layer}.png",
 }
 
 

@@ -798,3 +798,153 @@ def _mark_report_half(ax, block: dict, rows: list[dict], metric: str, swept: boo
 def _ratio(row: dict) -> float:
     """Perplexity relative to the no-op's (1 = unchanged)."""
     return 1.0 + (row["perplexity_change"] or 0.0)
+
+
+def same_token_diffing(
+    record: dict,
+    crosscoder_table,
+    diff_sae_table,
+    kl_table,
+    out: str | Path,
+    title: str = "",
+    size=(17, 9.5),
+    dpi: int = 110,
+) -> Path:
+    """One same-token pair at one layer, every method on one page (a table is None when its method
+    did not run): the crosscoder's Δnorm histogram with its class bands, Latent Scaling ratios of its
+    Mi-only latents, the diff-SAE's top latents, the lens's promoted tokens, per-token KL and KL
+    recovery beside random latents."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=size)
+    methods = record["methods"]
+
+    def absent(ax, what):
+        ax.text(0.5, 0.5, f"{what}: not run", ha="center", va="center", color="0.4")
+        ax.set_axis_off()
+
+    # (a) crosscoder: Δnorm histogram, the class bands shaded
+    ax = axes[0, 0]
+    if crosscoder_table is not None:
+        block = methods["crosscoder"]
+        values = crosscoder_table["delta_norm"].dropna().to_numpy()
+        for (lo, hi), color in (((0.0, 0.1), "tab:blue"), ((0.4, 0.6), "0.85"), ((0.9, 1.0), "tab:red")):
+            ax.axvspan(lo, hi, color=color, alpha=0.15, lw=0)
+        ax.hist(values, bins=np.linspace(0, 1, 51), color="0.3")
+        ax.set_yscale("log")
+        ax.set(xlabel="Δnorm  (0: M0 only · 0.5: shared · 1: Mi only)", ylabel="latents")
+        ax.set_title(
+            f"crosscoder decoder norms: {block['n_mi_only']} Mi-only, {block['n_shared']} shared, "
+            f"{block['n_m0_only']} M0-only",
+            fontsize=10,
+        )
+    else:
+        absent(ax, "crosscoder")
+
+    # (b) Latent Scaling of the Mi-only latents
+    ax = axes[0, 1]
+    if crosscoder_table is not None and "nu_error" in crosscoder_table:
+        mi = crosscoder_table[crosscoder_table["class"] == "mi_only"]
+        colors = {"genuine": "tab:green", "complete_shrinkage": "tab:orange", "latent_decoupling": "tab:purple"}
+        for label, part in mi.groupby("scaling_label"):
+            ax.scatter(part["nu_error"], part["nu_reconstruction"], s=14, color=colors.get(label, "0.5"), label=label)
+        thresholds = record.get("thresholds") or {}
+        ax.axvline(thresholds.get("nu_error_max", 0.2), color="0.5", ls="--", lw=0.8)
+        ax.axhline(thresholds.get("nu_reconstruction_max", 0.5), color="0.5", ls="--", lw=0.8)
+        ax.set(xlabel="ν^ε = β^ε(M0) / β^ε(Mi)", ylabel="ν^r = β^r(M0) / β^r(Mi)")
+        ax.set_title("Latent Scaling of Mi-only latents (low-low: genuinely Mi-only)", fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
+    elif crosscoder_table is not None:
+        ax.text(0.5, 0.5, "no Mi-only latent to scale", ha="center", va="center", color="0.4")
+        ax.set_axis_off()
+    else:
+        absent(ax, "crosscoder")
+
+    # (c) diff-SAE: the top latents' share of Mi − M0
+    ax = axes[0, 2]
+    if diff_sae_table is not None and len(diff_sae_table):
+        top = diff_sae_table.head(10)
+        labels = [
+            f"{int(row.latent)}  " + " ".join(repr(t)[1:-1] for t in list(row.promoted)[:3])
+            if "promoted" in top
+            else str(int(row.latent))
+            for row in top.itertuples()
+        ]
+        ax.barh(range(len(top))[::-1], top["share"], color="tab:cyan")
+        ax.set_yticks(range(len(top))[::-1], labels, fontsize=8)
+        ax.set(xlabel="share of ‖Mi − M0‖² carried (train split)")
+        ax.set_title(
+            f"diff-SAE top latents (b_dec carries {methods['diff_sae'].get('b_dec_share', 0):.2f})", fontsize=10
+        )
+    elif diff_sae_table is not None:
+        ax.text(0.5, 0.5, "identical activations: nothing to diff", ha="center", va="center", color="0.4")
+        ax.set_axis_off()
+    else:
+        absent(ax, "diff-SAE")
+
+    # (d) activation-difference lens: promoted tokens, unrelated text and the iteration's data
+    ax = axes[1, 0]
+    if "adl" in methods:
+        block = methods["adl"]
+        ax.set_axis_off()
+        rows = [
+            ["unrelated text", ", ".join(repr(t)[1:-1] for t in block["top"][:8])],
+            ["suppressed", ", ".join(repr(t)[1:-1] for t in block["suppressed"][:8])],
+            ["the data", ", ".join(repr(t)[1:-1] for t in block["data_top"][:8])],
+        ]
+        table = ax.table(cellText=rows, colWidths=[0.22, 0.78], loc="center", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        table.scale(1, 2.2)
+        lo, hi = block["positions"]
+        ax.set_title(f"activation-difference lens: tokens Mi − M0 promotes (positions {lo}..{hi - 1})", fontsize=10)
+    else:
+        absent(ax, "activation-difference lens")
+
+    # (e) per-token KL in the prompt and in the completion
+    ax = axes[1, 1]
+    if kl_table is not None and len(kl_table):
+        values = kl_table["kl_tuned_base"].clip(lower=1e-9)
+        bins = np.logspace(np.log10(values.min()), np.log10(values.max() + 1e-12), 40)
+        for part, color, name in (
+            (kl_table["in_prompt"], "tab:gray", "prompt"),
+            (~kl_table["in_prompt"], "tab:red", "completion"),
+        ):
+            ax.hist(values[part], bins=bins, alpha=0.6, color=color, label=f"{name} (mean {values[part].mean():.3g})")
+        ax.set_xscale("log")
+        ax.set(xlabel="KL(Mi ‖ M0) per token (nats)", ylabel="tokens")
+        top_tokens = ", ".join(repr(t)[1:-1] for t in methods.get("kl", {}).get("top", [])[:6])
+        ax.set_title(f"per-token KL on eval samples; largest at: {top_tokens}", fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
+    else:
+        absent(ax, "per-token KL")
+
+    # (f) KL recovery beside random latents
+    ax = axes[1, 2]
+    recovery = methods.get("kl", {}).get("recovery", {})
+    if recovery:
+        names = list(recovery)
+        values = [recovery[n]["recovery"] for n in names]
+        ax.bar(range(len(names)), values, color="tab:green")
+        for i, name in enumerate(names):
+            block = recovery[name]
+            if "null_range" in block:
+                lo, hi = block["null_range"]
+                ax.plot([i, i], [lo, hi], color="k", lw=3, alpha=0.5)
+                ax.plot(i, block["null_median"], "k_", ms=18)
+                ax.annotate(f"p={block['null_p']:.2g}", (i, max(values[i], hi)), ha="center", va="bottom", fontsize=8)
+        readable = {
+            "crosscoder_mi_only": "crosscoder\nMi-only latents",
+            "diff_sae_top": "diff-SAE\ntop latents",
+            "diff_sae_all": "diff-SAE\nwhole reconstruction",
+            "adl_data": "lens direction\n(the data)",
+        }
+        ax.set_xticks(range(len(names)), [readable.get(n, n) for n in names], fontsize=8)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set(ylabel="share of KL(Mi ‖ M0) closed")
+        ax.set_title("KL closed at this layer (black: as many random latents)", fontsize=10)
+    else:
+        absent(ax, "KL recovery")
+    fig.suptitle(title or f"{record['pair']}, layer {record['layer']}: same-token diffing")
+    return _save(fig, out, dpi)

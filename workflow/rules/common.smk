@@ -263,6 +263,19 @@ def kl_recovery_inputs(w):
     }
 
 
+def diffing_figure_inputs(w):
+    """The record and each method's table the diffing figure reads (wildcards i, layer)."""
+    pair = grid.same_token_pair(w.i)
+    files = {"record": grid.diffing_record(pair, w.layer)}
+    if "crosscoder" in DIFFING_METHODS:
+        files["crosscoder"] = grid.crosscoder_files(pair, w.layer)[1]  # latents.parquet
+    if "diff_sae" in DIFFING_METHODS:
+        files["diff_sae"] = grid.diff_sae_latents(pair, w.layer)
+    if "kl" in DIFFING_METHODS:
+        files["kl"] = grid.kl_files(pair)[0]  # tokens.parquet
+    return files
+
+
 def diffing_targets():
     """The same-token records, one per iteration and layer (each lists its methods' files)."""
     return [
@@ -392,6 +405,12 @@ def figure_targets():
             for n in DIFF_SAES
             for m in PROBE_METRICS
         ]
+    out["diffing"] = [
+        grid.figure("diffing", pair=grid.same_token_pair(tuned.data[1:]), layer=layer)
+        for _, tuned in grid.same_token_pairs(config)
+        for layer in DIFFING_LAYERS
+        if DIFFING_METHODS
+    ]
     out["dose_response"] = [
         grid.figure("dose_response", experiment=r.experiment, cell=r.cell, layer=r.layer, sae=r.sae, metric=r.metric)
         for r in INTERVENTION_RUNS

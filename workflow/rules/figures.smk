@@ -346,3 +346,27 @@ rule figure_loss_by_position:
     shell:
         "sae-diff figure loss_by_position --spec {params.spec:q} --input table={input.table:q} --input eval={input.eval:q} "
         "--title {params.title:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule figure_diffing:
+    """Every same-token method of one pair and layer on one page."""
+    input:
+        unpack(diffing_figure_inputs),
+    output:
+        report(
+            grid.figure("diffing", pair=SAME_TOKEN_PAIR),
+            category="Same-token diffing",
+            subcategory="layer {layer}",
+            caption="../report/diffing.rst",
+        ),
+    log:
+        "logs/figures/diffing/M{i}_layer{layer}.log",
+    conda:
+        "../envs/analysis.yaml"
+    params:
+        spec=figure_spec("diffing"),
+        inputs=lambda w, input: " ".join(f"--input {key}={shlex.quote(input[key])}" for key in input.keys()),
+        title="M{i} against M0 on D{i}, layer {layer}: same-token diffing",
+    shell:
+        "sae-diff figure diffing --spec {params.spec:q} {params.inputs} --title {params.title:q} "
+        "--out {output:q} > {log:q} 2>&1"
