@@ -247,7 +247,15 @@ def test_summary_validates_against_its_schema(finished_run):
 
     summary = json.loads((finished_run / "results" / "summary.json").read_text())
     summary_lib.validate(summary)
-    assert list(summary["headline"]) == ["iterations", "evolution", "probes", "steering", "ablation", "timings"]
+    assert list(summary["headline"]) == [
+        "iterations",
+        "evolution",
+        "probes",
+        "steering",
+        "ablation",
+        "diffing",
+        "timings",
+    ]
     broken = json.loads(json.dumps(summary))
     broken["headline"]["evolution"]["layer1"]["MXDX"]["born"] = -1
     with pytest.raises(jsonschema.ValidationError):
