@@ -35,6 +35,11 @@ STAGES = {
     "probes": "probes",
     "attribute": "attribution",
     "intervene": "interventions",
+    "crosscoder": "diffing",
+    "diff_sae": "diffing",
+    "adl": "diffing",
+    "token_kl": "diffing",
+    "kl_recovery": "diffing",
 }
 EVAL_KEYS = (
     "explained_variance",

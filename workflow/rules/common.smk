@@ -46,6 +46,14 @@ wildcard_constraints:
 DIFF_SAES = TRAINED_SAES if config["diff"]["enabled"] else []
 DIFFING_METHODS = grid.diffing_methods(config)
 DIFFING_LAYERS = grid.diffing_layers(config)
+# timed same-token rules: (rule, the method it serves, one job per layer or per pair)
+DIFFING_BENCHMARKS = [
+    ("crosscoder", "crosscoder", True),
+    ("diff_sae", "diff_sae", True),
+    ("adl", "adl", False),
+    ("token_kl", "kl", False),
+    ("kl_recovery", "kl", True),
+]
 
 
 wildcard_constraints:
@@ -525,5 +533,12 @@ BENCHMARKS = (
         for a, b, _ in grid.diff_pairs(config)
         for layer in config["layers"]
         if DIFF_SAES
+    ]
+    + [
+        bench(rule, f"{tuned.model}_layer{layer}" if per_layer else tuned.model)
+        for _, tuned in grid.same_token_pairs(config)
+        for rule, method, per_layer in DIFFING_BENCHMARKS
+        for layer in (DIFFING_LAYERS if per_layer else [None])
+        if method in DIFFING_METHODS and (rule != "kl_recovery" or set(DIFFING_METHODS) - {"kl"})
     ]
 )
