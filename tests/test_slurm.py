@@ -3,7 +3,7 @@ SLURM cluster this test starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh
 
 Every job must go through sbatch, and the results must equal the local run's. The targets are
 every computed result (iterations, SAEs, evaluations, features, diffs, evolution, probes,
-interventions) but not the figures and the summary: 35 of the DAG's 93 jobs, the same rules,
+interventions) but not the figures and the summary: 33 of the DAG's 102 jobs, the same rules,
 in a third of the time (each SLURM job pays a Snakemake start-up; CI has two cores). Skipped
 only where the machine cannot run SLURM (not root, or neither SLURM nor apt-get).
 """
@@ -27,10 +27,11 @@ TARGETS = [
     "results/evolution/layer1/topk.json",
     "results/probes/comparison_layer1.json",
     *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M0_D1", "M1_D1")],
+    # one experiment of each kind, as the demo reports them (ablation in M1, steering into M0): the
+    # other two cells run the same rules with other wildcards, and CI has 20 minutes in all
     *[
         f"results/interventions/{experiment}/{cell}/layer1/topk/n_chars/effects.json"
-        for experiment in ("ablation", "steering")
-        for cell in ("M1_D1", "M0_D1")
+        for experiment, cell in (("ablation", "M1_D1"), ("steering", "M0_D1"))
     ],
 ]
 
@@ -88,7 +89,7 @@ def test_every_job_went_through_sbatch(slurm_run):
     workdir, jobs, output = slurm_run
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
     n_jobs = sum(jobs.values())
-    assert n_jobs == 36 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)  # prompt_split included
+    assert n_jobs == 33 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)  # prompt_split included
     logs = list((workdir / "logs" / "slurm").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)  # one kept SLURM log per job, named by its job id
 
@@ -115,7 +116,8 @@ def test_results_equal_the_local_run(slurm_run, finished_run):
     assert json.loads((local / "iterations.json").read_text()) == json.loads((ours / "iterations.json").read_text())
     a, b = (json.loads((root / "evolution" / "layer1" / "topk.json").read_text()) for root in (local, ours))
     assert a["branches"] == b["branches"]
-    for path in sorted(local.glob("interventions/*/*/layer1/topk/n_chars/effects.json")):
+    for target in TARGETS[-2:]:
+        path = local / Path(target).relative_to("results")
         a, b = json.loads(path.read_text()), json.loads((ours / path.relative_to(local)).read_text())
         assert a["features"] == b["features"], path
         for key in ("effect", "ci_low", "ci_high", "p", "control_effect", "perplexity_change"):
