@@ -109,7 +109,7 @@ def build_planted(args, samples: pd.DataFrame, work: Path) -> dict:
         raise SystemExit(f"--token {args.token!r} is {len(token_ids)} tokens; pick a single-token class")
     class_id = token_ids[0]
     train = samples[samples["split"] == "train"].sort_values("sample_id")
-    sequences = kept_sequences(tokenizer, train, args.max_length)
+    sequences = kept_sequences(tokenizer, train.head(args.construct_samples), args.max_length)
     h, resid, ids = hidden_and_resid(model, sequences, args.block, args.layer)
     in_class = ids == class_id
     if not in_class.any():
@@ -414,6 +414,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.3, help="edit size on class tokens / their residual norm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--construct-samples", type=int, default=120, help="train samples that define v and alpha")
     parser.add_argument("--cc-expansion", type=int, default=8)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=16)

@@ -744,6 +744,16 @@ def test_comparison_methods_move_as_far_as_the_sae_group():
     out = conditions.comparison_conditions("ablation", [1], w_dec, diffmean, "Be long.", [None], typical, "all", 0.7)
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("diffmean", "project_out", (0.7,))]
     assert conditions.comparison_conditions("steering", [1], w_dec, np.zeros(d), None, [1], typical, "all") == []
+    # the lens's direction is one more comparison, sized and placed the same way
+    adl = np.linspace(-1.0, 2.0, d)
+    out = conditions.comparison_conditions("steering", [1, 3], w_dec, diffmean, None, [4], typical, "all", adl=adl)
+    assert [c.name for c in out] == ["diffmean", "adl"]
+    assert np.linalg.norm(out[1].edit.direction) == pytest.approx(np.linalg.norm(out[0].edit.direction), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(out[1].edit.direction) / np.linalg.norm(out[1].edit.direction),
+                               adl / np.linalg.norm(adl), atol=1e-12)  # fmt: skip
+    out = conditions.comparison_conditions("ablation", [1], w_dec, None, None, [None], typical, "all", adl=adl,
+                                           adl_projection=-0.3)  # fmt: skip
+    assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("adl", "project_out", (-0.3,))]
 
 
 def test_mean_projection_and_firing_at_edits_against_a_direct_forward(tiny):

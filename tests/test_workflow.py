@@ -408,7 +408,8 @@ def test_interventions_outputs_and_headline(finished_run):
         assert block["n_controls"] == 6 and 1 / 7 <= block["null_p"] <= 1 and block["paired"]
         assert block["family_size"] == 4 and block["p"] <= block["q"] <= 1  # 2 experiments x 2 cells
         assert block["split"] == {"select_features": 8, "select_condition": 4, "report": 4}
-        assert set(block["baselines"]) == {"diffmean", "adl", "prompting"} and block["baselines"]["adl"] is None
+        # the lens's direction of M1 against M0 on D1 (rule adl) is a comparison method too
+        assert set(block["baselines"]) == {"diffmean", "adl", "prompting"} and block["baselines"]["adl"] is not None
         assert (block["baselines"]["prompting"] is None) == (experiment == "ablation")
 
 

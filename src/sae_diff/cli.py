@@ -488,6 +488,13 @@ def cmd_probe(args) -> None:
             )
 
 
+def _adl_direction(path: str):
+    """The lens's direction on the iteration's own texts (``data.direction`` of its adl.safetensors)."""
+    from safetensors.numpy import load_file
+
+    return load_file(path)["data.direction"].astype("float64")
+
+
 def _intervene_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--experiment", required=True, choices=["ablation", "steering", "clamping"])
@@ -504,6 +511,9 @@ def _intervene_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attribution", help="the fork attribution table (when interventions.select picks by attribution)")
     p.add_argument("--prompt-split", required=True, help="the prompt split (which prompts pick, which report)")
     p.add_argument("--diffmean", help="the probe's difference-in-means direction (.npy): a comparison method")
+    p.add_argument(
+        "--adl", help="the activation-difference lens of the cell's iteration (adl.safetensors): a comparison"
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -571,6 +581,7 @@ def cmd_intervene(args) -> None:
         work_dir=work,
         attribution=pd.read_parquet(args.attribution) if args.attribution else None,
         diffmean=np.load(args.diffmean) if args.diffmean else None,
+        adl=_adl_direction(args.adl) if args.adl else None,
     )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(

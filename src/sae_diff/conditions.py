@@ -251,27 +251,32 @@ def comparison_conditions(
     typical: dict[int, float],
     positions: str,
     mean_projection: float | None = None,
+    adl: np.ndarray | None = None,
+    adl_projection: float | None = None,
 ) -> list[Condition]:
     """The simple methods an SAE edit must beat (the AxBench lesson): the difference in means of
-    the metric's high and low samples' activations (steering: added, at each alpha of
-    ``alphas`` moved by the same |dx| as steering the SAE ``group`` at that alpha; ablation:
-    mean-ablated, its projection set to ``mean_projection``, its mean where the edit acts —
-    zero-ablating a direction the activations carry a large mean along breaks the text), and,
-    for steering with an ``instruction``, that instruction appended to the prompt. The select
-    half runs every alpha; the report half the one picked there."""
+    the metric's high and low samples' activations, and the activation-difference lens's direction
+    (the mean of Mi − M0 over the iteration's texts: training-free, no labels) — steering: added, at
+    each alpha of ``alphas`` moved by the same |dx| as steering the SAE ``group`` at that alpha;
+    ablation: mean-ablated, its projection set to ``mean_projection`` / ``adl_projection``, its mean
+    where the edit acts (zero-ablating a direction the activations carry a large mean along breaks
+    the text) — and, for steering with an ``instruction``, that instruction appended to the prompt.
+    The select half runs every alpha; the report half the one picked there."""
     out = []
     edit_kind = EXPERIMENTS[experiment][0]
-    if diffmean is not None and np.linalg.norm(diffmean) > 0:
-        unit = np.asarray(diffmean, dtype=np.float64) / np.linalg.norm(diffmean)
+    for name, direction, level in (("diffmean", diffmean, mean_projection), ("adl", adl, adl_projection)):
+        if direction is None or not np.linalg.norm(direction) > 0:
+            continue
+        unit = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)
         if edit_kind == "steer":
             for alpha in alphas:
                 size = steering_size(w_dec, group, [alpha * typical[j] for j in group])
                 edit = Edit("add", positions=positions, direction=tuple(size * unit))
-                out.append(Condition("diffmean", "comparison", edit, alpha))
+                out.append(Condition(name, "comparison", edit, alpha))
         elif edit_kind == "ablate":
-            level = () if mean_projection is None else (float(mean_projection),)
-            edit = Edit("project_out", values=level, positions=positions, direction=tuple(unit))
-            out.append(Condition("diffmean", "comparison", edit))
+            values = () if level is None else (float(level),)
+            edit = Edit("project_out", values=values, positions=positions, direction=tuple(unit))
+            out.append(Condition(name, "comparison", edit))
     if instruction and edit_kind == "steer":
         out.append(Condition("prompting", "comparison", None, instruction=instruction))
     return out

@@ -21,6 +21,9 @@ import torch
 
 from .stats import bootstrap_mean, paired_shift
 
+# the comparison methods every SAE edit is reported beside (conditions.comparison_conditions)
+COMPARISONS = ("diffmean", "adl", "prompting")
+
 # --------------------------------------------------------------------------- coherence
 
 
@@ -178,7 +181,7 @@ def effects(
     control_name = "random" if name == "features" else "random_" + name.split("_", 1)[1]
     # the comparison methods' own sizes are picked the same way, on the same half
     comparisons = {}
-    for method in ("diffmean", "prompting"):
+    for method in COMPARISONS:
         options = [
             _candidate(row, metric, expected, max_perplexity_ratio)
             for row in rows
@@ -225,9 +228,9 @@ def effects(
             "null": random_null(
                 [r for r in rows if r["half"] == "report" and r["role"] == "null"], metric, expected, shift["diff"]
             ),
-            "baselines": {"adl": None},
+            "baselines": {},
         }
-        for method in ("diffmean", "prompting"):
+        for method in COMPARISONS:
             # difference in means at the size picked on the select half; prompting has no size
             row = find(method, "report", comparisons.get(method))
             if row is None:
@@ -416,9 +419,7 @@ def headline(blocks: list[dict], cfg: dict) -> dict:
                 n_controls=null.get("n_controls"),
                 null_range=[null.get("low"), null.get("high")],
                 split=best.get("split"),
-                baselines={
-                    name: (baselines.get(name) or {}).get("effect") for name in ("diffmean", "adl", "prompting")
-                },
+                baselines={name: (baselines.get(name) or {}).get("effect") for name in COMPARISONS},
                 **corrected.get((experiment, best.get("cell"), best["layer"], best.get("sae"), metric), {}),
             )
             if report.get("vs_control"):

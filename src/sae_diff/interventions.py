@@ -232,13 +232,15 @@ def run(
     work_dir: Path | None = None,
     attribution: pd.DataFrame | None = None,
     diffmean: np.ndarray | None = None,
+    adl: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
     (``place``: a models.Placement or a device name). The features come from the probe or, when
     ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table, both
     fitted on the split's feature-selection prompts; the prompts' other two parts (the split at
     ``split_path``; ``separate``: the prompts are a set of their own) pick the condition and
-    report it. ``diffmean``: the probe's difference-in-means direction, a comparison method."""
+    report it. ``diffmean``: the probe's difference-in-means direction, ``adl``: the activation-difference
+    lens's direction of the cell's iteration (Mi − M0 on its texts), comparison methods."""
     from . import models, splits
     from .sae import files
 
@@ -269,21 +271,35 @@ def run(
     instruction = (opts.get("baselines") or {}).get("prompting", {}).get(metric)
     if not (opts.get("baselines") or {}).get("diffmean", True):
         diffmean = None
+    if not (opts.get("baselines") or {}).get("adl", True):
+        adl = None
     # the condition-selection half also runs the comparison methods at every size: their size is
     # picked there the same way as the SAE edit's (prompting has no size: report half only)
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
     halves = splits.intervention_halves(prompts, split_path, separate)
-    level = None
-    if diffmean is not None and experiment == "ablation" and np.linalg.norm(diffmean) > 0:
-        # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
-        select_half = halves[halves["half"] == "select"]
-        level = mean_projection(model, tokenizer, layer, hook, select_half, sampling, diffmean, place.device)
+    levels = {}
+    for name, vector in (("diffmean", diffmean), ("adl", adl)):
+        if vector is not None and experiment == "ablation" and np.linalg.norm(vector) > 0:
+            # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
+            select_half = halves[halves["half"] == "select"]
+            levels[name] = mean_projection(model, tokenizer, layer, hook, select_half, sampling, vector, place.device)
+    level = levels.get("diffmean")
     compared = [
         c
         for c in comparison_conditions(
-            experiment, features, w_dec, diffmean, None, swept, typical, opts["positions"], level
-        )
+            experiment,
+            features,
+            w_dec,
+            diffmean,
+            None,
+            swept,
+            typical,
+            opts["positions"],
+            level,
+            adl=adl,
+            adl_projection=levels.get("adl"),
+        )  # fmt: skip
         if c.name != "prompting"
     ]
     registry = conds + compared  # every condition's index in effects.json (condition_index)
@@ -369,6 +385,7 @@ def run(
         max_perplexity_ratio=opts["max_perplexity_ratio"],
         noop=noop_check(generations),
         diffmean_level=level,  # the projection the difference-in-means ablation sets (ablation)
+        adl_level=levels.get("adl"),
         split=splits.counts(splits.read(split_path), separate, set(prompts["prompt"])),
         prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
         generations={half: int((generations["half"] == half).sum()) for half in ("select", "report")},

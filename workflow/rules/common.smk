@@ -234,6 +234,18 @@ def same_token_inputs(w):
     }
 
 
+def intervention_adl_input(w):
+    """The lens's directions for the run's cell's iteration at its layer, when the lens ran there
+    (cells on D0 have no iteration to diff; interventions.baselines.adl turns it off)."""
+    i = int(w.cell.split("_D")[1])
+    wanted = config["interventions"]["baselines"].get("adl", True)
+    if i == 0 or not wanted or "adl" not in DIFFING_METHODS or int(w.layer) not in DIFFING_LAYERS:
+        return []
+    if f"M{i}" not in MODELS:
+        return []
+    return grid.adl_files(grid.same_token_pair(i), w.layer)[0]
+
+
 def diffing_record_inputs(w):
     """The outputs of every same-token method of iteration i at one layer (wildcards i, layer)."""
     pair = grid.same_token_pair(w.i)

@@ -74,6 +74,7 @@ rule intervene:
         attribution=attribution_input,
         split=grid.prompt_split(),
         diffmean=grid.probe_diffmean("{cell}", "{layer}", "{sae}", "{metric}"),
+        adl=intervention_adl_input,
     output:
         generations=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/generations.parquet",
         scores=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/scores.parquet",
@@ -95,10 +96,11 @@ rule intervene:
         sae_dir=lambda w, input: str(Path(input.sae).parent),
         model=lambda w: intervention_run(w).model,
         attribution=lambda w, input: f"--attribution {shlex.quote(str(input.attribution))}" if input.attribution else "",
+        adl=lambda w, input: f"--adl {shlex.quote(str(input.adl))}" if input.adl else "",
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
         "--model {params.model:q} --model-dir {input.model:q} --base-dir {input.base:q} --sae-dir {params.sae_dir:q} "
         "--probe {input.probe:q} --stats {input.stats:q} {params.attribution} --prompt-split {input.split:q} "
-        "--diffmean {input.diffmean:q} --out-dir {params.out_dir:q} "
+        "--diffmean {input.diffmean:q} {params.adl} --out-dir {params.out_dir:q} "
         "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
