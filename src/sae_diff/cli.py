@@ -385,107 +385,24 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 
 @verb("probe", "sparse and difference-in-means probes of one (cell, layer)'s SAEs", _probe_args)
 def cmd_probe(args) -> None:
-    """Probes of every SAE of one (cell, layer) against every probed metric.
-
-    Folds are grouped by the samples' prompt_id (by sample when there is none); with
-    --prompt-split only the feature-selection prompts' samples are probed. Beside each
-    probe's JSON: ``<metric>.diffmean.npy``, the difference-in-means direction (high minus low)
-    of the pooled raw activations over the labelled samples, float32 [d_model]."""
-    import numpy as np
-    import pandas as pd
-    from safetensors.numpy import load_file
-
-    from . import features, io, models, probes, splits
-    from .activations import open_stores
-    from .diff import unit_rows
-    from .grid import site_dir
-    from .sae import files
+    """Probes of every SAE of one (cell, layer) against every probed metric (``probes.write_cell``)."""
+    from . import models, probes
 
     spec = _spec(args)
-    cell = f"{args.model}_{args.data}"
-    samples = splits.restrict_samples(pd.read_parquet(args.samples), args.prompt_split)
-    opts = spec["probes"]
-    pooling = opts["pooling"]
-    place = models.placement(spec)
-    fold_groups = "prompt_id" if "prompt_id" in samples.columns else "sample"
-    stores: dict = {}  # one activation store per hook site
-    for name, block in spec["saes"].items():
-        folder = Path(args.features_dir) / name
-        pooled = load_file(str(folder / "pooled.safetensors"))
-        if pooling not in pooled:
-            raise ValueError(
-                f"{folder / 'pooled.safetensors'}: no pooling {pooling!r} (probes.pooling); it has "
-                f"{sorted(k for k in pooled if k in features.POOLINGS)}: rerun the features stage"
-            )
-        ids = pooled["sample_id"]
-        kept = np.isin(ids, samples["sample_id"].to_numpy())
-        table = samples.set_index("sample_id").loc[ids[kept]].reset_index()
-        groups = table[fold_groups].astype(str).to_numpy()
-        stats = pd.read_parquet(folder / "stats.parquet")
-        site = site_dir(args.layer, block.get("hook_point", "resid_post"))
-        if site not in stores:
-            (stores[site],) = open_stores([Path(args.acts_dir) / site], args.model_dir, args.samples, place)
-        store = stores[site]
-        sae = files.load(Path(args.saes_dir) / name)
-        init, init_note = probes.init_sae(Path(args.saes_dir) / name, store)
-        encoders = {"random_directions": probes.random_directions(store, sae.cfg.d_sae, opts["seed"])}
-        if init is not None:
-            encoders["init_sae"] = init.to(place.device).encode
-        else:
-            log.warning("%s %s: no init-SAE baseline (%s)", cell, name, init_note)
-        # every sample of the cell is pooled (the store holds them all), then the kept rows
-        cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
-        by_store = features.pool_tokens(store, ids, pooling, encoders, device=place.device, cutoffs=cutoffs)
-        raw = by_store.pop("raw")[kept]
-        baselines = {key: matrix[kept] for key, matrix in by_store.items()}
-        base = files.load(Path(args.base_saes_dir) / name)
-        cos = probes.max_cos_to(unit_rows(sae.W_dec), unit_rows(base.W_dec))
-        for metric in spec["metrics"]:
-            if metric not in table.columns:
-                raise ValueError(f"probes.metrics: {metric!r} is not a column of {args.samples}")
-            values = table[metric].to_numpy(dtype=float)
-            result, summary = probes.probe_metric(
-                pooled[pooling][kept].astype("float64"),
-                values,
-                stats,
-                opts,
-                raw,
-                cos,
-                metric,
-                groups=groups,
-                baselines=baselines,
-            )
-            y = probes.metric_labels(values, opts, metric)
-            direction = probes.diffmean_direction(raw[y >= 0], y[y >= 0]).astype(np.float32)
-            out = Path(args.out_dir) / name
-            if result is not None:
-                io.write_parquet(result, out / f"{metric}.parquet")
-            else:  # skipped: a table an earlier run of this rule wrote must not pass for this one's
-                (out / f"{metric}.parquet").unlink(missing_ok=True)
-            with io.atomic_path(out / f"{metric}.diffmean.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, direction)
-            extra = {
-                "pooling": pooling,
-                "fold_groups": fold_groups,
-                "n_samples_split": int(len(table)),
-                "prompt_split": str(args.prompt_split) if args.prompt_split else None,
-                "diffmean_norm": float(np.linalg.norm(direction)),
-                "init_sae": init_note,
-                "random_directions": f"ReLU projections onto {sae.cfg.d_sae} random unit directions",
-            }
-            io.write_json(out / f"{metric}.json", {"cell": cell, "layer": args.layer, "sae": name, **summary, **extra})
-            log.info(
-                "%s layer%d %s %s: AUROC %s (random %s, raw %s, diffmean %s, init SAE %s)",
-                cell,
-                args.layer,
-                name,
-                metric,
-                summary.get("auroc"),
-                summary.get("auroc_random_features"),
-                summary.get("auroc_raw_activations"),
-                summary.get("auroc_diffmean"),
-                summary.get("auroc_init_sae"),
-            )
+    probes.write_cell(
+        spec,
+        cell=f"{args.model}_{args.data}",
+        layer=args.layer,
+        samples_path=Path(args.samples),
+        prompt_split=args.prompt_split,
+        features_dir=Path(args.features_dir),
+        acts_dir=Path(args.acts_dir),
+        saes_dir=Path(args.saes_dir),
+        base_saes_dir=Path(args.base_saes_dir),
+        out_dir=Path(args.out_dir),
+        model_dir=args.model_dir,
+        place=models.placement(spec),
+    )
 
 
 def _adl_direction(path: str):

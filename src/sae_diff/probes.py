@@ -28,11 +28,13 @@ choose features, the same selector at the probe's k of each outer fold:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
 DEFAULT_KS = (1, 5, 10, 20)
 
 
@@ -696,3 +698,118 @@ def compare_metrics(tables: dict[str, pd.DataFrame], k: int) -> dict:
         for j in top:
             counts[j] = counts.get(j, 0) + 1
     return {"k": k, "jaccard": pairs, "shared_features": sorted(j for j, c in counts.items() if c > 1)}
+
+
+def write_cell(
+    spec: dict,
+    cell: str,
+    layer: int,
+    samples_path: Path,
+    prompt_split,
+    features_dir: Path,
+    acts_dir: Path,
+    saes_dir: Path,
+    base_saes_dir: Path,
+    out_dir: Path,
+    model_dir=None,
+    place="cpu",
+) -> None:
+    """Probes of every SAE of one (cell, layer) against every probed metric, written under ``out_dir``.
+
+    Folds are grouped by the samples' prompt_id (by sample when there is none); with
+    --prompt-split only the feature-selection prompts' samples are probed. Beside each
+    probe's JSON: ``<metric>.diffmean.npy``, the difference-in-means direction (high minus low)
+    of the pooled raw activations over the labelled samples, float32 [d_model]."""
+    import numpy as np
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from . import features, io, models, splits
+    from .activations import open_stores
+    from .diff import unit_rows
+    from .grid import site_dir
+    from .sae import files
+
+    samples = splits.restrict_samples(pd.read_parquet(samples_path), prompt_split)
+    opts = spec["probes"]
+    pooling = opts["pooling"]
+    place = models.as_placement(place)
+    fold_groups = "prompt_id" if "prompt_id" in samples.columns else "sample"
+    stores: dict = {}  # one activation store per hook site
+    for name, block in spec["saes"].items():
+        folder = Path(features_dir) / name
+        pooled = load_file(str(folder / "pooled.safetensors"))
+        if pooling not in pooled:
+            raise ValueError(
+                f"{folder / 'pooled.safetensors'}: no pooling {pooling!r} (pooling); it has "
+                f"{sorted(k for k in pooled if k in features.POOLINGS)}: rerun the features stage"
+            )
+        ids = pooled["sample_id"]
+        kept = np.isin(ids, samples["sample_id"].to_numpy())
+        table = samples.set_index("sample_id").loc[ids[kept]].reset_index()
+        groups = table[fold_groups].astype(str).to_numpy()
+        stats = pd.read_parquet(folder / "stats.parquet")
+        site = site_dir(layer, block.get("hook_point", "resid_post"))
+        if site not in stores:
+            (stores[site],) = open_stores([Path(acts_dir) / site], model_dir, samples_path, place)
+        store = stores[site]
+        sae = files.load(Path(saes_dir) / name)
+        init, init_note = init_sae(Path(saes_dir) / name, store)
+        encoders = {"random_directions": random_directions(store, sae.cfg.d_sae, opts["seed"])}
+        if init is not None:
+            encoders["init_sae"] = init.to(place.device).encode
+        else:
+            log.warning("%s %s: no init-SAE baseline (%s)", cell, name, init_note)
+        # every sample of the cell is pooled (the store holds them all), then the kept rows
+        cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
+        by_store = features.pool_tokens(store, ids, pooling, encoders, device=place.device, cutoffs=cutoffs)
+        raw = by_store.pop("raw")[kept]
+        baselines = {key: matrix[kept] for key, matrix in by_store.items()}
+        base = files.load(Path(base_saes_dir) / name)
+        cos = max_cos_to(unit_rows(sae.W_dec), unit_rows(base.W_dec))
+        for metric in spec["metrics"]:
+            if metric not in table.columns:
+                raise ValueError(f"metrics: {metric!r} is not a column of {samples_path}")
+            values = table[metric].to_numpy(dtype=float)
+            result, summary = probe_metric(
+                pooled[pooling][kept].astype("float64"),
+                values,
+                stats,
+                opts,
+                raw,
+                cos,
+                metric,
+                groups=groups,
+                baselines=baselines,
+            )
+            y = metric_labels(values, opts, metric)
+            direction = diffmean_direction(raw[y >= 0], y[y >= 0]).astype(np.float32)
+            out = Path(out_dir) / name
+            if result is not None:
+                io.write_parquet(result, out / f"{metric}.parquet")
+            else:  # skipped: a table an earlier run of this rule wrote must not pass for this one's
+                (out / f"{metric}.parquet").unlink(missing_ok=True)
+            with io.atomic_path(out / f"{metric}.diffmean.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, direction)
+            extra = {
+                "pooling": pooling,
+                "fold_groups": fold_groups,
+                "n_samples_split": int(len(table)),
+                "prompt_split": str(prompt_split) if prompt_split else None,
+                "diffmean_norm": float(np.linalg.norm(direction)),
+                "init_sae": init_note,
+                "random_directions": f"ReLU projections onto {sae.cfg.d_sae} random unit directions",
+            }
+            io.write_json(out / f"{metric}.json", {"cell": cell, "layer": layer, "sae": name, **summary, **extra})
+            log.info(
+                "%s layer%d %s %s: AUROC %s (random %s, raw %s, diffmean %s, init SAE %s)",
+                cell,
+                layer,
+                name,
+                metric,
+                summary.get("auroc"),
+                summary.get("auroc_random_features"),
+                summary.get("auroc_raw_activations"),
+                summary.get("auroc_diffmean"),
+                summary.get("auroc_init_sae"),
+            )
