@@ -10,7 +10,6 @@ single feature, and alpha), the other reports it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,23 +72,10 @@ def matched_random(
     stats: pd.DataFrame, features: list[int], seed: int, pool: int = 20, exclude: list[int] | None = None
 ) -> list[int]:
     """For each feature, a random live feature among the ``pool`` nearest in log firing frequency
-    (none chosen twice, none from ``features`` or ``exclude``)."""
-    rng = np.random.default_rng(seed)
+    (none chosen twice, none from ``features`` or ``exclude``): one draw of ``matched_draws``."""
     table = stats.set_index("feature")
-    live = table[(table["freq"] > 0) & ~table["dead"].astype(bool)]
-    taken = set(features) | set(exclude or [])
-    out = []
-    for feature in features:
-        candidates = live.drop(index=[f for f in taken if f in live.index])
-        if candidates.empty:
-            raise ValueError("matched_random: no live feature left to draw a control from")
-        target = math.log(max(float(table.loc[feature, "freq"]), 1e-12))
-        distance = (np.log(candidates["freq"].clip(lower=1e-12)) - target).abs()
-        nearest = distance.sort_values(kind="stable").index[:pool]
-        pick = int(rng.choice(np.asarray(nearest)))
-        out.append(pick)
-        taken.add(pick)
-    return out
+    live = table.index[(table["freq"] > 0) & ~table["dead"].astype(bool)]
+    return matched_draws(table["freq"], live, features, 1, seed, pool, exclude)[0]
 
 
 def matched_draws(
