@@ -809,33 +809,49 @@ def cmd_diff_sae(args) -> None:
     )
 
 
-@verb("crosscoder", "train a crosscoder on base and tuned activations of the same tokens", _same_token_args)
+def _crosscoder_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True, help="block index")
+    p.add_argument("--acts", nargs="+", required=True, help="each model's activation store of the site, M0 first")
+    p.add_argument("--model-dirs", nargs="+", required=True, help="the models, in --acts order (logit lens, streaming)")
+    p.add_argument("--names", nargs="+", help="model ids, in --acts order (default: the folders' names)")
+    p.add_argument("--samples", required=True, help="the data every model ran on")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("crosscoder", "train a crosscoder on several models' activations of the same tokens", _crosscoder_args)
 def cmd_crosscoder(args) -> None:
+    """A crosscoder over M0 and one iteration (the same-token pair) or over M0..MX (every iteration at once)."""
     import pandas as pd
 
     from . import crosscoder, models
-    from .paired import PairedStore, open_pair
+    from .activations import open_stores
+    from .paired import PairedStore
 
+    if len(args.acts) != len(args.model_dirs) or len(args.acts) < 2:
+        raise SystemExit(
+            f"error: {len(args.acts)} --acts and {len(args.model_dirs)} --model-dirs: expected two or more of each"
+        )
     spec = _spec(args)
     opts = spec["crosscoder"]
     models.set_threads(args.threads)
     place = models.placement(spec)
-    tuned_model, tokenizer = place.load(args.tuned_model_dir)
-    base_model = place.load(args.base_model_dir)[0] if args.base_model_dir else None
-    base, tuned = open_pair(
-        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place,
-        tuned_loaded=(tuned_model, tokenizer),
-    )  # fmt: skip
-    paired = PairedStore([base, tuned], names=["M0", Path(args.tuned_model_dir).name])
+    loaded = [place.load(folder) for folder in args.model_dirs]
+    stores = [
+        open_stores([acts], model_dir, args.samples, place, loaded=pair)[0]
+        for acts, model_dir, pair in zip(args.acts, args.model_dirs, loaded)
+    ]
+    names = args.names or [Path(folder).name for folder in args.model_dirs]
+    paired = PairedStore(stores, names=names)
     cfg = crosscoder.CrosscoderConfig(
-        n_models=2,
+        n_models=len(stores),
         d_in=paired.d_model,
         d_sae=opts["expansion_factor"] * paired.d_model,
         architecture=opts["architecture"],
         k=opts["k"],
         l1_coefficient=opts["l1_coefficient"],
-        model_names=paired.names,
-        hook_name=tuned.manifest["hook_name"],
+        model_names=names,
+        hook_name=stores[-1].manifest["hook_name"],
     )
     crosscoder.run(
         paired,
@@ -844,8 +860,8 @@ def cmd_crosscoder(args) -> None:
         spec["training"],
         opts,
         pd.read_parquet(args.samples),
-        lens_models=[base_model, tuned_model],
-        tokenizer=tokenizer,
+        lens_models=[model for model, _ in loaded],
+        tokenizer=loaded[-1][1],
         features_opts=spec["features"],
         device=place.device,
         progress=not args.no_progress,

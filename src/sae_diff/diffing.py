@@ -128,6 +128,31 @@ def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarr
     return block, (ids, cc.W_dec.detach().double().numpy()[ids, -1, :])
 
 
+def all_iterations_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
+    """The crosscoder over M0..MX: the pair block of M0 against MX, plus per iteration Mi how many
+    latents its decoder holds that M0's does not (Δnorm(M0, Mi) > 0.9) and the reverse (< 0.1),
+    and at which iteration each latent first became Mi-only (``emerged_at``)."""
+    from . import crosscoder
+
+    block, found = crosscoder_block(folder, top)
+    table = pd.read_parquet(Path(folder) / "latents.parquet")
+    norms = table[sorted((c for c in table.columns if c.startswith("norm_m")), key=lambda c: int(c[6:]))].to_numpy()
+    first = norms[:, :1]
+    biggest = np.maximum(first, norms[:, 1:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = np.where(biggest > 0, 0.5 * ((norms[:, 1:] - first) / biggest + 1), np.nan)
+    new = delta > crosscoder.MI_ONLY_MIN
+    gone = delta < crosscoder.M0_ONLY_MAX
+    emerged = np.where(new.any(axis=1), new.argmax(axis=1) + 1, 0)
+    block["n_models"] = int(norms.shape[1])
+    block["per_iteration"] = {
+        f"M{i}": {"n_mi_only_vs_m0": int(new[:, i - 1].sum()), "n_m0_only_vs_mi": int(gone[:, i - 1].sum())}
+        for i in range(1, norms.shape[1])
+    }
+    block["emerged_at"] = {f"M{i}": int((emerged == i).sum()) for i in range(1, norms.shape[1])}
+    return block, found
+
+
 READERS = {"crosscoder": crosscoder_block, "diff_sae": diff_sae_block, "adl": adl_block, "kl": kl_block}
 
 
@@ -168,8 +193,9 @@ def record(
     folders: method -> its output folder for this pair and layer (only the methods that ran);
     kl_recovery: the pair and layer's ``recovery.json``, whose numbers join the blocks they measure."""
     blocks, directions = {}, {}
+    readers = {**READERS, "crosscoder": all_iterations_block} if pair.startswith("all_") else READERS
     for method, folder in folders.items():
-        blocks[method], found = READERS[method](Path(folder), top)
+        blocks[method], found = readers[method](Path(folder), top)
         if len(found[0]):
             directions[method] = found
     if "adl" in blocks:
@@ -204,6 +230,10 @@ def headline(records: list[dict]) -> dict:
     """``headline.diffing``: method -> ``M{i}`` -> layer -> the method's block (with the agreements it is part of)."""
     out: dict = {}
     for rec in records:
+        if rec["pair"].startswith("all_"):  # the crosscoder over every iteration at once
+            block = rec["methods"]["crosscoder"]
+            out.setdefault("crosscoder_all", {})[f"layer{rec['layer']}"] = {**block, "data": rec["pair"][4:]}
+            continue
         iteration = rec["pair"].split("__")[1].split("_")[0]  # M0_Di__Mi_Di -> Mi
         for method, block in rec["methods"].items():
             shared = [row for row in rec["agreement"] if method in row]

@@ -127,6 +127,25 @@ def same_token_pairs(cfg: dict) -> list[tuple[Cell, Cell]]:
     return pairs
 
 
+def all_iterations_cells(cfg: dict) -> list[Cell]:
+    """M0..MX on the last iteration's data DX, for one crosscoder over every model at once: the
+    same tokens under each model (cells MjDX with 0 < j < X are extracted for it alone). Empty
+    unless the crosscoder runs with ``diffing.crosscoder.all_iterations`` and there are 2+ iterations."""
+    block = cfg["diffing"]
+    if "crosscoder" not in diffing_methods(cfg) or not block["crosscoder"].get("all_iterations", True):
+        return []
+    last = data_ids(cfg)[-1]
+    models = [f"M{j}" for j in range(int(last[1:]) + 1)]
+    if len(models) < 3 or not set(models) <= set(cfg["models"]):
+        return []
+    return [Cell(m, last) for m in models]
+
+
+def all_iterations_name(cfg: dict) -> str:
+    """The all-iterations crosscoder's name in the results: ``all_D{X}``."""
+    return f"all_{data_ids(cfg)[-1]}"
+
+
 def diffing_methods(cfg: dict) -> list[str]:
     """The same-token methods that run: the configured ones, when there is a same-token pair."""
     return list(cfg["diffing"]["methods"]) if same_token_pairs(cfg) else []

@@ -46,6 +46,7 @@ wildcard_constraints:
 DIFF_SAES = TRAINED_SAES if config["diff"]["enabled"] else []
 DIFFING_METHODS = grid.diffing_methods(config)
 DIFFING_LAYERS = grid.diffing_layers(config)
+ALL_ITERATIONS = grid.all_iterations_cells(config)  # M0..MX on DX, for one crosscoder over them all
 # timed same-token rules: (rule, the method it serves, one job per layer or per pair)
 DIFFING_BENCHMARKS = [
     ("crosscoder", "crosscoder", True),
@@ -263,6 +264,15 @@ def diffing_record_inputs(w):
     return files
 
 
+def crosscoder_spec(w):
+    return spec(
+        crosscoder=config["diffing"]["crosscoder"],
+        training=config["training"],
+        features=config["features"],
+        **placement(),
+    )
+
+
 def method_folder_args(input, methods):
     """--<method> <folder> for each method listed as input, the folder holding its files."""
     return " ".join(
@@ -297,13 +307,17 @@ def diffing_figure_inputs(w):
 
 
 def diffing_targets():
-    """The same-token records, one per iteration and layer (each lists its methods' files)."""
-    return [
+    """The same-token records, one per iteration and layer (each lists its methods' files), and the
+    all-iterations crosscoder's, one per layer."""
+    records = [
         grid.diffing_record(grid.same_token_pair(tuned.data[1:]), layer)
         for _, tuned in grid.same_token_pairs(config)
         for layer in grid.diffing_layers(config)
         if DIFFING_METHODS
     ]
+    if ALL_ITERATIONS:
+        records += [grid.diffing_record(grid.all_iterations_name(config), layer) for layer in DIFFING_LAYERS]
+    return records
 
 
 def layer_diff_jsons(w):
@@ -546,6 +560,7 @@ BENCHMARKS = (
         for layer in config["layers"]
         if DIFF_SAES
     ]
+    + [bench("crosscoder", f"all_layer{layer}") for layer in DIFFING_LAYERS if ALL_ITERATIONS]
     + [
         bench(rule, f"{tuned.model}_layer{layer}" if per_layer else tuned.model)
         for _, tuned in grid.same_token_pairs(config)

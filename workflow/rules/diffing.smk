@@ -20,18 +20,40 @@ rule crosscoder:
     resources:
         mem_mb=8000,
     params:
-        spec=lambda w: spec(
-            crosscoder=config["diffing"]["crosscoder"],
-            training=config["training"],
-            features=config["features"],
-            **placement(),
-        ),
+        spec=crosscoder_spec,
         out_dir=grid.diffing_dir("crosscoder", SAME_TOKEN_PAIR, "{layer}"),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff crosscoder --spec {params.spec:q} --layer {wildcards.layer} "
-        "--base-acts {input.base_acts:q} --tuned-acts {input.tuned_acts:q} --base-model-dir {input.base_model:q} "
-        "--tuned-model-dir {input.tuned_model:q} --samples {input.samples:q} --out-dir {params.out_dir:q} "
+        "--acts {input.base_acts:q} {input.tuned_acts:q} --model-dirs {input.base_model:q} {input.tuned_model:q} "
+        "--names M0 M{wildcards.i} --samples {input.samples:q} --out-dir {params.out_dir:q} "
         "--threads {threads} 3>&1 > {log:q} 2>&1"
+
+
+rule crosscoder_all_iterations:
+    """One crosscoder over M0..MX on the same tokens of the last iteration's data."""
+    input:
+        acts=lambda w: [grid.manifest(c.name, grid.site_dir(int(w.layer), "resid_post")) for c in ALL_ITERATIONS],
+        models=[grid.model_dir(c.model) for c in ALL_ITERATIONS],
+        samples=grid.samples(ALL_ITERATIONS[-1].data) if ALL_ITERATIONS else [],
+    output:
+        grid.crosscoder_files(grid.all_iterations_name(config), "{layer}"),
+    log:
+        "logs/crosscoder/all_layer{layer}.log",
+    benchmark:
+        bench("crosscoder", "all_layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 8
+    resources:
+        mem_mb=12000,
+    params:
+        spec=crosscoder_spec,
+        names=" ".join(c.model for c in ALL_ITERATIONS),
+        out_dir=grid.diffing_dir("crosscoder", grid.all_iterations_name(config), "{layer}"),
+    shell:
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff crosscoder --spec {params.spec:q} --layer {wildcards.layer} "
+        "--acts {input.acts:q} --model-dirs {input.models:q} --names {params.names} --samples {input.samples:q} "
+        "--out-dir {params.out_dir:q} --threads {threads} 3>&1 > {log:q} 2>&1"
 
 
 rule diff_sae:
@@ -163,3 +185,22 @@ rule diffing_record:
     shell:
         "sae-diff diffing-record --spec {params.spec:q} --pair M0_D{wildcards.i}__M{wildcards.i}_D{wildcards.i} "
         "--layer {wildcards.layer} {params.methods} --out {output:q} > {log:q} 2>&1"
+
+
+rule diffing_record_all_iterations:
+    """The all-iterations crosscoder's findings: per iteration, the latents its decoder holds and M0's does not."""
+    input:
+        crosscoder=grid.crosscoder_files(grid.all_iterations_name(config), "{layer}")[1:],
+    output:
+        grid.diffing_record(grid.all_iterations_name(config), "{layer}"),
+    log:
+        "logs/diffing_record/all_layer{layer}.log",
+    conda:
+        "../envs/analysis.yaml"
+    params:
+        spec=lambda w: spec(top=config["diffing"]["top"], agreement_cosine=config["diffing"]["agreement_cosine"]),
+        pair=grid.all_iterations_name(config),
+        folder=lambda w, input: os.path.dirname(input.crosscoder[0]),
+    shell:
+        "sae-diff diffing-record --spec {params.spec:q} --pair {params.pair} --layer {wildcards.layer} "
+        "--crosscoder {params.folder:q} --out {output:q} > {log:q} 2>&1"
