@@ -330,3 +330,23 @@ def test_neutral_texts_are_neutral_and_readable_by_the_tiny_model(tmp_path, tok)
     empty.write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="no texts"):
         lens.neutral_texts(empty)
+
+
+def test_kl_with_patches_equals_one_kl_with_patch_per_patch(trio, tok):
+    """One pass with several patches (base run once to the layer, the blocks above rerun per patch)
+    against kl_with_patch called once per patch, on a perturbed model: the same KL per token."""
+    base, perturbed, _, _ = trio
+    v = torch.randn(TINY_SPEC["d_model"], generator=torch.Generator().manual_seed(3))
+    patches = {
+        "identity": lambda hb, ht: hb,
+        "add": lambda hb, ht: hb + v,
+        "tuned": lambda hb, ht: ht,
+        "half": lambda hb, ht: 0.5 * (hb + ht),
+    }
+    before, after = lens.kl_with_patches(base, perturbed, tok, SAMPLES, 0, patches, batch_size=3, progress=False)
+    reference = lens.per_token_kl(base, perturbed, tok, SAMPLES, batch_size=3, progress=False)
+    pd.testing.assert_frame_equal(before, reference)
+    for name, patch in patches.items():
+        one = lens.kl_with_patch(base, perturbed, tok, SAMPLES, 0, "resid_post", patch, batch_size=3, progress=False)
+        np.testing.assert_allclose(after[name], one["kl_tuned_base"].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert lens.kl_recovery(before, after["identity"]) == pytest.approx(0.0, abs=1e-6)

@@ -463,6 +463,80 @@ def kl_with_patch(
     )
 
 
+def kl_with_patches(
+    base,
+    tuned,
+    tokenizer,
+    samples: pd.DataFrame,
+    layer: int,
+    patches: dict[str, Patch],
+    batch_size: int = 8,
+    place: "models.Placement | str" = "cpu",
+    exclude_special: bool = True,
+    exclude_first: bool = True,
+    max_length: int = 512,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """``per_token_kl`` and, for every patch at (``layer``, resid_post), KL(P_tuned ‖ P_base-patched)
+    per kept token, in one pass over the samples: per batch the tuned model runs once, the base
+    model once up to the layer (``models.branch_point``), and only the blocks above the layer run
+    again for each patch (``models.continue_from``). The same numbers as ``kl_with_patch`` called
+    once per patch (checked in a test), at a fraction of the cost when there are many patches
+    (KL recovery's null: one patch per random draw).
+
+    Returns the unpatched table (as ``per_token_kl``) and {patch name: kl_tuned_base array in the
+    table's row order}."""
+    from .progress import bar as progress_bar
+
+    site = (int(layer), "resid_post")
+    _check_sites(base, [site], "base")
+    _check_sites(tuned, [site], "tuned")
+    place = models.as_placement(place)
+    sequences = _sequences(tokenizer, samples, max_length, exclude_special, exclude_first)
+    pad_id = _pad_id(tokenizer)
+    before = _kl_table(
+        base, tuned, tokenizer, samples, batch_size, place, exclude_special, exclude_first, max_length, progress=False
+    )
+    per_sequence = {name: [None] * len(sequences) for name in patches}
+    bar = progress_bar(total=len(sequences), desc=f"KL with {len(patches)} patches", unit="seq", enabled=progress)
+    for rows in _batches([s.ids for s in sequences], batch_size):
+        seqs = [sequences[i] for i in rows]
+        counts = [int(s.keep.sum()) for s in seqs]
+        if not any(len(s.ids) for s in seqs):
+            for name in patches:
+                for i in rows:
+                    per_sequence[name][i] = np.zeros(0, np.float64)
+            continue
+        ids, mask = _pad([s.ids for s in seqs], pad_id)
+        inputs = dict(input_ids=ids.to(place.device), attention_mask=mask.to(place.device), use_cache=False)
+        keep = torch.zeros(ids.shape, dtype=torch.bool)
+        for j, s in enumerate(seqs):
+            keep[j, : len(s.ids)] = torch.from_numpy(s.keep)
+        with torch.inference_mode(), place.precision():
+            with models.capture(tuned, [site], stop=False) as store:
+                logits_t = tuned(**inputs).logits
+            h_tuned = store[site]
+            with models.branch_point(base, site[0]) as state:
+                base(**inputs)
+            h_base = state["hidden"]
+            kept_t = logits_t[keep.to(logits_t.device)]
+            for name, patch in patches.items():
+                new = patch(h_base, h_tuned.to(h_base.device))
+                if tuple(new.shape) != tuple(h_base.shape):
+                    raise ValueError(f"patch {name} returned shape {tuple(new.shape)}, expected {tuple(h_base.shape)}")
+                logits_b = models.continue_from(base, site[0], new.to(h_base.dtype), state)
+                kl_tb, _ = _kl_rows(kept_t.to(logits_b.device), logits_b[keep.to(logits_b.device)])
+                for i, part in zip(rows, np.split(kl_tb.numpy(), np.cumsum(counts)[:-1])):
+                    per_sequence[name][i] = part
+        bar.update(len(rows))
+    bar.close()
+    after = {
+        name: (np.concatenate(parts) if parts else np.zeros(0)).astype(np.float64)
+        for name, parts in per_sequence.items()
+    }
+    return before, after
+
+
 def _kl_values(kl, column: str) -> np.ndarray:
     if isinstance(kl, pd.DataFrame):
         return kl[column].to_numpy(dtype=np.float64)

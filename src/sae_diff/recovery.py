@@ -101,23 +101,22 @@ def measure(
     progress: bool = True,
 ) -> dict:
     """KL before, recovery of every target patch, and of its null draws (with the rank p)."""
-    before = lens.per_token_kl(
-        base, tuned, tokenizer, samples, batch_size, place, max_length=max_length, progress=progress
+    every = dict(targets)
+    for name, draws in nulls.items():
+        every.update({f"{name}/null{j}": patch for j, patch in enumerate(draws)})
+    before, after = lens.kl_with_patches(
+        base, tuned, tokenizer, samples, layer, every, batch_size, place, max_length=max_length, progress=progress
     )
 
-    def recover(patch: Patch) -> float:
-        after = lens.kl_with_patch(
-            base, tuned, tokenizer, samples, layer, "resid_post", patch, batch_size, place,
-            max_length=max_length, progress=False,
-        )  # fmt: skip
-        return lens.kl_recovery(before, after)
+    def recover(name: str) -> float:
+        return lens.kl_recovery(before, after[name])
 
     out = {"mean_kl_before": float(before["kl_tuned_base"].mean()), "n_tokens": int(len(before)), "targets": {}}
-    for name, patch in targets.items():
-        value = recover(patch)
+    for name in targets:
+        value = recover(name)
         block = {"recovery": value}
         if nulls.get(name):
-            null = [recover(p) for p in nulls[name]]
+            null = [recover(f"{name}/null{j}") for j in range(len(nulls[name]))]
             block.update(
                 null=null,
                 null_median=float(np.median(null)),
