@@ -13,16 +13,19 @@ Both train on the demo's shapes (d_model 576 as SmolLM2-135M, 2 models, d_sae 46
 batch 1024), Adam at the same constant learning rate, on the same batches of synthetic paired
 activations (a known sparse dictionary: shared directions, slightly rotated in model 1, and
 model-1-only directions, plus noise; float32, fixed seed), for the same number of steps, with
-the same threads, one after the other in this one process:
+the same threads, in this one process:
 
 * ``sae-diff train()``: ``crosscoder.train`` on a ``PairedStore`` of two stores written to a
   temp folder (the demo's shuffle buffer and checkpoint interval); steps are timed from inside
   its loop (the progress bar's updates), so data reading, logging and checkpoints count but
   setup and the final save do not.
-* ``sae-diff step``: the same per-step path as ``train`` (scale, lr, losses, backward, fused
-  Adam, dead-latent counters, logging every 10 steps) on the in-memory batches.
 * ``reference``: ``trainer.update(step, x)`` on the in-memory batches (threshold updates from
-  step 1 and threshold EMA 0.99, as ours, instead of its defaults 1000 and 0.999).
+  step 1 and threshold EMA 0.99, as ours, instead of its defaults 1000 and 0.999), interleaved
+  with ``train()``: after every ``--block`` of our steps (inside train()'s progress-bar update) the
+  reference runs as many of its own, so that a busy shared machine slows both alike; each side's
+  time is only that of its own steps.
+* ``sae-diff step``: the same per-step path as ``train`` (scale, lr, losses, backward, fused
+  Adam, dead-latent counters, logging every 10 steps) on the in-memory batches, run afterwards.
 
 Tokens/s over the steps after ``--warmup`` untimed ones; FVU per model on held-out tokens,
 1 − Σ‖x−x̂‖² / Σ‖x−mean x‖², averaged over the two models, with the training-time encoding (batch
@@ -30,9 +33,10 @@ top-k over held-out batches of the training batch size): after a few dozen steps
 inference threshold has settled (an EMA at 0.99 still weighs its first value by ~0.65), so the
 threshold encoding's FVU and L0 are printed beside it, not used. The last line is
 
-    crosscoder_vs_reference=<ours train() tok/s / reference tok/s> fvu_ours=<x> fvu_reference=<y>
+    crosscoder_vs_reference=<ours train() tok/s / reference tok/s> fvu_ours=<x> fvu_reference=<y> \
+        ms_per_step_ours=<a> ms_per_step_reference=<b>
 
-    python bench/crosscoder.py [--steps 40] [--warmup 3] [--threads 2] [--profile]
+    python bench/crosscoder.py [--steps 40] [--warmup 3] [--block 5] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -195,24 +199,36 @@ def timed_rate(stamps: list[float], warmup: int, batch: int) -> float:
     return batch * steps / (stamps[-1] - stamps[warmup - 1])
 
 
+def duration_rate(durations: list[float], warmup: int, batch: int) -> float:
+    """Tokens/s over the steps after ``warmup``: durations[i] is how long step i took."""
+    return batch * (len(durations) - warmup) / sum(durations[warmup:])
+
+
 # ---------------------------------------------------------------------------- ours
 
 
 class _Stamps:
-    """Stands in for the progress bar inside ``crosscoder.train``: records when each step ends."""
+    """Stands in for the progress bar inside ``crosscoder.train``: records how long each step took
+    and, after every ``block`` steps, runs ``between`` (the reference's steps), whose time is not ours."""
 
-    def __init__(self, *args, **kwargs):
-        self.times: list[float] = []
+    def __init__(self, block: int = 0, between=None):
+        self.durations: list[float] = []
+        self.block, self.between = block, between
+        self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
-        self.times.append(time.perf_counter())
+        self.durations.append(time.perf_counter() - self.last)
+        if self.between is not None and len(self.durations) % self.block == 0:
+            self.between(len(self.durations))
+        self.last = time.perf_counter()
 
     def close(self) -> None:
         pass
 
 
-def ours_train(paired, cfg, args, work: Path):
-    stamps = _Stamps()
+def ours_train(paired, cfg, args, work: Path, between=None):
+    """train() on the store; ``between(n)`` runs after every ``args.block`` steps (n: steps done)."""
+    stamps = _Stamps(args.block, between)
     real_bar = progress.bar
     progress.bar = lambda *a, **k: stamps
     try:
@@ -234,9 +250,9 @@ def ours_train(paired, cfg, args, work: Path):
         )
     finally:
         progress.bar = real_bar
-    if len(stamps.times) != args.total:
-        raise SystemExit(f"train() ran {len(stamps.times)} steps, expected {args.total}")
-    return crosscoder.load(folder), timed_rate(stamps.times, args.warmup, args.batch)
+    if len(stamps.durations) != args.total:
+        raise SystemExit(f"train() ran {len(stamps.durations)} steps, expected {args.total}")
+    return crosscoder.load(folder), duration_rate(stamps.durations, args.warmup, args.batch)
 
 
 def ours_step(batches, init_sample, scales, cfg, args):
@@ -292,13 +308,23 @@ def make_reference(trainer_cls, cfg, args):
     )
 
 
-def reference_run(trainer_cls, batches, cfg, args):
-    trainer = make_reference(trainer_cls, cfg, args)
-    stamps = []
-    for step, batch in enumerate(batches):
-        trainer.update(step, batch.clone())  # update normalises in place (a no-op here): give it its own copy
-        stamps.append(time.perf_counter())
-    return trainer.ae.eval(), timed_rate(stamps, args.warmup, args.batch)
+class ReferenceRun:
+    """The reference trainer on the in-memory batches, a few steps at a time (``until``)."""
+
+    def __init__(self, trainer_cls, batches, cfg, args):
+        self.trainer = make_reference(trainer_cls, cfg, args)
+        self.batches, self.args = batches, args
+        self.durations: list[float] = []
+
+    def until(self, n_steps: int) -> None:
+        for step in range(len(self.durations), min(n_steps, len(self.batches))):
+            start = time.perf_counter()
+            self.trainer.update(step, self.batches[step].clone())  # update normalises in place (a no-op here)
+            self.durations.append(time.perf_counter() - start)
+
+    def finish(self):
+        self.until(len(self.batches))
+        return self.trainer.ae.eval(), duration_rate(self.durations, self.args.warmup, self.args.batch)
 
 
 # ---------------------------------------------------------------------------- profile
@@ -328,33 +354,29 @@ def profile_parts(batches, scales, cfg, args, trainer_cls) -> None:
             parts.clear()  # the first two steps are warm-up
         with part("scale inputs"):
             xs = cc.scale_inputs(batch)
-        with part("encode (addmm + relu)"):
-            acts = torch.relu(cc.encode_pre(xs))
-        with part("decoder norms"):
-            norms = cc.decoder_norms()
-        with part("batch top-k (topk + mask)"):
-            weighted = acts * norms.sum(1)
-            f = cc._batch_topk(acts, weighted)
-        with part("threshold update"):
-            cc._update_threshold(f * norms.sum(1).detach())
-        with part("decode (dense f @ W_dec)"):
-            recon = cc.decode_scaled(f)
-        with part("loss"):
-            per_model = (recon - xs).pow(2).sum(-1).mean(0)
-            loss = per_model.sum()
-            fired = (f > 0).any(0)
-            (f > 0).sum(-1).float().mean()
+        dead = since_fired >= args.dead_tokens
+        with torch.no_grad():  # the forward's dense part on its own (training_losses repeats it)
+            with part("(of which: dense encode)"):
+                acts = cc.encode_pre(xs).relu_()
+            with part("(of which: batch top-k)"):
+                weighted = acts * cc.decoder_norms().sum(1)
+                crosscoder._flat_topk(weighted.view(-1), cfg.k * len(xs))
+        with part("forward (training_losses)"):
+            out = cc.training_losses(xs, dead=dead)
         with part("backward"):
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            out["loss"].backward()
         with part("adam (fused)"):
             opt.step()
         with part("dead-latent counters"):
             since_fired += len(xs)
-            since_fired[fired] = 0
-    total = sum(parts.values())
+            since_fired[out["fired"]] = 0
+    parts = {name: t for name, t in parts.items() if not name.startswith("(")} | {
+        name: t for name, t in parts.items() if name.startswith("(")
+    }
+    total = sum(t for name, t in parts.items() if not name.startswith("("))
     print(f"our step, by part (mean of {n - 2} steps, {total / (n - 2) * 1e3:.0f} ms/step):")
-    for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
+    for name, seconds in parts.items():
         print(f"  {name:<30}{seconds / (n - 2) * 1e3:>9.1f} ms{100 * seconds / total:>7.1f}%")
 
     from torch.profiler import ProfilerActivity, profile
@@ -390,6 +412,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps (after --warmup untimed ones)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--block", type=int, default=5, help="steps of each before switching to the other")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--d-model", type=int, default=576)
     parser.add_argument("--expansion", type=int, default=8)
@@ -404,8 +427,8 @@ def main() -> None:
     parser.add_argument("--reference-src", type=Path, default=DEFAULT_SRC)
     parser.add_argument("--profile", action="store_true", help="also time each part of both steps")
     args = parser.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("--warmup and --steps must be at least 1")
+    if args.warmup < 1 or args.steps < 1 or args.block < 1:
+        raise SystemExit("--warmup, --steps and --block must be at least 1")
     args.total = args.warmup + args.steps
     torch.set_num_threads(args.threads)
 
@@ -438,17 +461,17 @@ def main() -> None:
             file=sys.stderr,
         )
 
-        cc, tok_s = ours_train(paired, cfg, args, work)
+        reference = ReferenceRun(trainer_cls, batches, cfg, args)
+        cc, tok_s = ours_train(paired, cfg, args, work, between=reference.until)
+        ae, ref_tok_s = reference.finish()
         results.append(("sae-diff train()", tok_s, *evaluate_ours(cc, eval_acts, args.batch)))
-        print(f"sae-diff train(): {tok_s:.0f} tok/s", file=sys.stderr)
+        print(f"sae-diff train(): {tok_s:.0f} tok/s, reference (interleaved): {ref_tok_s:.0f} tok/s", file=sys.stderr)
 
-        cc, tok_s = ours_step(raw_batches, train_acts[:4096], scales, cfg, args)
-        results.append(("sae-diff step", tok_s, *evaluate_ours(cc, eval_acts, args.batch)))
-        print(f"sae-diff step: {tok_s:.0f} tok/s", file=sys.stderr)
+        cc, step_tok_s = ours_step(raw_batches, train_acts[:4096], scales, cfg, args)
+        results.append(("sae-diff step", step_tok_s, *evaluate_ours(cc, eval_acts, args.batch)))
+        print(f"sae-diff step: {step_tok_s:.0f} tok/s", file=sys.stderr)
 
-        ae, tok_s = reference_run(trainer_cls, batches, cfg, args)
-        results.append(("reference update()", tok_s, *evaluate_reference(ae, eval_scaled, args.batch)))
-        print(f"reference: {tok_s:.0f} tok/s", file=sys.stderr)
+        results.append(("reference update()", ref_tok_s, *evaluate_reference(ae, eval_scaled, args.batch)))
 
         if args.profile:
             profile_parts(raw_batches, scales, cfg, args, trainer_cls)
@@ -456,7 +479,8 @@ def main() -> None:
     print(
         f"BatchTopK crosscoder, synthetic paired activations, 2 models x d {d}, d_sae {cfg.d_sae}, k {cfg.k}, "
         f"batch {args.batch}, Adam lr {args.lr} constant, {args.threads} threads; {args.steps} timed steps after "
-        f"{args.warmup}; FVU on {len(eval_acts)} held-out tokens after {args.total} steps; reference: {source}"
+        f"{args.warmup}; train() and the reference interleaved in blocks of {args.block} steps; FVU on "
+        f"{len(eval_acts)} held-out tokens after {args.total} steps; reference: {source}"
     )
     print(
         f"{'implementation':<20}{'tok/s':>8}{'FVU m0':>8}{'FVU m1':>8}{'FVU':>8}"
@@ -470,7 +494,8 @@ def main() -> None:
     ours, ref = results[0], results[2]
     print(
         f"crosscoder_vs_reference={ours[1] / ref[1]:.2f} fvu_ours={sum(ours[2]) / 2:.4f} "
-        f"fvu_reference={sum(ref[2]) / 2:.4f}"
+        f"fvu_reference={sum(ref[2]) / 2:.4f} ms_per_step_ours={args.batch / ours[1] * 1e3:.0f} "
+        f"ms_per_step_reference={args.batch / ref[1] * 1e3:.0f}"
     )
 
 

@@ -113,6 +113,53 @@ def test_forward_and_backward_match_a_dense_float64_reference(arch, n_models):
             torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_training_path_matches_the_dense_one(with_dead):
+    """Compared: loss, MSE (per model), AuxK term, L0, fired latents, reconstructions, the updated
+    threshold and every parameter's gradient of ``training_losses``' sparse BatchTopK path with its
+    dense formulation (``dense=True``) on random inputs, in float64 (to 1e-10) and float32 (to 1e-5);
+    with dead latents, half the latents are dead and some of them also among the kept entries, so
+    that an entry's encoder gradient comes from both the reconstruction and AuxK."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for trial in range(3):
+            gen = torch.Generator().manual_seed(200 + trial)
+            x = torch.randn(33, 2, 6, generator=gen, dtype=dtype) * 2
+            dead = torch.rand(40, generator=gen) < 0.5 if with_dead else None
+            results = []
+            for dense in (False, True):
+                cc = random_cc(d_sae=40, k=4, seed=trial, dtype=dtype, k_aux=5, aux_coefficient=0.5).train()
+                with torch.no_grad():
+                    cc.threshold.fill_(0.3 * trial)  # trial 0: the first estimate, then the running mean
+                out = cc.training_losses(cc.scale_inputs(x), dead=dead, dense=dense)
+                out["loss"].backward()
+                results.append((cc, out))
+            (cc, out), (ref_cc, ref) = results
+            assert set(out) == set(ref) and ("aux" in out) == with_dead
+            assert torch.equal(out["fired"], ref["fired"])
+            if with_dead:
+                assert bool((out["fired"] & dead).any())  # entries both kept and AuxK's
+            for key in ("loss", "mse", "mse_per_model", "l0", "recon", *(("aux",) if with_dead else ())):
+                torch.testing.assert_close(out[key].detach(), ref[key].detach(), rtol=tol, atol=tol, msg=key)
+            torch.testing.assert_close(cc.threshold, ref_cc.threshold, rtol=tol, atol=tol)
+            for name, p in cc.named_parameters():
+                ref_grad = dict(ref_cc.named_parameters())[name].grad
+                torch.testing.assert_close(p.grad, ref_grad, rtol=tol, atol=tol, msg=name)
+
+
+def test_grouped_flat_topk_keeps_the_same_values_as_topk():
+    """Compared: ``_flat_topk``'s values (sorted) with torch.topk's, that its indices are distinct and
+    point at its values, on random vectors with runs of zeros and repeated values (ties), for group
+    counts that take the grouped path and one that falls back to topk."""
+    gen = torch.Generator().manual_seed(5)
+    for n, n_keep, groups in ((1320, 132, 8), (4096, 500, 8), (4096, 600, 4), (1000, 7, 16), (96, 20, 8)):
+        values = torch.relu(torch.randn(n, generator=gen))  # half zeros
+        values[: n // 10] = values[n // 10 : 2 * (n // 10)]  # repeated values
+        top_values, top_indices = C._flat_topk(values, n_keep, groups)
+        assert len(top_indices) == n_keep and len(set(top_indices.tolist())) == n_keep
+        assert torch.equal(values[top_indices], top_values)
+        assert torch.equal(top_values.sort().values, values.topk(n_keep).values.sort().values)
+
+
 def test_batchtopk_keeps_exactly_k_per_token_over_the_batch():
     """Compared: the number of non-zero latents in a training batch with k·B, for several B; and
     the set kept with the k·B largest decoder-norm-weighted activations. In eval mode with a

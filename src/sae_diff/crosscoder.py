@@ -22,6 +22,8 @@ and its crosscoder trainers, as used by Minder et al. 2025):
   unweighted value relu(pre)_j. During training a running estimate of the smallest kept weighted
   value becomes the inference threshold (f_j = relu(pre)_j where relu(pre)_j Σ_m‖d_j^m‖ > θ), as in
   our SAE's batchtopk. Loss: Σ_m ‖x̃_m − x̂̃_m‖² + AuxK for dead latents (Gao et al. 2024).
+  Training steps go through the k·B kept entries only (sparse decode and sparse gradients; see
+  "sparse training" below); only the forward encode is a dense matmul.
 * ``l1``: f = relu(pre), loss = Σ_m ‖x̃_m − x̂̃_m‖² + λ Σ_j f_j Σ_m ‖d_j^m‖ (the original
   crosscoder loss). Kept to show its artefacts: the L1 term drives a decoder whose model explains
   little of a latent to exactly zero ("complete shrinkage") and splits shared concepts into
@@ -53,11 +55,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import ActivationStoreError, DataError, TrainingError
 from .io import atomic_dir, atomic_path, check_replaceable, crash_point, sha256_file, verify_checksums, write_json
@@ -158,6 +162,138 @@ class CrosscoderConfig:
         return asdict(self)
 
 
+# ---------------------------------------------------------------------------- sparse training
+
+# BatchTopK keeps k·B of the B·d_sae latent activations of a batch (32k of 4.7M at the demo's
+# shapes). Training goes through those entries as flat row-major lists (row, latent, value): the
+# decode, its two gradients and the encoder's weight gradient are gathers and scatter-sums over
+# the entries (embedding_bag, sampled dense-dense products) instead of four dense [B, d_sae]
+# matmuls; only the forward encode stays dense (batch top-k needs every pre-activation).
+
+
+def _sort_indices(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index.sort(-1)`` for non-negative integer indices below 2**53, through float64 keys: on CPU
+    torch's integer sort is ~40x slower than its float sort (250 vs 6 ms for 32k int64)."""
+    if index.device.type != "cpu":
+        return index.sort(dim=-1)
+    values, order = index.double().sort(dim=-1)
+    return values.long(), order
+
+
+TOPK_GROUPS = 8  # _flat_topk's number of interleaved groups
+
+
+def _flat_topk(values: torch.Tensor, n_keep: int, groups: int = TOPK_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values.topk(n_keep, sorted=False)`` of a flat tensor, as (values, indices), through group maxima.
+
+    torch's CPU topk of a few thousand out of millions is one slow single-threaded pass (~90 ms for
+    32k of 4.7M). Split the values into ``groups`` interleaved slices of length L = N / groups and
+    call column c the values c, c + L, c + 2L, …; the n_keep columns with the largest maxima
+    contain n_keep values at least the smallest of those maxima, so every value of the top n_keep
+    lies in them (up to ties): one topk over the L column maxima and one over the n_keep · groups
+    values of the chosen columns give the same set (ties broken arbitrarily, as topk's own are).
+    """
+    n = values.numel()
+    if n % groups or n // groups < n_keep:
+        top = values.topk(n_keep, sorted=False)
+        return top.values, top.indices
+    columns = values.view(groups, n // groups)
+    chosen = columns.amax(0).topk(n_keep, sorted=False).indices
+    candidates = columns.index_select(1, chosen).view(-1)  # [groups, n_keep] flattened
+    top = candidates.topk(n_keep, sorted=False)
+    slot = top.indices % n_keep
+    return top.values, (top.indices // n_keep) * (n // groups) + chosen.index_select(0, slot)
+
+
+def _offsets(index: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR offsets [n + 1] of the groups of a sorted index with values in [0, n)."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.bincount(index, minlength=n).cumsum(0)
+    return crow
+
+
+def _by_column(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> tuple:
+    """Entries (rows, cols) grouped by column, ordered by row within each (so sums over them are
+    deterministic): (order, rows in that order, CSR offsets [n_cols + 1] of the groups)."""
+    order = _sort_indices(cols * n_rows + rows)[1]
+    return order, rows.index_select(0, order), _offsets(cols.index_select(0, order), n_cols)
+
+
+def _scatter_rows(by_column: tuple, vals: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """out[c] = Σ_{e: cols[e] = c} vals[e] · dense[rows[e]] ([n_cols, dense.shape[1]]), i.e. Gᵀ·dense for
+    the sparse matrix G with entries (rows, cols, vals) given as ``_by_column``; repeated entries add up."""
+    order, rows, offsets = by_column
+    weights = vals.index_select(0, order).to(dense.dtype)  # (x[idx] is ~100x slower than index_select on CPU)
+    return F.embedding_bag(rows, dense, offsets[:-1], mode="sum", per_sample_weights=weights)
+
+
+def _entry_dots(rows: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """out[e] = left[rows[e]] · right[cols[e]] for row-major entries (CSR offsets ``crow``, columns sorted
+    within rows): a sampled dense-dense product on the CPU, row gathers in chunks elsewhere."""
+    if left.device.type == "cpu":
+        with warnings.catch_warnings():  # CSR is "beta" in torch; this use is covered by the tests
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                crow, cols, torch.zeros(len(cols), dtype=left.dtype), (len(left), len(right)), check_invariants=False
+            )
+            return torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
+    out = torch.empty(len(rows), dtype=left.dtype, device=left.device)
+    chunk = 1 << 14
+    for start in range(0, len(rows), chunk):
+        stop = start + chunk
+        out[start:stop] = (left[rows[start:stop]] * right[cols[start:stop]]).sum(-1)
+    return out
+
+
+class _EntryEncode(torch.autograd.Function):
+    """vals[e] = acts[rows[e], cols[e]] with acts = relu(xs_flat @ W_enc + b_enc) [B, d_sae], computed
+    by the caller without autograd. The pre-activations' gradient is nonzero only at the entries, so
+    grad W_enc = xs_flatᵀ · G is a scatter-sum of input rows into the used columns (G: the entries'
+    gradients through the ReLU) and grad b_enc an index_add; repeated entries add up."""
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, xs_flat, acts, rows, cols, *by_column):
+        vals = acts.reshape(-1).index_select(0, rows * acts.shape[1] + cols)
+        ctx.save_for_backward(xs_flat, cols, vals, *by_column)
+        ctx.n_latents = acts.shape[1]
+        return vals
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        xs_flat, cols, vals, *by_column = ctx.saved_tensors
+        grad_pre = grad_vals * (vals > 0)  # ReLU: no gradient through clipped latents
+        grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # [d_sae, n·d] scatter-sum, transposed into W_enc's layout
+            grad_W = _scatter_rows(by_column, grad_pre, xs_flat).t().contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.zeros(ctx.n_latents, dtype=grad_pre.dtype, device=grad_pre.device)
+            grad_b.index_add_(0, cols, grad_pre)
+        return grad_W, grad_b, None, None, None, None, None, None, None
+
+
+class _EntryDecode(torch.autograd.Function):
+    """out[r] = Σ_{e: rows[e] = r} vals[e] · W_dec[cols[e]] ([B, n·d]) for row-major entries (CSR
+    offsets ``crow``, columns sorted within rows). Backward: grad vals[e] = grad_out[rows[e]] ·
+    W_dec[cols[e]] (sampled dense-dense product), grad W_dec a scatter-sum of grad_out rows into the
+    used decoder rows."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, cols, crow, *by_column):
+        ctx.save_for_backward(vals, W_dec, rows, cols, crow, *by_column)
+        return F.embedding_bag(cols, W_dec, crow[:-1], mode="sum", per_sample_weights=vals.to(W_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        vals, W_dec, rows, cols, crow, *by_column = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = _entry_dots(rows, cols, crow, grad_out, W_dec)
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_rows(by_column, vals, grad_out)
+        return grad_vals, grad_W, None, None, None, None, None, None
+
+
 class Crosscoder(nn.Module):
     """Acausal crosscoder; ``encode``/``decode``/``forward`` take and give raw activations [B, n, d]."""
 
@@ -238,9 +374,15 @@ class Crosscoder(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def training_losses(self, xs: torch.Tensor, dead: torch.Tensor | None = None) -> dict:
-        """Loss terms for one batch of *scaled* inputs [B, n, d]; ``dead``: bool [d_sae] (AuxK)."""
+    def training_losses(self, xs: torch.Tensor, dead: torch.Tensor | None = None, *, dense: bool = False) -> dict:
+        """Loss terms for one batch of *scaled* inputs [B, n, d]; ``dead``: bool [d_sae] (AuxK).
+
+        BatchTopK trains through the kept entries only (``_sparse_losses``); ``dense=True`` computes
+        the same loss with dense [B, d_sae] latents (the plain formulation, kept as its reference).
+        """
         cfg = self.cfg
+        if cfg.architecture == "batchtopk" and not dense:
+            return self._sparse_losses(xs, dead)
         acts = torch.relu(self.encode_pre(xs))
         norms = self.decoder_norms()
         out: dict = {}
@@ -259,7 +401,7 @@ class Crosscoder(nn.Module):
             sparsity = (f * norms.sum(1)).sum(-1).mean()
             loss = loss + cfg.l1_coefficient * sparsity
             out["l1"] = sparsity.detach()
-        elif cfg.aux_coefficient > 0 and dead is not None and bool(dead.any()):
+        elif self._aux_active(dead):
             aux = self._aux_loss(xs, recon, dead, acts, norms)
             loss = loss + cfg.aux_coefficient * aux
             out["aux"] = aux.detach()
@@ -269,6 +411,9 @@ class Crosscoder(nn.Module):
         out["recon"] = recon.detach()
         return out
 
+    def _aux_active(self, dead: torch.Tensor | None) -> bool:
+        return self.cfg.aux_coefficient > 0 and dead is not None and bool(dead.any())
+
     def _aux_loss(self, xs, recon, dead, acts, norms):
         """AuxK: the top dead latents (by weighted activation) reconstruct the residual the live ones left."""
         d_sae, n, d = self.W_dec.shape
@@ -277,16 +422,89 @@ class Crosscoder(nn.Module):
         acts_dead = acts[:, dead_idx]
         local = (acts_dead * norms[dead_idx].sum(1)).detach().topk(k_aux, dim=-1).indices
         vals = acts_dead.gather(1, local)
-        residual = (xs - recon).detach().reshape(len(xs), n * d)
         recon_aux = kernels.sparse_decode(dead_idx[local], vals, self.W_dec.view(d_sae, n * d))
+        return self._aux_ratio(xs, recon, recon_aux)
+
+    @staticmethod
+    def _aux_ratio(xs, recon, recon_aux):
+        """AuxK's loss: the dead latents' reconstruction of the residual, normalised by its variance."""
+        residual = (xs - recon).detach().reshape(len(xs), -1)
         denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return (residual - recon_aux).pow(2).sum(-1).mean() / denom
 
     @torch.no_grad()
+    def _select(self, xs: torch.Tensor, dead: torch.Tensor | None) -> dict:
+        """BatchTopK's kept entries of a training batch, without autograd: the dense encode (one
+        matmul) and batch top-k, as flat row-major lists ``rows``, ``cols`` (CSR row offsets
+        ``crow``) and their weighted values; plus AuxK's entries (``aux_cols`` [B, k_aux], sorted
+        per row) when latents are dead. ``acts`` is relu(pre) [B, d_sae]."""
+        cfg = self.cfg
+        batch, d_sae = len(xs), cfg.d_sae
+        norm_sum = self.decoder_norms().sum(1)
+        acts = self.encode_pre(xs).relu_()
+        weighted = acts * norm_sum
+        n_keep = min(cfg.k * batch, acts.numel())
+        top_values, top_indices = _flat_topk(weighted.view(-1), n_keep)
+        flat, order = _sort_indices(top_indices)  # row-major: sorted columns within each row
+        rows, cols = flat // d_sae, flat % d_sae
+        kept = top_values.index_select(0, order)
+        sel = {"acts": acts, "rows": rows, "cols": cols, "crow": _offsets(rows, batch), "weighted": kept}
+        if self._aux_active(dead):
+            dead_idx = dead.nonzero().squeeze(1)
+            k_aux = min(cfg.k_aux or cfg.d_in // 2, len(dead_idx))
+            local = weighted.index_select(1, dead_idx).topk(k_aux, dim=-1).indices
+            sel["aux_cols"] = _sort_indices(dead_idx.index_select(0, local.reshape(-1)).view_as(local))[0]
+        return sel
+
+    def _sparse_losses(self, xs: torch.Tensor, dead: torch.Tensor | None) -> dict:
+        """BatchTopK's loss through its kept entries: the encoder's and the decoder's gradients are
+        sparse products over the B·k kept entries (and AuxK's), never dense [B, d_sae] ones."""
+        batch = len(xs)
+        d_sae, n, d = self.W_dec.shape
+        xs_flat = xs.reshape(batch, n * d)
+        W_dec = self.W_dec.view(d_sae, n * d)
+        sel = self._select(xs, dead)
+        rows, cols = sel["rows"], sel["cols"]
+        aux_cols = sel.get("aux_cols")
+        kept_by_column = _by_column(rows, cols, batch, d_sae)
+        if aux_cols is not None:  # one encoder backward for both sets of entries
+            k_aux = aux_cols.shape[1]
+            aux_rows = torch.arange(batch, device=xs.device).repeat_interleave(k_aux)
+            all_rows, all_cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols.reshape(-1)])
+            all_by_column = _by_column(all_rows, all_cols, batch, d_sae)
+        else:
+            all_rows, all_cols, all_by_column = rows, cols, kept_by_column
+        W_enc = self.W_enc.view(n * d, d_sae)
+        vals_all = _EntryEncode.apply(W_enc, self.b_enc, xs_flat, sel["acts"], all_rows, all_cols, *all_by_column)
+        vals = vals_all[: len(rows)]
+        if self.training:
+            self._update_threshold(sel["weighted"])
+        recon = _EntryDecode.apply(vals, W_dec, rows, cols, sel["crow"], *kept_by_column).view(batch, n, d) + self.b_dec
+        per_model = (recon - xs).pow(2).sum(-1).mean(0)  # [n]
+        mse = per_model.sum()
+        loss = mse
+        out: dict = {}
+        if aux_cols is not None:
+            crow_aux = torch.arange(0, batch * k_aux + 1, k_aux, device=xs.device)
+            aux_flat = aux_cols.reshape(-1)
+            aux_by_column = _by_column(aux_rows, aux_flat, batch, d_sae)
+            recon_aux = _EntryDecode.apply(vals_all[len(rows) :], W_dec, aux_rows, aux_flat, crow_aux, *aux_by_column)
+            aux = self._aux_ratio(xs, recon, recon_aux)
+            loss = loss + self.cfg.aux_coefficient * aux
+            out["aux"] = aux.detach()
+        positive = (vals.detach() > 0).to(xs.dtype)
+        fired = torch.bincount(cols, weights=positive, minlength=d_sae) > 0
+        l0 = positive.sum().float() / batch
+        out.update(loss=loss, mse=mse.detach(), mse_per_model=per_model.detach(), l0=l0, fired=fired)
+        out["recon"] = recon.detach()
+        return out
+
+    @torch.no_grad()
     def _update_threshold(self, weighted_kept: torch.Tensor) -> None:
-        positive = weighted_kept[weighted_kept > 0]
-        if positive.numel():
-            current = positive.min()
+        if not weighted_kept.numel():
+            return
+        current = torch.where(weighted_kept > 0, weighted_kept, math.inf).min()  # the smallest positive one
+        if math.isfinite(current):
             old = self.threshold[0]
             momentum = self.cfg.threshold_momentum
             self.threshold.fill_(float(current if old <= 0 else momentum * old + (1 - momentum) * current))
