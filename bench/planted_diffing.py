@@ -179,7 +179,7 @@ def perplexity(model, tokenizer, samples: pd.DataFrame, max_length: int) -> floa
 # --------------------------------------------------------------------------- methods
 
 
-def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args) -> dict:
+def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args, true_dir: torch.Tensor) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cfg = crosscoder.CrosscoderConfig(
@@ -195,6 +195,7 @@ def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args) -> dic
     cc = crosscoder.load(out / "crosscoder")
     table["cos_u"] = cos_with(cc.W_dec.detach()[:, 1], u)
     table["abs_cos_u"] = table["cos_u"].abs()
+    table["abs_cos_true"] = np.abs(cos_with(cc.W_dec.detach()[:, 1], true_dir))
     ranked = table.dropna(subset=["mi_only_rank"]).sort_values("mi_only_rank")
     top = ranked.head(TOP)
     best = table.loc[table["abs_cos_u"].idxmax()]
@@ -203,6 +204,9 @@ def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args) -> dic
         "found": bool(len(hit)),
         "abs_cos_top5_best": float(top["abs_cos_u"].max()) if len(top) else float("nan"),
         "rank_of_found": int(hit["mi_only_rank"].iloc[0]) if len(hit) else None,
+        "found_true": bool((top["abs_cos_true"] >= FOUND_COS).any()),
+        "abs_cos_true_top5_best": float(top["abs_cos_true"].max()) if len(top) else float("nan"),
+        "best_abs_cos_true": float(table["abs_cos_true"].max()),
         "top5_mi_only": [
             {
                 "latent": int(r.latent),
@@ -227,7 +231,9 @@ def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args) -> dic
     }
 
 
-def run_diff_sae(base, tuned, u, out: Path, args, architecture: str, cfg: dict, samples, model, tokenizer) -> dict:
+def run_diff_sae(
+    base, tuned, u, out: Path, args, architecture: str, cfg: dict, samples, model, tokenizer, true_dir
+) -> dict:
     if out.exists():
         shutil.rmtree(out)
     block = dict(cfg["diffing"]["diff_sae"], architecture=architecture, lr=args.lr, k=args.k)
@@ -247,6 +253,7 @@ def run_diff_sae(base, tuned, u, out: Path, args, architecture: str, cfg: dict, 
     sae = files.load(out / "sae")
     cosines = cos_with(sae.W_dec.detach(), u)
     table["abs_cos_u"] = np.abs(cosines[table["latent"].to_numpy()])
+    table["abs_cos_true"] = np.abs(cos_with(sae.W_dec.detach(), true_dir)[table["latent"].to_numpy()])
     top = table.head(TOP)
     hit = top[top["abs_cos_u"] >= FOUND_COS]
     best = table.loc[table["abs_cos_u"].idxmax()]
@@ -255,6 +262,9 @@ def run_diff_sae(base, tuned, u, out: Path, args, architecture: str, cfg: dict, 
         "identical": False,
         "abs_cos_top5_best": float(top["abs_cos_u"].max()),
         "rank_of_found": int(hit["rank"].iloc[0]) if len(hit) else None,
+        "found_true": bool((top["abs_cos_true"] >= FOUND_COS).any()),
+        "abs_cos_true_top5_best": float(top["abs_cos_true"].max()),
+        "best_abs_cos_true": float(table["abs_cos_true"].max()),
         "top5": [
             {"latent": int(r.latent), "share": round(float(r.share), 4), "abs_cos_u": round(float(r.abs_cos_u), 4)}
             for r in top.itertuples()
@@ -271,7 +281,7 @@ def run_diff_sae(base, tuned, u, out: Path, args, architecture: str, cfg: dict, 
     }
 
 
-def run_adl(base, tuned, tokenizer, text_sets: dict, u, layer: int, n_positions: int) -> dict:
+def run_adl(base, tuned, tokenizer, text_sets: dict, u, layer: int, n_positions: int, true_dir) -> dict:
     out = {}
     keep = lens.headline_positions(n_positions)
     for name, texts in text_sets.items():
@@ -290,6 +300,7 @@ def run_adl(base, tuned, tokenizer, text_sets: dict, u, layer: int, n_positions:
         ]
         out[name] = {
             "abs_cos": abs(cosine) if norm > 0 else float("nan"),
+            "abs_cos_true": float(abs(cos_with(direction[None], true_dir)[0])) if norm > 0 else float("nan"),
             "direction_norm": norm,
             "tuned_norm": float(np.nanmean(block["tuned_norm"][keep])),
             "abs_cos_per_position": [round(c, 4) for c in per_position],
@@ -460,7 +471,7 @@ def main() -> None:
     for split in ("train", "eval"):
         mask, delta = edited_mask(planted, split)
         masks[split] = mask
-        on = torch.from_numpy(mask["edited"].to_numpy())
+        on = torch.from_numpy(mask["edited"].to_numpy().copy())
         is_class = mask["token_id"].to_numpy() == built["edit"]["token_id"]
         record["construction"][f"{split}_fraction_moved_gt_10pct"] = float(mask["edited"].mean())
         record["construction"][f"{split}_class_fraction"] = float(is_class.mean())
@@ -480,6 +491,11 @@ def main() -> None:
         record["construction"][f"{split}_share_of_diff_energy_along_u"] = float(
             (delta @ u.double()).pow(2).sum() / delta.pow(2).sum().clamp_min(1e-300)
         )
+    # the planted change as it arrives at the layer: blocks after the edit answer u with their own writes, so
+    # the mean difference over the edited train tokens is the second reference direction ("true")
+    train_mask, train_delta = edited_mask(planted, "train")
+    true_dir = train_delta[torch.from_numpy(train_mask["edited"].to_numpy().copy())].mean(0).float()
+    record["construction"]["abs_cos_true_dir_u"] = float(abs(cos_with(true_dir[None], u)[0]))
     control_max = float(control.all("eval")["acts"].diff(dim=1).abs().max())
     record["construction"]["control_max_abs_diff_eval"] = control_max
     say(f"construction: {json.dumps(record['construction'])}")
@@ -492,13 +508,13 @@ def main() -> None:
     ):
         res = results[pair_name]
         say(f"[{pair_name}] crosscoder")
-        res["crosscoder"] = run_crosscoder(paired, u, work / pair_name / "crosscoder", args)
+        res["crosscoder"] = run_crosscoder(paired, u, work / pair_name / "crosscoder", args, true_dir)
         say(f"[{pair_name}] crosscoder: {json.dumps({k: v for k, v in res['crosscoder'].items()})}")
         for arch in ("batchtopk", "topk"):
             say(f"[{pair_name}] diff-SAE {arch}")
             res[f"diff_sae_{arch}"] = run_diff_sae(
                 stores["M0"], tuned_store, u, work / pair_name / f"diff_sae_{arch}", args, arch, cfg, samples,
-                tuned_model, tokenizer,
+                tuned_model, tokenizer, true_dir,
             )  # fmt: skip
             shown = {k: v for k, v in res[f"diff_sae_{arch}"].items() if k != "live_latents"}
             say(f"[{pair_name}] diff-SAE {arch}: {json.dumps(shown)}")
@@ -507,7 +523,7 @@ def main() -> None:
             "neutral": lens.neutral_texts(ROOT / "resources/prompts/neutral.txt"),
             "data": samples[samples["split"] == "train"].sort_values("sample_id")["text"].astype(str).tolist(),
         }
-        res["adl"] = run_adl(m0, tuned_model, tokenizer, text_sets, u, args.layer, 5)
+        res["adl"] = run_adl(m0, tuned_model, tokenizer, text_sets, u, args.layer, 5, true_dir)
         say(
             f"[{pair_name}] ADL: "
             + json.dumps(
@@ -551,7 +567,8 @@ def main() -> None:
             "rank": p["crosscoder"]["rank_of_found"],
             "extra": f"best |cos| {fmt(p['crosscoder']['best_abs_cos'])} latent {p['crosscoder']['best_latent']} "
             f"class {p['crosscoder']['best_class']} label {p['crosscoder']['best_label']} "
-            f"mi_only rank {fmt(p['crosscoder']['best_mi_only_rank'])}; n mi_only {p['crosscoder']['n_mi_only']}",
+            f"mi_only rank {fmt(p['crosscoder']['best_mi_only_rank'])}; n mi_only {p['crosscoder']['n_mi_only']}; "
+            f"top-5 |cos true| {fmt(p['crosscoder']['abs_cos_true_top5_best'])}",
             "kl_recovery": rec_cell("crosscoder_top5_mi_only"),
             "control": f"mi_only latents (false alarms) {c['crosscoder']['n_mi_only']}",
         },
@@ -562,7 +579,8 @@ def main() -> None:
                 "abs_cos": p[f"diff_sae_{arch}"]["abs_cos_top5_best"],
                 "rank": p[f"diff_sae_{arch}"]["rank_of_found"],
                 "extra": f"best |cos| {fmt(p[f'diff_sae_{arch}']['best_abs_cos'])} at share rank "
-                f"{p[f'diff_sae_{arch}']['best_rank']}; FVU {fmt(p[f'diff_sae_{arch}']['fvu'])}",
+                f"{p[f'diff_sae_{arch}']['best_rank']}; FVU {fmt(p[f'diff_sae_{arch}']['fvu'])}; "
+                f"top-5 |cos true| {fmt(p[f'diff_sae_{arch}']['abs_cos_true_top5_best'])}",
                 "kl_recovery": rec_cell("diff_sae_top5") if arch == "batchtopk" else "-",
                 "control": f"identical {c[f'diff_sae_{arch}'].get('identical')}, "
                 f"latents {c[f'diff_sae_{arch}'].get('n_latents')}",
@@ -575,7 +593,8 @@ def main() -> None:
             "abs_cos": max(v["abs_cos"] for v in p["adl"]["sets"].values()),
             "rank": None,
             "extra": "; ".join(
-                f"{k}: |cos| {fmt(v['abs_cos'])}, norm {fmt(v['direction_norm'])}" for k, v in p["adl"]["sets"].items()
+                f"{k}: |cos| {fmt(v['abs_cos'])}, |cos true| {fmt(v['abs_cos_true'])}, norm {fmt(v['direction_norm'])}"
+                for k, v in p["adl"]["sets"].items()
             ),
             "kl_recovery": rec_cell("adl_data_direction"),
             "control": "norm " + ", ".join(f"{k} {v['direction_norm']:.3g}" for k, v in c["adl"]["sets"].items()),
@@ -601,7 +620,7 @@ def main() -> None:
         print(" | ".join(cells + [r["extra"]]))
     for res in results.values():
         for block in res["adl"]["sets"].values():
-            block["direction_norm_check"] = float(np.linalg.norm(block.pop("direction")))
+            block["direction"] = [float(x) for x in block["direction"]]
     record.update(rows=rows, results=results, runtime_s=time.perf_counter() - START)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
