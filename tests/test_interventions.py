@@ -77,6 +77,50 @@ def test_noop_splice_reproduces_greedy_generation_token_for_token(tiny):
     assert steered["completion_ids"].tolist() != plain["completion_ids"].tolist()
 
 
+def test_sampled_generation_keeps_the_noop_exact_and_draws_several_texts_per_prompt(tiny):
+    """interventions.sampling with do_sample and n_per_prompt (the option for measuring a shift in
+    probability rather than in one greedy text): the no-op splice reproduces the sampled texts
+    token for token (every batch reseeds), and a prompt's samples differ from one another."""
+    from sae_diff import data
+
+    model, tokenizer = tiny
+    sae = _sae(model.config.hidden_size)
+    sampled = {**GREEDY, "do_sample": True, "n_per_prompt": 3, "top_k": 0, "temperature": 1.0}
+    plain = data.generate(model, tokenizer, _prompts(3), sampled, keep_ids=True, progress=False)
+    with editing.intervene(model, sae, 1, "resid_post", editing.Edit("noop", positions="all")):
+        spliced = data.generate(model, tokenizer, _prompts(3), sampled, keep_ids=True, progress=False)
+    assert len(plain) == 9 and spliced["completion_ids"].tolist() == plain["completion_ids"].tolist()
+    per_prompt = plain.groupby("prompt_id")["completion_ids"].apply(lambda ids: len({tuple(i) for i in ids}))
+    assert (per_prompt > 1).any()
+
+
+def test_effects_average_a_prompts_samples_before_pairing():
+    """Three sampled texts per prompt: the paired effect is the mean over prompts of (the prompt's
+    mean under the edit − its mean under the no-op), compared with that sum written out; n_pairs
+    counts prompts, not texts."""
+    rng = np.random.default_rng(7)
+    rows, truth = [], []
+    for half, ids in (("select", range(12)), ("report", range(12, 24))):
+        for i in ids:
+            noop = rng.normal(0.4, 0.1, 3)
+            edited = noop + rng.normal(0.15, 0.1, 3)
+            if half == "report":
+                truth.append(edited.mean() - noop.mean())
+            for name, role, values in (
+                ("plain", "baseline", noop),
+                ("noop", "baseline", noop),
+                ("features", "target", edited),
+                ("random", "control", noop),
+            ):
+                for n, value in enumerate(values):
+                    rows.append(
+                        {"condition": name, "role": role, "alpha": np.nan, "half": half, "features": "1",
+                         "prompt_id": i, "n": n, "m": value, "nll_base": 1.0, "repetition": 0.0}
+                    )  # fmt: skip
+    out = effects.effects(pd.DataFrame(rows), "m", 1.0, "ablation", ["m"], max_perplexity_ratio=2.0)
+    assert out["report"]["n_pairs"] == 12 and out["report"]["effect"] == pytest.approx(np.mean(truth), abs=1e-12)
+
+
 def _block_output(model, ids, layer=1):
     with models.capture(model, [(layer, "resid_post")], stop=False) as store, torch.no_grad():
         logits = model(input_ids=ids).logits
