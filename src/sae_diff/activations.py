@@ -369,6 +369,34 @@ def write_store(
 # --------------------------------------------------------------------------- reading
 
 
+def buffered_batches(chunks, empty, batch_size: int, shuffle_buffer: int, generator, drop_last: bool) -> Iterator:
+    """Batches from a stream of row chunks (one per shard, already in shard order): unshuffled, or
+    mixed within a buffer of ``shuffle_buffer`` rows (memory bounded by it). ``empty``: a zero-row
+    tensor of the rows' shape and dtype. Shared by single stores and same-token paired stores, so
+    both draw the same permutations from ``generator``."""
+    import torch
+
+    buffer = empty
+    for rows in chunks:
+        buffer = torch.cat([buffer, rows])
+        if not shuffle_buffer:
+            while len(buffer) >= batch_size:
+                yield buffer[:batch_size]
+                buffer = buffer[batch_size:]
+            continue
+        if len(buffer) >= shuffle_buffer:
+            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+            # emit down to half a buffer so later shards still mix with earlier tokens
+            while len(buffer) - batch_size >= shuffle_buffer // 2:
+                yield buffer[:batch_size]
+                buffer = buffer[batch_size:]
+    if shuffle_buffer and len(buffer):
+        buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+    while len(buffer) >= batch_size or (len(buffer) and not drop_last):
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
 class ActivationStore:
     """Read one site's shards: verified, streamed, optionally through a shuffle buffer."""
 
@@ -464,38 +492,26 @@ class ActivationStore:
         n_shards = len(self.shards(split))
         order = torch.randperm(n_shards, generator=generator).tolist() if shuffle_buffer else list(range(n_shards))
         width = self.d_model + (paired.d_model if paired is not None else 0)
-        buffer = torch.zeros((0, width), dtype=dtype)
         others = paired.iter_shards(split, order=order) if paired is not None else None
-        for shard in self.iter_shards(split, order=order):
-            rows = shard["acts"].to(dtype)
-            if others is not None:
-                other = next(others)
-                if not (
-                    torch.equal(other["sample_idx"], shard["sample_idx"])
-                    and torch.equal(other["position"], shard["position"])
-                ):
-                    raise ActivationStoreError(
-                        f"{paired.folder}: tokens differ from {self.folder}; "
-                        "paired sites must come from the same extraction"
-                    )
-                rows = torch.cat([rows, other["acts"].to(dtype)], dim=1)
-            buffer = torch.cat([buffer, rows])
-            if not shuffle_buffer:
-                while len(buffer) >= batch_size:
-                    yield buffer[:batch_size]
-                    buffer = buffer[batch_size:]
-                continue
-            if len(buffer) >= shuffle_buffer:
-                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-                # emit down to half a buffer so later shards still mix with earlier tokens
-                while len(buffer) - batch_size >= shuffle_buffer // 2:
-                    yield buffer[:batch_size]
-                    buffer = buffer[batch_size:]
-        if shuffle_buffer and len(buffer):
-            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-        while len(buffer) >= batch_size or (len(buffer) and not drop_last):
-            yield buffer[:batch_size]
-            buffer = buffer[batch_size:]
+
+        def chunks():
+            for shard in self.iter_shards(split, order=order):
+                rows = shard["acts"].to(dtype)
+                if others is not None:
+                    other = next(others)
+                    if not (
+                        torch.equal(other["sample_idx"], shard["sample_idx"])
+                        and torch.equal(other["position"], shard["position"])
+                    ):
+                        raise ActivationStoreError(
+                            f"{paired.folder}: tokens differ from {self.folder}; "
+                            "paired sites must come from the same extraction"
+                        )
+                    rows = torch.cat([rows, other["acts"].to(dtype)], dim=1)
+                yield rows
+
+        empty = torch.zeros((0, width), dtype=dtype)
+        yield from buffered_batches(chunks(), empty, batch_size, shuffle_buffer, generator, drop_last)
 
 
 # --------------------------------------------------------------------------- streaming (cache: false)

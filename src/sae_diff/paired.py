@@ -108,27 +108,14 @@ class PairedStore:
         """Batches [B, n_models, d]; the same shuffling scheme as ``ActivationStore.iter_batches``
         (shard order permuted, tokens mixed in a bounded buffer), applied to whole rows so the models
         of one token stay together."""
+        from .activations import buffered_batches
+
         generator = torch.Generator().manual_seed(seed)
         n_shards = len(self.stores[0].shards(split))
         order = torch.randperm(n_shards, generator=generator).tolist() if shuffle_buffer else list(range(n_shards))
-        buffer = torch.zeros((0, self.n_models, self.d_model), dtype=dtype)
-        for shard in self.iter_shards(split, order=order):
-            buffer = torch.cat([buffer, shard["acts"].to(dtype)])
-            if not shuffle_buffer:
-                while len(buffer) >= batch_size:
-                    yield buffer[:batch_size]
-                    buffer = buffer[batch_size:]
-                continue
-            if len(buffer) >= shuffle_buffer:
-                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-                while len(buffer) - batch_size >= shuffle_buffer // 2:
-                    yield buffer[:batch_size]
-                    buffer = buffer[batch_size:]
-        if shuffle_buffer and len(buffer):
-            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-        while len(buffer) >= batch_size or (len(buffer) and not drop_last):
-            yield buffer[:batch_size]
-            buffer = buffer[batch_size:]
+        chunks = (shard["acts"].to(dtype) for shard in self.iter_shards(split, order=order))
+        empty = torch.zeros((0, self.n_models, self.d_model), dtype=dtype)
+        yield from buffered_batches(chunks, empty, batch_size, shuffle_buffer, generator, drop_last)
 
     def all(self, split: str = "eval") -> dict:
         """Every token of a split at once: ``acts`` [n, n_models, d] float32 and the token metadata."""
