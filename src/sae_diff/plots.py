@@ -893,7 +893,7 @@ def same_token_diffing(
             ["suppressed", ", ".join(repr(t)[1:-1] for t in block["suppressed"][:8])],
             ["the data", ", ".join(repr(t)[1:-1] for t in block["data_top"][:8])],
         ]
-        table = ax.table(cellText=rows, colWidths=[0.22, 0.78], loc="center", cellLoc="left")
+        table = ax.table(cellText=rows, colWidths=[0.27, 0.73], loc="center", cellLoc="left")
         table.auto_set_font_size(False)
         table.set_fontsize(8)
         table.scale(1, 2.2)
