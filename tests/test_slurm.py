@@ -3,8 +3,8 @@ SLURM cluster this test starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh
 
 Every job must go through sbatch, and the results must equal the local run's. The targets are
 every computed result (iterations, SAEs, evaluations, features, diffs, evolution, probes,
-interventions) but not the figures and the summary: 33 of the DAG's 102 jobs, the same rules,
-in a third of the time (each SLURM job pays a Snakemake start-up; CI has two cores). Skipped
+interventions, with the lens job their comparison reads) but not the figures and the summary:
+34 of the DAG's 102 jobs, the same rules, in a third of the time (each SLURM job pays a Snakemake start-up; CI has two cores). Skipped
 only where the machine cannot run SLURM (not root, or neither SLURM nor apt-get).
 """
 
@@ -89,7 +89,8 @@ def test_every_job_went_through_sbatch(slurm_run):
     workdir, jobs, output = slurm_run
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
     n_jobs = sum(jobs.values())
-    assert n_jobs == 33 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)  # prompt_split included
+    # prompt_split and adl (the interventions' lens baseline) included
+    assert n_jobs == 34 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)
     logs = list((workdir / "logs" / "slurm").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)  # one kept SLURM log per job, named by its job id
 
