@@ -30,6 +30,7 @@ def test_summary_lists_every_cell_and_site(finished_run):
         "probes",
         "attribution",
         "interventions",
+        "diffing",
     }
     assert all(v > 0 for v in summary["headline"]["timings"].values())
     assert set(summary["cells"]) == {"M0_D0", "M0_D1", "M1_D1"}
