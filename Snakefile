@@ -31,6 +31,7 @@ include: "workflow/rules/diffing.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/interventions.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/dashboard.smk"
 include: "workflow/rules/summary.smk"
 
 
@@ -38,3 +39,4 @@ rule all:
     default_target: True
     input:
         grid.summary_json(),
+        [grid.dashboard_index()] if config["dashboard"]["enabled"] else [],

@@ -107,6 +107,8 @@ def finished_run(tmp_path_factory):
         "diffing_record": 1,
         "figure_diffing": 1,
         "summary": 1,
+        "dashboard_sae": 6,
+        "dashboard": 1,
     }
     result = snakemake(workdir, "--cores", "2", timeout=1500)  # ~4 min on 2 idle cores; bounded, not tight
     assert result.returncode == 0, result.stderr[-3000:]

@@ -426,3 +426,214 @@ def test_kill_minus_nine_then_resume_ends_with_identical_weights(tmp_path):
     assert logs[0] == logs[1]
     assert any(json.loads(line)["dead_fraction"] > 0 for line in logs[0].splitlines())
     assert not (tmp_path / "resumed" / "state" / "checkpoint.json").exists()
+
+
+# ------------------------------------------------------------------------------ spliced CE / KL
+
+SPLICE_TEXTS = ["a nurse walks in", "the pilot flies home at dawn", "judges rule", "x y z", "one more text here"]
+
+
+@pytest.fixture(scope="module")
+def two_tiny_models():
+    """Two tiny random Llamas (different seeds) sharing one character tokenizer."""
+    from sae_diff import models
+
+    from .conftest import TINY_SPEC
+
+    tok = models.build_char_tokenizer("ascii")
+    return [models.build_random_model(dict(TINY_SPEC, seed=seed), tok) for seed in (0, 1)], tok
+
+
+def _splice_table(texts=SPLICE_TEXTS):
+    import pandas as pd
+
+    return pd.DataFrame({"sample_id": range(len(texts)), "prompt_text": "", "text": texts, "split": "eval"})
+
+
+@torch.no_grad()
+def _hand_spliced(loaded, tok, params: dict, layer: int, threshold: float | None):
+    """Per model m, in float64 and one unpadded sequence at a time: every model's block output
+    captured by a forward hook; the crosscoder written out (scale, einsum encoder, ReLU, threshold
+    mask on the decoder-norm-weighted activations, einsum decoder, unscale); model m rerun with a
+    hook that puts x̂_m (or zeros) in place of its block output at the kept tokens; CE and KL of
+    the next-token distributions by hand."""
+    import copy
+
+    from sae_diff import models
+    from sae_diff.activations import tokenize
+
+    doubles = [copy.deepcopy(model).double() for model in loaded]
+    p = {k: v.double() for k, v in params.items()}
+    seqs = tokenize(tok, _splice_table(), 128, True, True)
+    out = []
+    for m, model in enumerate(doubles):
+        totals = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0, "kl_spliced": 0.0, "kl_ablated": 0.0}
+        count = 0
+        for s in seqs:
+            ids = torch.tensor([s.ids])
+            keep = torch.from_numpy(s.keep)
+
+            def run(net, edit=None):
+                seen = {}
+
+                def hook(_m, _i, output):
+                    h = output[0] if isinstance(output, tuple) else output
+                    seen["h"] = h.detach().clone()
+                    if edit is None:
+                        return None
+                    h = h.clone()
+                    h[0, keep] = edit(h[0, keep])
+                    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+                handle = models.blocks(net)[layer].register_forward_hook(hook)
+                try:
+                    logits = net(input_ids=ids, use_cache=False).logits[0]
+                finally:
+                    handle.remove()
+                return torch.log_softmax(logits, -1), seen["h"][0]
+
+            hidden = [run(net)[1][keep] for net in doubles]  # [T_kept, d] per model
+            x = torch.stack(hidden, 1)  # [T_kept, n, d]
+            xs = x * p["input_scale"][None, :, None]
+            acts = torch.relu(torch.einsum("tnd,ndf->tf", xs, p["W_enc"]) + p["b_enc"])
+            if threshold is not None:
+                acts = acts * (acts * p["W_dec"].norm(dim=2).sum(1) > threshold)
+            recon = (torch.einsum("tf,fnd->tnd", acts, p["W_dec"]) + p["b_dec"]) / p["input_scale"][None, :, None]
+            clean = run(model)[0]
+            spliced = run(model, lambda h: recon[:, m])[0]
+            ablated = run(model, torch.zeros_like)[0]
+            for t in range(len(s.ids) - 1):
+                if not s.keep[t]:
+                    continue
+                nxt = s.ids[t + 1]
+                totals["clean"] -= float(clean[t, nxt])
+                totals["spliced"] -= float(spliced[t, nxt])
+                totals["ablated"] -= float(ablated[t, nxt])
+                prob = clean[t].exp()
+                totals["kl_spliced"] += float((prob * (clean[t] - spliced[t])).sum())
+                totals["kl_ablated"] += float((prob * (clean[t] - ablated[t])).sum())
+                count += 1
+        out.append(({k: v / count for k, v in totals.items()}, count))
+    return out
+
+
+def _fit_to_models(cc, loaded, tok, layer, batchtopk: bool):
+    """Scale a random crosscoder to the tiny models' activations (their norm is ~0.1) so that it
+    reconstructs at their size and, for batchtopk, a threshold that keeps about a quarter of the
+    active latents, midway between two measured values (no tie for float32 to break differently)."""
+    from sae_diff import models
+    from sae_diff.activations import tokenize
+
+    hidden = []
+    for s in tokenize(tok, _splice_table(), 128, True, True):
+        per_model = []
+        for model in loaded:
+            with torch.no_grad(), models.capture(model, [(layer, "resid_post")]) as store:
+                models.run_until_stopped(model, input_ids=torch.tensor([s.ids]), use_cache=False)
+            per_model.append(store[(layer, "resid_post")][0][torch.from_numpy(s.keep)])
+        hidden.append(torch.stack(per_model, 1))
+    x = torch.cat(hidden)
+    with torch.no_grad():
+        cc.input_scale.copy_(cc.input_scale * (32**0.5) / x.norm(dim=-1).mean(0))
+        cc.b_dec.mul_(0.05)
+        if not batchtopk:
+            return None
+        weighted = (torch.relu(cc.encode_pre(cc.scale_inputs(x))) * cc.decoder_norms().sum(1)).flatten()
+        values = weighted[weighted > 0].sort().values
+        i = int(0.75 * len(values))
+        threshold = float((values[i] + values[i + 1]) / 2)
+        cc.threshold.fill_(threshold)
+    return threshold
+
+
+@pytest.mark.parametrize("arch", ["l1", "batchtopk"])
+def test_spliced_ce_and_kl_per_model_match_a_float64_hand_computation(two_tiny_models, arch):
+    """Compared: ``crosscoder.spliced_metrics`` (float32, batches of 2 right-padded sequences, the
+    other model run only up to the layer) with ``_hand_spliced`` (float64, one sequence at a time,
+    full forwards with hooks): CE clean / spliced / ablated, CE score and both KLs, per model."""
+    loaded, tok = two_tiny_models
+    for layer in (0, 1):
+        cc = random_cc(arch, d=32, d_sae=64, k=8, seed=layer).eval()
+        threshold = _fit_to_models(cc, loaded, tok, layer, arch == "batchtopk")
+        params = {name: p.detach() for name, p in cc.named_parameters()} | {"input_scale": cc.input_scale}
+        got = C.spliced_metrics(cc, loaded, tok, _splice_table(), layer, batch_size=2)
+        hand = _hand_spliced(loaded, tok, params, layer, threshold)
+        assert set(got) == {"m0", "m1"}
+        for m, (ref, count) in enumerate(hand):
+            row = got[f"m{m}"]
+            assert row["n_positions"] == count
+            assert row["ce_loss_clean"] == pytest.approx(ref["clean"], rel=1e-5)
+            assert row["ce_loss_with_spliced"] == pytest.approx(ref["spliced"], rel=1e-5)
+            assert row["ce_loss_with_ablation"] == pytest.approx(ref["ablated"], rel=1e-5)
+            score = (ref["ablated"] - ref["spliced"]) / (ref["ablated"] - ref["clean"])
+            assert row["ce_loss_score"] == pytest.approx(score, rel=1e-3)
+            assert row["kl_div_with_spliced"] == pytest.approx(ref["kl_spliced"], rel=1e-3)
+            assert row["kl_div_with_ablation"] == pytest.approx(ref["kl_ablated"], rel=1e-3)
+            assert ref["kl_spliced"] > 1e-4  # the splice changed the model's predictions
+
+
+def identity_cc(n_models=2, d=32) -> C.Crosscoder:
+    """A crosscoder that reconstructs exactly: latents ±e_i of each model, relu(x) − relu(−x) = x."""
+    cc = C.Crosscoder(C.CrosscoderConfig(n_models=n_models, d_in=d, d_sae=2 * n_models * d, architecture="l1"))
+    with torch.no_grad():
+        for m in range(n_models):
+            for i in range(d):
+                for sign, j in ((1.0, 2 * (m * d + i)), (-1.0, 2 * (m * d + i) + 1)):
+                    cc.W_enc[m, i, j] = sign
+                    cc.W_dec[j, m, i] = sign
+    return cc.eval()
+
+
+def test_identity_crosscoder_splices_to_the_clean_model(two_tiny_models):
+    """A perfect reconstruction spliced in: CE equals the clean CE, KL is 0 and the CE score 1, for
+    each model; zero-ablation still costs loss."""
+    loaded, tok = two_tiny_models
+    cc = identity_cc()
+    x = torch.randn(5, 2, 32)
+    torch.testing.assert_close(cc(x)[0], x, rtol=0, atol=1e-6)
+    got = C.spliced_metrics(cc, loaded, tok, _splice_table(), 1, batch_size=3)
+    for row in got.values():
+        assert row["ce_loss_with_spliced"] == pytest.approx(row["ce_loss_clean"], rel=1e-6)
+        assert abs(row["kl_div_with_spliced"]) < 1e-6
+        assert row["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+        assert row["ce_loss_with_ablation"] > row["ce_loss_clean"] and row["kl_div_with_ablation"] > 1e-3
+
+
+def _two_split_store(folder, train, eval_, layer=1):
+    """A store with both splits (``write_store`` writes one): the two manifests merged."""
+    write_store(folder, eval_, split="eval", layer=layer, shard_tokens=300)
+    eval_manifest = json.loads((folder / "manifest.json").read_text())
+    write_store(folder, train, split="train", layer=layer, shard_tokens=300)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"] += eval_manifest["shards"]
+    for key in ("n_tokens", "n_sequences"):
+        manifest[key]["eval"] = eval_manifest[key]["eval"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return ActivationStore(folder)
+
+
+def test_run_writes_each_models_spliced_metrics(tmp_path, two_tiny_models):
+    """``run`` on random paired activations: each model's metrics.json entry holds the spliced CE / KL
+    of the trained crosscoder, equal to ``spliced_metrics`` on the saved one; 0 samples skips them."""
+    loaded, tok = two_tiny_models
+    gen = torch.Generator().manual_seed(3)
+    acts = torch.randn(800, 2, 32, generator=gen)
+    paired = PairedStore([_two_split_store(tmp_path / f"m{m}", acts[:600, m], acts[600:, m]) for m in range(2)])
+    samples = _splice_table()
+    training = {"tokens": 600, "batch_size": 100, "epochs": 1, "checkpoint_every": 0, "shuffle_buffer": 0}
+    opts = {"lr": 1e-3, "seed": 0, "warmup_steps": 0, "decay_fraction": 0.0, "dead_tokens": 10_000,
+            "logit_lens_k": 3, "spliced_samples": 3}  # fmt: skip
+    cfg = C.CrosscoderConfig(n_models=2, d_in=32, d_sae=64, k=4, model_names=["M0", "M1"])
+    record = C.run(paired, cfg, tmp_path / "out", training, opts, samples, loaded, tok, progress=False)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["spliced"] == {"n_samples": 3}
+    cc = C.load(tmp_path / "out" / "crosscoder")
+    direct = C.spliced_metrics(cc, loaded, tok, samples.head(3), 1)
+    for label in ("m0", "m1"):
+        for key, value in direct[label].items():
+            assert written["models"][label][key] == pytest.approx(value, rel=1e-6), key
+        assert written["models"][label]["ce_loss_with_spliced"] == record["models"][label]["ce_loss_with_spliced"]
+    skipped = C.run(paired, cfg, tmp_path / "off", training, {**opts, "spliced_samples": 0}, samples, loaded, tok,
+                    progress=False)  # fmt: skip
+    assert "spliced" not in skipped and "ce_loss_clean" not in skipped["models"]["m0"]
+    assert "spliced_samples: 0" in skipped["spliced_skipped"]

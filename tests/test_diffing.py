@@ -79,3 +79,138 @@ def test_headline_is_keyed_by_iteration_then_layer():
     assert out["adl"]["M2"]["layer12"] == {"top": ["her"], "agrees_with": records[0]["agreement"]}
     assert out["kl"]["M2"]["layer12"]["agrees_with"] == []
     assert out["crosscoder_all"]["layer12"]["data"] == "D2"
+
+
+# ------------------------------------------------------------------ every diff-SAE latent's best match
+
+D_MATCH, N_DIFF, N_CC = 16, 40, 30
+
+
+def _method_folders(tmp_path, mi_only: list[int], identical: bool = False, seed: int = 0):
+    """A saved diff-SAE (random decoder, latent 5 = -2 x the crosscoder's Mi decoder of latent 7) and
+    a saved crosscoder over two models whose latents.parquet gives ``mi_only`` the class mi_only and
+    the rest alternately shared / other. Returns (diff-SAE folder, crosscoder folder, W_dec, Mi decoder, classes)."""
+    import json
+
+    import torch
+
+    from sae_diff import crosscoder
+    from sae_diff.sae import files
+    from sae_diff.sae.model import SAE, SAEConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = crosscoder.CrosscoderConfig(n_models=2, d_in=D_MATCH, d_sae=N_CC, k=3)
+    cc = crosscoder.Crosscoder(cfg)
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.randn(N_CC, 2, D_MATCH, generator=gen) * (torch.rand(N_CC, 2, 1, generator=gen) + 0.1))
+        cc.W_enc.copy_(torch.randn(2, D_MATCH, N_CC, generator=gen))
+    cc_dir = tmp_path / "crosscoder"
+    crosscoder.save(cc, cc_dir / "crosscoder")
+    classes = np.array(["shared" if j % 2 else "other" for j in range(N_CC)], dtype=object)
+    classes[mi_only] = "mi_only"
+    pd.DataFrame({"latent": range(N_CC), "class": classes}).to_parquet(cc_dir / "latents.parquet")
+    mi_decoder = cc.W_dec.detach().double()[:, -1, :].numpy()
+
+    sae_dir = tmp_path / "diff_sae"
+    sae = SAE(SAEConfig(architecture="topk", d_in=D_MATCH, d_sae=N_DIFF, k=4))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(N_DIFF, D_MATCH, generator=gen))
+        sae.W_dec[5] = -2.0 * cc.W_dec[7, -1]
+        sae.W_enc_T.copy_(sae.W_dec)
+    files.save(sae, sae_dir / "sae")
+    share = np.sort(np.random.default_rng(seed).random(N_DIFF))[::-1]
+    order = np.random.default_rng(seed + 1).permutation(N_DIFF)
+    pd.DataFrame({"latent": order, "rank": np.arange(1, N_DIFF + 1), "share": share}).to_parquet(
+        sae_dir / "latents.parquet"
+    )
+    (sae_dir / "metrics.json").write_text(json.dumps({"identical": True} if identical else {"fvu": 0.5}))
+    return sae_dir, cc_dir, sae.W_dec.detach().double().numpy(), mi_decoder, classes, order
+
+
+def _dense_best(source: np.ndarray, target: np.ndarray):
+    """|cos| argmax written plainly: every pair's cosine in float64, then the argmax per row."""
+    cos = np.array(
+        [[float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b)) for b in target] for a in source], dtype=np.float64
+    )
+    best = np.abs(cos).argmax(axis=1)
+    return best, cos[np.arange(len(source)), best]
+
+
+def test_every_diff_sae_latent_gets_its_best_crosscoder_match(tmp_path):
+    """Compared: ``latent_matches`` (chunked float64 matmul) with ``_dense_best`` on random directions,
+    among the Mi-only latents and among all; the planted pair (diff-SAE 5 = -2 x crosscoder 7) has
+    cosine -1; ranks and shares follow the diff-SAE's table; parquet keeps the types."""
+    mi_only = [3, 7, 11, 20]
+    sae_dir, cc_dir, w_dec, mi_dec, classes, order = _method_folders(tmp_path, mi_only)
+    table = diffing.latent_matches(sae_dir, cc_dir)
+    assert table["latent"].tolist() == list(range(N_DIFF))
+    best, cos = _dense_best(w_dec, mi_dec[mi_only])
+    assert table["mi_only_match"].tolist() == [mi_only[j] for j in best]
+    np.testing.assert_allclose(table["mi_only_cosine"].to_numpy(dtype=float), cos, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(table["mi_only_abs_cosine"].to_numpy(dtype=float), np.abs(cos), rtol=1e-12)
+    best, cos = _dense_best(w_dec, mi_dec)
+    assert table["match"].tolist() == best.tolist()
+    assert table["match_class"].tolist() == classes[best].tolist()
+    np.testing.assert_allclose(table["match_cosine"].to_numpy(dtype=float), cos, rtol=1e-12, atol=1e-12)
+    assert table.loc[5, "mi_only_match"] == 7 and table.loc[5, "match"] == 7
+    assert table.loc[5, "mi_only_cosine"] == pytest.approx(-1.0, abs=1e-6) and table.loc[5, "match_class"] == "mi_only"
+    rank_of = {latent: rank for rank, latent in enumerate(order, start=1)}
+    assert table["rank"].tolist() == [rank_of[j] for j in range(N_DIFF)]
+    path = tmp_path / "matches.parquet"
+    table.to_parquet(path, index=False)
+    back = pd.read_parquet(path)
+    assert dict(back.dtypes.astype(str)) == diffing.MATCH_COLUMNS
+    pd.testing.assert_frame_equal(back, table)
+    # chunking changes nothing
+    index, cosine = diffing.best_by_abs_cosine(w_dec, mi_dec, chunk=7)
+    assert index.tolist() == table["match"].tolist()
+    np.testing.assert_array_equal(cosine, table["match_cosine"].to_numpy(dtype=float))
+
+
+def test_without_mi_only_latents_the_any_class_match_still_informs(tmp_path):
+    """No Mi-only latent: the Mi-only columns are null (also after parquet), the any-class match is
+    the dense argmax; identical models: no rows, the same columns."""
+    sae_dir, cc_dir, w_dec, mi_dec, classes, _ = _method_folders(tmp_path, [])
+    table = diffing.latent_matches(sae_dir, cc_dir)
+    path = tmp_path / "matches.parquet"
+    table.to_parquet(path, index=False)
+    back = pd.read_parquet(path)
+    assert back[["mi_only_match", "mi_only_cosine", "mi_only_abs_cosine"]].isna().all().all()
+    best, cos = _dense_best(w_dec, mi_dec)
+    assert back["match"].tolist() == best.tolist() and set(back["match_class"]) <= {"shared", "other"}
+    np.testing.assert_allclose(back["match_abs_cosine"].to_numpy(dtype=float), np.abs(cos), rtol=1e-12)
+    assert back.loc[5, "match"] == 7  # the planted pair, though latent 7 is not Mi-only here
+
+    empty = diffing.latent_matches(*_method_folders(tmp_path / "same", [3], identical=True)[:2])
+    assert len(empty) == 0 and dict(empty.dtypes.astype(str)) == diffing.MATCH_COLUMNS
+
+
+def test_diffing_record_cli_writes_the_matches_beside_the_record(tmp_path):
+    """The verb with --matches writes the same table as ``latent_matches``; the crosscoder block carries
+    each model's spliced CE score and KL from its metrics.json; without both methods --matches is refused."""
+    import json
+
+    from sae_diff import cli
+
+    sae_dir, cc_dir, *_ = _method_folders(tmp_path, [3, 7])
+    ranked = pd.read_parquet(cc_dir / "latents.parquet")
+    ranked["mi_only_rank"] = np.where(ranked["class"] == "mi_only", ranked["latent"], np.nan)
+    ranked["scaling_label"] = np.where(ranked["class"] == "mi_only", "genuine", "not_mi_only")
+    ranked.to_parquet(cc_dir / "latents.parquet")
+    counts = {"mi_only": 2, "shared": 14, "m0_only": 0, "other": 14}
+    models = {f"m{m}": {"fvu": 0.1 * m, "ce_loss_score": 0.9 - m / 10, "kl_div_with_spliced": 0.01 * m} for m in (0, 1)}
+    (cc_dir / "metrics.json").write_text(json.dumps({"classes": counts, "scaling_labels": {}, "models": models}))
+    spec = json.dumps({"top": 5, "agreement_cosine": 0.7})
+    out, matches = tmp_path / "rec" / "layer1.json", tmp_path / "rec" / "layer1.diff_sae_matches.parquet"
+    args = ["diffing-record", "--spec", spec, "--pair", "M0_D1__M1_D1", "--layer", "1",
+            "--crosscoder", str(cc_dir), "--diff-sae", str(sae_dir), "--out", str(out)]  # fmt: skip
+    assert cli.main([*args, "--matches", str(matches)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(matches), diffing.latent_matches(sae_dir, cc_dir))
+    record = json.loads(out.read_text())
+    top = record["methods"]["diff_sae"]["top"]
+    assert [row["latent"] for row in record["methods"]["diff_sae"]["crosscoder_match"]] == top
+    block = record["methods"]["crosscoder"]
+    assert block["ce_loss_score"] == {"m0": 0.9, "m1": 0.8} and block["kl_div_with_spliced"] == {"m0": 0.0, "m1": 0.01}
+    with pytest.raises(SystemExit):
+        cli.main(["diffing-record", "--spec", spec, "--pair", "p", "--layer", "1", "--diff-sae", str(sae_dir),
+                  "--out", str(out), "--matches", str(matches)])  # fmt: skip

@@ -76,6 +76,53 @@ def test_firing_statistics_match_dense_reference(tmp_path):
         assert all(features.MARK[0] in e["context"] for e in top)
 
 
+def test_token_examples_match_the_dense_encoding(tmp_path):
+    """The dashboard's per-token view against the dense encoding of every eval token: each
+    example's window holds the context's tokens and exactly the feature's activation on each
+    (0 where it did not fire); the histogram counts every firing; interval examples fall in
+    their interval; the top examples are the largest activations."""
+    sae = _sae()
+    store, acts, meta = _store(tmp_path)
+    result = features.run(
+        sae, store, np.arange(100, 130), batch_size=17, n_examples=3, context_window=2, progress=False
+    )
+    with torch.no_grad():
+        dense = sae.encode(acts).double().numpy()
+    samples, positions, tokens = meta["sample_idx"], meta["position"], meta["token_ids"]
+    assert set(result.token_examples) == set(np.flatnonzero((dense > 0).any(0)).tolist())
+    for j, view in result.token_examples.items():
+        on = dense[:, j] > 0
+        assert sum(view["histogram"]["counts"]) == on.sum()
+        assert view["histogram"]["edges"][-1] == pytest.approx(dense[on, j].max(), rel=1e-4)
+        assert [e["activation"] for e in view["top"]] == pytest.approx(sorted(dense[on, j], reverse=True)[:3], rel=1e-3)
+        top = dense[on, j].max()
+        for i, interval in enumerate(view["intervals"]):
+            assert len(interval["examples"]) == min(features.PER_INTERVAL, interval["n"])
+            low, high = i * top / features.INTERVALS, (i + 1) * top / features.INTERVALS
+            for example in interval["examples"]:
+                assert low - 1e-4 <= example["activation"] <= high + 1e-4
+        for example in view["top"] + [e for interval in view["intervals"] for e in interval["examples"]]:
+            rows = np.flatnonzero((samples == example["sample_id"]) & (np.abs(positions - example["position"]) <= 2))
+            assert example["tokens"] == [f"[{t}]" for t in tokens[rows]]
+            assert example["acts"] == pytest.approx(dense[rows, j], abs=1e-3)
+            assert positions[rows][example["at"]] == example["position"]
+    # the stage's files give the same views back (float32 activations)
+    features.write_token_examples(tmp_path, result.token_examples)
+    back = features.read_token_examples(tmp_path)
+    assert set(back) == {str(j) for j in result.token_examples}
+    for j, view in result.token_examples.items():
+        got = back[str(j)]
+        assert got["histogram"]["counts"] == view["histogram"]["counts"]
+        assert got["histogram"]["edges"] == pytest.approx(view["histogram"]["edges"], rel=1e-6)
+        for ours, theirs in zip(got["top"] + got["intervals"], view["top"] + view["intervals"]):
+            ours = ours["examples"] if "examples" in ours else [ours]
+            theirs = theirs["examples"] if "examples" in theirs else [theirs]
+            assert [e["tokens"] for e in ours] == [e["tokens"] for e in theirs]
+            assert [e["acts"] for e in ours] == [pytest.approx(e["acts"], rel=1e-6) for e in theirs]
+    one = next(iter(result.token_examples))
+    assert set(features.read_token_examples(tmp_path, [one])) == {str(one)}
+
+
 def test_pooled_activations_over_completion_tokens(tmp_path):
     sae = _sae()
     store, acts, meta = _store(tmp_path)

@@ -5,7 +5,6 @@ latents of the same dictionary close none of it."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 
 from sae_diff import models, recovery
@@ -77,4 +76,3 @@ def test_the_planted_direction_closes_the_kl_and_random_latents_do_not():
     planted = result["targets"]["planted"]
     assert planted["recovery"] > 0.999 and result["targets"]["mean"]["recovery"] > 0.999
     assert planted["null"] == [0.0] * 4 and planted["null_p"] == 1 / 5
-    assert isinstance(SAMPLES, pd.DataFrame)

@@ -331,6 +331,13 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert len(crosscoder) == 32 * 8 and {"delta_norm", "class", "scaling_label", "promoted_m0", "promoted_m1"} <= set(
         crosscoder
     )
+    # each model with the crosscoder's reconstruction (from both models' activations) spliced in
+    cc_metrics = json.loads((results / "crosscoder" / pair / "layer1" / "metrics.json").read_text())
+    assert cc_metrics["spliced"]["n_samples"] > 0
+    for model in ("m0", "m1"):
+        row = cc_metrics["models"][model]
+        assert row["n_positions"] > 0 and row["kl_div_with_spliced"] >= -1e-6 and row["kl_div_with_ablation"] > 0
+        assert {"ce_loss_clean", "ce_loss_with_spliced", "ce_loss_with_ablation", "ce_loss_score"} <= set(row)
     diff_sae = pd.read_parquet(results / "diff_sae" / pair / "layer1" / "latents.parquet")
     assert diff_sae["rank"].tolist() == list(range(1, len(diff_sae) + 1))
     tokens = pd.read_parquet(results / "kl" / pair / "tokens.parquet")
@@ -344,6 +351,12 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert headline["diff_sae"]["M1"]["layer1"]["top"][:3] == diff_sae["latent"].head(3).tolist()
     assert len(headline["adl"]["M1"]["layer1"]["top"]) == 5  # diffing.adl.k in config/test.yaml
     assert "diff_sae_top" in headline["kl"]["M1"]["layer1"]["recovery"]
+    assert set(headline["crosscoder"]["M1"]["layer1"]["ce_loss_score"]) == {"m0", "m1"}
+    # every diff-SAE latent's best crosscoder match beside the record
+    matches = pd.read_parquet(results / "records" / pair / "layer1.diff_sae_matches.parquet")
+    assert sorted(matches["latent"]) == sorted(diff_sae["latent"]) and matches["match"].notna().all()
+    assert matches["match_class"].isin(["mi_only", "shared", "m0_only", "other"]).all()
+    assert matches["mi_only_match"].notna().all() == (block["n_mi_only"] > 0)
     assert (finished_run / "results" / "figures" / "diffing" / pair / "layer1.png").stat().st_size > 10_000
 
 
@@ -530,3 +543,34 @@ def test_a_users_model_folder_edited_in_place_reruns_its_conversion(finished_run
     config_json = user_model / "config.json"
     config_json.write_text(config_json.read_text())  # the same bytes, written again in place
     assert planned(snakemake(tmp_path, "-n", target, configfile=path)) == {"prepare_model": 1}
+
+
+def test_dashboard_pages_from_the_stage_tables(finished_run):
+    """make run's dashboard: one document per SAE, every feature a row, pages for the probed and
+    labelled features with their lineage over the MXDX branch; the page holds every document
+    inline. A change to the page's template reruns only rule dashboard (the documents stay)."""
+    import os
+
+    from sae_diff import dashboard
+
+    site = finished_run / "results" / "dashboard"
+    html = (site / "index.html").read_text()
+    for cell in ("M0_D0", "M0_D1", "M1_D1"):
+        for name, d_sae in (("topk", 128), ("relu", 64)):
+            document = json.loads((site / "data" / f"{cell}__layer1__{name}.json").read_text())
+            assert document["schema"] == dashboard.SCHEMA and len(document["rows"]) == d_sae
+            assert f'data-key="{cell}/layer1/{name}"' in html
+            assert document["pages"], (cell, name)
+            columns = [c["name"] for c in document["columns"]]
+            assert "probe_rank_n_chars" in columns and "label_MXDX" in columns[2:] or cell == "M0_D1"
+    m1 = json.loads((site / "data" / "M1_D1__layer1__topk.json").read_text())
+    page = next(p for p in m1["pages"].values() if p["lineages"])
+    steps = page["lineages"][0]["steps"]
+    assert [s["cell"] for s in steps] == ["M0_D0", "M1_D1"] and steps[-1]["feature"] == page["feature"]
+    assert all(len(e["tokens"]) == len(e["acts"]) for e in page["top"]) and sum(page["histogram"]["counts"]) > 0
+    later = os.stat(site / "index.html").st_mtime + 10
+    os.utime(dashboard.TEMPLATE, (later, later))  # a style change
+    try:
+        assert planned(snakemake(finished_run, "-n")) == {"dashboard": 1, "all": 1}
+    finally:
+        os.utime(dashboard.TEMPLATE, (later - 20, later - 20))

@@ -362,8 +362,11 @@ def cmd_evolution(args) -> None:
     spec = _spec(args)
     result = evolution.run(spec, args.layer, args.diffs, args.calibration, args.saes, args.stats)
     for name, block in result.items():
+        from . import grid
+
         for branch, part in block["branches"].items():
-            io.write_parquet(part.pop("lineages"), Path(args.out_dir) / f"{name}_lineages_{branch}.parquet")
+            lineages = Path(args.out_dir) / Path(grid.evolution_lineages(args.layer, name, branch)).name
+            io.write_parquet(part.pop("lineages"), lineages)
         io.write_json(Path(args.out_dir) / f"{name}.json", block)
 
 
@@ -755,13 +758,12 @@ def cmd_train(args) -> None:
         )
 
 
-def _same_token_args(p: argparse.ArgumentParser, layer: bool = True) -> None:
+def _same_token_args(p: argparse.ArgumentParser) -> None:
     """The two cells of a same-token pair (M0Di, MiDi): activation sites, models, the shared samples."""
     _common(p)
-    if layer:
-        p.add_argument("--layer", type=int, required=True, help="block index")
-        p.add_argument("--base-acts", required=True, help="the base cell's activation store of the site")
-        p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
+    p.add_argument("--layer", type=int, required=True, help="block index")
+    p.add_argument("--base-acts", required=True, help="the base cell's activation store of the site")
+    p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
     p.add_argument("--base-model-dir", help="the base model (needed when the activations are not cached)")
     p.add_argument("--tuned-model-dir", required=True, help="the tuned model (logit lens; streamed activations)")
     p.add_argument("--samples", required=True, help="the data both cells ran on")
@@ -865,6 +867,7 @@ def cmd_crosscoder(args) -> None:
         features_opts=spec["features"],
         device=place.device,
         progress=not args.no_progress,
+        place=place,
     )
 
 
@@ -995,6 +998,10 @@ def _diffing_record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl", help="the per-token KL folder of this pair")
     p.add_argument("--kl-recovery", help="the KL recovery JSON of this pair and layer")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--matches",
+        help="also write every diff-SAE latent's best crosscoder match here (parquet; needs both methods)",
+    )
 
 
 @verb("diffing-record", "one record per same-token pair and layer: each method's top findings and agreement",
@@ -1004,9 +1011,119 @@ def cmd_diffing_record(args) -> None:
 
     spec = _spec(args)
     folders = {method: getattr(args, method) for method in diffing.READERS if getattr(args, method)}
+    if args.matches and not (args.crosscoder and args.diff_sae):
+        raise SystemExit("error: --matches needs both --crosscoder and --diff-sae")
     record = diffing.record(args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"], args.kl_recovery)
+    if args.matches:
+        matches = diffing.latent_matches(Path(args.diff_sae), Path(args.crosscoder))
+        io.write_parquet(matches, args.matches)
+        log.info("%s layer %d: best crosscoder matches of %d diff-SAE latents", args.pair, args.layer, len(matches))
     io.write_json(args.out, record)
     log.info("%s layer %d: %d cross-method agreements", args.pair, args.layer, len(record["agreement"]))
+
+
+def _named_paths(items: list[str], flag: str) -> dict[str, Path]:
+    """``NAME=PATH`` arguments as a dict; a malformed one is an error naming it."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: {flag} {item!r}: expected NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def _dashboard_sae_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--cell", required=True, help="the SAE's cell, M<i>_D<j>")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--sae", required=True, help="the SAE config's name")
+    p.add_argument("--features-dir", required=True, help="this SAE's feature folder")
+    p.add_argument(
+        "--cell-features",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="CELL=DIR: feature folders of the lineages' cells",
+    )
+    p.add_argument(
+        "--lineages", nargs="*", action="extend", default=[], help="BRANCH=PATH: the evolution's lineage tables"
+    )
+    p.add_argument("--probes", nargs="*", action="extend", default=[], help="METRIC=PATH: probe tables of this SAE")
+    p.add_argument(
+        "--attribution", nargs="*", action="extend", default=[], help="METRIC=PATH: attribution tables of this SAE"
+    )
+    p.add_argument("--interventions", nargs="*", action="extend", default=[], help="effects.json of the causal tests")
+    p.add_argument("--figures", nargs="*", action="extend", default=[], help="figure files to link from the pages")
+    p.add_argument("--out", required=True, help="the document's JSON, <dashboard folder>/data/<name>.json")
+
+
+@verb("dashboard-sae", "one SAE's dashboard document: every feature's row, pages for those that matter",
+      _dashboard_sae_args)  # fmt: skip
+def cmd_dashboard_sae(args) -> None:
+    from . import dashboard
+
+    opts = _spec(args)["dashboard"]
+    document = dashboard.sae_document(
+        args.cell,
+        args.layer,
+        args.sae,
+        Path(args.features_dir),
+        cell_features=_named_paths(args.cell_features, "--cell-features"),
+        lineages=_named_paths(args.lineages, "--lineages"),
+        probes=_named_paths(args.probes, "--probes"),
+        attribution=_named_paths(args.attribution, "--attribution"),
+        interventions=[Path(p) for p in args.interventions],
+        figures=[Path(p) for p in args.figures],
+        site_dir=Path(args.out).parent.parent,  # the page lies above data/: links are relative to it
+        max_pages=opts["max_pages"],
+        n_top=opts["n_top"],
+        n_lineage_examples=opts["lineage_examples"],
+        window=opts["context_window"],
+    )
+    dashboard.write_sae(document, Path(args.out))
+    log.info("%s: %d rows, %d pages", document["key"], len(document["rows"]), len(document["pages"]))
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--saes", nargs="*", action="extend", default=[], help="every SAE's dashboard document (JSON)")
+    p.add_argument("--out", required=True, help="the page, <dashboard folder>/index.html")
+
+
+@verb("dashboard", "the dashboard's page over the SAEs' documents (all inline)", _dashboard_args)
+def cmd_dashboard(args) -> None:
+    from . import dashboard
+
+    out = Path(args.out)
+    if out.name != "index.html":
+        raise SystemExit(f"error: --out {out}: expected <dashboard folder>/index.html (the documents lie in data/)")
+    index = dashboard.write_index(out.parent, [Path(p) for p in args.saes])
+    size = sum(f.stat().st_size for f in out.parent.rglob("*") if f.is_file())
+    log.info(
+        "dashboard: %d SAEs, page %.1f MB, %.1f MB in all", len(index["saes"]), out.stat().st_size / 1e6, size / 1e6
+    )
+
+
+def _export_neuronpedia_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features-dir", required=True, help="the SAE's feature folder (results/features/...)")
+    p.add_argument("--sae-dir", required=True, help="the SAE in SAELens layout (results/saes/...)")
+    p.add_argument("--model-id", required=True, help="Neuronpedia's model id, e.g. smollm2-135m-instruct")
+    p.add_argument("--sae-id", required=True, help="the source set name, e.g. sae-diff-m2")
+    p.add_argument("--features", type=int, nargs="*", help="feature indices (default: all)")
+    p.add_argument("--batch-size", type=int, default=128, help="features per batch file")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("export-neuronpedia", "an SAE's features in SAEDashboard's Neuronpedia upload layout",
+      _export_neuronpedia_args)  # fmt: skip
+def cmd_export_neuronpedia(args) -> None:
+    from . import dashboard_export
+
+    summary = dashboard_export.neuronpedia(
+        Path(args.features_dir), Path(args.sae_dir), Path(args.out_dir), args.model_id, args.sae_id,
+        features=args.features, batch_size=args.batch_size,
+    )  # fmt: skip
+    log.info("exported %s to %s", summary, args.out_dir)
 
 
 def _import_sae_args(p: argparse.ArgumentParser) -> None:

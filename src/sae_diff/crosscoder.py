@@ -929,6 +929,119 @@ def reconstruction_metrics(cc: Crosscoder, paired, split: str = "eval", batch_si
     }
 
 
+# the spliced metrics of each model, as metrics.json names them (evaluate.spliced_metrics says "sae")
+SPLICED_KEYS = {
+    "ce_loss_clean": "ce_loss_clean",
+    "ce_loss_with_sae": "ce_loss_with_spliced",
+    "ce_loss_with_ablation": "ce_loss_with_ablation",
+    "ce_loss_score": "ce_loss_score",
+    "kl_div_with_sae": "kl_div_with_spliced",
+    "kl_div_with_ablation": "kl_div_with_ablation",
+    "kl_div_score": "kl_div_score",
+    "n_positions": "n_positions",
+}
+SPLICED_BATCH_SIZE = 8  # sequences per forward, as evaluation.spliced_batch_size's default
+
+
+def _resid_post(model, layer: int, batch: dict) -> torch.Tensor:
+    """Block ``layer``'s output [B, T, d] of ``model`` on the batch (the blocks above do not run)."""
+    from . import models
+
+    site = (layer, "resid_post")
+    with models.capture(model, [site]) as store:
+        models.run_until_stopped(
+            model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+    return store[site]
+
+
+@torch.no_grad()
+def spliced_metrics(
+    cc: Crosscoder,
+    loaded: list,
+    tokenizer,
+    table,
+    layer: int,
+    max_length: int = 128,
+    batch_size: int = SPLICED_BATCH_SIZE,
+    exclude_special: bool = True,
+    exclude_first: bool = True,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Per model m: CE loss and KL with the crosscoder's reconstruction of model m spliced into
+    model m after block ``layer`` (resid_post), against the clean model and the layer
+    zero-ablated: ``evaluate.spliced_metrics`` (SAELens's definitions) with the crosscoder in
+    place of an SAE.
+
+    Every model reads the same texts of ``table`` (tokenized once, with ``tokenizer``: the paired
+    stores hold the same token ids under every model). At each kept token the crosscoder encodes
+    the concatenation of all models' activations of that token — model m's own block output and
+    the other models' outputs of the same batch, run up to the layer — and model m's part of the
+    decode is spliced in. ``loaded``: the models, in the crosscoder's order.
+
+    Returns ``{"m0": {ce_loss_clean, ce_loss_with_spliced, ce_loss_with_ablation, ce_loss_score,
+    kl_div_with_spliced, kl_div_with_ablation, kl_div_score, n_positions}, ...}``.
+    """
+    from . import evaluate
+
+    if len(loaded) != cc.cfg.n_models:
+        raise ValueError(f"{len(loaded)} models for a crosscoder over {cc.cfg.n_models}")
+    cc.eval()
+    weights = cc.W_enc
+
+    def reconstruct_for(m: int):
+        def reconstruct(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+            parts = []
+            for j, model in enumerate(loaded):
+                h = hidden if j == m else _resid_post(model, layer, batch)
+                parts.append(h[batch["keep"].to(h.device)].to(device=weights.device, dtype=weights.dtype))
+            recon, _ = cc(torch.stack(parts, 1))
+            return recon[:, m]
+
+        return reconstruct
+
+    out = {}
+    for m, model in enumerate(loaded):
+        metrics, _ = evaluate.spliced_metrics(
+            model, tokenizer, None, table, layer, max_length=max_length, batch_size=batch_size,
+            exclude_special=exclude_special, exclude_first=exclude_first, device=device,
+            progress=progress, reconstruct=reconstruct_for(m),
+        )  # fmt: skip
+        out[_model_label(cc, m)] = {new: metrics[old] for old, new in SPLICED_KEYS.items()}
+    return out
+
+
+def _spliced_or_reason(cc: Crosscoder, paired, samples, lens_models, tokenizer, opts: dict, place, progress: bool):
+    """``spliced_metrics`` on the first ``opts["spliced_samples"]`` eval samples, tokenized as the
+    stores were; or (None, why it was skipped)."""
+    from . import evaluate, models
+
+    n_samples = int(opts.get("spliced_samples", 0) or 0)
+    manifest = paired.stores[-1].manifest
+    if n_samples == 0:
+        return None, "disabled in the config (diffing.crosscoder.spliced_samples: 0)"
+    if samples is None or tokenizer is None or not lens_models or any(m is None for m in lens_models):
+        return None, "no models or samples given"
+    hook_point = manifest.get("hook_point")
+    if hook_point != "resid_post":
+        return None, f"splicing is implemented for the residual stream; this crosscoder reads {hook_point}"
+    eval_rows = samples[samples["split"] == "eval"].head(n_samples)
+    if eval_rows.empty:
+        return None, "no eval samples"
+    place = models.as_placement(place)
+    masking = manifest.get("masking", {})
+    with place.precision():
+        per_model = spliced_metrics(
+            cc, lens_models, tokenizer, eval_rows, int(manifest["layer"]),
+            max_length=int(manifest.get("max_length") or 128),
+            exclude_special=masking.get("exclude_special_tokens", True),
+            exclude_first=masking.get("exclude_first_position", True),
+            device=place.device, progress=progress,
+        )  # fmt: skip
+    return {label: evaluate.json_ready(values) for label, values in per_model.items()}, None
+
+
 # --------------------------------------------------------------------------- workflow stage
 
 
@@ -962,6 +1075,7 @@ def run(
     features_opts: dict | None = None,
     device: str = "cpu",
     progress: bool = True,
+    place=None,
 ) -> dict:
     """Train a crosscoder on one same-token pair (or set), then describe every latent.
 
@@ -970,6 +1084,12 @@ def run(
     the train split + each model's logit lens of its own decoder), ``examples.json`` (top and
     quantile-sampled contexts per latent on the eval split) and ``metrics.json`` (per-model
     reconstruction on the eval split, class counts, Latent Scaling label counts).
+
+    With the models (``lens_models``, in the crosscoder's order), their ``tokenizer`` and
+    ``opts["spliced_samples"]`` > 0, each model's entry of ``metrics.json`` also holds the spliced
+    CE / KL (``spliced_metrics``) on the first that many eval samples of ``samples``, and
+    ``spliced`` says how many; else ``spliced_skipped`` says why. ``place``: a models.Placement
+    for the spliced forwards (default: ``device``, float32).
     """
     import pandas as pd
 
@@ -1026,6 +1146,14 @@ def run(
         )  # fmt: skip
         examples = {str(k): v for k, v in result.examples.items()}
     metrics = reconstruction_metrics(cc, paired, split="eval")
+    spliced, skipped = _spliced_or_reason(cc, paired, samples, lens_models, tokenizer, opts, place or device, progress)
+    for label, values in (spliced or {}).items():
+        metrics["models"][label].update(values)
+    if spliced:
+        n_eval = int((samples["split"] == "eval").sum())
+        metrics["spliced"] = {"n_samples": min(int(opts["spliced_samples"]), n_eval)}
+    else:
+        metrics["spliced_skipped"] = skipped
     counts = table["class"].value_counts().to_dict()
     record = {
         **metrics,

@@ -119,6 +119,10 @@ def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarr
         "top_scaling_label": [str(v) for v in ranked["scaling_label"].head(top)],
         "fvu": {name: block["fvu"] for name, block in metrics.get("models", {}).items()},
     }
+    for key in ("ce_loss_score", "kl_div_with_spliced"):  # each model with its reconstruction spliced in
+        values = {name: entry[key] for name, entry in metrics.get("models", {}).items() if key in entry}
+        if values:
+            block[key] = values
     last = [c for c in table.columns if c.startswith("promoted_m")]
     if last:
         block["promoted"] = [[str(t) for t in list(tokens)[:5]] for tokens in ranked[sorted(last)[-1]].head(top)]
@@ -179,6 +183,82 @@ def best_matches(source: tuple[list, np.ndarray], target: tuple[list, np.ndarray
     cos = unit_rows(vs) @ unit_rows(vt).T
     best = np.argmax(np.abs(cos), axis=1)
     return [{"latent": ids_s[i], "match": ids_t[j], "cosine": float(cos[i, j])} for i, j in enumerate(best)]
+
+
+def best_by_abs_cosine(source: np.ndarray, target: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For each source row, the index of the target row with the largest |cosine| and that (signed)
+    cosine, in float64 and ``chunk`` source rows at a time (memory O(chunk · len(target)));
+    ties go to the first row, as np.argmax's. Zero rows have cosine 0 with everything."""
+    target_unit = unit_rows(target)
+    index = np.zeros(len(source), dtype=np.int64)
+    cosine = np.zeros(len(source), dtype=np.float64)
+    for start in range(0, len(source), chunk):
+        cos = unit_rows(source[start : start + chunk]) @ target_unit.T
+        best = np.argmax(np.abs(cos), axis=1)
+        index[start : start + len(best)] = best
+        cosine[start : start + len(best)] = cos[np.arange(len(best)), best]
+    return index, cosine
+
+
+MATCH_COLUMNS = {
+    "latent": "int64",
+    "rank": "Int64",
+    "share": "Float64",
+    "mi_only_match": "Int64",
+    "mi_only_cosine": "Float64",
+    "mi_only_abs_cosine": "Float64",
+    "match": "Int64",
+    "match_class": "string",
+    "match_cosine": "Float64",
+    "match_abs_cosine": "Float64",
+}
+
+
+def latent_matches(diff_sae_folder: Path, crosscoder_folder: Path) -> pd.DataFrame:
+    """Every diff-SAE latent's best-matching crosscoder latent, by |cosine| between its decoder row
+    and the crosscoder's decoder vector for Mi (the last model; raw and scaled directions agree):
+
+    - ``mi_only_match``, ``mi_only_cosine``, ``mi_only_abs_cosine``: among the crosscoder's Mi-only
+      latents (``class`` of its latents.parquet), null when it has none;
+    - ``match``, ``match_class``, ``match_cosine``, ``match_abs_cosine``: among all its latents, with
+      the class of the one found.
+
+    One row per diff-SAE latent in latent order, with its ``rank`` and ``share`` (latents.parquet);
+    no rows when the diff-SAE found the two models identical. Column types: ``MATCH_COLUMNS``.
+    """
+    from . import crosscoder
+    from .io import read_json
+    from .sae import files
+
+    diff_sae_folder, crosscoder_folder = Path(diff_sae_folder), Path(crosscoder_folder)
+    if read_json(diff_sae_folder / "metrics.json").get("identical"):
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in MATCH_COLUMNS.items()})
+    source = files.load(diff_sae_folder / "sae").W_dec.detach().double().numpy()
+    ranks = pd.read_parquet(diff_sae_folder / "latents.parquet").set_index("latent")
+    cc = crosscoder.load(crosscoder_folder / "crosscoder")
+    target = cc.W_dec.detach().double().numpy()[:, -1, :]
+    classes = pd.read_parquet(crosscoder_folder / "latents.parquet").set_index("latent")["class"]
+    classes = classes.reindex(range(len(target))).to_numpy()
+    n = len(source)
+    latents = np.arange(n)
+    table = pd.DataFrame({"latent": latents})
+    table["rank"] = pd.array(ranks["rank"].reindex(latents).to_numpy(dtype=float), dtype="Float64").astype("Int64")
+    table["share"] = pd.array(ranks["share"].reindex(latents).to_numpy(dtype=float), dtype="Float64")
+    mi_only = np.flatnonzero(classes == "mi_only")
+    if len(mi_only):
+        index, cosine = best_by_abs_cosine(source, target[mi_only])
+        table["mi_only_match"] = pd.array(mi_only[index], dtype="Int64")
+        table["mi_only_cosine"] = pd.array(cosine, dtype="Float64")
+    else:
+        table["mi_only_match"] = pd.array([pd.NA] * n, dtype="Int64")
+        table["mi_only_cosine"] = pd.array([pd.NA] * n, dtype="Float64")
+    table["mi_only_abs_cosine"] = table["mi_only_cosine"].abs()
+    index, cosine = best_by_abs_cosine(source, target)
+    table["match"] = pd.array(index, dtype="Int64")
+    table["match_class"] = pd.array(classes[index], dtype="string")
+    table["match_cosine"] = pd.array(cosine, dtype="Float64")
+    table["match_abs_cosine"] = table["match_cosine"].abs()
+    return table.astype(MATCH_COLUMNS)
 
 
 # KL recovery targets (recovery.run) and the method block each one belongs to

@@ -153,7 +153,7 @@ def json_ready(metrics: dict) -> dict:
 def spliced_metrics(
     model,
     tokenizer,
-    sae: SAE,
+    sae: SAE | None,
     table,
     layer: int,
     max_length: int = 128,
@@ -162,6 +162,7 @@ def spliced_metrics(
     exclude_first: bool = True,
     device: str = "cpu",
     progress: bool = False,
+    reconstruct: Callable[[torch.Tensor, dict], torch.Tensor] | None = None,
 ):
     """CE loss and KL with the SAE's reconstruction spliced into the residual stream after
     block ``layer`` (no error term), against the clean model and layer ``layer`` zero-ablated.
@@ -170,6 +171,12 @@ def spliced_metrics(
     their activations, as in training). Losses are next-token losses at kept positions that
     have a next token. The blocks up to ``layer`` run once per batch; only the blocks above
     it run again for each variant.
+
+    ``reconstruct(hidden, batch)``, when given, replaces the SAE (``sae`` may then be None): it
+    returns the activations spliced in at the kept tokens, [n_kept, d] in ``hidden[batch["keep"]]``
+    order, from the block's output ``hidden`` [B, T, d] and the batch (``input_ids``,
+    ``attention_mask``, ``keep``; right-padded, on ``device``), e.g. a crosscoder's reconstruction,
+    which also needs other models' activations of the same tokens. The metric names stay ``*_with_sae``.
 
     Returns (metrics dict, per-position DataFrame with mean CE clean / spliced / ablated).
     """
@@ -209,7 +216,11 @@ def spliced_metrics(
         ce_clean = -log_clean.gather(-1, targets[..., None]).squeeze(-1)
         variants = {}
         spliced = hidden.clone()
-        spliced[keep] = sae(hidden[keep].float()).to(hidden.dtype)
+        if reconstruct is None:
+            spliced[keep] = sae(hidden[keep].float()).to(hidden.dtype)
+        else:
+            batch = {"input_ids": ids, "attention_mask": attn, "keep": keep}
+            spliced[keep] = reconstruct(hidden, batch).to(device=hidden.device, dtype=hidden.dtype)
         variants["sae"] = spliced
         ablated = hidden.clone()
         ablated[keep] = 0

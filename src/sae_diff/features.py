@@ -6,6 +6,10 @@ One pass encodes every kept token of the cell once per SAE and produces:
   sequences, mean / max / quantiles of the activation when firing, firing positions (mean,
   quantiles, relative rank within the sequence), prompt-only and completion-only flags;
 * the top-activating examples of each feature (eval tokens, the token marked in its context);
+* for the dashboard (``token_examples.parquet`` and ``token_histograms.parquet``; read them
+  with ``read_token_examples``), per live feature: a histogram of its eval activations, its top
+  examples and examples drawn from each activation interval, each with the feature's
+  activation on every token of the context window;
 * per-sample pooled activations (both splits), with each sample's token L0 and activation
   sums, for group statistics and probes; the poolings (``POOLINGS``):
   ``max`` / ``mean`` over the completion tokens, and ``prompt``: the mean over the prompt's
@@ -35,6 +39,10 @@ log = logging.getLogger(__name__)
 QUANTILES = (0.5, 0.9, 0.99)
 POSITION_QUANTILES = (0.1, 0.5, 0.9)
 MARK = ("⟦", "⟧")  # around the activating token in an example's context
+# the dashboard's view of a feature's activations: SAE-Vis-style intervals of max_act, not only the top
+HISTOGRAM_BINS = 20
+INTERVALS = 4  # [0, ¼), [¼, ½), [½, ¾), [¾, 1] of the feature's max activation on eval
+PER_INTERVAL = 2
 
 
 # pooling name -> (which tokens of a sample it reads, how it reduces them)
@@ -108,6 +116,7 @@ class FeaturePass:
     stats: pd.DataFrame  # one row per feature
     examples: dict  # feature -> list of top-activating examples
     pooled: dict  # sample_id, max, mean, prompt [n_samples, d_sae], l0_sum, act_sum, n_tokens, ...
+    token_examples: dict  # feature -> histogram, top and interval examples with per-token activations
 
 
 def _pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -273,6 +282,7 @@ def run(
         feat, act, pos, rel, flat["in_prompt"].astype(bool), sample * d_sae + feat, d_sae, n_eval_tokens, len(contexts)
     )
     examples = top_examples(feat, act, pos, sample, contexts, tokenizer, n_examples, context_window)
+    shaded = token_examples(feat, act, pos, sample, contexts, tokenizer, n_examples, context_window)
     mean = pooled_sum / n_completion.clamp_min(1)[:, None]
     pooled = {
         "sample_id": torch.tensor(np.asarray(sample_ids, dtype=np.int64)),
@@ -288,7 +298,7 @@ def run(
         pooled[f"n_{name}_tokens"] = count
     if cutoffs is not None:
         pooled["scored_cutoff"] = cutoffs_t
-    return FeaturePass(stats=stats, examples=examples, pooled=pooled)
+    return FeaturePass(stats=stats, examples=examples, pooled=pooled, token_examples=shaded)
 
 
 def top_examples(feat, act, pos, sample, contexts, tokenizer, n: int, window: int) -> dict:
@@ -312,6 +322,165 @@ def top_examples(feat, act, pos, sample, contexts, tokenizer, n: int, window: in
             }
             for r in rows
         ]
+    return out
+
+
+def token_examples(feat, act, pos, sample, contexts, tokenizer, n: int, window: int, seed: int = 0) -> dict:
+    """feature -> {"histogram": {edges, counts}, "top": [...], "intervals": [{label, examples}]}.
+
+    From the flat list of eval firings (feature, activation, position, sample): the histogram of
+    the feature's activations on ``HISTOGRAM_BINS`` bins over (0, max]; its ``n`` top examples;
+    ``PER_INTERVAL`` examples drawn at random (seeded per feature) from each of ``INTERVALS``
+    equal intervals of its max activation. An example holds the context's tokens (± ``window``)
+    and the feature's activation on each (0 where it did not fire), ``at`` indexing its token.
+    """
+    if not len(feat):
+        return {}
+    # firings sorted by (feature, sample, position): one feature's firings in one sample are a run
+    order = np.lexsort((pos, sample, feat))
+    f_s, s_s, p_s, a_s = feat[order], sample[order], pos[order], act[order]
+    names: dict[int, str] = {}
+
+    def token_text(t: int) -> str:
+        if t not in names:
+            names[t] = tokenizer.decode([t]) if tokenizer is not None else f"[{t}]"
+        return names[t]
+
+    def example(j: int, row: int) -> dict:
+        s, at = int(sample[row]), int(pos[row])
+        positions, tokens = contexts[s]
+        keep = np.abs(positions - at) <= window
+        lo = np.searchsorted(f_s, j, "left")
+        hi = np.searchsorted(f_s, j, "right")
+        a = lo + np.searchsorted(s_s[lo:hi], s, "left")
+        b = lo + np.searchsorted(s_s[lo:hi], s, "right")
+        fired = dict(zip(p_s[a:b].tolist(), a_s[a:b].tolist()))
+        window_positions = positions[keep].tolist()
+        return {
+            "sample_id": s,
+            "position": at,
+            "activation": round(float(act[row]), 4),
+            "tokens": [token_text(int(t)) for t in tokens[keep]],
+            "acts": [round(fired.get(p, 0.0), 4) for p in window_positions],
+            "at": window_positions.index(at),
+        }
+
+    by_feature = np.lexsort((sample, -act, feat))  # each feature's firings, largest first
+    feat_sorted = feat[by_feature]
+    features, starts = np.unique(feat_sorted, return_index=True)
+    ends = np.append(starts[1:], len(feat_sorted))
+    out = {}
+    for j, start, end in zip(features.tolist(), starts, ends):
+        rows = by_feature[start:end]
+        values = act[rows]
+        top = float(values[0])
+        counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, top if top > 0 else 1.0))
+        rng = np.random.default_rng([seed, j])
+        intervals = []
+        for i in range(INTERVALS):
+            low, high = top * i / INTERVALS, top * (i + 1) / INTERVALS
+            inside = rows[(values >= low) & ((values < high) if i < INTERVALS - 1 else (values <= high))]
+            picked = np.sort(rng.choice(inside, size=min(PER_INTERVAL, len(inside)), replace=False))
+            intervals.append(
+                {
+                    "label": _interval_label(i),
+                    "n": int(len(inside)),
+                    "examples": [example(j, int(r)) for r in picked],
+                }
+            )
+        out[j] = {
+            "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist()},
+            "top": [example(j, int(r)) for r in rows[:n]],
+            "intervals": intervals,
+        }
+    return out
+
+
+TOKEN_EXAMPLES = "token_examples.parquet"  # one row per example (feature, group, rank, tokens, acts)
+TOKEN_HISTOGRAMS = "token_histograms.parquet"  # one row per live feature (max, bin counts, interval sizes)
+TOP_GROUP = -1  # an example's group: the top examples, or the index of its activation interval
+
+
+def write_token_examples(folder: Path, views: dict) -> None:
+    """``token_examples`` output as two parquet tables in ``folder`` (token strings compress well
+    there: as JSON the demo's views took ~38 MB per SAE)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {k: [] for k in ("feature", "group", "rank", "sample_id", "position", "activation", "at", "tokens", "acts")}
+    hist = {"feature": [], "max_act": [], "counts": [], "interval_n": []}
+    for j, view in sorted(views.items(), key=lambda kv: int(kv[0])):
+        j = int(j)
+        hist["feature"].append(j)
+        hist["max_act"].append(float(view["histogram"]["edges"][-1]))
+        hist["counts"].append([int(c) for c in view["histogram"]["counts"]])
+        hist["interval_n"].append([int(i["n"]) for i in view["intervals"]])
+        groups = [(TOP_GROUP, view["top"])] + [(g, i["examples"]) for g, i in enumerate(view["intervals"])]
+        for group, examples in groups:
+            for rank, e in enumerate(examples):
+                for key, value in (("feature", j), ("group", group), ("rank", rank)):
+                    rows[key].append(value)
+                for key in ("sample_id", "position", "activation", "at", "tokens", "acts"):
+                    rows[key].append(e[key])
+    types = {
+        "feature": pa.int32(), "group": pa.int8(), "rank": pa.int16(), "sample_id": pa.int64(),
+        "position": pa.int32(), "activation": pa.float32(), "at": pa.int16(),
+        "tokens": pa.list_(pa.string()), "acts": pa.list_(pa.float32()),
+    }  # fmt: skip
+    table = pa.table({k: pa.array(v, type=types[k]) for k, v in rows.items()})
+    pq.write_table(table, Path(folder) / TOKEN_EXAMPLES, compression="zstd")
+    histograms = pa.table(
+        {
+            "feature": pa.array(hist["feature"], pa.int32()),
+            "max_act": pa.array(hist["max_act"], pa.float64()),
+            "counts": pa.array(hist["counts"], pa.list_(pa.int32())),
+            "interval_n": pa.array(hist["interval_n"], pa.list_(pa.int32())),
+        }
+    )
+    pq.write_table(histograms, Path(folder) / TOKEN_HISTOGRAMS, compression="zstd")
+
+
+def _interval_label(i: int) -> str:
+    return f"{100 * i // INTERVALS}–{100 * (i + 1) // INTERVALS}% of max"
+
+
+def read_token_examples(folder: Path, features=None) -> dict:
+    """feature (str) -> {"histogram": {edges, counts}, "top": [...], "intervals": [{label, n, examples}]}
+    as ``token_examples`` made them, for every live feature or only ``features``."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    for name in (TOKEN_EXAMPLES, TOKEN_HISTOGRAMS):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name}: missing; rebuild the feature statistics (rule feature_stats)")
+    wanted = None if features is None else sorted({int(j) for j in features})
+    filters = None if wanted is None else [("feature", "in", wanted)]
+    hist = pq.read_table(folder / TOKEN_HISTOGRAMS, filters=filters).to_pylist()
+    out = {}
+    for h in hist:
+        out[str(h["feature"])] = {
+            "histogram": {
+                "edges": [
+                    float(e) for e in np.linspace(0.0, h["max_act"] if h["max_act"] > 0 else 1.0, len(h["counts"]) + 1)
+                ],
+                "counts": h["counts"],
+            },
+            "top": [],
+            "intervals": [{"label": _interval_label(i), "n": n, "examples": []} for i, n in enumerate(h["interval_n"])],
+        }
+    table = pq.read_table(folder / TOKEN_EXAMPLES, filters=filters).to_pandas()
+    table = table.sort_values(["feature", "group", "rank"], kind="stable")
+    for row in table.itertuples(index=False):
+        example = {
+            "sample_id": int(row.sample_id),
+            "position": int(row.position),
+            "activation": float(row.activation),
+            "tokens": list(row.tokens),
+            "acts": [float(a) for a in row.acts],
+            "at": int(row.at),
+        }
+        view = out[str(row.feature)]
+        (view["top"] if row.group == TOP_GROUP else view["intervals"][row.group]["examples"]).append(example)
     return out
 
 
@@ -380,7 +549,9 @@ def write(
     """Run the feature pass of one SAE and write its files into ``out_dir`` (atomically):
 
     stats.parquet (one row per feature, with weight columns and logit-lens tokens),
-    examples.json, pooled.safetensors (per-sample max / mean and L0 sums), groups.json and
+    examples.json, token_examples.parquet + token_histograms.parquet (the dashboard's per-token
+    view, ``read_token_examples``), pooled.safetensors
+    (per-sample max / mean and L0 sums), groups.json and
     coactivation_<column>.npy / .json for the configured columns. Returns a short summary.
     """
     from safetensors.torch import save_file
@@ -450,6 +621,7 @@ def write(
     with atomic_dir(out_dir) as tmp:
         stats.to_parquet(tmp / "stats.parquet", index=False)
         write_json(tmp / "examples.json", {str(k): v for k, v in result.examples.items()})
+        write_token_examples(tmp, result.token_examples)
         save_file(
             {k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in result.pooled.items()},
             str(tmp / "pooled.safetensors"),

@@ -408,6 +408,11 @@ def evolution_json(layer, name: str) -> str:
     return f"{evolution_dir(layer)}/{name}.json"
 
 
+def evolution_lineages(layer, name: str, branch: str) -> str:
+    """One branch's lineage table of a layer and SAE, beside the evolution's JSON."""
+    return f"{evolution_dir(layer)}/{name}_lineages_{branch}.parquet"
+
+
 def probes_dir(cell, layer) -> str:
     return f"{RESULTS}/probes/{_cell_name(cell)}/layer{layer}"
 
@@ -495,6 +500,27 @@ def kl_recovery(pair: str, layer) -> str:
 def diffing_record(pair: str, layer) -> str:
     """Every same-token method's top findings for one pair and layer, and where they agree."""
     return f"{RESULTS}/diffing/records/{pair}/layer{layer}.json"
+
+
+def diffing_matches(pair: str, layer) -> str:
+    """Beside the record (when the crosscoder and the diff-SAE both ran): every diff-SAE latent's
+    best-matching crosscoder latent by |cosine| with the crosscoder's Mi decoder (Mi-only, and any class)."""
+    return f"{RESULTS}/diffing/records/{pair}/layer{layer}.diff_sae_matches.parquet"
+
+
+def dashboard_dir() -> str:
+    """The static feature dashboard: ``index.html`` opens from disk."""
+    return f"{RESULTS}/dashboard"
+
+
+def dashboard_index() -> str:
+    return f"{dashboard_dir()}/index.html"
+
+
+def dashboard_data(cell, layer, name: str) -> str:
+    """One SAE's dashboard document (JSON; the page loads the ``.js`` beside it). The name is
+    ``sae_diff.dashboard.slug`` of the SAE's key ``<cell>/layer<L>/<name>``."""
+    return f"{dashboard_dir()}/data/{_cell_name(cell)}__layer{layer}__{name}.json"
 
 
 def summary_json() -> str:

@@ -459,6 +459,61 @@ def figure_targets():
     return out
 
 
+def dashboard_sae_inputs(w):
+    """What one SAE's dashboard document reads (wildcards model, data, layer, sae): its features;
+    the lineage tables of the branches its cell is on, with the other cells' features for their
+    examples; its probes, attribution and causal tests where the run has them."""
+    cell, layer, name = f"{w.model}_{w.data}", int(w.layer), w.sae
+    files = {"features": grid.feature_stats(cell, layer, name)}
+    if name in DIFF_SAES:
+        branches = [b for b in config["grid"]["branches"] if cell in [c.name for c in grid.branch_cells(config, b)]]
+        files["lineages"] = [grid.evolution_lineages(layer, name, b) for b in branches]
+        chain = {c.name for b in branches for c in grid.branch_cells(config, b)} - {cell}
+        files["cell_features"] = [grid.feature_stats(c, layer, name) for c in sorted(chain)]
+    files["probes"] = [grid.probe_json(cell, layer, name, metric) for metric in PROBE_METRICS]
+    runs = [r for r in INTERVENTION_RUNS if (r.cell.name, r.layer, r.sae) == (cell, layer, name)]
+    files["interventions"] = [f"{r.out_dir}/effects.json" for r in runs]
+    files["figures"] = dashboard_figures(w)
+    files["attribution"] = list(
+        dict.fromkeys(
+            grid.attribution_table(cell, layer, name, r.metric)
+            for r in runs
+            if selected_by(r.experiment) == "attribution"
+        )
+    )
+    return files
+
+
+def dashboard_figures(w):
+    """The figures an SAE's pages link to: those of its cell, layer and SAE, and its layer's
+    cross-cell figures (evolution, probe comparison). Inputs, so that no link is dead."""
+    cell, mark = f"{w.model}_{w.data}", f"layer{w.layer}/{w.sae}"
+    paths = [p for kind in figure_targets().values() for p in kind]
+    return [p for p in paths if mark in p and (cell in p or not re.search(r"M\d+_D\d+", p))]
+
+
+def dashboard_named_args(input):
+    """The dashboard-sae verb's NAME=PATH arguments from its rule's inputs."""
+    args = []
+    for path in input.get("cell_features", []):
+        args += ["--cell-features", f"{grid.cell_layer_name(path)[0]}={os.path.dirname(path)}"]
+    for path in input.get("lineages", []):
+        args += ["--lineages", f"{Path(path).stem.rsplit('_', 1)[1]}={path}"]
+    for key in ("probes", "attribution"):
+        for path in input.get(key, []):
+            args += [f"--{key}", f"{Path(path).stem}={path}"]
+    for path in input.get("interventions", []):
+        args += ["--interventions", path]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def dashboard_targets():
+    """Every SAE's dashboard document (empty when the dashboard is off)."""
+    if not config["dashboard"]["enabled"]:
+        return []
+    return [grid.dashboard_data(c, layer, name) for c in CELLS for layer in config["layers"] for name in SAES]
+
+
 def intervention_run(w):
     """The configured run behind these wildcards (its generating model)."""
     for run in INTERVENTION_RUNS:

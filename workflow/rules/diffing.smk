@@ -168,12 +168,22 @@ rule kl_recovery:
         "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
+# every diff-SAE latent's best crosscoder match, beside the record, when both methods ran
+RECORD_MATCHES = (
+    {"matches": grid.diffing_matches(SAME_TOKEN_PAIR, "{layer}")}
+    if {"crosscoder", "diff_sae"} <= set(DIFFING_METHODS)
+    else {}
+)
+
+
 rule diffing_record:
-    """Each method's top findings for one pair and layer, and where two methods find the same direction."""
+    """Each method's top findings for one pair and layer, and where two methods find the same direction;
+    with the crosscoder and the diff-SAE, every diff-SAE latent's best crosscoder match (parquet)."""
     input:
         unpack(diffing_record_inputs),
     output:
-        grid.diffing_record(SAME_TOKEN_PAIR, "{layer}"),
+        **RECORD_MATCHES,
+        record=grid.diffing_record(SAME_TOKEN_PAIR, "{layer}"),
     log:
         "logs/diffing_record/M{i}_layer{layer}.log",
     conda:
@@ -182,9 +192,10 @@ rule diffing_record:
         spec=lambda w: spec(top=config["diffing"]["top"], agreement_cosine=config["diffing"]["agreement_cosine"]),
         methods=lambda w, input: method_folder_args(input, ("crosscoder", "diff_sae", "adl", "kl"))
         + (f" --kl-recovery {shlex.quote(input.kl_recovery)}" if "kl_recovery" in input.keys() else ""),
+        matches=lambda w, output: (f"--matches {shlex.quote(output.matches)}" if "matches" in output.keys() else ""),
     shell:
         "sae-diff diffing-record --spec {params.spec:q} --pair M0_D{wildcards.i}__M{wildcards.i}_D{wildcards.i} "
-        "--layer {wildcards.layer} {params.methods} --out {output:q} > {log:q} 2>&1"
+        "--layer {wildcards.layer} {params.methods} {params.matches} --out {output.record:q} > {log:q} 2>&1"
 
 
 rule diffing_record_all_iterations:

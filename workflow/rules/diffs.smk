@@ -83,6 +83,7 @@ rule evolution:
         unpack(evolution_inputs),
     output:
         [grid.evolution_json("{layer}", name) for name in DIFF_SAES],
+        [grid.evolution_lineages("{layer}", name, b) for name in DIFF_SAES for b in config["grid"]["branches"]],
     log:
         "logs/evolution/layer{layer}.log",
     conda:

@@ -1,0 +1,410 @@
+"""Feature dashboards: a static site that shows one feature whole and its life across iterations.
+
+``results/dashboard/index.html`` opens from disk and inside the Snakemake report (no server):
+one self-contained page, script and style inline, with every SAE's document inline as a
+non-executing JSON ``<script>`` block (browsers refuse ``fetch`` of local files). The same
+documents are ``data/<cell>__layer<L>__<sae>.json``, in the schema documented in
+``docs/dashboard.md``, for other tools.
+
+A feature is addressed by its URL fragment ``#<cell>/layer<L>/<sae>/<feature>``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path, read_json
+
+SCHEMA = "sae-diff.dashboard/1"
+TEMPLATE = Path(__file__).parent / "templates" / "dashboard.html"
+
+
+def sae_key(cell: str, layer: int, sae: str) -> str:
+    """The SAE's address in the site (and the first three parts of a feature's fragment)."""
+    return f"{cell}/layer{int(layer)}/{sae}"
+
+
+def slug(key: str) -> str:
+    """A file name for an SAE's key."""
+    return key.replace("/", "__")
+
+
+def _dumps(document: dict) -> str:
+    # allow_nan=False: a NaN in the data is a bug upstream, and browsers reject it in JSON
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _document_entry(document: dict, json_name: str) -> dict:
+    return {
+        "key": document["key"],
+        "cell": document["cell"],
+        "layer": document["layer"],
+        "sae": document["sae"],
+        "json": f"data/{Path(json_name).name}",
+        "n_features": len(document["rows"]),
+        "n_pages": len(document["pages"]),
+    }
+
+
+def write_sae(document: dict, out_json: Path) -> None:
+    """One SAE's document, in the documented schema (other tools read it)."""
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(_dumps(document), encoding="utf-8")
+
+
+# where write_index puts the data into the page template
+DATA_MARKER = "<!--SAE_DIFF_DATA-->"
+
+
+def _data_block(element_id: str, document: dict, key: str | None = None) -> str:
+    """A non-executing <script type="application/json"> holding ``document``. Every ``<`` is written
+    as its JSON escape: a string holding ``</script>`` or ``<!--<script>`` would otherwise end the
+    block early or make the HTML parser swallow the rest of the page (JSON.parse reads it back)."""
+    text = _dumps(document).replace("<", "\\u003c")
+    key_attr = f' data-key="{html.escape(key, quote=True)}"' if key is not None else ""
+    return f'<script type="application/json" id="{element_id}"{key_attr}>{text}</script>'
+
+
+def write_index(folder: Path, sae_jsons: list[Path], title: str = "sae-diff features") -> dict:
+    """``index.html``: the page template with the index and every per-SAE document inline, so that
+    it opens from disk and inside the Snakemake report without any other file. Returns the index."""
+    folder = Path(folder)
+    entries, blocks = [], []
+    for i, path in enumerate(map(Path, sae_jsons)):
+        if path.parent.resolve() != (folder / "data").resolve():
+            raise ValueError(f"{path}: the per-SAE documents must lie in {folder / 'data'} (the page loads them there)")
+        document = read_json(path)
+        entries.append(_document_entry(document, path.name))
+        blocks.append(_data_block(f"sae-diff-doc-{i}", document, key=document["key"]))
+    index = {"schema": SCHEMA, "title": title, "saes": entries}
+    template = TEMPLATE.read_text(encoding="utf-8")
+    if DATA_MARKER not in template:
+        raise ValueError(f"{TEMPLATE}: the page template lacks its data marker {DATA_MARKER}")
+    page = template.replace(DATA_MARKER, "\n".join([_data_block("sae-diff-index", index), *blocks]), 1)
+    with atomic_path(folder / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return index
+
+
+def write_site(folder: Path, documents: list[dict], title: str = "sae-diff features") -> dict:
+    """Every document and the index at once (tests and small sites; the workflow writes them per job)."""
+    folder = Path(folder)
+    paths = []
+    for document in documents:
+        path = folder / "data" / f"{slug(document['key'])}.json"
+        write_sae(document, path)
+        paths.append(path)
+    return write_index(folder, paths, title)
+
+
+# ---------------------------------------------------------------------------------------------
+# One SAE's document from the stage tables
+
+# the table's columns from stats.parquet: (column, label, type)
+STAT_COLUMNS = (
+    ("freq", "firing rate", "float"),
+    ("mean_act", "mean act.", "float"),
+    ("max_act", "max act.", "float"),
+    ("prompt_fires", "prompt fires", "int"),
+    ("completion_fires", "completion fires", "int"),
+)
+# labels of an evolution step that make a feature worth a page, most telling first
+TELLING_LABELS = ("born", "reverted", "changed")
+
+
+def _clean(value):
+    """A JSON value: numpy scalars to Python, NaN / inf to null."""
+    if value is None:
+        return None
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if not math.isfinite(value) else float(f"{value:.6g}")  # 6 significant digits
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in value]
+    return str(value)
+
+
+def _trim(example: dict, window: int) -> dict:
+    """The example with ``window`` tokens either side of its token."""
+    at = example["at"]
+    lo, hi = max(at - window, 0), at + window + 1
+    return {**example, "tokens": example["tokens"][lo:hi], "acts": example["acts"][lo:hi], "at": at - lo}
+
+
+def _lens(row: pd.Series, k: int = 10) -> dict:
+    out = {}
+    for side in ("promoted", "suppressed"):
+        tokens, logits = row.get(side), row.get(f"{side}_logit")
+        if tokens is None or logits is None or (isinstance(tokens, float) and math.isnan(tokens)):
+            out[side] = []
+            continue
+        out[side] = [[str(t), _clean(v)] for t, v in list(zip(tokens, logits))[:k]]
+    return out
+
+
+def _step_labels(lineages: dict[str, pd.DataFrame], cell: str) -> dict[str, pd.DataFrame]:
+    """branch -> the lineage rows that hold a feature of ``cell``, indexed by that feature."""
+    out = {}
+    for branch, table in lineages.items():
+        column = f"feature_{cell}"
+        if column not in table.columns:
+            continue
+        rows = table[table[column] >= 0]
+        out[branch] = rows.set_index(rows[column].astype(int))
+    return out
+
+
+def _tested(effects: list[dict], cell: str, layer: int, sae: str) -> dict[int, list[str]]:
+    """feature -> the causal tests it took part in (their reported result where it was reported)."""
+    out: dict[int, list[str]] = {}
+    for e in effects:
+        if e.get("cell") != cell or int(e.get("layer", -1)) != int(layer) or e.get("sae") != sae:
+            continue
+        report = e.get("report") or {}
+        reported = set(report.get("features") or [])
+        for j in e.get("features") or []:
+            line = f"{e['experiment']} candidate for {e['metric']} (select half)"
+            if j in reported and report.get("effect") is not None:
+                line = (
+                    f"{e['experiment']} {e['metric']}: {report['effect']:+.2f} "
+                    f"[{report.get('ci_low', float('nan')):+.2f}, {report.get('ci_high', float('nan')):+.2f}], "
+                    f"p {report.get('p', float('nan')):.3g} (report half, α {report.get('alpha')})"
+                )
+            out.setdefault(int(j), []).append(line)
+    return out
+
+
+def _figure_title(path: Path, cell: str) -> str:
+    """A figure's link text: its place under figures/ without the cell and layer the page already
+    names (``interventions / steering / topk_female_ratio``)."""
+    parts = list(Path(path).with_suffix("").parts)
+    if "figures" in parts:
+        parts = parts[parts.index("figures") + 1 :]
+    return " / ".join(p for p in parts if p != cell and not re.fullmatch(r"layer\d+", p))
+
+
+def sae_document(
+    cell: str,
+    layer: int,
+    sae: str,
+    features_dir: Path,
+    cell_features: dict[str, Path] | None = None,
+    lineages: dict[str, Path] | None = None,
+    probes: dict[str, Path] | None = None,
+    attribution: dict[str, Path] | None = None,
+    interventions: list[Path] | None = None,
+    figures: list[Path] | None = None,
+    site_dir: Path | None = None,
+    max_pages: int = 150,
+    n_top: int = 10,
+    n_lineage_examples: int = 3,
+    window: int = 6,
+) -> dict:
+    """The dashboard's document of one SAE (schema ``SCHEMA``, documented in docs/dashboard.md).
+
+    features_dir: this SAE's feature folder (stats.parquet and the token examples,
+    ``features.read_token_examples``);
+    cell_features: cell -> that cell's feature folder of the same layer and SAE, for the lineages'
+    examples; lineages: branch -> the evolution's lineage table of this layer and SAE; probes /
+    attribution: metric -> per-feature table; interventions: effects.json of the causal tests;
+    figures: figure files to link (relative to ``site_dir``, the dashboard's folder).
+
+    Every feature is a row; a page (histogram, shaded examples, lineage) is written for the
+    features that matter, at most ``max_pages``, in this order: tested causally, top ``n_top`` of a
+    probe, top ``n_top`` of the attribution, labelled born / reverted / changed at this cell on a
+    branch (smallest cosine to the previous step first), then the most frequent.
+    """
+    from .features import read_token_examples  # torch comes with it: not at import (the Snakefile's parse)
+
+    features_dir = Path(features_dir)
+    stats = pd.read_parquet(features_dir / "stats.parquet").set_index("feature").sort_index()
+    model, data = cell.split("_")
+    columns: list[dict] = [{"name": "feature", "label": "feature", "type": "int"}]
+    columns.append({"name": "page", "label": "page", "type": "bool"})
+    values: dict[str, np.ndarray | list] = {}
+    for name, label, kind in STAT_COLUMNS:
+        if name in stats.columns:
+            columns.append({"name": name, "label": label, "type": kind})
+            values[name] = stats[name].to_numpy()
+    if "promoted" in stats.columns:
+        columns.append({"name": "promoted", "label": "logit lens: promotes", "type": "str"})
+        values["promoted"] = [
+            " | ".join(map(str, list(t)[:3])) if t is not None and not isinstance(t, float) else None
+            for t in stats["promoted"]
+        ]
+    d_sae = len(stats)
+    reasons: dict[int, list[str]] = {}
+    order: list[int] = []
+
+    def want(j: int, why: str) -> None:
+        if j not in reasons:
+            reasons[j] = []
+            order.append(j)
+        reasons[j].append(why)
+
+    for j, lines in sorted(_tested([read_json(p) for p in interventions or []], cell, layer, sae).items()):
+        for line in lines:
+            want(j, line)
+    for metric, path in sorted((probes or {}).items()):
+        path = Path(path).with_suffix(".parquet")  # beside the probe's JSON, unless the probe was skipped
+        if not path.exists():
+            continue
+        table = pd.read_parquet(path).set_index("feature").reindex(stats.index)
+        rank = table["rank"].where(table["rank"] >= 0)
+        columns += [
+            {"name": f"probe_rank_{metric}", "label": f"probe rank ({metric})", "type": "int"},
+            {"name": f"smd_{metric}", "label": f"SMD ({metric})", "type": "float"},
+        ]
+        values[f"probe_rank_{metric}"] = (rank + 1).to_numpy()  # 1 = the probe's first feature, as on the pages
+        values[f"smd_{metric}"] = table["smd"].to_numpy()
+        for j in rank.dropna().sort_values().index[:n_top]:
+            want(int(j), f"probe rank {int(rank[j]) + 1} ({metric})")
+    for metric, path in sorted((attribution or {}).items()):
+        table = pd.read_parquet(path).set_index("feature").reindex(stats.index)
+        columns += [
+            {"name": f"attribution_{metric}", "label": f"attribution ({metric})", "type": "float"},
+            {"name": f"attribution_rank_{metric}", "label": f"attribution rank ({metric})", "type": "int"},
+        ]
+        values[f"attribution_{metric}"] = table["attribution"].to_numpy()
+        values[f"attribution_rank_{metric}"] = (table["rank"] + 1).to_numpy()
+        for j in table["rank"].dropna().sort_values().index[:n_top]:
+            want(int(j), f"attribution rank {int(table['rank'][j]) + 1} ({metric})")
+    lineage_tables = {b: pd.read_parquet(p) for b, p in sorted((lineages or {}).items())}
+    at_cell = _step_labels(lineage_tables, cell)
+    for branch, rows in at_cell.items():
+        rows = rows[~rows.index.duplicated()].reindex(stats.index)
+        label, cos_prev = rows[f"label_{cell}"], rows[f"cos_prev_{cell}"]
+        columns += [
+            {"name": f"label_{branch}", "label": f"{branch} label", "type": "str"},
+            {"name": f"cos_prev_{branch}", "label": f"{branch} cos to previous", "type": "float"},
+        ]
+        values[f"label_{branch}"] = [None if isinstance(v, float) else v for v in label.tolist()]
+        values[f"cos_prev_{branch}"] = cos_prev.to_numpy()
+        for wanted in TELLING_LABELS:
+            picked = cos_prev[label == wanted].sort_values(na_position="first")
+            for j in picked.index[:n_top]:
+                want(int(j), f"{wanted} at {cell} ({branch})")
+    for j in stats["freq"].sort_values(ascending=False).index[:n_top]:
+        want(int(j), "among the most frequent")
+    # a page needs examples: a feature that never fired on eval has none to show
+    live = set(stats.index[stats["fire_count"] > 0].tolist()) if "fire_count" in stats.columns else set(stats.index)
+    paged = [j for j in order if j in live][:max_pages]
+    examples = read_token_examples(features_dir, paged)
+    # the lineages' other cells: only the matched features of the paged ones are read
+    folders = {c: Path(f) for c, f in (cell_features or {}).items()}
+    needed: dict[str, set[int]] = {c: set() for c in folders}
+    for rows in at_cell.values():
+        for j in paged:
+            if j in rows.index:
+                line = rows.loc[[j]].iloc[0]
+                for c in needed:
+                    f = line.get(f"feature_{c}")
+                    if f is not None and np.isfinite(f) and f >= 0:
+                        needed[c].add(int(f))
+    step_examples = {cell: examples}
+    step_examples.update({c: read_token_examples(folders[c], needed[c]) for c in folders if needed[c]})
+
+    site_dir = Path(site_dir) if site_dir is not None else None
+    links = [
+        {"title": _figure_title(f, cell), "href": os.path.relpath(f, site_dir) if site_dir else str(f)}
+        for f in figures or []
+    ]
+    pages = {}
+    for j in paged:
+        view = examples[str(j)]
+        row = stats.loc[j]
+        lineage_blocks = []
+        for branch, rows in at_cell.items():
+            if j not in rows.index:
+                continue
+            line = rows.loc[[j]].iloc[0]
+            table = lineage_tables[branch]
+            chain = [c.removeprefix("feature_") for c in table.columns if c.startswith("feature_")]
+            steps = []
+            for c in chain:
+                f = line[f"feature_{c}"]
+                has = bool(np.isfinite(f) and f >= 0)
+                cell_examples = step_examples.get(c, {}) if has else {}
+                steps.append(
+                    {
+                        "cell": c,
+                        "key": sae_key(c, layer, sae),
+                        "feature": int(f) if has else None,
+                        "label": _clean(line[f"label_{c}"]),
+                        "freq": _clean(line[f"freq_{c}"]),
+                        "cos_prev": _clean(line[f"cos_prev_{c}"]),
+                        "cos_origin": _clean(line[f"cos_origin_{c}"]),
+                        "top": [
+                            _trim(e, window)
+                            for e in cell_examples.get(str(int(f)) if has else "", {}).get("top", [])[
+                                :n_lineage_examples
+                            ]
+                        ],
+                    }
+                )
+            lineage_blocks.append({"branch": branch, "lineage": int(line["lineage"]), "steps": steps})
+        pages[str(j)] = {
+            "feature": int(j),
+            "why": reasons[j],
+            "stats": {
+                name: _clean(row[name])
+                for name in (
+                    "freq",
+                    "seq_freq",
+                    "fire_count",
+                    "mean_act",
+                    "max_act",
+                    "act_q50",
+                    "act_q90",
+                    "mean_position",
+                )
+                if name in row
+            },
+            "histogram": view["histogram"],
+            "top": [_trim(e, window) for e in view["top"]],
+            "quantiles": [
+                {"label": i["label"], "n": i["n"], "examples": [_trim(e, window) for e in i["examples"]]}
+                for i in view["intervals"]
+            ],
+            "logit_lens": _lens(row),
+            "lineages": lineage_blocks,
+            "figures": links,
+        }
+    page_set = set(int(j) for j in pages)
+    names = [c["name"] for c in columns]
+    rows_out = []
+    for i, j in enumerate(stats.index):
+        rows_out.append([int(j), int(j) in page_set] + [_clean(values[name][i]) for name in names[2:]])
+    notes = []
+    if lineage_tables:
+        notes.append(
+            "Evolution labels use thresholds calibrated on a seed pair of SAEs; they are not yet compared "
+            "with a data-resampling null, so a 'changed' count mixes the model's change with sampling noise."
+        )
+    return {
+        "schema": SCHEMA,
+        "key": sae_key(cell, layer, sae),
+        "cell": cell,
+        "model": model,
+        "data": data,
+        "layer": int(layer),
+        "sae": sae,
+        "d_sae": int(d_sae),
+        "columns": columns,
+        "rows": rows_out,
+        "pages": pages,
+        "figures": links,
+        "notes": notes,
+    }
