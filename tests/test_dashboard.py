@@ -252,3 +252,46 @@ def test_the_cli_takes_every_repeated_flag(tables, tmp_path):
     index = tables["site"] / "index.html"
     assert cli.main(["dashboard", "--saes", str(out), "--out", str(index)]) in (0, None)
     assert 'data-key="M1_D1/layer3/topk"' in index.read_text()
+
+
+def test_same_token_columns_against_a_dense_argmax(tmp_path):
+    """Each SAE feature's nearest crosscoder latent (this model's decoder) and diff-SAE latent,
+    against a float64 argmax of |cos| over every pair; a planted copy is found with |cos| 1."""
+    import torch
+
+    from sae_diff import crosscoder
+    from sae_diff.sae import files
+    from sae_diff.sae.model import SAE, SAEConfig
+
+    rng = np.random.default_rng(3)
+    sae = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=6, k=2))
+    cc = crosscoder.Crosscoder(crosscoder.CrosscoderConfig(n_models=2, d_in=8, d_sae=10, k=2))
+    diff = SAE(SAEConfig(architecture="topk", d_in=8, d_sae=5, k=2))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(rng.normal(size=(6, 8))))
+        cc.W_dec.copy_(torch.from_numpy(rng.normal(size=(10, 2, 8))))
+        cc.W_dec[7, 1] = -3 * sae.W_dec[2]  # feature 2 lives in the tuned decoder of latent 7
+        diff.W_dec.copy_(torch.from_numpy(rng.normal(size=(5, 8))))
+    files.save(sae, tmp_path / "sae")
+    cc_dir, diff_dir = tmp_path / "cc", tmp_path / "diff"
+    crosscoder.save(cc, cc_dir / "crosscoder")
+    classes = ["shared", "mi_only"] * 5
+    pd.DataFrame({"latent": np.arange(10), "class": classes}).to_parquet(cc_dir / "latents.parquet")
+    files.save(diff, diff_dir / "sae")
+    pd.DataFrame({"latent": [4, 0, 2, 1, 3], "rank": [0, 1, 2, 3, 4]}).to_parquet(diff_dir / "latents.parquet")
+
+    def unit(m):
+        return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    w = sae.W_dec.detach().double().numpy()
+    for model in (0, 1):
+        got = dashboard.same_token_columns(tmp_path / "sae", model, cc_dir, diff_dir)
+        cos = np.abs(unit(w) @ unit(cc.W_dec.detach()[:, model].double().numpy()).T)
+        assert got["crosscoder_latent"].tolist() == cos.argmax(1).tolist()
+        assert got["crosscoder_cos"] == pytest.approx(cos.max(1))
+        assert got["crosscoder_class"].tolist() == [classes[j] for j in cos.argmax(1)]
+        cos = np.abs(unit(w) @ unit(diff.W_dec.detach().double().numpy()).T)
+        assert got["diff_sae_latent"].tolist() == cos.argmax(1).tolist()
+        rank = {4: 1, 0: 2, 2: 3, 1: 4, 3: 5}
+        assert got["diff_sae_rank"].tolist() == [rank[j] for j in cos.argmax(1)]
+    assert got["crosscoder_latent"][2] == 7 and got["crosscoder_cos"][2] == pytest.approx(1.0)

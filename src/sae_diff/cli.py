@@ -1055,6 +1055,9 @@ def _dashboard_sae_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--interventions", nargs="*", action="extend", default=[], help="effects.json of the causal tests")
     p.add_argument("--figures", nargs="*", action="extend", default=[], help="figure files to link from the pages")
+    p.add_argument("--sae-dir", help="the SAE itself: with --crosscoder / --diff-sae, the nearest same-token latents")
+    p.add_argument("--crosscoder", help="the crosscoder folder of the cell's same-token pair and layer")
+    p.add_argument("--diff-sae", help="the diff-SAE folder of the cell's same-token pair and layer")
     p.add_argument("--out", required=True, help="the document's JSON, <dashboard folder>/data/<name>.json")
 
 
@@ -1064,6 +1067,17 @@ def cmd_dashboard_sae(args) -> None:
     from . import dashboard
 
     opts = _spec(args)["dashboard"]
+    same_token = None
+    if args.crosscoder or args.diff_sae:
+        if not args.sae_dir:
+            raise SystemExit(
+                "error: --crosscoder / --diff-sae need --sae-dir (the SAE whose features they are matched to)"
+            )
+        base = args.cell.split("_")[0] == "M0"  # the pair's model 0 is M0, model 1 the tuned Mi
+        same_token = dashboard.same_token_columns(
+            Path(args.sae_dir), 0 if base else 1,
+            Path(args.crosscoder) if args.crosscoder else None, Path(args.diff_sae) if args.diff_sae else None,
+        )  # fmt: skip
     document = dashboard.sae_document(
         args.cell,
         args.layer,
@@ -1075,6 +1089,7 @@ def cmd_dashboard_sae(args) -> None:
         attribution=_named_paths(args.attribution, "--attribution"),
         interventions=[Path(p) for p in args.interventions],
         figures=[Path(p) for p in args.figures],
+        same_token=same_token,
         site_dir=Path(args.out).parent.parent,  # the page lies above data/: links are relative to it
         max_pages=opts["max_pages"],
         n_top=opts["n_top"],

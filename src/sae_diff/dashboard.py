@@ -195,6 +195,44 @@ def _figure_title(path: Path, cell: str) -> str:
     return " / ".join(p for p in parts if p != cell and not re.fullmatch(r"layer\d+", p))
 
 
+def same_token_columns(sae_folder: Path, model_index: int, crosscoder: Path | None, diff_sae: Path | None) -> dict:
+    """For every feature of the SAE in ``sae_folder``: the same-token latent whose decoder is
+    nearest (largest |cos|) — the crosscoder's (its decoder for model ``model_index``: 0 the base
+    M0, 1 the tuned Mi) with its class, and the diff-SAE's with its rank by the share of Mi − M0
+    it carries. ``crosscoder`` / ``diff_sae``: the methods' folders of the cell's pair and layer."""
+    from .diffing import best_by_abs_cosine
+    from .sae import files
+
+    w_dec = files.load(sae_folder).W_dec.detach().double().numpy()
+    out = {}
+    if crosscoder is not None:
+        from . import crosscoder as cc_lib
+
+        cc = cc_lib.load(Path(crosscoder) / "crosscoder")
+        latents = pd.read_parquet(Path(crosscoder) / "latents.parquet").set_index("latent")
+        index, cos = best_by_abs_cosine(w_dec, cc.W_dec.detach()[:, model_index].double().numpy())
+        out["crosscoder_latent"] = index
+        out["crosscoder_class"] = latents["class"].reindex(index).to_numpy()
+        out["crosscoder_cos"] = np.abs(cos)
+    if diff_sae is not None:
+        index, cos = best_by_abs_cosine(w_dec, files.load(Path(diff_sae) / "sae").W_dec.detach().double().numpy())
+        rank = pd.read_parquet(Path(diff_sae) / "latents.parquet").set_index("latent")["rank"]
+        out["diff_sae_latent"] = index
+        out["diff_sae_rank"] = (rank.reindex(index) + 1).to_numpy()
+        out["diff_sae_cos"] = np.abs(cos)
+    return out
+
+
+SAME_TOKEN_COLUMNS = (
+    ("crosscoder_latent", "nearest crosscoder latent", "int"),
+    ("crosscoder_class", "its class", "str"),
+    ("crosscoder_cos", "|cos| to it", "float"),
+    ("diff_sae_latent", "nearest diff-SAE latent", "int"),
+    ("diff_sae_rank", "its rank (share of Mi − M0)", "int"),
+    ("diff_sae_cos", "|cos| to it", "float"),
+)
+
+
 def sae_document(
     cell: str,
     layer: int,
@@ -206,6 +244,7 @@ def sae_document(
     attribution: dict[str, Path] | None = None,
     interventions: list[Path] | None = None,
     figures: list[Path] | None = None,
+    same_token: dict | None = None,
     site_dir: Path | None = None,
     max_pages: int = 150,
     n_top: int = 10,
@@ -219,7 +258,8 @@ def sae_document(
     cell_features: cell -> that cell's feature folder of the same layer and SAE, for the lineages'
     examples; lineages: branch -> the evolution's lineage table of this layer and SAE; probes /
     attribution: metric -> per-feature table; interventions: effects.json of the causal tests;
-    figures: figure files to link (relative to ``site_dir``, the dashboard's folder).
+    figures: figure files to link (relative to ``site_dir``, the dashboard's folder);
+    same_token: ``same_token_columns`` of this SAE, when its cell is in a same-token pair.
 
     Every feature is a row; a page (histogram, shaded examples, lineage) is written for the
     features that matter, at most ``max_pages``, in this order: tested causally, top ``n_top`` of a
@@ -281,6 +321,10 @@ def sae_document(
         values[f"attribution_rank_{metric}"] = (table["rank"] + 1).to_numpy()
         for j in table["rank"].dropna().sort_values().index[:n_top]:
             want(int(j), f"attribution rank {int(table['rank'][j]) + 1} ({metric})")
+    for name, label, kind in SAME_TOKEN_COLUMNS:
+        if name in (same_token or {}):
+            columns.append({"name": name, "label": label, "type": kind})
+            values[name] = same_token[name]
     lineage_tables = {b: pd.read_parquet(p) for b, p in sorted((lineages or {}).items())}
     at_cell = _step_labels(lineage_tables, cell)
     for branch, rows in at_cell.items():
@@ -384,9 +428,15 @@ def sae_document(
         }
     page_set = set(int(j) for j in pages)
     names = [c["name"] for c in columns]
+    kinds = [c["type"] for c in columns]
+
+    def cell_value(name: str, kind: str, i: int):
+        value = _clean(values[name][i])
+        return int(value) if kind == "int" and value is not None else value  # a rank read as float (NaN)
+
     rows_out = []
     for i, j in enumerate(stats.index):
-        rows_out.append([int(j), int(j) in page_set] + [_clean(values[name][i]) for name in names[2:]])
+        rows_out.append([int(j), int(j) in page_set] + [cell_value(n, k, i) for n, k in zip(names[2:], kinds[2:])])
     notes = []
     if lineage_tables:
         notes.append(

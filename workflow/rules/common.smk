@@ -481,7 +481,18 @@ def dashboard_sae_inputs(w):
             if selected_by(r.experiment) == "attribution"
         )
     )
+    pair = next((p for p in same_token_pair_names() if cell in p.split("__")), None)
+    if pair and layer in DIFFING_LAYERS and {"crosscoder", "diff_sae"} & set(DIFFING_METHODS):
+        files["sae"] = grid.sae_weights(cell, layer, name)
+        if "crosscoder" in DIFFING_METHODS:
+            files["crosscoder"] = grid.crosscoder_files(pair, layer)
+        if "diff_sae" in DIFFING_METHODS:
+            files["diff_sae"] = grid.diff_sae_latents(pair, layer)
     return files
+
+
+def same_token_pair_names():
+    return [grid.pair_name(base, tuned) for base, tuned in grid.same_token_pairs(config)]
 
 
 def dashboard_figures(w):
@@ -504,6 +515,12 @@ def dashboard_named_args(input):
             args += [f"--{key}", f"{Path(path).stem}={path}"]
     for path in input.get("interventions", []):
         args += ["--interventions", path]
+    if "sae" in input.keys():
+        args += ["--sae-dir", os.path.dirname(input.sae)]
+    if "crosscoder" in input.keys():
+        args += ["--crosscoder", os.path.dirname(input.crosscoder[1])]  # latents.parquet's folder
+    if "diff_sae" in input.keys():
+        args += ["--diff-sae", os.path.dirname(input.diff_sae)]
     return " ".join(shlex.quote(a) for a in args)
 
 
