@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
-#   make run    # the demo on the embedded SmolLM2-135M-Instruct -> results/summary.json
+#   make run    # the demo on the embedded SmolLM2-135M-Instruct -> results/summary.json, results/dashboard/
 #   make test   # the test suite
 # Both install .venv from the lock (requirements/cpu.lock): the same versions on every machine.
 VENV       ?= .venv
@@ -37,7 +37,8 @@ run: $(VENV)/.installed
 	# a lock left by a killed run is removed, only when no other Snakemake process works here
 	python -m sae_diff.unlock --configfile $(CONFIG)
 	# --rerun-incomplete: after a crash, interrupted jobs restart and resume from their shards/checkpoints
-	snakemake results/summary.json --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete
+	# the default target: results/summary.json and the feature dashboard results/dashboard/index.html
+	snakemake --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete
 
 test: $(VENV)/.installed
 	pytest

@@ -158,6 +158,7 @@ def test_rows_are_the_stage_tables(tables):
         assert got["promoted"] == " | ".join(want["promoted"][:3])
         assert got["label_MXDX"] == ("born" if got["feature"] == 3 else "changed" if got["feature"] == 5 else "same")
         assert got["probe_rank_score"] == {2: 1, 9: 2}.get(got["feature"])  # 1-based, as on the pages
+        assert (got["causal_tests"] is None) == (got["feature"] not in (7, 8))
     json.dumps(doc, allow_nan=False)  # no NaN reaches the browser
 
 

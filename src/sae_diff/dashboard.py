@@ -294,9 +294,13 @@ def sae_document(
             order.append(j)
         reasons[j].append(why)
 
-    for j, lines in sorted(_tested([read_json(p) for p in interventions or []], cell, layer, sae).items()):
+    tested = _tested([read_json(p) for p in interventions or []], cell, layer, sae)
+    for j, lines in sorted(tested.items()):
         for line in lines:
             want(j, line)
+    if tested:
+        columns.append({"name": "causal_tests", "label": "causal tests", "type": "str"})
+        values["causal_tests"] = ["; ".join(tested.get(int(j), [])) or None for j in stats.index]
     for metric, path in sorted((probes or {}).items()):
         path = Path(path).with_suffix(".parquet")  # beside the probe's JSON, unless the probe was skipped
         if not path.exists():
@@ -309,6 +313,9 @@ def sae_document(
         ]
         values[f"probe_rank_{metric}"] = (rank + 1).to_numpy()  # 1 = the probe's first feature, as on the pages
         values[f"smd_{metric}"] = table["smd"].to_numpy()
+        if "importance" in table.columns:  # 1 / (1 + the step where it enters the L1 path); 0: never
+            columns.append({"name": f"importance_{metric}", "label": f"L1-path importance ({metric})", "type": "float"})
+            values[f"importance_{metric}"] = table["importance"].to_numpy()
         for j in rank.dropna().sort_values().index[:n_top]:
             want(int(j), f"probe rank {int(rank[j]) + 1} ({metric})")
     for metric, path in sorted((attribution or {}).items()):
