@@ -134,8 +134,7 @@ def _document(tables, **kw):
         lineages={"MXDX": tables["lineages"]},
         probes={"score": tables["probe"]},
         interventions=[tables["effects"]],
-        figures=[tables["site"].parent / "figures" / "features" / "statistics.png"],
-        site_dir=tables["site"],
+        figure_links=["../figures/features/statistics.png"],
         **kw,
     )
 
@@ -244,7 +243,7 @@ def test_the_cli_takes_every_repeated_flag(tables, tmp_path):
     want = dashboard.sae_document(
         "M1_D1", 3, "topk", tables["m1"], cell_features={"M0_D0": tables["m0"], "M9_D9": other},
         lineages={"MXDX": tables["lineages"]}, probes={"score": tables["probe"]},
-        interventions=[tables["effects"], effects_b], site_dir=tables["site"],
+        interventions=[tables["effects"], effects_b],
     )  # fmt: skip
     got = json.loads(out.read_text())
     assert got == json.loads(json.dumps(want))

@@ -1054,7 +1054,6 @@ def _dashboard_sae_args(p: argparse.ArgumentParser) -> None:
         "--attribution", nargs="*", action="extend", default=[], help="METRIC=PATH: attribution tables of this SAE"
     )
     p.add_argument("--interventions", nargs="*", action="extend", default=[], help="effects.json of the causal tests")
-    p.add_argument("--figures", nargs="*", action="extend", default=[], help="figure files to link from the pages")
     p.add_argument("--sae-dir", help="the SAE itself: with --crosscoder / --diff-sae, the nearest same-token latents")
     p.add_argument("--crosscoder", help="the crosscoder folder of the cell's same-token pair and layer")
     p.add_argument("--diff-sae", help="the diff-SAE folder of the cell's same-token pair and layer")
@@ -1066,7 +1065,8 @@ def _dashboard_sae_args(p: argparse.ArgumentParser) -> None:
 def cmd_dashboard_sae(args) -> None:
     from . import dashboard
 
-    opts = _spec(args)["dashboard"]
+    spec = _spec(args)
+    opts = spec["dashboard"]
     same_token = None
     if args.crosscoder or args.diff_sae:
         if not args.sae_dir:
@@ -1088,9 +1088,8 @@ def cmd_dashboard_sae(args) -> None:
         probes=_named_paths(args.probes, "--probes"),
         attribution=_named_paths(args.attribution, "--attribution"),
         interventions=[Path(p) for p in args.interventions],
-        figures=[Path(p) for p in args.figures],
+        figure_links=spec.get("figure_links", []),
         same_token=same_token,
-        site_dir=Path(args.out).parent.parent,  # the page lies above data/: links are relative to it
         max_pages=opts["max_pages"],
         n_top=opts["n_top"],
         n_lineage_examples=opts["lineage_examples"],

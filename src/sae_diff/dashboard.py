@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -186,7 +185,7 @@ def _tested(effects: list[dict], cell: str, layer: int, sae: str) -> dict[int, l
     return out
 
 
-def _figure_title(path: Path, cell: str) -> str:
+def _figure_title(path: str, cell: str) -> str:
     """A figure's link text: its place under figures/ without the cell and layer the page already
     names (``interventions / steering / topk_female_ratio``)."""
     parts = list(Path(path).with_suffix("").parts)
@@ -243,9 +242,8 @@ def sae_document(
     probes: dict[str, Path] | None = None,
     attribution: dict[str, Path] | None = None,
     interventions: list[Path] | None = None,
-    figures: list[Path] | None = None,
+    figure_links: list[str] | None = None,
     same_token: dict | None = None,
-    site_dir: Path | None = None,
     max_pages: int = 150,
     n_top: int = 10,
     n_lineage_examples: int = 3,
@@ -258,7 +256,8 @@ def sae_document(
     cell_features: cell -> that cell's feature folder of the same layer and SAE, for the lineages'
     examples; lineages: branch -> the evolution's lineage table of this layer and SAE; probes /
     attribution: metric -> per-feature table; interventions: effects.json of the causal tests;
-    figures: figure files to link (relative to ``site_dir``, the dashboard's folder);
+    figure_links: the figures to link, as hrefs relative to the page (links only: the document
+    does not read them, so a figure's restyle does not rebuild it);
     same_token: ``same_token_columns`` of this SAE, when its cell is in a same-token pair.
 
     Every feature is a row; a page (histogram, shaded examples, lineage) is written for the
@@ -367,11 +366,7 @@ def sae_document(
     step_examples = {cell: examples}
     step_examples.update({c: read_token_examples(folders[c], needed[c]) for c in folders if needed[c]})
 
-    site_dir = Path(site_dir) if site_dir is not None else None
-    links = [
-        {"title": _figure_title(f, cell), "href": os.path.relpath(f, site_dir) if site_dir else str(f)}
-        for f in figures or []
-    ]
+    links = [{"title": _figure_title(href, cell), "href": href} for href in figure_links or []]
     pages = {}
     for j in paged:
         view = examples[str(j)]

@@ -473,7 +473,6 @@ def dashboard_sae_inputs(w):
     files["probes"] = [grid.probe_json(cell, layer, name, metric) for metric in PROBE_METRICS]
     runs = [r for r in INTERVENTION_RUNS if (r.cell.name, r.layer, r.sae) == (cell, layer, name)]
     files["interventions"] = [f"{r.out_dir}/effects.json" for r in runs]
-    files["figures"] = dashboard_figures(w)
     files["attribution"] = list(
         dict.fromkeys(
             grid.attribution_table(cell, layer, name, r.metric)
@@ -495,12 +494,14 @@ def same_token_pair_names():
     return [grid.pair_name(base, tuned) for base, tuned in grid.same_token_pairs(config)]
 
 
-def dashboard_figures(w):
-    """The figures an SAE's pages link to: those of its cell, layer and SAE, and its layer's
-    cross-cell figures (evolution, probe comparison). Inputs, so that no link is dead."""
+def dashboard_figure_links(w):
+    """The figures an SAE's pages link to, relative to the page: those of its cell, layer and SAE,
+    and its layer's cross-cell figures (evolution, probe comparison). Links, not inputs: a
+    figure's restyle does not rebuild the dashboard (the run that builds the page builds them)."""
     cell, mark = f"{w.model}_{w.data}", f"layer{w.layer}/{w.sae}"
     paths = [p for kind in figure_targets().values() for p in kind]
-    return [p for p in paths if mark in p and (cell in p or not re.search(r"M\d+_D\d+", p))]
+    chosen = [p for p in paths if mark in p and (cell in p or not re.search(r"M\d+_D\d+", p))]
+    return [os.path.relpath(p, grid.dashboard_dir()) for p in chosen]
 
 
 def dashboard_named_args(input):

@@ -14,13 +14,13 @@ rule dashboard_sae:
     conda:
         "../envs/analysis.yaml"
     params:
-        spec=lambda w: spec(dashboard=config["dashboard"]),
+        spec=lambda w: spec(dashboard=config["dashboard"], figure_links=dashboard_figure_links(w)),
         features_dir=lambda w, input: os.path.dirname(input.features),
         named=lambda w, input: dashboard_named_args(input),
     shell:
         "sae-diff dashboard-sae --spec {params.spec:q} --cell {wildcards.model}_{wildcards.data} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --features-dir {params.features_dir:q} {params.named} "
-        "--figures {input.figures:q} --out {output:q} > {log:q} 2>&1"
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule dashboard:
