@@ -1,5 +1,6 @@
 # Config validation, the grid's id lists, and the named input functions of the rule files.
 # Every results path comes from sae_diff.grid (one home for the layout).
+import hashlib
 import json
 import os
 import re

@@ -4,6 +4,9 @@
 # documents that read it.
 
 
+DASHBOARD_TEMPLATE = str(Path(workflow.basedir) / "src" / "sae_diff" / "templates" / "dashboard.html")
+
+
 rule dashboard_sae:
     input:
         unpack(dashboard_sae_inputs),
@@ -26,7 +29,7 @@ rule dashboard_sae:
 rule dashboard:
     input:
         saes=dashboard_targets(),
-        template=str(Path(workflow.basedir) / "src" / "sae_diff" / "templates" / "dashboard.html"),
+        template=DASHBOARD_TEMPLATE,
     output:
         report(
             grid.dashboard_index(),
@@ -37,5 +40,9 @@ rule dashboard:
         "logs/dashboard/index.log",
     conda:
         "../envs/analysis.yaml"
+    params:
+        # the template's content: a style change reruns this job (Snakemake does not rerun for a
+        # source file that only got newer; params it compares)
+        template_sha256=hashlib.sha256(Path(DASHBOARD_TEMPLATE).read_bytes()).hexdigest(),
     shell:
         "sae-diff dashboard --saes {input.saes:q} --out {output:q} > {log:q} 2>&1"
