@@ -3,6 +3,8 @@ difference direction is found as the top latent; identical models flag nothing."
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,7 +12,7 @@ import torch
 from sae_diff import diff_sae
 from sae_diff.activations import ActivationStore, write_store
 from sae_diff.paired import DifferenceStore
-from sae_diff.sae.model import SAE, SAEConfig
+from sae_diff.sae.model import SAE, SAEConfig, dictionary_seed
 from sae_diff.sae.train import TrainSpec
 
 D = 16
@@ -101,9 +103,42 @@ def test_a_planted_difference_is_found_among_the_top_latents(tmp_path):
         if architecture == "topk":
             assert cosines[0] > 0.7, cosines
         assert table["rank"].tolist()[:3] == [1, 2, 3]
+        record = json.loads((tmp_path / architecture / "out" / "sae" / "sae_diff.json").read_text())
+        assert record["training"]["seed"] == dictionary_seed(0, "diff_sae")  # its own start, not the cells'
 
 
 def test_identical_models_flag_no_latent(tmp_path):
     stores, _ = _pair(tmp_path, planted=False)
     assert _run(tmp_path, stores) == {"identical": True}
     assert len(pd.read_parquet(tmp_path / "out" / "latents.parquet")) == 0
+
+
+def test_dictionaries_of_other_kinds_do_not_share_a_start():
+    """A cell SAE, a diff-SAE and a crosscoder configured with the same seed start from different
+    random decoder rows. With the configured seed used as is, the crosscoder's tuned-model rows
+    (flat row 2j + 1 of its [d_sae, 2, d] draw) equal the SAE's rows exactly: agreement between
+    methods would measure the shared start (as the demo's diff-SAE and crosscoder did, |cos| up
+    to 0.96). With each kind's own seed, no pair of rows is closer than random directions are."""
+    from sae_diff.crosscoder import Crosscoder, CrosscoderConfig
+
+    d, d_sae = 64, 48
+
+    def rows(kind_seed, crosscoder=False):
+        if crosscoder:
+            cc = Crosscoder(CrosscoderConfig(n_models=2, d_in=d, d_sae=d_sae, k=4))
+            cc.initialize(seed=kind_seed)
+            return cc.W_dec.detach()[:, 1].double()
+        sae = SAE(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=4))
+        sae.initialize(seed=kind_seed)
+        return sae.W_dec.detach().double()
+
+    def max_cos(a, b):
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        return float((a @ b.T).abs().max())
+
+    cell = rows(0)
+    assert max_cos(cell, rows(0, crosscoder=True)) > 0.999  # the artefact with one shared seed
+    diff, cc = rows(dictionary_seed(0, "diff_sae")), rows(dictionary_seed(0, "crosscoder"), crosscoder=True)
+    for a, b in ((cell, diff), (cell, cc), (diff, cc)):
+        assert max_cos(a, b) < 0.6  # random unit vectors in 64 dimensions: max of 48² |cos| ≈ 0.45
+    assert len({dictionary_seed(0, k) for k in ("diff_sae", "crosscoder")} | {0}) == 3

@@ -478,6 +478,7 @@ def test_protein_example_runs_end_to_end(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "examples" / "protein.yaml").read_text())
     cfg["iterations"]["rounds"] = 1
     cfg["grid"] = {"branches": ["MXDX"]}
+    cfg["dashboard"] = {"enabled": False}  # the dashboard is tested on config/test.yaml's run
     path = tmp_path / "protein.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, "--cores", "2", configfile=path, timeout=900)

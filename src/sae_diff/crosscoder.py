@@ -66,7 +66,7 @@ from torch.nn import functional as F
 from .errors import ActivationStoreError, DataError, TrainingError
 from .io import atomic_dir, atomic_path, check_replaceable, crash_point, sha256_file, verify_checksums, write_json
 from .sae import kernels
-from .sae.model import geometric_median
+from .sae.model import dictionary_seed, geometric_median
 from .sae.train import _guarded, estimate_scale, lr_factor
 
 log = logging.getLogger(__name__)
@@ -635,7 +635,7 @@ def train(
     cc = Crosscoder(cfg)
     with torch.no_grad():
         cc.input_scale.copy_(scale_t)
-    cc.initialize(cc.scale_inputs(first), seed=seed)
+    cc.initialize(cc.scale_inputs(first), seed=dictionary_seed(seed, "crosscoder"))  # not an SAE's start
     cc.to(device).train()
     try:
         opt = torch.optim.Adam(cc.parameters(), lr=lr, fused=True)

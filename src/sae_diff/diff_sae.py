@@ -96,6 +96,11 @@ def run(
         write_json(out_dir / "metrics.json", {"identical": True, "n_tokens": store.n_tokens("train")})
         log.info("diff-SAE %s: the two models' activations are identical; no latents", out_dir)
         return {"identical": True}
+    from dataclasses import replace
+
+    from .sae.model import dictionary_seed
+
+    spec = replace(spec, seed=dictionary_seed(spec.seed, "diff_sae"))  # not the cell SAEs' start
     train(
         store,
         [spec],
