@@ -180,9 +180,8 @@ def best_matches(source: tuple[list, np.ndarray], target: tuple[list, np.ndarray
     """For each source direction, the target direction with the largest |cosine| (and the cosine)."""
     ids_s, vs = source
     ids_t, vt = target
-    cos = unit_rows(vs) @ unit_rows(vt).T
-    best = np.argmax(np.abs(cos), axis=1)
-    return [{"latent": ids_s[i], "match": ids_t[j], "cosine": float(cos[i, j])} for i, j in enumerate(best)]
+    best, cosine = best_by_abs_cosine(np.asarray(vs), np.asarray(vt))
+    return [{"latent": ids_s[i], "match": ids_t[j], "cosine": float(c)} for i, (j, c) in enumerate(zip(best, cosine))]
 
 
 def best_by_abs_cosine(source: np.ndarray, target: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
