@@ -78,6 +78,8 @@ def finished_run(tmp_path_factory):
         "evaluate_saes": 3,
         "feature_stats": 3,
         "train_seed_sae": 1,
+        "train_null_saes": 1,
+        "null_diffs": 1,
         "calibrate": 1,
         "diff_saes": 3,
         "evolution": 1,

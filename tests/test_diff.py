@@ -232,10 +232,11 @@ def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):
     """Compared: evolution.run on files laid out as the workflow writes them (and handed over in
     shuffled order) against evolution.lineages called on the same objects in memory."""
     import json
+    from pathlib import Path
 
     import pandas as pd
 
-    from sae_diff import evolution, grid
+    from sae_diff import evolution, grid, nulls
     from sae_diff.sae import files
 
     rng = np.random.default_rng(5)
@@ -277,13 +278,27 @@ def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):
     calibration = tmp_path / grid.calibration_json(1, "topk")
     calibration.parent.mkdir(parents=True)
     calibration.write_text(json.dumps({"thresholds": THRESHOLDS.to_dict(), "changed_fraction": 0.05}))
+    null_pairs = [{"same": 5 - j % 2, "changed": j % 2, "died": 0, "born": 1} for j in range(5)]
+    null = tmp_path / grid.null_json(1, "topk")
+    null.parent.mkdir(parents=True)
+    null.write_text(json.dumps({"pairs": null_pairs, "cell_tokens": 100}))
+    spec["diff"] = {"convergence": {"max_fvu_drop": 0.05, "max_init_cos": 0.5, "min_cross_init": 0.5}}
 
-    out = evolution.run(spec, 1, diff_files[::-1], [str(calibration)], saes_files[::-1], stats_files[::-1])
+    out = evolution.run(spec, 1, diff_files[::-1], [str(calibration)], saes_files[::-1], stats_files[::-1], [str(null)])
     unit_decoders = [diff.unit_rows(sae_with_decoder(m).W_dec) for m in decoders]
     expected, counts = evolution.lineages(cells, steps, born, unit_decoders, stats, THRESHOLDS)
     got = out["topk"]["branches"]["MXDX"]
     assert got["steps"] == counts and got["cells"] == cells
     pd.testing.assert_frame_equal(got["lineages"], expected)
     assert out["topk"]["seed_baseline_changed_fraction"] == 0.05
+    # each step's diff counts beside the null (nulls.versus on the very summaries written above)
+    written = [json.loads(Path(p).read_text())["counts"] for p in diff_files]
+    assert [{k: v for k, v in s.items() if k not in ("from", "to")} for s in got["steps_vs_null"]] == [
+        nulls.versus(c, null_pairs) for c in written
+    ]
+    summed = {k: sum(c.get(k, 0) for c in written) for k in nulls.LABELS}
+    assert got["totals_vs_null"] == nulls.versus(summed, null_pairs, 2)
+    # no training log: no held-out curve, so no verdict that the SAEs converged
+    assert out["topk"]["unconverged"] and not out["topk"]["convergence"]["cells"]["M0_D0"]["fvu_flat"]
     with pytest.raises(KeyError):  # a step whose diff was not handed over is not looked up on disk
-        evolution.run(spec, 1, diff_files[:1], [str(calibration)], saes_files, stats_files)
+        evolution.run(spec, 1, diff_files[:1], [str(calibration)], saes_files, stats_files, [str(null)])

@@ -10,17 +10,29 @@ from sae_diff import evolution, iterations, summary
 # ----------------------------------------------------------------------------- evolution.headline
 
 
+def _versus(observed: int) -> dict:
+    return {"observed": observed, "null_mean": 1.0, "null_low": 0.0, "null_high": 2.0, "excess": observed - 1.0,
+            "outside": observed > 2, "called": observed > 2}  # fmt: skip
+
+
 def _evolution_block(layer: int, sae: str, base: int, seed_fraction: float) -> dict:
     """An evolution JSON's parts the headline reads: per branch ``totals`` (with extra counts the
-    headline leaves out) and the seed-pair baseline."""
+    headline leaves out) and the totals against the null, the seed-pair baseline, the model and data
+    effects, the convergence verdict and the null's size."""
     totals = {"same": base, "changed": base + 1, "died": base + 2, "born": base + 3, "reverted": base + 4}
+    effect = {label: _versus(base + i) for i, label in enumerate(("same", "changed", "died", "born"))}
     return {
         "layer": layer,
         "sae": sae,
         "seed_baseline_changed_fraction": seed_fraction,
+        "null": {"pairs": 5 + layer},
+        "convergence": {"converged": layer == 6},
+        "unconverged": layer != 6,
+        "model_effect": {"pairs": [], "labels": effect},
+        "data_effect": None,
         "branches": {
-            "MXDX": {"steps": [], "totals": {**totals, "inactive": 99, "died_silent": 98}},
-            "M0DX": {"steps": [], "totals": {k: 10 * v for k, v in totals.items()}},
+            "MXDX": {"steps": [], "totals": {**totals, "inactive": 99, "died_silent": 98}, "totals_vs_null": {"x": 1}},
+            "M0DX": {"steps": [], "totals": {k: 10 * v for k, v in totals.items()}, "totals_vs_null": {"y": 2}},
         },
     }
 
@@ -30,27 +42,43 @@ def test_evolution_headline_takes_the_first_sae_in_config_order_per_layer():
     sae_order ["b", "a"] picks "b". Layer 12 has only "a". Layers come in numeric order (6 before 12,
     where string order would put 12 first). The seed baseline is the mean over the picked blocks only:
     (0.1 + 0.3) / 2 = 0.2 (layer 6's "a" has 0.9 and is not picked). The counts are the five labels
-    of each branch's totals, nothing else."""
+    of each branch's totals, nothing else. The model effect leads, with the four labels against the
+    null (keys observed, null_low, null_high, excess, called); a layer without data-effect pairs has
+    an empty block; null_pairs is the smallest null of the picked blocks."""
     blocks = {
         (12, "a"): _evolution_block(12, "a", base=100, seed_fraction=0.3),
         (6, "a"): _evolution_block(6, "a", base=0, seed_fraction=0.9),
         (6, "b"): _evolution_block(6, "b", base=50, seed_fraction=0.1),
     }
     out = evolution.headline(blocks, ["b", "a"])
+    keys = ("observed", "null_low", "null_high", "excess", "called")
+    effect = lambda base: {  # noqa: E731
+        label: {k: _versus(base + i)[k] for k in keys}
+        for i, label in enumerate(("born", "died", "changed", "same")[::-1])
+    }
     assert out == {
+        "model_effect": {"layer6": effect(50), "layer12": effect(100)},
+        "data_effect": {"layer6": {}, "layer12": {}},
+        "converged": {"layer6": True, "layer12": False},
+        "null_pairs": 11,
         "layer6": {
             "MXDX": {"born": 53, "died": 52, "changed": 51, "reverted": 54, "same": 50},
             "M0DX": {"born": 530, "died": 520, "changed": 510, "reverted": 540, "same": 500},
             "sae": "b",
+            "unconverged": False,
+            "vs_null": {"MXDX": {"x": 1}, "M0DX": {"y": 2}},
         },
         "layer12": {
             "MXDX": {"born": 103, "died": 102, "changed": 101, "reverted": 104, "same": 100},
             "M0DX": {"born": 1030, "died": 1020, "changed": 1010, "reverted": 1040, "same": 1000},
             "sae": "a",
+            "unconverged": True,
+            "vs_null": {"MXDX": {"x": 1}, "M0DX": {"y": 2}},
         },
         "seed_baseline_changed_fraction": pytest.approx(0.2),
     }
-    assert list(out) == ["layer6", "layer12", "seed_baseline_changed_fraction"]
+    assert list(out)[:4] == ["model_effect", "data_effect", "converged", "null_pairs"]
+    assert list(out["model_effect"]["layer6"]) == ["born", "died", "changed", "same"]
 
 
 def test_evolution_headline_of_nothing_is_empty():

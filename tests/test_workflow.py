@@ -202,9 +202,25 @@ def test_features_diffs_and_evolution(finished_run):
     assert step["aligned"] is True  # M1_D1's topk SAE warm-starts from M0_D0's
     summary = json.loads((results / "summary.json").read_text())
     head = summary["headline"]["evolution"]
-    assert set(head["layer1"]) == {"MXDX", "M0DX", "sae"} and head["layer1"]["sae"] == "topk"
+    assert set(head["layer1"]) == {"MXDX", "M0DX", "sae", "unconverged", "vs_null"} and head["layer1"]["sae"] == "topk"
     assert set(head["layer1"]["MXDX"]) == {"born", "died", "changed", "reverted", "same"}
     assert 0 <= head["seed_baseline_changed_fraction"] <= 1
+    # every count against the resampling null: the model effect (M0_D1 vs M1_D1) equals that diff's
+    # counts, its interval is the null pairs' (nulls.versus on the null-diffs JSON)
+    from sae_diff import nulls
+
+    null = json.loads((results / "nulls" / "layer1" / "topk.json").read_text())
+    assert head["null_pairs"] == len(null["pairs"]) == 5 and calibration["thresholds_from"] == "resampling"
+    intra = json.loads((results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.json").read_text())["counts"]
+    expected = nulls.versus(intra, null["pairs"])
+    for label in ("born", "died", "changed", "same"):
+        got = head["model_effect"]["layer1"][label]
+        assert got == {k: expected[label][k] for k in ("observed", "null_low", "null_high", "excess", "called")}
+    assert set(head["data_effect"]["layer1"]) == {"born", "died", "changed", "same"}
+    # the tiny SAEs have not converged, and the summary and the figure say so
+    assert head["converged"] == {"layer1": False} and head["layer1"]["unconverged"] is True
+    evolution_block = json.loads((results / "evolution" / "layer1" / "topk.json").read_text())
+    assert evolution_block["convergence"]["reasons"] and evolution_block["convergence"]["cross_init"]["mmcs_random"] > 0
     block = summary["cells"]["M0_D1"]["saes"]["layer1"]["topk"]["features"]
     assert block["n_live"] == int(
         (~pd.read_parquet(results / "features" / "M0_D1" / "layer1" / "topk" / "stats.parquet")["dead"]).sum()
@@ -288,6 +304,9 @@ def test_wandb_offline_run_has_the_seed_keys(finished_run):
     assert any(k.startswith("summary_table/") for k in keys["history"])
     for key in (
         "layer_1/evolution/MXDX_born",
+        "layer_1/evolution/model_effect_changed_excess",
+        "layer_1/evolution/converged",
+        "evolution/null_pairs",
         "iterations/shift_diff",
         "timings/saes_s",
         "layer_1/steering/n_chars_effect",

@@ -603,3 +603,37 @@ def open_stores(
     sites = list(dict.fromkeys((int(s.manifest["layer"]), s.manifest["hook_point"]) for s in plain))
     source = ShardSource(plain[0].manifest, model, tokenizer, samples_path, place, sites)
     return [ForwardStore(store.folder, source) for store in plain]
+
+
+class SampleSubset(ActivationStore):
+    """A view of one split of a store that keeps only the tokens of some samples, and at most
+    ``max_tokens`` of them (the first in shard order): a resample of the same data, for the null of
+    "nothing changed but the sample" (``nulls``). Other splits read through unchanged."""
+
+    def __init__(self, store: ActivationStore, sample_ids, max_tokens: int | None = None, split: str = "train"):
+        import copy
+
+        import torch
+
+        self.base, self.folder, self.split = store, store.folder, split
+        self._verified = store._verified
+        self.keep = torch.as_tensor(np.unique(np.asarray(sample_ids, dtype=np.int64)))
+        remaining = np.inf if max_tokens is None else int(max_tokens)
+        self._cap: dict[str, int] = {}
+        for entry in store.shards(split):  # one read of the split, to place the token cap
+            n = int(torch.isin(store.load_shard(entry)["sample_idx"], self.keep).sum())
+            self._cap[entry["file"]] = int(min(n, remaining))
+            remaining -= self._cap[entry["file"]]
+        manifest = copy.deepcopy(store.manifest)
+        manifest["shards"] = [s for s in manifest["shards"] if s["split"] != split or self._cap[s["file"]] > 0]
+        manifest["n_tokens"][split] = int(sum(self._cap.values()))
+        self.manifest = manifest
+
+    def load_shard(self, entry: dict, verify: bool = True) -> dict:
+        import torch
+
+        tensors = self.base.load_shard(entry, verify)
+        if entry["split"] != self.split:
+            return tensors
+        rows = torch.isin(tensors["sample_idx"], self.keep).nonzero()[:, 0][: self._cap[entry["file"]]]
+        return {key: value[rows] for key, value in tensors.items()}

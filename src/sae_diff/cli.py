@@ -280,24 +280,49 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--saes", required=True, help="folder of the base cell's SAEs of this layer")
     p.add_argument("--seed-saes", required=True, help="folder of the seed-pair SAEs")
+    p.add_argument(
+        "--cross-init",
+        nargs="+",
+        metavar="SAE=FOLDER",
+        help="per SAE config: the folder of its partner from another init",
+    )
+    p.add_argument("--null-dir", help="the resampling null's folder (null-diffs' cosines): thresholds from it")
     p.add_argument("--out-dir", required=True)
 
 
-@verb("calibrate", "thresholds from a seed pair of SAEs on the base cell", _calibrate_args)
+@verb("calibrate", "same / new thresholds from the resampling null (or a seed pair) of the base cell", _calibrate_args)
 def cmd_calibrate(args) -> None:
-    """Same / changed / new thresholds per SAE config from a seed pair on the base cell."""
-    from . import diff, io
+    """Same / changed / new thresholds per SAE config from a seed pair on the base cell, and the
+    cross-init MMCS of its convergence check."""
+    import pandas as pd
+
+    from . import convergence, diff, io, nulls
     from .sae import files
 
     spec = _spec(args)
+    criterion = convergence.Criterion.from_config(spec["diff"]["convergence"])
+    partners = dict(item.split("=", 1) for item in args.cross_init or [])
     for name in spec["saes"]:
         main = files.load(Path(args.saes) / name)
         seed = files.load(Path(args.seed_saes) / name)
-        thresholds, null = diff.calibration(main, seed, spec["diff"]["same_quantile"], spec["diff"]["new_quantile"])
+        block = spec["diff"]
+        thresholds, null = diff.calibration(main, seed, block["same_quantile"], block["new_quantile"])
+        if block["thresholds_from"] == "resampling":
+            if not args.null_dir:
+                raise SystemExit("calibrate: diff.thresholds_from is resampling, so --null-dir is required")
+            cosines = pd.read_parquet(Path(args.null_dir) / f"{name}_cosines.parquet")
+            pooled = [group["dec_cos_match"].to_numpy() for _, group in cosines.groupby("pair")]
+            thresholds = nulls.thresholds(pooled, block["same_quantile"], block["new_quantile"])
+        # changed_fraction: the seed pair (the second null) labelled with the thresholds in use
         record = diff.calibration_record(null, thresholds)
+        record["thresholds_from"] = block["thresholds_from"]
         record["seed_pair"] = [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)]
+        partner = Path(partners.get(name, Path(args.seed_saes) / name))
+        record["cross_init"] = convergence.cross_init_record(main, files.load(partner), criterion)
+        record["cross_init"]["partner"] = str(partner)
         out = Path(args.out_dir)
-        io.write_parquet(null, out / f"{name}_null.parquet")
+        # the figure's null: the cosines the thresholds are quantiles of
+        io.write_parquet(cosines if block["thresholds_from"] == "resampling" else null, out / f"{name}_null.parquet")
         io.write_json(out / f"{name}.json", record)
         log.info("layer %d %s: thresholds %s", args.layer, name, thresholds.to_dict())
 
@@ -351,6 +376,7 @@ def _evolution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", nargs="+", required=True, help="the layer's calibration JSONs, <sae>.json")
     p.add_argument("--saes", nargs="+", required=True, help="sae_weights.safetensors of every cell's SAEs")
     p.add_argument("--stats", nargs="+", required=True, help="stats.parquet of every cell's SAEs")
+    p.add_argument("--nulls", nargs="+", required=True, help="the layer's resampling-null counts, <sae>.json")
     p.add_argument("--out-dir", required=True)
 
 
@@ -360,7 +386,7 @@ def cmd_evolution(args) -> None:
     from . import evolution, io
 
     spec = _spec(args)
-    result = evolution.run(spec, args.layer, args.diffs, args.calibration, args.saes, args.stats)
+    result = evolution.run(spec, args.layer, args.diffs, args.calibration, args.saes, args.stats, args.nulls)
     for name, block in result.items():
         from . import grid
 
@@ -704,27 +730,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", required=True, help="one folder per SAE config is written here")
 
 
-@verb("train", "train the configured SAEs of one (cell, layer)", _train_args)
-def cmd_train(args) -> None:
-    """Train every configured SAE of one (cell, layer); configs sharing a site share one pass."""
+def _training_groups(spec: dict, args, acts: Path):
+    """(hook, target, names, store, target store, TrainSpecs) per site the trained configs read: configs
+    sharing a site share one pass over it."""
+    from . import models
     from .activations import open_stores
     from .grid import site_dir
-    from .sae.train import spec_from_config, train
+    from .sae.train import spec_from_config
 
-    spec = _spec(args)
-    from . import models
-
-    models.set_threads(args.threads)
-    layer, acts = args.layer, Path(args.acts_dir)
     groups: dict = {}
     for name, block in spec["saes"].items():
         if block.get("source", "train") == "pretrained":
             continue  # imported by its own rule
         groups.setdefault((block["hook_point"], block.get("target_hook_point")), []).append(name)
-    opts = spec["training"]
     place = models.placement(spec)
     for (hook, target), names in groups.items():
-        folders = [acts / site_dir(layer, hook)] + ([acts / site_dir(layer, target)] if target else [])
+        folders = [acts / site_dir(args.layer, hook)] + ([acts / site_dir(args.layer, target)] if target else [])
         store, *paired = open_stores(folders, args.model_dir, args.samples, place)
         target_store = paired[0] if paired else None
         specs = [
@@ -740,22 +761,141 @@ def cmd_train(args) -> None:
             )
             for name in names
         ]
-        out_dirs = [Path(args.out_dir) / name for name in names]
+        yield hook, target, names, store, target_store, specs
+
+
+def _training_args(spec: dict, args, target_store) -> dict:
+    """``sae.train.train``'s settings from the config's ``training`` block (the cells' and the null's)."""
+    from . import models
+
+    opts = spec["training"]
+    return {
+        "n_tokens": opts["tokens"],
+        "batch_size": opts["batch_size"],
+        "shuffle_buffer": opts["shuffle_buffer"],
+        "seed": opts["seed"],
+        "checkpoint_every": opts["checkpoint_every"],
+        "epochs": opts["epochs"],
+        "target_store": target_store,
+        "progress": not args.no_progress,
+        "place": models.placement(spec),
+    }
+
+
+@verb("train", "train the configured SAEs of one (cell, layer)", _train_args)
+def cmd_train(args) -> None:
+    """Train every configured SAE of one (cell, layer); configs sharing a site share one pass."""
+    from . import models
+    from .sae.train import train
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    for hook, target, names, store, target_store, specs in _training_groups(spec, args, Path(args.acts_dir)):
         train(
             store,
             specs,
-            out_dirs,
-            n_tokens=opts["tokens"],
-            batch_size=opts["batch_size"],
-            shuffle_buffer=opts["shuffle_buffer"],
-            seed=opts["seed"],
-            checkpoint_every=opts["checkpoint_every"],
-            epochs=opts["epochs"],
-            target_store=target_store,
-            progress=not args.no_progress,
-            place=place,
+            [Path(args.out_dir) / name for name in names],
             work_dir=Path(args.out_dir) / f".train_state-{hook}-{target or 'self'}",
+            **_training_args(spec, args, target_store),
         )
+
+
+def _train_null_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    p.add_argument("--pairs", type=int, required=True, help="prompt splits of the base cell's training data")
+    p.add_argument("--split-seed", type=int, default=0, help="pair k splits the prompts with seed split_seed + k")
+
+
+@verb(
+    "train-null",
+    "train the SAE configs on both halves of random prompt splits of a cell (the resampling null)",
+    _train_null_args,
+)
+def cmd_train_null(args) -> None:
+    """Pair k: the SAE configs trained on two disjoint prompt halves of the cell's training split
+    (``nulls.train_pairs``), into ``<out>/pair<k>/{a,b}/<sae>``."""
+    import pandas as pd
+
+    from . import models, nulls
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    if not args.samples:
+        raise SystemExit("train-null: --samples is required (the prompts the halves are drawn from)")
+    samples = pd.read_parquet(args.samples)
+    for _hook, _target, _names, store, target_store, specs in _training_groups(spec, args, Path(args.acts_dir)):
+        nulls.train_pairs(
+            store, samples, specs, args.out_dir, args.pairs, args.split_seed, **_training_args(spec, args, target_store)
+        )
+
+
+def _null_diffs_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--null-dir", required=True, help="the null pairs' SAEs (train-null's --out-dir)")
+    p.add_argument("--pairs", type=int, required=True)
+    p.add_argument("--split-seed", type=int, default=0, help="as train-null's: the eval split is halved the same way")
+    p.add_argument("--samples", required=True, help="the base cell's samples (prompts of the eval split)")
+    p.add_argument("--calibration", help="the layer's calibration JSONs (only with diff.thresholds_from: seed_pair)")
+    p.add_argument("--acts-dir", required=True, help="the base cell's activation stores (its eval split)")
+    p.add_argument("--model-dir", help="the base model: needed when its activations are not cached")
+    p.add_argument("--out-dir", required=True)
+
+
+@verb("null-diffs", "label counts of every resampling-null pair, as a step of the grid is labelled", _null_diffs_args)
+def cmd_null_diffs(args) -> None:
+    """Per SAE config: each null pair's diff, its matched cosines (``<sae>_cosines.parquet``: the
+    thresholds' null when they come from resampling) and its label counts (``<sae>.json``)."""
+    import pandas as pd
+
+    from . import io, models, nulls
+    from .activations import SampleSubset, open_stores
+    from .diff import Thresholds
+    from .grid import site_dir
+    from .sae import files
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    names = list(spec["saes"])
+    dirs = nulls.pair_dirs(args.null_dir, args.pairs, names)
+    splits = io.read_json(nulls.splits_json(args.null_dir))
+    samples = pd.read_parquet(args.samples)
+    halves = nulls.eval_halves(samples, args.pairs, args.split_seed)
+    block = spec["diff"]
+    for i, name in enumerate(names):
+        site = Path(args.acts_dir) / site_dir(args.layer, spec["saes"][name]["hook_point"])
+        (store,) = open_stores([site], args.model_dir, args.samples)
+        every = store.all("eval")
+        tables = []
+        for k, (dirs_a, dirs_b) in enumerate(dirs):
+            if halves is None:
+                eval_a = eval_b = every
+            else:
+                eval_a, eval_b = (SampleSubset(store, ids, split="eval").all("eval") for ids in halves[k])
+            tables.append(nulls.pair_table(files.load(dirs_a[i]), files.load(dirs_b[i]), eval_a, eval_b))
+        fixed = None
+        if block["thresholds_from"] == "seed_pair":
+            fixed = Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
+        pairs = nulls.null_counts(tables, block, fixed)
+        for record, split in zip(pairs, splits["pairs"]):
+            record["sample_tokens"] = split["tokens"]
+        cosines = pd.concat(
+            [t[["feature", "dec_cos_match"]].assign(pair=k) for k, (t, _) in enumerate(tables)], ignore_index=True
+        )
+        out = Path(args.out_dir)
+        io.write_parquet(cosines, out / f"{name}_cosines.parquet")
+        io.write_json(
+            out / f"{name}.json",
+            {
+                "layer": args.layer,
+                "sae": name,
+                "pairs": pairs,
+                "cell_tokens": splits["cell_tokens"],
+                "thresholds_from": block["thresholds_from"],
+                "eval_halved": halves is not None,
+            },
+        )
+        log.info("layer %d %s: null counts %s", args.layer, name, [{k: p[k] for k in nulls.LABELS} for p in pairs])
 
 
 def _same_token_args(p: argparse.ArgumentParser) -> None:

@@ -189,16 +189,22 @@ def calibration_record(null: pd.DataFrame, thresholds: Thresholds) -> dict:
     }
 
 
+def count_labels(table: pd.DataFrame, born: np.ndarray) -> dict:
+    """Features per label of a labelled diff (``step_labels``), died by reason, and the born count."""
+    counts = {k: int(v) for k, v in table["label"].value_counts().items()}
+    for reason in ("unmatched", "silent", "norm_collapse"):
+        counts[f"died_{reason}"] = int((table["died_reason"] == reason).sum())
+    counts["born"] = int(len(born))
+    return counts
+
+
 def compare(
     sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds, aligned: bool, collapse: float
 ) -> tuple[pd.DataFrame, dict]:
     """Labelled per-feature diff of A against B and its summary (counts, MMCS, thresholds)."""
     table = weight_diff(sae_a, sae_b, aligned=aligned)
     table, born = step_labels(table, thresholds, ~stats_a["dead"].to_numpy(), ~stats_b["dead"].to_numpy(), collapse)
-    counts = {k: int(v) for k, v in table["label"].value_counts().items()}
-    for reason in ("unmatched", "silent", "norm_collapse"):
-        counts[f"died_{reason}"] = int((table["died_reason"] == reason).sum())
-    counts["born"] = int(len(born))
+    counts = count_labels(table, born)
     summary = {
         "mmcs": mmcs(table),
         "aligned": aligned,

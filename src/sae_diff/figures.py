@@ -138,8 +138,14 @@ def similarity(
         for name, path in diff_tables.items()
     ]
     null = pd.read_parquet(null_table, columns=["dec_cos_match"])["dec_cos_match"].dropna()
-    thresholds = json.loads(Path(thresholds_json).read_text())["thresholds"]
-    return plots.similarity_histograms(steps, null, thresholds, out, title, size=block["size"], dpi=block["dpi"])
+    record = json.loads(Path(thresholds_json).read_text())
+    null_label = {
+        "resampling": "resampling null (same model, disjoint prompt halves)",
+        "seed_pair": "seed pair (null: only the seed differs)",
+    }[record.get("thresholds_from", "seed_pair")]
+    return plots.similarity_histograms(
+        steps, null, record["thresholds"], out, title, size=block["size"], dpi=block["dpi"], null_label=null_label
+    )
 
 
 def iterations(iterations_json: Path, out: Path, block: dict) -> Path:

@@ -92,18 +92,35 @@ def sites(cfg: dict) -> list[tuple[int, str]]:
 
 
 def diff_pairs(cfg: dict) -> list[tuple[Cell, Cell, str]]:
-    """SAE pairs to diff: each step of each branch ('step': MiDi → Mi+1Di+1, M0Di → M0Di+1)
-    and, with both branches, each iteration against the base model on its data ('intra': M0Di vs MiDi)."""
+    """SAE pairs to diff: each step of each branch ('step': MiDi → Mi+1Di+1, M0Di → M0Di+1), with
+    both branches each iteration against the base model on its data ('intra': M0Di vs MiDi, the
+    model effect), and the base model on each iteration's data against its own ('data': M0D0 vs
+    M0Di, the data effect; for i = 1 that pair is a step of M0DX)."""
     pairs: dict[tuple[Cell, Cell], str] = {}
     branches = cfg["grid"]["branches"]
     for branch in branches:
         chain = branch_cells(cfg, branch)
         for a, b in zip(chain, chain[1:]):
             pairs.setdefault((a, b), "step")
-    if {"MXDX", "M0DX"} <= set(branches):
-        for d in data_ids(cfg)[1:]:
-            pairs.setdefault((Cell("M0", d), Cell("M" + d[1:], d)), "intra")
+    for a, b in model_effect_pairs(cfg):
+        pairs.setdefault((a, b), "intra")
+    for a, b in data_effect_pairs(cfg):
+        pairs.setdefault((a, b), "data")
     return [(a, b, kind) for (a, b), kind in pairs.items()]
+
+
+def model_effect_pairs(cfg: dict) -> list[tuple[Cell, Cell]]:
+    """(M0Di, MiDi) for i ≥ 1: same data, other model, i.e. the model's change (both branches needed)."""
+    if not {"MXDX", "M0DX"} <= set(cfg["grid"]["branches"]):
+        return []
+    return [(Cell("M0", d), Cell("M" + d[1:], d)) for d in data_ids(cfg)[1:]]
+
+
+def data_effect_pairs(cfg: dict) -> list[tuple[Cell, Cell]]:
+    """(M0D0, M0Di) for i ≥ 1: same model, other data, i.e. the data's change (needs the M0DX branch)."""
+    if "M0DX" not in cfg["grid"]["branches"]:
+        return []
+    return [(Cell("M0", "D0"), Cell("M0", d)) for d in data_ids(cfg)[1:]]
 
 
 def pair_name(a: Cell, b: Cell) -> str:
@@ -360,6 +377,30 @@ def seed_saes_dir(layer) -> str:
 
 def seed_sae_weights(layer, name: str) -> str:
     return f"{seed_saes_dir(layer)}/{name}/sae_weights.safetensors"
+
+
+def cross_init_sae_dir(layer, name: str, vary: str) -> str:
+    """The base cell's SAE from another init (its convergence check): the calibration partner itself
+    when that already varies the init (``diff.vary: init_and_shuffle``), else one trained beside it."""
+    return f"{seed_saes_dir(layer)}/{name if vary == 'init_and_shuffle' else name + '-cross-init'}"
+
+
+def null_dir(layer) -> str:
+    """The data-resampling null of one layer: SAEs of each prompt-split pair, and their label counts."""
+    return f"{RESULTS}/nulls/layer{layer}"
+
+
+def null_sae_weights(layer, pair: int, side: str, name: str) -> str:
+    return f"{null_dir(layer)}/pair{pair}/{side}/{name}/sae_weights.safetensors"
+
+
+def null_json(layer, name: str) -> str:
+    return f"{null_dir(layer)}/{name}.json"
+
+
+def null_cosines(layer, name: str) -> str:
+    """The null pairs' matched decoder cosines, the pool the same / new thresholds are quantiles of."""
+    return f"{null_dir(layer)}/{name}_cosines.parquet"
 
 
 def calibration_dir(layer) -> str:

@@ -42,13 +42,17 @@ def training_curves(rows: list[dict], out: str | Path, title: str = "", size=(10
     tokens = [r["tokens"] for r in rows]
     panels = [
         ("loss", "training loss", "log"),
-        ("fvu", "FVU (batch, lower is better)", "log"),
+        ("fvu", "FVU (lower is better)", "log"),
         ("l0", "L0 (active latents per token)", "linear"),
         ("dead_fraction", "dead fraction", "linear"),
     ]
     for ax, (key, label, scale) in zip(axes.flat, panels):
         values = [r.get(key, float("nan")) for r in rows]
-        ax.plot(tokens, values, color="tab:blue", lw=1.6)
+        ax.plot(tokens, values, color="tab:blue", lw=1.6, label="training batch")
+        if key == "fvu" and any("heldout_fvu" in r for r in rows):
+            held = [(r["tokens"], r["heldout_fvu"]) for r in rows if "heldout_fvu" in r]
+            ax.plot(*zip(*held), color="tab:orange", lw=1.6, marker="o", ms=3, label="held-out (convergence)")
+            ax.legend(frameon=False, fontsize=8)
         ax.set_ylabel(label)
         if scale == "log" and all(v > 0 for v in values if v == v):
             ax.set_yscale("log")
@@ -390,21 +394,61 @@ def coactivation_layers(
 # --------------------------------------------------------------------------- evolution
 
 
-def evolution_counts(block: dict, out: str | Path, title: str = "", size=(12, 4.8), dpi: int = 110) -> Path:
-    """Per branch and step: features same, changed, died, born, reverted (stacked bars)."""
+def evolution_counts(block: dict, out: str | Path, title: str = "", size=None, dpi: int = 110) -> Path:
+    """Top row: per branch and step (and for the model and data effects summed over iterations), each
+    label's count as a bar with the resampling null's mean and 95% interval drawn over it; a bar
+    outside its interval is outlined. Bottom row: the lineage counts per step (stacked). The title
+    says so loudly when the layer's SAEs have not converged."""
     import numpy as np
 
     plt = _pyplot()
     branches = block["branches"]
-    fig, axes = plt.subplots(1, len(branches), figsize=size, squeeze=False)
-    colors = {
-        "same": "tab:gray",
-        "changed": "tab:orange",
-        "died": "tab:red",
-        "born": "tab:green",
-        "reverted": "tab:purple",
-    }
-    for ax, (branch, part) in zip(axes[0], branches.items()):
+    effects = [(k, block[k]) for k in ("model_effect", "data_effect") if block.get(k)]
+    n_top = len(branches) + (1 if effects else 0)
+    width_ratios = [max(1, len(p["steps"])) for p in branches.values()] + ([max(1, len(effects))] if effects else [])
+    size = size or (4.2 * sum(width_ratios) + 2, 8.6)
+    fig = plt.figure(figsize=size)
+    grid = fig.add_gridspec(2, n_top, width_ratios=width_ratios)
+    labels = {"same": "tab:gray", "changed": "tab:orange", "died": "tab:red", "born": "tab:green"}
+
+    def against_null(ax, groups, heading):
+        bar_w = 0.8 / len(labels)
+        for j, (label, color) in enumerate(labels.items()):
+            x = np.arange(len(groups)) + (j - (len(labels) - 1) / 2) * bar_w
+            rows = [g[1][label] for g in groups]
+            obs = np.array([r["observed"] for r in rows], dtype=float)
+            called = [r["called"] for r in rows]
+            ax.bar(
+                x,
+                obs,
+                bar_w,
+                color=color,
+                alpha=0.85,
+                label=label,
+                edgecolor=["black" if c else color for c in called],
+                linewidth=[1.6 if c else 0 for c in called],
+            )
+            mean = np.array([r["null_mean"] for r in rows])
+            low, high = np.array([r["null_low"] for r in rows]), np.array([r["null_high"] for r in rows])
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="_", color="black", capsize=3, lw=1.2, ms=8)
+        ax.set_xticks(np.arange(len(groups)), [g[0] for g in groups], fontsize=8)
+        ax.set(ylabel="features", title=heading)
+        ax.grid(alpha=0.3, axis="y")
+
+    for c, (branch, part) in enumerate(branches.items()):
+        ax = fig.add_subplot(grid[0, c])
+        groups = [(f"{s['from']}\n→ {s['to']}", s) for s in part.get("steps_vs_null", [])]
+        if groups:
+            against_null(ax, groups, f"{branch}: each step against the null")
+    if effects:
+        ax = fig.add_subplot(grid[0, -1])
+        names = {"model_effect": "model effect\n(M0Di vs MiDi)", "data_effect": "data effect\n(M0D0 vs M0Di)"}
+        against_null(ax, [(names[k], e["labels"]) for k, e in effects], "summed over iterations")
+        ax.errorbar([], [], yerr=[], fmt="_", color="black", label="null mean, 95% interval")
+        ax.legend(frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left", fontsize=8)
+    colors = dict(labels, reverted="tab:purple")
+    for c, (branch, part) in enumerate(branches.items()):
+        ax = fig.add_subplot(grid[1, c])
         steps = part["steps"]
         names = [f"{s['from']}\n→ {s['to']}" for s in steps]
         bottom = np.zeros(len(steps))
@@ -413,14 +457,20 @@ def evolution_counts(block: dict, out: str | Path, title: str = "", size=(12, 4.
             bars = ax.bar(names, values, bottom=bottom, color=color, label=key)
             ax.bar_label(bars, labels=[f"{int(v)}" if v else "" for v in values], label_type="center", fontsize=8)
             bottom += values
-        ax.set(ylabel="features", title=f"branch {branch}")
+        ax.set(ylabel="lineages", title=f"{branch}: what happened to each lineage")
         ax.grid(alpha=0.3, axis="y")
-    axes[0, -1].legend(frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
-    fig.suptitle(
-        title
-        or f"feature evolution (thresholds from a seed pair: same ≥ {block['thresholds']['same']:.3f}, "
-        f"no counterpart < {block['thresholds']['new']:.3f})"
+    source = {"resampling": "the resampling null", "seed_pair": "a seed pair"}[
+        block.get("thresholds_from", "seed_pair")
+    ]
+    heading = title or (
+        f"feature evolution (thresholds from {source}: same ≥ {block['thresholds']['same']:.3f}, "
+        f"no counterpart < {block['thresholds']['new']:.3f}; null: {block.get('null', {}).get('pairs', 0)} "
+        "resampling pairs)"
     )
+    if block.get("unconverged"):
+        reasons = "; ".join(block["convergence"]["reasons"][:3])
+        heading = f"UNCONVERGED SAEs: labels not trustworthy ({reasons})\n" + heading
+    fig.suptitle(heading, color="tab:red" if block.get("unconverged") else "black")
     return _save(fig, out, dpi)
 
 
@@ -432,8 +482,9 @@ def similarity_histograms(
     title: str = "",
     size=(9, 5),
     dpi: int = 110,
+    null_label: str = "seed pair (null: only the seed differs)",
 ) -> Path:
-    """Matched decoder cosine of each step against the seed-pair null, with the thresholds."""
+    """Matched decoder cosine of each step against the null the thresholds come from, with the thresholds."""
     import numpy as np
 
     plt = _pyplot()
@@ -446,7 +497,7 @@ def similarity_histograms(
         histtype="stepfilled",
         alpha=0.3,
         color="black",
-        label="seed pair (null: only the seed differs)",
+        label=null_label,
     )
     for name, values in steps:
         ax.hist(np.asarray(values, dtype=float), bins=bins, density=True, histtype="step", lw=1.6, label=name)

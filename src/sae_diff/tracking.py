@@ -69,13 +69,24 @@ def run_summary(summary: dict) -> dict:
     effects, timings."""
     out: dict = {}
     head = summary.get("headline", {})
-    for layer_key, branches in head.get("evolution", {}).items():
-        if not isinstance(branches, dict):
-            out["evolution/seed_baseline_changed_fraction"] = branches
+    evolution = head.get("evolution", {})
+    if "seed_baseline_changed_fraction" in evolution:
+        out["evolution/seed_baseline_changed_fraction"] = evolution["seed_baseline_changed_fraction"]
+    if evolution.get("null_pairs") is not None:
+        out["evolution/null_pairs"] = evolution["null_pairs"]
+    for layer_key, converged in evolution.get("converged", {}).items():
+        out[f"layer_{layer_key.removeprefix('layer')}/evolution/converged"] = converged
+    for effect in ("model_effect", "data_effect"):
+        for layer_key, labels in evolution.get(effect, {}).items():
+            for label, block in labels.items():
+                for key in ("observed", "excess", "null_low", "null_high", "called"):
+                    out[f"layer_{layer_key.removeprefix('layer')}/evolution/{effect}_{label}_{key}"] = block[key]
+    for layer_key, branches in evolution.items():
+        if not layer_key.startswith("layer"):
             continue
         n = layer_key.removeprefix("layer")
         for branch, counts in branches.items():
-            if isinstance(counts, dict):
+            if branch in ("MXDX", "M0DX"):  # not vs_null: its excess is logged through the effects above
                 for label, value in counts.items():
                     out[f"layer_{n}/evolution/{branch}_{label}"] = value
     iterations = head.get("iterations")

@@ -203,11 +203,53 @@ def warm_start_inputs(w):
 
 def seed_pair_saes():
     """The trained SAE configs as calibration partners: no warm start, and another init seed when
-    `diff.vary` asks for it (the data-order seed always changes, in seed_pair_training)."""
-    offset = config["diff"]["seed_offset"] if config["diff"]["vary"] == "init_and_shuffle" else 0
-    return {
-        n: {**config["saes"][n], "seed": config["saes"][n]["seed"] + offset, "warm_start": "none"} for n in DIFF_SAES
-    }
+    `diff.vary` asks for it (the data-order seed always changes, in seed_pair_training). With
+    `vary: shuffle` each config also gets a partner from another init for the convergence check
+    (grid.cross_init_sae_dir), trained in the same pass."""
+    vary, offset = config["diff"]["vary"], config["diff"]["seed_offset"]
+    out = {}
+    for n in DIFF_SAES:
+        block = {**config["saes"][n], "warm_start": "none"}
+        out[n] = {**block, "seed": block["seed"] + (offset if vary == "init_and_shuffle" else 0)}
+        if vary != "init_and_shuffle":
+            out[Path(grid.cross_init_sae_dir(0, n, vary)).name] = {**block, "seed": block["seed"] + offset}
+    return out
+
+
+def seed_pair_outputs(layer):
+    """The calibration partners and the cross-init partners of one layer (the same folders when vary
+    is init_and_shuffle)."""
+    vary = config["diff"]["vary"]
+    folders = [grid.seed_sae_weights(layer, n) for n in DIFF_SAES]
+    folders += [f"{grid.cross_init_sae_dir(layer, n, vary)}/sae_weights.safetensors" for n in DIFF_SAES]
+    return list(dict.fromkeys(folders))
+
+
+def null_saes(w):
+    """The diffed SAE configs as the null trains them: the cells' settings and init seed; a config
+    that warm-starts starts both halves from the base cell's SAE (as the first step's cell does)."""
+    return {n: config["saes"][n] for n in DIFF_SAES}
+
+
+def null_warm_start(w):
+    return {n: grid.sae_dir("M0_D0", int(w.layer), n) for n in DIFF_SAES if config["saes"][n]["warm_start"] != "none"}
+
+
+THRESHOLDS_FROM_RESAMPLING = config["diff"]["thresholds_from"] == "resampling"
+
+
+def null_cosines(layer):
+    """The null pairs' matched cosines per diffed config (the thresholds' null when they come from resampling)."""
+    return [grid.null_cosines(layer, n) for n in DIFF_SAES]
+
+
+def null_sae_outputs(layer):
+    """Every null pair's SAEs of one layer, and the record of the prompt splits behind them."""
+    from sae_diff import nulls
+
+    pairs = config["diff"]["resampling"]["pairs"]
+    saes = [grid.null_sae_weights(layer, k, side, n) for k in range(pairs) for side in "ab" for n in DIFF_SAES]
+    return saes + [str(nulls.splits_json(grid.null_dir(layer)))]
 
 
 def seed_pair_training():
@@ -333,6 +375,7 @@ def evolution_inputs(w):
         "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
         "saes": [grid.sae_weights(c, w.layer, n) for c in CELLS for n in DIFF_SAES],
         "stats": [grid.feature_stats(c, w.layer, n) for c in CELLS for n in DIFF_SAES],
+        "nulls": [grid.null_json(w.layer, n) for n in DIFF_SAES],
     }
 
 
@@ -615,6 +658,12 @@ BENCHMARKS = (
     + ([bench("evaluate_saes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
     + ([bench("feature_stats", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]] if SAES else [])
     + [bench("train_seed_sae", f"layer{layer}") for layer in config["layers"] if DIFF_SAES]
+    + [
+        bench(rule, f"layer{layer}")
+        for rule in ("train_null_saes", "null_diffs")
+        for layer in config["layers"]
+        if DIFF_SAES
+    ]
     + (
         [bench("probes", f"{c.name}_layer{layer}") for c in CELLS for layer in config["layers"]]
         if SAES and PROBE_METRICS

@@ -8,7 +8,7 @@ rule train_seed_sae:
         unpack(lambda w: streaming_inputs(w, "M0", "D0")),
         acts=manifests("M0_D0"),
     output:
-        [grid.seed_sae_weights("{layer}", name) for name in DIFF_SAES],
+        seed_pair_outputs("{layer}"),
     log:
         "logs/train_seed_sae/layer{layer}.log",
     benchmark:
@@ -32,7 +32,8 @@ rule train_seed_sae:
 rule calibrate:
     input:
         saes=lambda w: base_sae_weights(w, DIFF_SAES),
-        seed=[grid.seed_sae_weights("{layer}", name) for name in DIFF_SAES],
+        seed=seed_pair_outputs("{layer}"),
+        null=lambda w: null_cosines(w.layer) if THRESHOLDS_FROM_RESAMPLING else [],
     output:
         [grid.calibration_json("{layer}", name) for name in DIFF_SAES],
     log:
@@ -43,10 +44,83 @@ rule calibrate:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
         saes=grid.saes_dir("M0_D0", "{layer}"),
         seed=lambda w: grid.seed_saes_dir(w.layer),  # holds the seed SAEs listed as input
+        cross_init=lambda w: [f"{n}={grid.cross_init_sae_dir(w.layer, n, config['diff']['vary'])}" for n in DIFF_SAES],
+        null_dir=lambda w: f"--null-dir {shlex.quote(grid.null_dir(w.layer))}" if THRESHOLDS_FROM_RESAMPLING else "",
         out_dir=grid.calibration_dir("{layer}"),
     shell:
         "sae-diff calibrate --spec {params.spec:q} --layer {wildcards.layer} --saes {params.saes:q} "
-        "--seed-saes {params.seed:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--seed-saes {params.seed:q} --cross-init {params.cross_init:q} {params.null_dir} --out-dir {params.out_dir:q} "
+        "> {log:q} 2>&1"
+
+
+rule train_null_saes:
+    """The data-resampling null: each diffed SAE config trained on both halves of random prompt
+    splits of the base cell's training data, as the cells' SAEs are (nulls.train_pairs)."""
+    input:
+        unpack(lambda w: streaming_inputs(w, "M0", "D0")),
+        acts=manifests("M0_D0"),
+        samples=grid.samples("D0"),
+        warm=lambda w: [f"{d}/sae_weights.safetensors" for d in null_warm_start(w).values()],
+    output:
+        null_sae_outputs("{layer}"),
+    log:
+        "logs/train_null_saes/layer{layer}.log",
+    benchmark:
+        bench("train_null_saes", "layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
+    params:
+        spec=lambda w: spec(
+            saes=null_saes(w), training=config["training"], warm_start=null_warm_start(w), **placement()
+        ),
+        stream=lambda w: streaming_args(w, "M0", "D0"),
+        acts_dir=lambda w: grid.activations_dir("M0_D0"),
+        pairs=config["diff"]["resampling"]["pairs"],
+        split_seed=config["diff"]["resampling"]["seed"],
+        out_dir=grid.null_dir("{layer}"),
+    shell:
+        "SAE_DIFF_PROGRESS_FD=3 sae-diff train-null --spec {params.spec:q} --model M0 --data D0 --layer {wildcards.layer} "
+        "--acts-dir {params.acts_dir:q} --samples {input.samples:q} --pairs {params.pairs} --split-seed {params.split_seed} "
+        "--out-dir {params.out_dir:q} {params.stream} --threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
+
+
+rule null_diffs:
+    """Each null pair diffed and labelled as a step of the grid is: the null's label counts."""
+    input:
+        unpack(lambda w: streaming_inputs(w, "M0", "D0")),
+        saes=null_sae_outputs("{layer}"),
+        calibration=lambda w: (
+            [] if THRESHOLDS_FROM_RESAMPLING else [grid.calibration_json(w.layer, n) for n in DIFF_SAES]
+        ),
+        acts=manifests("M0_D0"),
+        samples=grid.samples("D0"),
+    output:
+        [grid.null_json("{layer}", name) for name in DIFF_SAES],
+        null_cosines("{layer}"),
+    log:
+        "logs/null_diffs/layer{layer}.log",
+    benchmark:
+        bench("null_diffs", "layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 4
+    params:
+        spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
+        stream=lambda w: streaming_args(w, "M0", "D0"),
+        acts_dir=lambda w: grid.activations_dir("M0_D0"),
+        pairs=config["diff"]["resampling"]["pairs"],
+        split_seed=config["diff"]["resampling"]["seed"],
+        null_dir=grid.null_dir("{layer}"),
+        calibration=grid.calibration_dir("{layer}"),
+        out_dir=grid.null_dir("{layer}"),
+    shell:
+        "sae-diff null-diffs --spec {params.spec:q} --layer {wildcards.layer} --null-dir {params.null_dir:q} "
+        "--pairs {params.pairs} --split-seed {params.split_seed} --samples {input.samples:q} "
+        "--calibration {params.calibration:q} --acts-dir {params.acts_dir:q} {params.stream} "
+        "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule diff_saes:
@@ -89,9 +163,14 @@ rule evolution:
     conda:
         "../envs/analysis.yaml"
     params:
-        spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, grid=config["grid"], data=config["data"]),
+        spec=lambda w: spec(
+            saes={n: config["saes"][n] for n in DIFF_SAES},
+            grid=config["grid"],
+            data=config["data"],
+            diff=config["diff"],
+        ),
         out_dir=grid.evolution_dir("{layer}"),
     shell:
         "sae-diff evolution --spec {params.spec:q} --layer {wildcards.layer} --diffs {input.diffs:q} "
         "--calibration {input.calibration:q} --saes {input.saes:q} --stats {input.stats:q} "
-        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--nulls {input.nulls:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

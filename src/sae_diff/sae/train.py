@@ -156,6 +156,28 @@ def _batch_stats(x: torch.Tensor, out: dict) -> dict:
     return {"fvu": float(out["mse"] / var.clamp_min(1e-12)), "mse": float(out["mse"]), "l0": float(out["l0"])}
 
 
+HELDOUT_TOKENS = 2048  # eval-split tokens behind the held-out FVU curve (convergence)
+HELDOUT_POINTS = 20  # points on that curve
+
+
+def _heldout_batch(store: ActivationStore, target_store: ActivationStore | None) -> torch.Tensor | None:
+    """The first eval-split tokens (input | target): the fixed held-out set of the FVU curve."""
+    if not store.n_tokens("eval"):
+        return None
+    batch = next(iter(store.iter_batches(HELDOUT_TOKENS, split="eval", paired=target_store)), None)
+    return batch if batch is not None and len(batch) else None
+
+
+@torch.no_grad()
+def _heldout_fvu(run: "_Run", x: torch.Tensor, y: torch.Tensor) -> float:
+    """FVU of one SAE on the held-out tokens (the same definition as the batch FVU)."""
+    run.sae.eval()
+    recon = run.sae(x)
+    run.sae.train()
+    var = (y - y.mean(0)).pow(2).sum(-1).mean()
+    return float((recon - y).pow(2).sum(-1).mean() / var.clamp_min(1e-12))
+
+
 def train(
     store: ActivationStore,
     specs: list[TrainSpec],
@@ -171,8 +193,13 @@ def train(
     progress: bool = True,
     epochs: int = 1,
     place=None,
+    steps: int | None = None,
 ) -> list[Path]:
     """Train every spec on one pass of ``n_tokens`` tokens (times ``epochs``); write each SAE to its folder.
+
+    ``steps``: train for exactly this many steps instead, with as many passes as they take (the
+    resampling null's half-sized samples train as many steps as a cell: an SAE with fewer steps stays
+    nearer its init, and two of them sharing an init would look more alike than two cells).
 
     ``place`` (a models.Placement or a device name; default CPU): the device the SAEs train on
     (batches are moved there as they come) and whether their forward runs under bf16 autocast.
@@ -185,7 +212,8 @@ def train(
     for out_dir in out_dirs:  # a user's folder at an output path: an error before training, not after
         check_replaceable(Path(out_dir))
     steps_per_epoch = max(1, min(n_tokens, store.n_tokens("train")) // batch_size)
-    total_steps = steps_per_epoch * epochs
+    total_steps = steps if steps else steps_per_epoch * epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
     work_dir = Path(work_dir or out_dirs[0].parent / ".train_state")
     work_dir.mkdir(parents=True, exist_ok=True)
     d_in = store.d_model
@@ -197,9 +225,19 @@ def train(
         raise TrainingError(f"before step 0 (input scaling and init): {exc}") from None
     # b_dec lives in the output space: its initial value is the centre of the (scaled) targets
     sample = first[:, d_in:] * scale_out if target_store is not None else first * scale
+    # a fixed held-out set scored every eval_every steps: the curve whose flattening says the SAE
+    # has converged (diff.convergence); training batches are reused every epoch, so theirs cannot
+    try:
+        heldout = _heldout_batch(store, target_store)
+    except ActivationStoreError as exc:
+        raise TrainingError(f"before step 0 (held-out tokens): {exc}") from None
+    eval_every = max(1, total_steps // HELDOUT_POINTS)
     from ..models import as_placement
 
     place = as_placement(place or "cpu")
+    if heldout is not None:
+        heldout_x = (heldout[:, :d_in] * scale).to(place.device)
+        heldout_y = (heldout[:, d_in:] * scale_out).to(place.device) if target_store is not None else heldout_x
     torch.manual_seed(seed)
     runs = [_Run(spec, total_steps, scale, sample, scale_out, place.device, place.precision) for spec in specs]
 
@@ -236,19 +274,22 @@ def train(
         batch = batch.to(place.device, non_blocking=True)
         x = batch[:, :d_in] * scale
         y = batch[:, d_in:] * scale_out if target_store is not None else x
+        last = step == total_steps - 1
+        heldout_due = heldout is not None and ((step + 1) % eval_every == 0 or last)
         for i, run in enumerate(runs):
             out = run.step(step, x, y)
-            if step % log_every == 0 or step == total_steps - 1:
-                logs[i].append(
-                    {
-                        "step": step,
-                        "tokens": (step + 1) * batch_size,
-                        "loss": float(out["loss"].detach()),
-                        **_batch_stats(y, out),
-                        "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
-                        "lr": run.opt.param_groups[0]["lr"],
-                    }
-                )
+            if step % log_every == 0 or last or heldout_due:
+                row = {
+                    "step": step,
+                    "tokens": (step + 1) * batch_size,
+                    "loss": float(out["loss"].detach()),
+                    **_batch_stats(y, out),
+                    "dead_fraction": float((run.since_fired >= run.spec.dead_tokens).float().mean()),
+                    "lr": run.opt.param_groups[0]["lr"],
+                }
+                if heldout_due:
+                    row["heldout_fvu"] = _heldout_fvu(run, heldout_x, heldout_y)
+                logs[i].append(row)
         bar.update(1)
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             tensors = {}

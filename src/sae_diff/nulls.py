@@ -1,0 +1,233 @@
+"""The data-resampling null of the SAE diffs: what the labels count when nothing changed but the
+sample of data.
+
+Pair k splits the base cell's (M0D0) training prompts into two disjoint halves at random (seed
+``seed + k``; every sample of a prompt goes to the same half; single samples are the units where
+there are fewer than four prompts), caps both at the same number of
+tokens, and trains the cells' SAE configs on each half through the unchanged training code (same
+settings, same init seed, same data-order seed as the cells). The two SAEs are then diffed and
+labelled exactly as a step of the grid (``diff.compare``, the calibrated thresholds, firing on the
+base cell's eval split). The counts of pair k are one draw of "same model, same distribution, other
+sample"; an observed count is called only where it falls outside their range.
+
+The halves hold half the cell's training tokens; each null SAE trains as many steps as a cell's
+(so each token is seen twice as often). Fewer steps would leave both halves nearer their shared
+init, and the null would look quieter than two cells (measured on the synthetic worlds). The init
+policy is the cells': with a shared init seed both halves share it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+LABELS = ("same", "changed", "died", "born")  # the labels a null is reported for
+LEVEL = 0.95  # the null interval's coverage
+
+
+def prompt_halves(samples: pd.DataFrame, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ids of two disjoint halves of ``split``'s prompts (by the ``prompt`` column; each
+    sample is its own unit without one). With an odd count the last prompt of the permutation is left out."""
+    units, ids = _units(samples, split)
+    names = np.unique(units)
+    order = np.random.default_rng(seed).permutation(len(names))
+    half = len(names) // 2
+    return ids[np.isin(units, names[order[:half]])], ids[np.isin(units, names[order[half : 2 * half]])]
+
+
+def _units(samples: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """What the halves are made of: prompts (a prompt's samples stay together), or single samples
+    where there are fewer than four prompts (or no prompt column)."""
+    part = samples[samples["split"] == split]
+    for column in ("prompt", "sample_id"):
+        if column in part.columns and part[column].nunique() >= 4:
+            return part[column].astype(str).to_numpy(), part["sample_id"].to_numpy(dtype=np.int64)
+    prompts = part["prompt"].nunique() if "prompt" in part.columns else 0
+    raise ValueError(
+        f"the samples' split {split!r} has {len(part)} sample(s) from {prompts} prompt(s): a resampling null "
+        "needs at least four, to draw two different halves"
+    )
+
+
+def prompt_splits(samples: pd.DataFrame, split: str, n_pairs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_pairs`` different prompt halvings (``prompt_halves`` with seeds seed, seed + 1, ...; a
+    halving drawn again, in either order, is skipped), or a clear error when there are not that many."""
+    out, seen = [], set()
+    for attempt in range(1000 * n_pairs):
+        a, b = prompt_halves(samples, split, seed + attempt)
+        key = frozenset((tuple(a.tolist()), tuple(b.tolist())))
+        if key not in seen:
+            seen.add(key)
+            out.append((a, b))
+        if len(out) == n_pairs:
+            return out
+    raise ValueError(
+        f"only {len(out)} different prompt halvings of split {split!r} were found for diff.resampling.pairs = "
+        f"{n_pairs}: use fewer pairs or more prompts"
+    )
+
+
+def pair_dirs(out_dir: str | Path, n_pairs: int, names: list[str]) -> list[tuple[list[Path], list[Path]]]:
+    """Where pair k's two SAEs of each config go: ``<out>/pair<k>/{a,b}/<sae>``."""
+    out = Path(out_dir)
+    return [
+        ([out / f"pair{k}" / "a" / n for n in names], [out / f"pair{k}" / "b" / n for n in names])
+        for k in range(n_pairs)
+    ]
+
+
+def splits_json(out_dir: str | Path) -> Path:
+    """The record of the null's prompt splits: each pair's sample ids and token count, the cell's tokens."""
+    return Path(out_dir) / "splits.json"
+
+
+def train_pairs(
+    store, samples: pd.DataFrame, specs: list, out_dir: str | Path, n_pairs: int, split_seed: int, **train_args
+) -> list:
+    """Train every spec on both halves of each of ``n_pairs`` different prompt splits of ``store``'s
+    training split (``prompt_splits`` from ``split_seed``; ``train_args`` are ``sae.train.train``'s,
+    the cells' own). Both halves of a pair are cut to the same number of tokens. Resumes pair by
+    pair: a half whose SAEs are all written is not trained again."""
+    from .activations import SampleSubset
+    from .io import write_json
+    from .sae.train import train
+
+    dirs = pair_dirs(out_dir, n_pairs, [s.name for s in specs])
+    record = {"cell_tokens": store.n_tokens("train"), "pairs": []}
+    # as many steps as a cell's SAE: fewer would leave both halves nearer their shared init, and the
+    # null would look quieter than two cells that differ only in their sample
+    tokens = min(train_args["n_tokens"], store.n_tokens("train"))
+    steps = max(1, tokens // train_args["batch_size"]) * train_args.get("epochs", 1)
+    for k, ((dirs_a, dirs_b), (ids_a, ids_b)) in enumerate(
+        zip(dirs, prompt_splits(samples, "train", n_pairs, split_seed))
+    ):
+        cap = min(SampleSubset(store, ids).n_tokens("train") for ids in (ids_a, ids_b))
+        record["pairs"].append({"samples_a": ids_a.tolist(), "samples_b": ids_b.tolist(), "tokens": cap})
+        for ids, folders, side in ((ids_a, dirs_a, "a"), (ids_b, dirs_b, "b")):
+            if all((f / "sae_weights.safetensors").exists() for f in folders):
+                continue
+            log.info("null pair %d/%d, half %s: %d samples, %d tokens", k + 1, n_pairs, side, len(ids), cap)
+            view = SampleSubset(store, ids, max_tokens=cap)
+            args = dict(train_args)
+            if args.get("target_store") is not None:  # a transcoder's targets: the same tokens
+                args["target_store"] = SampleSubset(args["target_store"], ids, max_tokens=cap)
+            work = Path(out_dir) / f".train_state-pair{k}{side}"
+            train(view, specs, folders, work_dir=work, steps=steps, **args)
+            work.rmdir()  # made by train for its checkpoint, emptied when it finished
+    write_json(splits_json(out_dir), record)
+    return dirs
+
+
+def firing(sae, acts, batch_size: int = 4096) -> np.ndarray:
+    """Whether each latent fires on any of ``acts`` (the 'dead' test of the feature statistics)."""
+    import torch
+
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    with torch.no_grad():
+        for start in range(0, len(acts), batch_size):
+            fired |= (sae.encode(acts[start : start + batch_size].float()) > 0).any(0)
+    return fired.numpy()
+
+
+def eval_halves(samples: pd.DataFrame, n_pairs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Prompt halves of the eval split for each pair (each half of a pair fires on its own half, as two
+    cells fire on their own data), or None when the eval split has fewer than four prompts (then
+    both fire on all of it, and the null's 'silent' deaths are fewer than two cells would show)."""
+    try:
+        return prompt_splits(samples, "eval", n_pairs, seed)
+    except ValueError:
+        return None
+
+
+def pair_table(sae_a, sae_b, eval_a, eval_b) -> tuple[pd.DataFrame, np.ndarray]:
+    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing on its eval tokens in
+    ``alive``) and B's firing on its own."""
+    from .diff import weight_diff
+
+    table = weight_diff(sae_a, sae_b)
+    table["alive"] = firing(sae_a, eval_a)
+    return table, firing(sae_b, eval_b)
+
+
+def pair_counts(table: pd.DataFrame, alive_b: np.ndarray, thresholds, collapse: float) -> dict:
+    """Label counts of one null pair, as ``diff.compare`` counts a step."""
+    from .diff import count_labels, step_labels
+
+    labelled, born = step_labels(table, thresholds, table["alive"].to_numpy(), alive_b, collapse)
+    counts = count_labels(labelled, born)
+    return {"mmcs": float(np.nanmean(table["dec_cos_match"])), **{k: int(counts.get(k, 0)) for k in COUNT_KEYS}}
+
+
+COUNT_KEYS = LABELS + ("died_unmatched", "died_silent", "died_norm_collapse", "inactive")
+
+
+def thresholds(cosines: list[np.ndarray], same_quantile: float, new_quantile: float, leave_out: int | None = None):
+    """Same / new thresholds from the matched cosines of the null pairs pooled (``diff.calibrate``),
+    without pair ``leave_out``: the thresholds that label pair k are chosen on the other pairs."""
+    from .diff import calibrate
+
+    pooled = [c for k, c in enumerate(cosines) if k != leave_out]
+    return calibrate(np.concatenate(pooled), same_quantile, new_quantile)
+
+
+def null_counts(tables: list[tuple[pd.DataFrame, np.ndarray]], diff_block: dict, fixed=None) -> list[dict]:
+    """Every null pair's label counts: with ``fixed`` thresholds (the seed pair's), or, when the
+    thresholds come from this null, with thresholds from the other pairs (leave one out)."""
+    cosines = [t["dec_cos_match"].to_numpy(dtype=np.float64) for t, _ in tables]
+    out = []
+    for k, (table, alive_b) in enumerate(tables):
+        chosen = fixed or thresholds(cosines, diff_block["same_quantile"], diff_block["new_quantile"], leave_out=k)
+        out.append(pair_counts(table, alive_b, chosen, diff_block["norm_collapse"]))
+    return out
+
+
+def prediction_interval(values, n_terms: int = 1, level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean and ``level`` prediction interval of a sum of ``n_terms`` new null draws, from the null's
+    draws (Student t with n − 1 degrees of freedom, counts taken as normal):
+
+        n_terms·x̄ ± t · s · sqrt(n_terms + n_terms² / n)
+
+    (the variance of a sum of n_terms draws, nσ², plus that of the estimated mean, n²σ²/N). With five
+    draws the plain min–max range would miss a sixth draw of the same null one time in three; this
+    interval misses it one time in twenty. The low end is clipped at 0 (counts)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        raise ValueError(f"a null interval needs at least two null pairs, got {len(v)}")
+    mean = n_terms * float(v.mean())
+    half = (
+        float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) * np.sqrt(n_terms + n_terms**2 / len(v))
+    )
+    return mean, max(0.0, mean - half), mean + half
+
+
+# the side of the null on which a count says "the model changed": more changed, died or born
+# features than the null, fewer that stayed the same. A count on the other side (a step quieter
+# than resampling) is shown but is no claim of change.
+CHANGE_SIDE = {"same": -1, "changed": 1, "died": 1, "born": 1}
+
+
+def versus(observed: dict, pairs: list[dict], n_terms: int = 1) -> dict:
+    """Per label: the observed count (a sum of ``n_terms`` diffs), the null's mean and 95% interval
+    for such a sum, the excess (observed − null mean), whether it lies outside the interval, and
+    whether it is called: outside on the side of change (``CHANGE_SIDE``)."""
+    out = {}
+    for key in LABELS:
+        mean, low, high = prediction_interval([p[key] for p in pairs], n_terms)
+        value = int(observed.get(key, 0))
+        out[key] = {
+            "observed": value,
+            "null_mean": mean,
+            "null_low": low,
+            "null_high": high,
+            "excess": value - mean,
+            "outside": bool(value < low or value > high),
+            "called": bool(value > high if CHANGE_SIDE[key] > 0 else value < low),
+        }
+    return out

@@ -1,0 +1,167 @@
+"""The resampling null of the SAE diffs: its store view, prompt splits, interval and calls against
+plain references, and the synthetic worlds (planted changes found, nothing found where nothing changed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sae_diff import diff, nulls, synthetic
+from sae_diff.activations import ActivationStore, SampleSubset, write_store
+
+
+def _store(tmp_path, n=500, d=6, shard_tokens=128, seed=0):
+    rng = np.random.default_rng(seed)
+    acts = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    sample = torch.from_numpy(np.sort(rng.integers(0, 40, n)))
+    write_store(tmp_path / "store", acts, shard_tokens=shard_tokens, meta={"sample_idx": sample})
+    return ActivationStore(tmp_path / "store"), acts, sample
+
+
+def test_sample_subset_keeps_exactly_the_chosen_samples_up_to_the_cap(tmp_path):
+    """The view's tokens equal the reference: the rows of the chosen samples in store order, the
+    first ``max_tokens`` of them; the manifest's count and every other column follow."""
+    store, acts, sample = _store(tmp_path)
+    keep = np.arange(0, 40, 3)
+    chosen = np.isin(sample.numpy(), keep)
+    for cap in (None, 50, int(chosen.sum()) + 10):
+        view = SampleSubset(store, keep, max_tokens=cap)
+        expected = acts[torch.from_numpy(chosen)][: cap if cap is not None else None]
+        got = view.all("train")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert view.n_tokens("train") == len(expected)
+        assert set(view.all("train", key="sample_idx").tolist()) <= set(keep.tolist())
+        batches = torch.cat(list(view.iter_batches(16, shuffle_buffer=64, seed=1)))
+        assert len(batches) == len(expected)  # the shuffled stream reads the view, not the store
+    assert store.n_tokens("train") == len(acts)  # the store itself is untouched
+
+
+def _samples(n_prompts, per_prompt=3, split="train"):
+    return pd.DataFrame(
+        {
+            "sample_id": np.arange(n_prompts * per_prompt),
+            "prompt": np.repeat([f"p{i}" for i in range(n_prompts)], per_prompt),
+            "split": split,
+        }
+    )
+
+
+def test_prompt_splits_are_distinct_halvings_of_whole_prompts():
+    samples = _samples(10)
+    prompt_of = dict(zip(samples["sample_id"], samples["prompt"]))
+    splits = nulls.prompt_splits(samples, "train", 5, seed=3)
+    seen = set()
+    for a, b in splits:
+        pa, pb = {prompt_of[i] for i in a}, {prompt_of[i] for i in b}
+        assert not pa & pb and len(pa) == len(pb) == 5  # disjoint, equal halves of the prompts
+        assert len(a) == 15 and len(b) == 15  # every sample of a chosen prompt comes along
+        key = frozenset((frozenset(pa), frozenset(pb)))
+        assert key not in seen
+        seen.add(key)
+    # four prompts have three halvings: a fourth pair cannot be drawn
+    with pytest.raises(ValueError, match="only 3 different prompt halvings"):
+        nulls.prompt_splits(_samples(4), "train", 4, seed=0)
+    # three prompts: single samples are the units instead; fewer than four samples is an error
+    a, b = nulls.prompt_splits(_samples(3), "train", 1, seed=0)[0]
+    assert len(a) == len(b) == 4 and not set(a) & set(b)
+    with pytest.raises(ValueError, match="at least four"):
+        nulls.prompt_splits(_samples(1), "train", 1, seed=0)
+
+
+def test_prediction_interval_is_the_t_formula_and_covers_new_draws():
+    """Against the float64 formula n·x̄ ± t(0.975, N−1)·s·sqrt(n + n²/N), and by simulation: a new
+    draw (or a sum of two) falls inside it 95% of the time."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(40, 6, 7)
+    for n_terms in (1, 2, 3):
+        mean, low, high = nulls.prediction_interval(draws, n_terms)
+        half = stats.t.ppf(0.975, 6) * draws.std(ddof=1) * np.sqrt(n_terms + n_terms**2 / 7)
+        assert mean == pytest.approx(n_terms * draws.mean())
+        assert (low, high) == pytest.approx((n_terms * draws.mean() - half, n_terms * draws.mean() + half))
+    for n_terms in (1, 2):
+        hits = 0
+        for _ in range(4000):
+            null, new = rng.normal(50, 5, 5), rng.normal(50, 5, n_terms).sum()
+            _, low, high = nulls.prediction_interval(null, n_terms)
+            hits += low <= new <= high
+        assert abs(hits / 4000 - 0.95) < 0.012
+
+
+def test_versus_calls_only_on_the_side_of_change():
+    pairs = [{"same": s, "changed": c, "died": 5, "born": 5} for s, c in [(80, 4), (82, 5), (78, 6), (81, 5), (79, 5)]]
+    quiet = nulls.versus({"same": 95, "changed": 0, "died": 5, "born": 5}, pairs)
+    assert quiet["same"]["outside"] and not quiet["same"]["called"]  # more same than the null: no change claimed
+    loud = nulls.versus({"same": 60, "changed": 20, "died": 5, "born": 5}, pairs)
+    assert loud["same"]["called"] and loud["changed"]["called"]
+    assert loud["changed"]["excess"] == pytest.approx(20 - 5)
+    assert not loud["died"]["called"]
+
+
+def test_null_counts_label_each_pair_with_thresholds_from_the_others():
+    """Pair k's counts equal diff.step_labels with diff.calibrate on the other pairs' cosines pooled
+    (leave one out: the thresholds never see the pair they label)."""
+    rng = np.random.default_rng(1)
+    tables = []
+    for _ in range(4):
+        cos = np.clip(rng.normal(0.8, 0.15, 30), -1, 1)
+        table = pd.DataFrame(
+            {
+                "feature": np.arange(30),
+                "match": rng.permutation(30),
+                "dec_cos_match": cos,
+                "enc_norm": 1.0,
+                "enc_norm_match": rng.uniform(0.05, 1.0, 30),
+                "alive": rng.random(30) > 0.1,
+            }
+        )
+        tables.append((table, rng.random(30) > 0.1))
+    block = {"same_quantile": 0.2, "new_quantile": 0.05, "norm_collapse": 0.1}
+    counts = nulls.null_counts(tables, block)
+    for k, (table, alive_b) in enumerate(tables):
+        others = np.concatenate([t["dec_cos_match"].to_numpy() for j, (t, _) in enumerate(tables) if j != k])
+        thresholds = diff.calibrate(others, 0.2, 0.05)
+        labelled, born = diff.step_labels(table, thresholds, table["alive"].to_numpy(), alive_b, 0.1)
+        expected = diff.count_labels(labelled, born)
+        for key in nulls.LABELS:
+            assert counts[k][key] == expected.get(key, 0), (k, key)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """Five seed replicates of the synthetic worlds at CI size (bench/planted.py runs the full size)."""
+    out = []
+    for seed in range(5):
+        world = synthetic.World(seed=seed, tokens=4096, eval_tokens=1024, epochs=3, prompts=24)
+        out.append(synthetic.run(world, tmp_path_factory.mktemp(f"world{seed}")))
+    return out
+
+
+def test_no_change_and_placebo_stay_inside_the_null(worlds):
+    """A disjoint sample of the same world, and one with isotropic noise of the planted change's norm:
+    the counts of every label are called (outside the null on the side of change) at most at the
+    nominal 5% rate over 5 replicates x 4 labels x 2 worlds."""
+    calls = [
+        (i, name, label)
+        for i, run in enumerate(worlds)
+        for name in ("no_change", "placebo")
+        for label, r in run["worlds"][name]["counts"].items()
+        if r["called"]
+    ]
+    assert len(calls) <= 2, calls
+
+
+def test_planted_changes_are_found_and_untouched_features_are_not(worlds):
+    """Features rotated, removed and added: every replicate's step is called (more changed, or fewer
+    same, than the null); A's latents
+    tied to a touched feature are told from the rest by their matched cosine (AUROC ≥ 0.9, pooled);
+    untouched latents are labelled 'changed' at most at twice the nominal rate (pooled)."""
+    planted = [run["worlds"]["planted"] for run in worlds]
+    assert all(any(r["called"] for r in p["counts"].values()) for p in planted)
+    assert np.nanmean([p["auroc"] for p in planted]) >= 0.9
+    untouched = sum(p["n_untouched_latents"] for p in planted)
+    changed = sum(p["untouched_changed"] for p in planted)
+    assert changed / untouched <= 2 * planted[0]["nominal_rate"], (changed, untouched)
