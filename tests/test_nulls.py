@@ -71,31 +71,42 @@ def test_prompt_splits_are_distinct_halvings_of_whole_prompts():
 
 
 def test_prediction_interval_is_the_t_formula_and_covers_new_draws():
-    """Against the float64 formula n·x̄ ± t(0.975, N−1)·s·sqrt(n + n²/N), and by simulation: a new
-    draw (or a sum of two) falls inside it 95% of the time."""
+    """Against the float64 formula n·x̄ ± t(0.975, N−1)·σ·sqrt(n + n²/N) with σ² = max(s², x̄(1 − x̄/n_total))
+    (a Poisson floor without n_total), and by
+    simulation: a new draw (or a sum of two) of a spread-out count falls inside it 95% of the time,
+    and one of a small Poisson count (where s² often comes out too small) at least 95%."""
     from scipy import stats
 
     rng = np.random.default_rng(0)
-    draws = rng.normal(40, 6, 7)
-    for n_terms in (1, 2, 3):
-        mean, low, high = nulls.prediction_interval(draws, n_terms)
-        half = stats.t.ppf(0.975, 6) * draws.std(ddof=1) * np.sqrt(n_terms + n_terms**2 / 7)
-        assert mean == pytest.approx(n_terms * draws.mean())
-        assert (low, high) == pytest.approx((n_terms * draws.mean() - half, n_terms * draws.mean() + half))
+    for draws, n_total in (
+        (rng.normal(40, 9, 7), None),
+        (np.array([1.0, 0, 2, 1, 1, 0, 1]), None),
+        (rng.normal(80, 1, 7), 96),
+    ):
+        for n_terms in (1, 2, 3):
+            mean, low, high = nulls.prediction_interval(draws, n_terms, n_total=n_total)
+            sigma = np.sqrt(max(draws.var(ddof=1), draws.mean() * (1 - draws.mean() / (n_total or np.inf))))
+            half = stats.t.ppf(0.975, 6) * sigma * np.sqrt(n_terms + n_terms**2 / 7)
+            assert mean == pytest.approx(n_terms * draws.mean())
+            assert (low, high) == pytest.approx((max(0, n_terms * draws.mean() - half), n_terms * draws.mean() + half))
     for n_terms in (1, 2):
-        hits = 0
+        hits = poisson_hits = 0
         for _ in range(4000):
-            null, new = rng.normal(50, 5, 5), rng.normal(50, 5, n_terms).sum()
+            null, new = rng.normal(200, 40, 5), rng.normal(200, 40, n_terms).sum()  # variance 1600 >> mean 200
             _, low, high = nulls.prediction_interval(null, n_terms)
             hits += low <= new <= high
+            null, new = rng.poisson(2, 5), rng.poisson(2, n_terms).sum()
+            _, low, high = nulls.prediction_interval(null, n_terms)
+            poisson_hits += new <= high  # the side a 'changed' count is called on
         assert abs(hits / 4000 - 0.95) < 0.012
+        assert poisson_hits / 4000 >= 0.95
 
 
 def test_versus_calls_only_on_the_side_of_change():
     pairs = [{"same": s, "changed": c, "died": 5, "born": 5} for s, c in [(80, 4), (82, 5), (78, 6), (81, 5), (79, 5)]]
-    quiet = nulls.versus({"same": 95, "changed": 0, "died": 5, "born": 5}, pairs)
+    quiet = nulls.versus({"same": 120, "changed": 0, "died": 5, "born": 5}, pairs)
     assert quiet["same"]["outside"] and not quiet["same"]["called"]  # more same than the null: no change claimed
-    loud = nulls.versus({"same": 60, "changed": 20, "died": 5, "born": 5}, pairs)
+    loud = nulls.versus({"same": 40, "changed": 20, "died": 5, "born": 5}, pairs)
     assert loud["same"]["called"] and loud["changed"]["called"]
     assert loud["changed"]["excess"] == pytest.approx(20 - 5)
     assert not loud["died"]["called"]
@@ -132,10 +143,13 @@ def test_null_counts_label_each_pair_with_thresholds_from_the_others():
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    """Five seed replicates of the synthetic worlds at CI size (bench/planted.py runs the full size)."""
+    """Five seed replicates of the synthetic worlds at CI size, six features each rotated, removed and
+    added of 48 (bench/planted.py runs the full size and 2, 4 and 8 of each)."""
     out = []
     for seed in range(5):
-        world = synthetic.World(seed=seed, tokens=4096, eval_tokens=1024, epochs=3, prompts=24)
+        world = synthetic.World(
+            seed=seed, tokens=4096, eval_tokens=1024, epochs=3, prompts=24, n_rotated=6, n_removed=6, n_added=6
+        )
         out.append(synthetic.run(world, tmp_path_factory.mktemp(f"world{seed}")))
     return out
 

@@ -834,22 +834,24 @@ def _null_diffs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--null-dir", required=True, help="the null pairs' SAEs (train-null's --out-dir)")
     p.add_argument("--pairs", type=int, required=True)
-    p.add_argument("--split-seed", type=int, default=0, help="as train-null's: the eval split is halved the same way")
-    p.add_argument("--samples", required=True, help="the base cell's samples (prompts of the eval split)")
     p.add_argument("--calibration", help="the layer's calibration JSONs (only with diff.thresholds_from: seed_pair)")
     p.add_argument("--acts-dir", required=True, help="the base cell's activation stores (its eval split)")
     p.add_argument("--model-dir", help="the base model: needed when its activations are not cached")
+    p.add_argument("--samples", help="the base cell's samples: needed when its activations are not cached")
     p.add_argument("--out-dir", required=True)
 
 
 @verb("null-diffs", "label counts of every resampling-null pair, as a step of the grid is labelled", _null_diffs_args)
 def cmd_null_diffs(args) -> None:
     """Per SAE config: each null pair's diff, its matched cosines (``<sae>_cosines.parquet``: the
-    thresholds' null when they come from resampling) and its label counts (``<sae>.json``)."""
+    thresholds' null when they come from resampling) and its label counts (``<sae>.json``). Both
+    SAEs of a pair fire on the base cell's whole eval split: on the synthetic worlds that kept the
+    no-change and placebo worlds inside the null, where halving the eval split (each half on its own
+    prompts) made the null's 'changed' count too small and called a no-change world one time in ten."""
     import pandas as pd
 
     from . import io, models, nulls
-    from .activations import SampleSubset, open_stores
+    from .activations import open_stores
     from .diff import Thresholds
     from .grid import site_dir
     from .sae import files
@@ -859,20 +861,12 @@ def cmd_null_diffs(args) -> None:
     names = list(spec["saes"])
     dirs = nulls.pair_dirs(args.null_dir, args.pairs, names)
     splits = io.read_json(nulls.splits_json(args.null_dir))
-    samples = pd.read_parquet(args.samples)
-    halves = nulls.eval_halves(samples, args.pairs, args.split_seed)
     block = spec["diff"]
     for i, name in enumerate(names):
         site = Path(args.acts_dir) / site_dir(args.layer, spec["saes"][name]["hook_point"])
         (store,) = open_stores([site], args.model_dir, args.samples)
         every = store.all("eval")
-        tables = []
-        for k, (dirs_a, dirs_b) in enumerate(dirs):
-            if halves is None:
-                eval_a = eval_b = every
-            else:
-                eval_a, eval_b = (SampleSubset(store, ids, split="eval").all("eval") for ids in halves[k])
-            tables.append(nulls.pair_table(files.load(dirs_a[i]), files.load(dirs_b[i]), eval_a, eval_b))
+        tables = [nulls.pair_table(files.load(a[i]), files.load(b[i]), every, every) for a, b in dirs]
         fixed = None
         if block["thresholds_from"] == "seed_pair":
             fixed = Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
@@ -892,7 +886,6 @@ def cmd_null_diffs(args) -> None:
                 "pairs": pairs,
                 "cell_tokens": splits["cell_tokens"],
                 "thresholds_from": block["thresholds_from"],
-                "eval_halved": halves is not None,
             },
         )
         log.info("layer %d %s: null counts %s", args.layer, name, [{k: p[k] for k in nulls.LABELS} for p in pairs])

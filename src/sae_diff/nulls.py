@@ -134,19 +134,9 @@ def firing(sae, acts, batch_size: int = 4096) -> np.ndarray:
     return fired.numpy()
 
 
-def eval_halves(samples: pd.DataFrame, n_pairs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Prompt halves of the eval split for each pair (each half of a pair fires on its own half, as two
-    cells fire on their own data), or None when the eval split has fewer than four prompts (then
-    both fire on all of it, and the null's 'silent' deaths are fewer than two cells would show)."""
-    try:
-        return prompt_splits(samples, "eval", n_pairs, seed)
-    except ValueError:
-        return None
-
-
 def pair_table(sae_a, sae_b, eval_a, eval_b) -> tuple[pd.DataFrame, np.ndarray]:
-    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing on its eval tokens in
-    ``alive``) and B's firing on its own."""
+    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing on ``eval_a`` in
+    ``alive``) and B's firing on ``eval_b`` (the workflow passes the base cell's eval split for both)."""
     from .diff import weight_diff
 
     table = weight_diff(sae_a, sae_b)
@@ -160,7 +150,11 @@ def pair_counts(table: pd.DataFrame, alive_b: np.ndarray, thresholds, collapse: 
 
     labelled, born = step_labels(table, thresholds, table["alive"].to_numpy(), alive_b, collapse)
     counts = count_labels(labelled, born)
-    return {"mmcs": float(np.nanmean(table["dec_cos_match"])), **{k: int(counts.get(k, 0)) for k in COUNT_KEYS}}
+    return {
+        "mmcs": float(np.nanmean(table["dec_cos_match"])),
+        "n_features": len(table),
+        **{k: int(counts.get(k, 0)) for k in COUNT_KEYS},
+    }
 
 
 COUNT_KEYS = LABELS + ("died_unmatched", "died_silent", "died_norm_collapse", "inactive")
@@ -186,24 +180,29 @@ def null_counts(tables: list[tuple[pd.DataFrame, np.ndarray]], diff_block: dict,
     return out
 
 
-def prediction_interval(values, n_terms: int = 1, level: float = LEVEL) -> tuple[float, float, float]:
+def prediction_interval(
+    values, n_terms: int = 1, level: float = LEVEL, n_total: int | None = None
+) -> tuple[float, float, float]:
     """Mean and ``level`` prediction interval of a sum of ``n_terms`` new null draws, from the null's
-    draws (Student t with n − 1 degrees of freedom, counts taken as normal):
+    draws (Student t with N − 1 degrees of freedom, N draws):
 
-        n_terms·x̄ ± t · s · sqrt(n_terms + n_terms² / n)
+        n_terms·x̄ ± t · σ · sqrt(n_terms + n_terms² / N),   σ² = max(s², x̄·(1 − x̄ / n_total))
 
-    (the variance of a sum of n_terms draws, nσ², plus that of the estimated mean, n²σ²/N). With five
-    draws the plain min–max range would miss a sixth draw of the same null one time in three; this
-    interval misses it one time in twenty. The low end is clipped at 0 (counts)."""
+    (the variance of a sum of n_terms draws, nσ², plus that of the estimated mean, n²σ²/N). The
+    variance is at least that of a binomial count of ``n_total`` features (a Poisson one without
+    it): with five draws of a small count (a few 'changed' features) the sample variance is often
+    far too small, and the synthetic no-change worlds were then called twice as often as the
+    nominal 5%. With five draws the plain min–max range would miss a sixth draw one time in three.
+    The low end is clipped at 0 (counts)."""
     from scipy import stats
 
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
         raise ValueError(f"a null interval needs at least two null pairs, got {len(v)}")
     mean = n_terms * float(v.mean())
-    half = (
-        float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) * np.sqrt(n_terms + n_terms**2 / len(v))
-    )
+    floor = float(v.mean()) * (1 - float(v.mean()) / n_total if n_total else 1.0)
+    sigma = np.sqrt(max(float(v.var(ddof=1)), floor))
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sigma * np.sqrt(n_terms + n_terms**2 / len(v))
     return mean, max(0.0, mean - half), mean + half
 
 
@@ -219,7 +218,7 @@ def versus(observed: dict, pairs: list[dict], n_terms: int = 1) -> dict:
     whether it is called: outside on the side of change (``CHANGE_SIDE``)."""
     out = {}
     for key in LABELS:
-        mean, low, high = prediction_interval([p[key] for p in pairs], n_terms)
+        mean, low, high = prediction_interval([p[key] for p in pairs], n_terms, n_total=pairs[0].get("n_features"))
         value = int(observed.get(key, 0))
         out[key] = {
             "observed": value,

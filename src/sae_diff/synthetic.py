@@ -179,9 +179,6 @@ def run(world: World, work: Path) -> dict:
     d0 = activations(world, base, everything, world.tokens, rng)
     eval_base = torch.from_numpy(activations(world, base, everything, world.eval_tokens, rng))
 
-    def eval_draw():
-        return torch.from_numpy(activations(world, base, everything, world.eval_tokens // 2, rng))
-
     sae_a = train_cell(world, work / "A", d0)
     seed_sae = train_cell(world, work / "A_seed", d0, order_seed=1)
     _, seed_table = diff.calibration(sae_a, seed_sae, 0.05, 0.001)
@@ -195,8 +192,8 @@ def run(world: World, work: Path) -> dict:
     )
     from .sae import files
 
-    # each half fires on its own eval tokens, as two cells do (the workflow halves D0's eval prompts)
-    tables = [nulls.pair_table(files.load(a[0]), files.load(b[0]), *(eval_draw() for _ in range(2))) for a, b in dirs]
+    # both halves fire on the base cell's eval tokens, as the workflow's null-diffs does
+    tables = [nulls.pair_table(files.load(a[0]), files.load(b[0]), eval_base, eval_base) for a, b in dirs]
     block = {"same_quantile": 0.05, "new_quantile": 0.001, "norm_collapse": 0.1}
     null = nulls.null_counts(tables, block)
     thresholds = nulls.thresholds([t["dec_cos_match"].to_numpy() for t, _ in tables], 0.05, 0.001)

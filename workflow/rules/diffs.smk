@@ -96,7 +96,6 @@ rule null_diffs:
             [] if THRESHOLDS_FROM_RESAMPLING else [grid.calibration_json(w.layer, n) for n in DIFF_SAES]
         ),
         acts=manifests("M0_D0"),
-        samples=grid.samples("D0"),
     output:
         [grid.null_json("{layer}", name) for name in DIFF_SAES],
         null_cosines("{layer}"),
@@ -112,14 +111,12 @@ rule null_diffs:
         stream=lambda w: streaming_args(w, "M0", "D0"),
         acts_dir=lambda w: grid.activations_dir("M0_D0"),
         pairs=config["diff"]["resampling"]["pairs"],
-        split_seed=config["diff"]["resampling"]["seed"],
         null_dir=grid.null_dir("{layer}"),
         calibration=grid.calibration_dir("{layer}"),
         out_dir=grid.null_dir("{layer}"),
     shell:
         "sae-diff null-diffs --spec {params.spec:q} --layer {wildcards.layer} --null-dir {params.null_dir:q} "
-        "--pairs {params.pairs} --split-seed {params.split_seed} --samples {input.samples:q} "
-        "--calibration {params.calibration:q} --acts-dir {params.acts_dir:q} {params.stream} "
+        "--pairs {params.pairs} --calibration {params.calibration:q} --acts-dir {params.acts_dir:q} {params.stream} "
         "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
