@@ -432,7 +432,10 @@ def evolution_counts(block: dict, out: str | Path, title: str = "", size=None, d
             low, high = np.array([r["null_low"] for r in rows]), np.array([r["null_high"] for r in rows])
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="_", color="black", capsize=3, lw=1.2, ms=8)
         ax.set_xticks(np.arange(len(groups)), [g[0] for g in groups], fontsize=8)
-        ax.set(ylabel="features", title=heading)
+        # 'same' is thousands where the others are tens: a log axis keeps every bar and interval readable
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.8)
+        ax.set(ylabel="features (log scale)", title=heading)
         ax.grid(alpha=0.3, axis="y")
 
     for c, (branch, part) in enumerate(branches.items()):

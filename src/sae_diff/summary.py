@@ -31,6 +31,8 @@ STAGES = {
     "evaluate_saes": "evaluation",
     "feature_stats": "features",
     "train_seed_sae": "calibration",
+    "train_null_saes": "calibration",  # the resampling null: thresholds and intervals come from it
+    "null_diffs": "calibration",
     "diff_saes": "diffs",
     "probes": "probes",
     "attribute": "attribution",

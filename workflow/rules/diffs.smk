@@ -44,7 +44,10 @@ rule calibrate:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
         saes=grid.saes_dir("M0_D0", "{layer}"),
         seed=lambda w: grid.seed_saes_dir(w.layer),  # holds the seed SAEs listed as input
-        cross_init=lambda w: [f"{n}={grid.cross_init_sae_dir(w.layer, n, config['diff']['vary'])}" for n in DIFF_SAES],
+        # sorted: reordering the config's saes must not change the params (and rerun the diffs)
+        cross_init=lambda w: [
+            f"{n}={grid.cross_init_sae_dir(w.layer, n, config['diff']['vary'])}" for n in sorted(DIFF_SAES)
+        ],
         null_dir=lambda w: f"--null-dir {shlex.quote(grid.null_dir(w.layer))}" if THRESHOLDS_FROM_RESAMPLING else "",
         out_dir=grid.calibration_dir("{layer}"),
     shell:
@@ -111,12 +114,14 @@ rule null_diffs:
         stream=lambda w: streaming_args(w, "M0", "D0"),
         acts_dir=lambda w: grid.activations_dir("M0_D0"),
         pairs=config["diff"]["resampling"]["pairs"],
-        null_dir=grid.null_dir("{layer}"),
-        calibration=grid.calibration_dir("{layer}"),
-        out_dir=grid.null_dir("{layer}"),
+        null_dir=lambda w: grid.null_dir(w.layer),  # holds the null SAEs listed as input
+        calibration=lambda w: (
+            "" if THRESHOLDS_FROM_RESAMPLING else f"--calibration {shlex.quote(grid.calibration_dir(w.layer))}"
+        ),
+        out_dir=lambda w: grid.null_dir(w.layer),
     shell:
         "sae-diff null-diffs --spec {params.spec:q} --layer {wildcards.layer} --null-dir {params.null_dir:q} "
-        "--pairs {params.pairs} --calibration {params.calibration:q} --acts-dir {params.acts_dir:q} {params.stream} "
+        "--pairs {params.pairs} {params.calibration} --acts-dir {params.acts_dir:q} {params.stream} "
         "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
