@@ -442,8 +442,9 @@ def sae_document(
     notes = []
     if lineage_tables:
         notes.append(
-            "Evolution labels use thresholds calibrated on a seed pair of SAEs; they are not yet compared "
-            "with a data-resampling null, so a 'changed' count mixes the model's change with sampling noise."
+            "Evolution labels use thresholds from a data-resampling null (the same model's SAEs on disjoint "
+            "prompt halves of D0). One feature's label is not a finding: whether a step's counts exceed the "
+            "null, and whether the layer's SAEs converged, is in the evolution figure and headline.evolution."
         )
     return {
         "schema": SCHEMA,
