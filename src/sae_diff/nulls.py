@@ -191,9 +191,8 @@ def prediction_interval(
     (the variance of a sum of n_terms draws, nσ², plus that of the estimated mean, n²σ²/N). The
     variance is at least that of a binomial count of ``n_total`` features (a Poisson one without
     it): with five draws of a small count (a few 'changed' features) the sample variance is often
-    far too small, and the synthetic no-change worlds were then called twice as often as the
-    nominal 5%. With five draws the plain min–max range would miss a sixth draw one time in three.
-    The low end is clipped at 0 (counts)."""
+    near 0 (tests/test_nulls.py checks the coverage on Poisson counts). With five draws the plain
+    min–max range would miss a sixth draw one time in three. The low end is clipped at 0 (counts)."""
     from scipy import stats
 
     v = np.asarray(values, dtype=np.float64)
