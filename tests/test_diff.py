@@ -178,6 +178,36 @@ def test_step_labels_died_for_each_reason_born_and_inactive():
     }
 
 
+def test_a_rare_features_silent_counterpart_has_not_died():
+    """Silence is a death (or a birth) only where it is improbable: A's feature 0 fired twice on A's
+    1,000 eval tokens, so on B's 500 it is expected once (< 3): its silent counterpart keeps the
+    label its cosine gives ('same'). Feature 1 fired 40 times (20 expected on B's tokens): silent,
+    died. expected_firings against the hand computation fire_count × 500 / 1000."""
+    import pandas as pd
+
+    a, b, perm = planted()
+    where_in_b = np.argsort(perm)
+    n = len(a)
+    fire_a = np.full(n, 100)
+    fire_a[[0, 1, 2, 3]] = [2, 40, 0, 0]
+    fire_b = np.full(n, 50)
+    fire_b[where_in_b[[0, 1, 2, 3]]] = [0, 0, 1, 10]
+    stats_a = pd.DataFrame({"dead": fire_a == 0, "fire_count": fire_a, "freq": fire_a / 1000, "enc_norm": 1.0})
+    stats_b = pd.DataFrame({"dead": fire_b == 0, "fire_count": fire_b, "freq": fire_b / 500, "enc_norm": 1.0})
+    np.testing.assert_allclose(diff.expected_firings(stats_a, stats_b), fire_a * 500 / 1000)
+    table, summary = diff.compare(
+        sae_with_decoder(a), sae_with_decoder(b), stats_a, stats_b, THRESHOLDS, aligned=False, collapse=0.1
+    )
+    assert table["label"].iloc[0] == "same" and table["died_reason"].iloc[0] == ""
+    assert table["label"].iloc[1] == "died" and table["died_reason"].iloc[1] == "silent"
+    assert summary["counts"]["died_silent"] == 1
+    # the mirror in B's view: feature 2's counterpart fired once on B's 500 tokens (2 expected on A's
+    # 1,000): its silence in A is chance, not a birth; feature 3's fired 10 times (20 expected): born
+    born = set(summary["born"])
+    assert int(where_in_b[2]) not in born and int(where_in_b[3]) in born
+    assert diff.expected_firings(stats_a.drop(columns="fire_count"), stats_b) is None  # no counts: every silence
+
+
 def test_lineages_follow_matches_and_catch_a_reversion():
     """Three cells: feature 0 rotates away (changed) then comes back (reverted); feature 1 stays;
     feature 2 dies at step 1; a new direction is born at step 2."""

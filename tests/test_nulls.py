@@ -114,7 +114,8 @@ def test_versus_calls_only_on_the_side_of_change():
 
 def test_null_counts_label_each_pair_with_thresholds_from_the_others():
     """Pair k's counts equal diff.step_labels with diff.calibrate on the other pairs' cosines pooled
-    (leave one out: the thresholds never see the pair they label)."""
+    (leave one out: the thresholds never see the pair they label), each feature expected to fire on
+    B's tokens as often as on A's (the same tokens)."""
     rng = np.random.default_rng(1)
     tables = []
     for _ in range(4):
@@ -126,16 +127,19 @@ def test_null_counts_label_each_pair_with_thresholds_from_the_others():
                 "dec_cos_match": cos,
                 "enc_norm": 1.0,
                 "enc_norm_match": rng.uniform(0.05, 1.0, 30),
-                "alive": rng.random(30) > 0.1,
+                "fires": rng.poisson(4, 30) * (rng.random(30) > 0.1),
             }
         )
-        tables.append((table, rng.random(30) > 0.1))
+        tables.append((table, rng.poisson(4, 30) * (rng.random(30) > 0.1)))
     block = {"same_quantile": 0.2, "new_quantile": 0.05, "norm_collapse": 0.1}
     counts = nulls.null_counts(tables, block)
-    for k, (table, alive_b) in enumerate(tables):
+    for k, (table, fires_b) in enumerate(tables):
         others = np.concatenate([t["dec_cos_match"].to_numpy() for j, (t, _) in enumerate(tables) if j != k])
         thresholds = diff.calibrate(others, 0.2, 0.05)
-        labelled, born = diff.step_labels(table, thresholds, table["alive"].to_numpy(), alive_b, 0.1)
+        fires_a = table["fires"].to_numpy()
+        labelled, born = diff.step_labels(
+            table, thresholds, fires_a > 0, fires_b > 0, 0.1, expected_b=fires_a, expected_a=fires_b
+        )
         expected = diff.count_labels(labelled, born)
         for key in nulls.LABELS:
             assert counts[k][key] == expected.get(key, 0), (k, key)

@@ -124,31 +124,37 @@ def train_pairs(
 
 
 def firing(sae, acts, batch_size: int = 4096) -> np.ndarray:
-    """Whether each latent fires on any of ``acts`` (the 'dead' test of the feature statistics)."""
+    """How many of ``acts`` each latent fires on (0: the 'dead' test of the feature statistics)."""
     import torch
 
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     with torch.no_grad():
         for start in range(0, len(acts), batch_size):
-            fired |= (sae.encode(acts[start : start + batch_size].float()) > 0).any(0)
-    return fired.numpy()
+            counts += (sae.encode(acts[start : start + batch_size].float()) > 0).sum(0)
+    return counts.numpy()
 
 
 def pair_table(sae_a, sae_b, eval_a, eval_b) -> tuple[pd.DataFrame, np.ndarray]:
-    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing on ``eval_a`` in
-    ``alive``) and B's firing on ``eval_b`` (the workflow passes the base cell's eval split for both)."""
+    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing counts on ``eval_a`` in
+    ``fires``) and B's firing counts on ``eval_b`` (the workflow passes the base cell's eval split
+    for both)."""
     from .diff import weight_diff
 
     table = weight_diff(sae_a, sae_b)
-    table["alive"] = firing(sae_a, eval_a)
+    table["fires"] = firing(sae_a, eval_a)
     return table, firing(sae_b, eval_b)
 
 
-def pair_counts(table: pd.DataFrame, alive_b: np.ndarray, thresholds, collapse: float) -> dict:
-    """Label counts of one null pair, as ``diff.compare`` counts a step."""
+def pair_counts(table: pd.DataFrame, fires_b: np.ndarray, thresholds, collapse: float) -> dict:
+    """Label counts of one null pair, as ``diff.compare`` counts a step (both halves fired on the
+    same tokens, so a feature's expected firings on B's are its own count)."""
     from .diff import count_labels, step_labels
 
-    labelled, born = step_labels(table, thresholds, table["alive"].to_numpy(), alive_b, collapse)
+    fires_a = table["fires"].to_numpy()
+    fires_b = np.asarray(fires_b, dtype=np.float64)
+    labelled, born = step_labels(
+        table, thresholds, fires_a > 0, fires_b > 0, collapse, expected_b=fires_a.astype(np.float64), expected_a=fires_b
+    )
     counts = count_labels(labelled, born)
     return {
         "mmcs": float(np.nanmean(table["dec_cos_match"])),

@@ -208,7 +208,7 @@ def run(world: World, work: Path) -> dict:
         "planted": (activations(world, changed, fires, world.tokens, rng), changed, fires, 0.0),
     }
 
-    stats_a = pd.DataFrame({"dead": ~nulls.firing(sae_a, eval_base)})
+    stats_a = _stats(nulls.firing(sae_a, eval_base), len(eval_base))
     out = {
         "world": asdict(world),
         "null": null,
@@ -221,13 +221,18 @@ def run(world: World, work: Path) -> dict:
         sae_b = train_cell(world, work / name, acts)
         eval_b = activations(world, dictionary, live, world.eval_tokens, rng)
         eval_b = torch.from_numpy(eval_b + isotropic(eval_b.shape, noise, rng))
-        stats_b = pd.DataFrame({"dead": ~nulls.firing(sae_b, eval_b)})
+        stats_b = _stats(nulls.firing(sae_b, eval_b), len(eval_b))
         table, summary = diff.compare(sae_a, sae_b, stats_a, stats_b, thresholds, aligned=False, collapse=0.1)
         record = {"counts": nulls.versus(summary["counts"], null), "mmcs": summary["mmcs"]}
         if name == "planted":
             record.update(_recovery(sae_a, sae_b, base, changed, planted, table, summary, thresholds))
         out["worlds"][name] = record
     return out
+
+
+def _stats(fire_count: np.ndarray, n_tokens: int) -> pd.DataFrame:
+    """The columns of the feature statistics that the diff reads (``features`` writes them)."""
+    return pd.DataFrame({"dead": fire_count == 0, "fire_count": fire_count, "freq": fire_count / n_tokens})
 
 
 def _tie(sae, dictionary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
