@@ -71,8 +71,8 @@ def test_prompt_splits_are_distinct_halvings_of_whole_prompts():
 
 
 def test_prediction_interval_is_the_t_formula_and_covers_new_draws():
-    """Against the float64 formula n·x̄ ± t(0.975, N−1)·σ·sqrt(n + n²/N) with σ² = max(s², x̄(1 − x̄/n_total))
-    (a Poisson floor without n_total), and by
+    """Against the float64 formula n·x̄ ± t(0.975, N−1)·σ·sqrt(n + n²/N) with σ² = max(s², r(1 − r/n_total)),
+    r = (Σx + 1)/N (a Poisson floor without n_total), and by
     simulation: a new draw (or a sum of two) of a spread-out count falls inside it 95% of the time,
     and one of a small Poisson count (where s² often comes out too small) at least 95%."""
     from scipy import stats
@@ -85,7 +85,8 @@ def test_prediction_interval_is_the_t_formula_and_covers_new_draws():
     ):
         for n_terms in (1, 2, 3):
             mean, low, high = nulls.prediction_interval(draws, n_terms, n_total=n_total)
-            sigma = np.sqrt(max(draws.var(ddof=1), draws.mean() * (1 - draws.mean() / (n_total or np.inf))))
+            rate = (draws.sum() + 1) / len(draws)
+            sigma = np.sqrt(max(draws.var(ddof=1), rate * (1 - rate / (n_total or np.inf))))
             half = stats.t.ppf(0.975, 6) * sigma * np.sqrt(n_terms + n_terms**2 / 7)
             assert mean == pytest.approx(n_terms * draws.mean())
             assert (low, high) == pytest.approx((max(0, n_terms * draws.mean() - half), n_terms * draws.mean() + half))
@@ -100,6 +101,12 @@ def test_prediction_interval_is_the_t_formula_and_covers_new_draws():
             poisson_hits += new <= high  # the side a 'changed' count is called on
         assert abs(hits / 4000 - 0.95) < 0.012
         assert poisson_hits / 4000 >= 0.95
+
+
+def test_five_zero_draws_do_not_make_one_feature_a_finding():
+    """All five null pairs count 0 born: one born feature is inside the interval (the add-one floor)."""
+    pairs = [{"same": 90, "changed": 3, "died": 2, "born": 0} for _ in range(5)]
+    assert not nulls.versus({"same": 90, "changed": 3, "died": 2, "born": 1}, pairs)["born"]["called"]
 
 
 def test_versus_calls_only_on_the_side_of_change():

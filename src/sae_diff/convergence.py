@@ -50,8 +50,9 @@ def read_curve(folder: str | Path) -> list[tuple[int, float]]:
 
 
 def fvu_drop(curve: list[tuple[int, float]], tail: float = TAIL) -> float | None:
-    """Relative drop of the held-out FVU from the start of the last ``tail`` of training to its end:
-    (FVU(start of tail) − FVU(end)) / FVU(end). None with fewer than two points in the curve."""
+    """Relative drop of the held-out FVU over the last ``tail`` of training, from the first curve
+    point inside it to the end: (FVU(that point) − FVU(end)) / FVU(end) (with 20 points the span is
+    one point short of the quarter). None with fewer than two points in the curve."""
     if len(curve) < 2:
         return None
     steps = np.array([s for s, _ in curve], dtype=np.float64)
@@ -131,7 +132,13 @@ def cross_init_record(sae_a, sae_b, criterion: Criterion, seed: int = 0) -> dict
 def layer_verdict(cells: dict[str, dict], cross_init: dict | None) -> dict:
     """A layer's SAEs have converged when every diffed SAE has and the cross-init check passes;
     the reasons name what failed."""
-    reasons = [f"{cell}: held-out FVU still dropping" for cell, r in cells.items() if not r["fvu_flat"]]
+    reasons = [
+        f"{cell}: no held-out FVU curve (trained before it was recorded: rerun train_sae)"
+        if r.get("fvu_drop", 0) is None
+        else f"{cell}: held-out FVU still dropping"
+        for cell, r in cells.items()
+        if not r["fvu_flat"]
+    ]
     reasons += [f"{cell}: decoder still near its init" for cell, r in cells.items() if not r["left_init"]]
     if cross_init is not None and not cross_init["converged"]:
         reasons.append("cross-init MMCS too close to random dictionaries")

@@ -19,6 +19,7 @@ policy is the cells': with a shared init seed both halves share it too.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,11 @@ def train_pairs(
         zip(dirs, prompt_splits(samples, "train", n_pairs, split_seed))
     ):
         cap = min(SampleSubset(store, ids).n_tokens("train") for ids in (ids_a, ids_b))
+        if cap < train_args["batch_size"]:  # no full batch: the SAE would be written at its init
+            raise ValueError(
+                f"{store.folder}: a half of the resampling null holds {cap} training tokens, fewer than one "
+                f"batch (training.batch_size {train_args['batch_size']}); use more data or a smaller batch"
+            )
         record["pairs"].append({"samples_a": ids_a.tolist(), "samples_b": ids_b.tolist(), "tokens": cap})
         for ids, folders, side in ((ids_a, dirs_a, "a"), (ids_b, dirs_b, "b")):
             if all((f / "sae_weights.safetensors").exists() for f in folders):
@@ -118,7 +124,7 @@ def train_pairs(
                 args["target_store"] = SampleSubset(args["target_store"], ids, max_tokens=cap)
             work = Path(out_dir) / f".train_state-pair{k}{side}"
             train(view, specs, folders, work_dir=work, steps=steps, **args)
-            work.rmdir()  # made by train for its checkpoint, emptied when it finished
+            shutil.rmtree(work, ignore_errors=True)  # train's checkpoint folder (a kill may leave a temp file)
     write_json(splits_json(out_dir), record)
     return dirs
 
@@ -192,12 +198,14 @@ def prediction_interval(
     """Mean and ``level`` prediction interval of a sum of ``n_terms`` new null draws, from the null's
     draws (Student t with N − 1 degrees of freedom, N draws):
 
-        n_terms·x̄ ± t · σ · sqrt(n_terms + n_terms² / N),   σ² = max(s², x̄·(1 − x̄ / n_total))
+        n_terms·x̄ ± t · σ · sqrt(n_terms + n_terms² / N),   σ² = max(s², r·(1 − r / n_total)),
+        r = (Σx + 1) / N
 
     (the variance of a sum of n_terms draws, nσ², plus that of the estimated mean, n²σ²/N). The
     variance is at least that of a binomial count of ``n_total`` features (a Poisson one without
-    it): with five draws of a small count (a few 'changed' features) the sample variance is often
-    near 0 (tests/test_nulls.py checks the coverage on Poisson counts). With five draws the plain
+    it) at the draws' rate plus one count: with five draws of a small count (a few 'changed'
+    features) the sample variance is often near 0, and five zeros would give a zero-width interval
+    (tests/test_nulls.py checks the coverage on Poisson counts). With five draws the plain
     min–max range would miss a sixth draw one time in three. The low end is clipped at 0 (counts)."""
     from scipy import stats
 
@@ -205,7 +213,9 @@ def prediction_interval(
     if len(v) < 2:
         raise ValueError(f"a null interval needs at least two null pairs, got {len(v)}")
     mean = n_terms * float(v.mean())
-    floor = float(v.mean()) * (1 - float(v.mean()) / n_total if n_total else 1.0)
+    # add one to the draws' sum in the floor: five zeros are no proof that a count is always 0
+    rate = (float(v.sum()) + 1) / len(v)
+    floor = rate * (1 - min(rate, float(n_total or np.inf)) / n_total if n_total else 1.0)
     sigma = np.sqrt(max(float(v.var(ddof=1)), floor))
     half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * sigma * np.sqrt(n_terms + n_terms**2 / len(v))
     return mean, max(0.0, mean - half), mean + half

@@ -13,7 +13,7 @@ A (its data D0) the worlds are:
   (never active), some new ones added (fresh directions with their own firing).
 
 Every cell runs through the unchanged code: ``sae.train.train`` → ``nulls.firing`` (the feature
-statistics' dead test) → ``diff.compare`` with thresholds from a seed pair (``diff.calibration``),
+statistics' dead test) → ``diff.compare`` with thresholds from the null (``nulls.thresholds``),
 and the null through ``nulls.train_pairs`` / ``nulls.pair_counts`` on prompt halves of D0, exactly
 as the workflow's rules run them.
 """
