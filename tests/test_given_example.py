@@ -105,6 +105,7 @@ def test_the_given_example_runs_end_to_end(tmp_path):
     cfg["grid"] = {"branches": ["MXDX"]}
     cfg["interventions"]["iterations"] = [2]
     cfg["dashboard"] = {"enabled": False}  # the dashboard is tested on config/test.yaml's run
+    cfg["diff"] = {"enabled": False}  # so are the SAE diffs and their null (CI has 20 minutes)
     result = snakemake(tmp_path, "--cores", "2", configfile=_write(cfg, tmp_path / "given.yaml"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     # long jobs report on the terminal, not only in their logs (one whole line per report)

@@ -498,6 +498,7 @@ def test_protein_example_runs_end_to_end(tmp_path):
     cfg["iterations"]["rounds"] = 1
     cfg["grid"] = {"branches": ["MXDX"]}
     cfg["dashboard"] = {"enabled": False}  # the dashboard is tested on config/test.yaml's run
+    cfg["diff"] = {"enabled": False}  # so are the SAE diffs and their null (CI has 20 minutes)
     path = tmp_path / "protein.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, "--cores", "2", configfile=path, timeout=900)
