@@ -3,7 +3,8 @@ synthetic worlds, at full size and graded change sizes, with seed replicates.
 
 Each replicate (``sae_diff.synthetic.run``) trains cell A on D0 of a known sparse dictionary, the
 resampling null on D0's prompt halves (5 pairs, thresholds from the null, leave one out), and cells
-B of three worlds labelled against A through the unchanged train → firing → diff code:
+B of three worlds labelled against A through the unchanged train → diff code (matched weights, the
+presence test of died / born on each cell's eval tokens):
 
     no_change   a disjoint sample of the same world
     placebo     the same, plus isotropic noise of the planted change's mean norm per token
@@ -13,7 +14,8 @@ Per change size it prints, over the replicates: how often each world's step is c
 outside the null on the side of change) and how many (world, label) calls there were; for the
 planted world the AUROC of A's latents tied to a touched feature against the rest (1 − matched
 cosine), the rate at which latents of untouched features are labelled 'changed' (nominal: the 5%
-quantile the thresholds are set at) or 'died', and the share of added features' latents labelled born.
+quantile the thresholds are set at) or 'died', the share of removed features' latents labelled
+died (the presence test), and the share of added features' latents labelled born.
 
     python bench/planted.py [--replicates 5] [--sizes 2 4 8] [--out /tmp/planted.json]
 
@@ -60,6 +62,8 @@ def summarise(runs: list[dict]) -> dict:
             "auroc_min": float(np.nanmin([p["auroc"] for p in planted])),
             "untouched_changed_rate": sum(p["untouched_changed"] for p in planted) / max(untouched, 1),
             "untouched_died_rate": sum(p["untouched_died"] for p in planted) / max(untouched, 1),
+            "removed_died_share": sum(p["removed_died"] for p in planted)
+            / max(sum(p["n_removed_latents"] for p in planted), 1),
             "n_touched_latents": sum(p["n_touched_latents"] for p in planted),
             "n_untouched_latents": untouched,
             "added_born_share": float(np.mean(added)) if added else None,
@@ -96,6 +100,7 @@ def main() -> None:
             f"planted {planted['label_calls']}; AUROC mean {planted['auroc_mean']:.3f} "
             f"(min {planted['auroc_min']:.3f}); untouched labelled changed {planted['untouched_changed_rate']:.3f}, "
             f"died {planted['untouched_died_rate']:.3f} (of {planted['n_untouched_latents']}); "
+            f"removed died {planted['removed_died_share']:.2f}; "
             f"added born {planted['added_born_share']}; seed pair changed {s['seed_pair_changed_fraction']:.3f} "
             f"[{time.perf_counter() - start:.0f} s]",
             flush=True,

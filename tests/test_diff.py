@@ -144,68 +144,93 @@ def _stats(n, dead=()):
 THRESHOLDS = diff.Thresholds(same=0.9, new=0.45, same_quantile=0.05, new_quantile=0.001, n_null=0)
 
 
-def test_step_labels_died_for_each_reason_born_and_inactive():
-    """Planted: 80 same (2 of them silent in B, 3 with a collapsed encoder), 20 changed, 20 removed,
-    20 fresh in B; one feature of A that never fired is inactive, not died."""
-    a, b, perm = planted()
-    where_in_b = np.argsort(perm)
-    n = len(a)
-    silent_in_b = where_in_b[[0, 1]]
-    sae_b = sae_with_decoder(b)
+def one_hot_sae(rows: np.ndarray) -> SAE:
+    """A TopK SAE with k = 1 whose encoder reads its decoder rows: a token along one row fires that
+    feature alone when the rows are orthonormal."""
+    sae = sae_with_decoder(rows)
+    sae.cfg.k = 1
+    return sae
+
+
+def tokens_along(rows: np.ndarray, cell: int, per: int = 16, seed: int = 0):
+    """A cell's eval tokens: ``per`` tokens along each row (magnitudes 1–3), two tokens per prompt."""
+    from sae_diff.presence import Tokens
+
+    rng = np.random.default_rng(seed + cell)
+    acts = np.repeat(rows, per, axis=0) * rng.uniform(1, 3, (len(rows) * per, 1))
+    n = len(acts)
+    identity = np.stack([np.full(n, cell), np.arange(n), np.zeros(n, dtype=np.int64)], axis=1)
+    return Tokens(torch.from_numpy(acts.astype(np.float32)), np.arange(n) // 2, identity.astype(np.int64))
+
+
+def test_step_labels_died_absent_or_collapsed_born_present_unmatched_and_inactive():
+    """An orthonormal world of 40 features. B keeps 28 (3 with a collapsed encoder), rotates 4 to cos
+    0.7 with a new direction, and replaces 5 by fresh directions; 3 more A features are re-cut by B's
+    dictionary (B's decoder row is another direction, cos 0.3) while B's tokens still carry them
+    along A's direction. Feature 39 never fires on A's tokens. Died: exactly the 5 replaced (absent
+    from B's tokens) and the 3 collapsed; born: the 5 fresh and 39; the re-cut are 'changed'
+    (unmatched, present), not dead; the rotated are 'changed'."""
+    q = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 64)))[0]
+    a = q[:40]
+    b = a.copy()
+    rotated, replaced, recut, collapsed = [28, 29, 30, 31], [32, 33, 34, 35, 36], [37, 38], [0, 1, 2]
+    for j, i in enumerate(rotated):
+        b[i] = 0.7 * q[i] + np.sqrt(1 - 0.49) * q[40 + j]
+    for j, i in enumerate(replaced):
+        b[i] = q[44 + j]
+    for j, i in enumerate(recut):
+        b[i] = 0.3 * q[i] + np.sqrt(1 - 0.09) * q[50 + j]
+    sae_a, sae_b = one_hot_sae(a), one_hot_sae(b)
     with torch.no_grad():
-        sae_b.W_enc_T[torch.as_tensor(where_in_b[[2, 3, 4]])] *= 0.05  # encoder norm 0.5 -> 0.025
-    stats_a, stats_b = _stats(n, dead=[5]), _stats(n, dead=silent_in_b)
-    table, summary = diff.compare(sae_with_decoder(a), sae_b, stats_a, stats_b, THRESHOLDS, aligned=False, collapse=0.1)
-    labels = table["label"].to_numpy()
-    reasons = table["died_reason"].to_numpy()
-    assert list(labels[:5]) == ["died", "died", "died", "died", "died"]
-    assert list(reasons[:5]) == ["silent", "silent", "norm_collapse", "norm_collapse", "norm_collapse"]
-    assert labels[5] == "inactive"
-    assert (labels[6:N_SAME] == "same").all()
-    assert (labels[N_SAME : N_SAME + N_CHANGED] == "changed").all()
-    assert (labels[N_SAME + N_CHANGED :] == "died").all() and (reasons[N_SAME + N_CHANGED :] == "unmatched").all()
-    # born: the 20 fresh directions, plus the partner of the inactive feature (it fires in B, nothing live matched it)
-    assert set(summary["born"]) == set(where_in_b[N_SAME + N_CHANGED :]) | {int(where_in_b[5])}
-    assert summary["counts"] == {
-        "same": N_SAME - 6,
-        "changed": N_CHANGED,
-        "died": 25,
-        "inactive": 1,
-        "died_unmatched": N_REMOVED,
-        "died_silent": 2,
-        "died_norm_collapse": 3,
-        "born": N_REMOVED + 1,
-    }
-
-
-def test_a_rare_features_silent_counterpart_has_not_died():
-    """Silence is a death (or a birth) only where it is improbable: A's feature 0 fired twice on A's
-    1,000 eval tokens, so on B's 500 it is expected once (< 3): its silent counterpart keeps the
-    label its cosine gives ('same'). Feature 1 fired 40 times (20 expected on B's tokens): silent,
-    died. expected_firings against the hand computation fire_count × 500 / 1000."""
-    import pandas as pd
-
-    a, b, perm = planted()
-    where_in_b = np.argsort(perm)
-    n = len(a)
-    fire_a = np.full(n, 100)
-    fire_a[[0, 1, 2, 3]] = [2, 40, 0, 0]
-    fire_b = np.full(n, 50)
-    fire_b[where_in_b[[0, 1, 2, 3]]] = [0, 0, 1, 10]
-    stats_a = pd.DataFrame({"dead": fire_a == 0, "fire_count": fire_a, "freq": fire_a / 1000, "enc_norm": 1.0})
-    stats_b = pd.DataFrame({"dead": fire_b == 0, "fire_count": fire_b, "freq": fire_b / 500, "enc_norm": 1.0})
-    np.testing.assert_allclose(diff.expected_firings(stats_a, stats_b), fire_a * 500 / 1000)
+        sae_b.W_enc_T[torch.as_tensor(collapsed)] *= 0.05
+    tokens_a = tokens_along(a[:39], cell=0)  # feature 39 never fires on A's tokens
+    carried = b.copy()
+    carried[recut] = a[recut]  # B's tokens carry the re-cut features along A's direction
+    carried[collapsed] = a[collapsed]
+    tokens_b = tokens_along(carried, cell=1)
     table, summary = diff.compare(
-        sae_with_decoder(a), sae_with_decoder(b), stats_a, stats_b, THRESHOLDS, aligned=False, collapse=0.1
+        sae_a, sae_b, tokens_a, tokens_b, THRESHOLDS, aligned=False, collapse=0.1, absent_below=0.25
     )
-    assert table["label"].iloc[0] == "same" and table["died_reason"].iloc[0] == ""
-    assert table["label"].iloc[1] == "died" and table["died_reason"].iloc[1] == "silent"
-    assert summary["counts"]["died_silent"] == 1
-    # the mirror in B's view: feature 2's counterpart fired once on B's 500 tokens (2 expected on A's
-    # 1,000): its silence in A is chance, not a birth; feature 3's fired 10 times (20 expected): born
-    born = set(summary["born"])
-    assert int(where_in_b[2]) not in born and int(where_in_b[3]) in born
-    assert diff.expected_firings(stats_a.drop(columns="fire_count"), stats_b) is None  # no counts: every silence
+    labels, reasons = table["label"].to_numpy(), table["died_reason"].to_numpy()
+    assert set(np.nonzero(reasons == "absent")[0]) == set(replaced)
+    assert set(np.nonzero(reasons == "norm_collapse")[0]) == set(collapsed)
+    assert labels[39] == "inactive"
+    assert (labels[rotated] == "changed").all() and (labels[recut] == "changed").all()
+    assert table["unmatched"].to_numpy()[recut].all() and not table["unmatched"].to_numpy()[rotated].any()
+    assert (labels[3:28] == "same").all()
+    # born: B's fresh rows, absent from A's tokens, and B's row 39, which A's tokens never carried
+    assert set(summary["born"]) == set(replaced) | {39}
+    assert not summary["paired_tokens"]
+    assert summary["counts"] == {
+        "same": 25,
+        "changed": 6,
+        "died": 8,
+        "inactive": 1,
+        "died_absent": 5,
+        "died_norm_collapse": 3,
+        "unmatched": 2,
+        "born": 6,
+    }
+    # the presence columns are the presence module's own verdicts, point and interval
+    from sae_diff import presence
+
+    on_b, _ = presence.both_ways(sae_a, sae_b, tokens_a, tokens_b)
+    np.testing.assert_array_equal(table["presence_high"].to_numpy(), on_b["presence_high"].to_numpy())
+
+
+def test_same_tokens_through_an_unchanged_model_have_no_deaths_or_births():
+    """The identical control in miniature: two SAEs of one world (B's rows slightly perturbed and
+    permuted) on the same tokens: paired, every feature present at ratio 1, nothing died or born."""
+    q = np.linalg.qr(np.random.default_rng(1).standard_normal((32, 32)))[0][:20]
+    perm = np.random.default_rng(2).permutation(20)
+    noisy = q + 0.01 * np.random.default_rng(3).standard_normal(q.shape)
+    sae_a, sae_b = one_hot_sae(q), one_hot_sae(noisy[perm] / np.linalg.norm(noisy[perm], axis=1, keepdims=True))
+    tokens = tokens_along(q, cell=0)
+    table, summary = diff.compare(sae_a, sae_b, tokens, tokens, THRESHOLDS, False, 0.1, 0.25)
+    assert summary["paired_tokens"]
+    np.testing.assert_allclose(table["presence"], 1.0)
+    assert summary["counts"].get("died", 0) == 0
+    assert summary["counts"]["born"] == 0 and (table["label"] == "same").all()
 
 
 def test_lineages_follow_matches_and_catch_a_reversion():
@@ -213,21 +238,19 @@ def test_lineages_follow_matches_and_catch_a_reversion():
     feature 2 dies at step 1; a new direction is born at step 2."""
     from sae_diff import evolution
 
-    rng = np.random.default_rng(4)
-    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
-    base = unit(rng.standard_normal((4, 32)))
-    orth = unit(rng.standard_normal((1, 32)) - (rng.standard_normal((1, 32)) @ base[0]) * base[0])
-    away = unit(0.7 * base[:1] + 0.714 * orth)
-    fresh = unit(rng.standard_normal((1, 32)))
+    q = np.linalg.qr(np.random.default_rng(4).standard_normal((32, 32)))[0]
+    base, orth, fresh, other = q[:4], q[4:5], q[5:6], q[6:7]
+    away = 0.7 * base[:1] + np.sqrt(1 - 0.49) * orth
     c0 = base
-    c1 = np.concatenate([away, base[1:2], fresh * 0 + unit(rng.standard_normal((1, 32))), base[3:4]])
+    c1 = np.concatenate([away, base[1:2], other, base[3:4]])
     c2 = np.concatenate([base[:1], base[1:2], fresh, base[3:4]])
     decoders = [c0, c1, c2]
-    saes = [sae_with_decoder(m) for m in decoders]
+    saes = [one_hot_sae(m) for m in decoders]
+    tokens = [tokens_along(m, cell=c) for c, m in enumerate(decoders)]
     stats = [_stats(4), _stats(4), _stats(4)]
     steps, born = [], []
     for t in range(2):
-        table, summary = diff.compare(saes[t], saes[t + 1], stats[t], stats[t + 1], THRESHOLDS, False, 0.1)
+        table, summary = diff.compare(saes[t], saes[t + 1], tokens[t], tokens[t + 1], THRESHOLDS, False, 0.1, 0.25)
         steps.append(table)
         born.append(np.asarray(summary["born"]))
     cells = ["M0_D0", "M1_D1", "M2_D2"]
@@ -292,11 +315,12 @@ def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):
         table, summary = diff.compare(
             sae_with_decoder(decoders[t]),
             sae_with_decoder(decoders[t + 1]),
-            stats[t],
-            stats[t + 1],
+            tokens_along(decoders[t], cell=t),
+            tokens_along(decoders[t + 1], cell=t + 1),
             THRESHOLDS,
             False,
             0.1,
+            0.25,
         )
         steps.append(table)
         born.append(np.asarray(summary["born"]))

@@ -31,7 +31,7 @@ def _evolution_block(layer: int, sae: str, base: int, seed_fraction: float) -> d
         "model_effect": {"pairs": [], "labels": effect},
         "data_effect": None,
         "branches": {
-            "MXDX": {"steps": [], "totals": {**totals, "inactive": 99, "died_silent": 98}, "totals_vs_null": {"x": 1}},
+            "MXDX": {"steps": [], "totals": {**totals, "inactive": 99, "died_absent": 98}, "totals_vs_null": {"x": 1}},
             "M0DX": {"steps": [], "totals": {k: 10 * v for k, v in totals.items()}, "totals_vs_null": {"y": 2}},
         },
     }

@@ -121,35 +121,49 @@ def test_versus_calls_only_on_the_side_of_change():
 
 def test_null_counts_label_each_pair_with_thresholds_from_the_others():
     """Pair k's counts equal diff.step_labels with diff.calibrate on the other pairs' cosines pooled
-    (leave one out: the thresholds never see the pair they label), each feature expected to fire on
-    B's tokens as often as on A's (the same tokens)."""
+    (leave one out: the thresholds never see the pair they label), a feature alive where it fires on
+    either half of the eval split, absent where its presence interval lies below absent_below."""
     rng = np.random.default_rng(1)
-    tables = []
+
+    def frame():
+        own = rng.poisson(4, 30) * (rng.random(30) > 0.1) * 0.1
+        high = rng.uniform(0, 1, 30)
+        return pd.DataFrame(
+            {
+                "presence": high / 2,
+                "presence_low": high / 4,
+                "presence_high": high,
+                "own_mass": own,
+                "other_mass": rng.poisson(4, 30) * (rng.random(30) > 0.1) * 0.1,
+            }
+        )
+
+    pairs = []
     for _ in range(4):
-        cos = np.clip(rng.normal(0.8, 0.15, 30), -1, 1)
         table = pd.DataFrame(
             {
                 "feature": np.arange(30),
                 "match": rng.permutation(30),
-                "dec_cos_match": cos,
+                "dec_cos_match": np.clip(rng.normal(0.8, 0.15, 30), -1, 1),
                 "enc_norm": 1.0,
                 "enc_norm_match": rng.uniform(0.05, 1.0, 30),
-                "fires": rng.poisson(4, 30) * (rng.random(30) > 0.1),
             }
         )
-        tables.append((table, rng.poisson(4, 30) * (rng.random(30) > 0.1)))
-    block = {"same_quantile": 0.2, "new_quantile": 0.05, "norm_collapse": 0.1}
-    counts = nulls.null_counts(tables, block)
-    for k, (table, fires_b) in enumerate(tables):
-        others = np.concatenate([t["dec_cos_match"].to_numpy() for j, (t, _) in enumerate(tables) if j != k])
+        pairs.append((table, frame(), frame()))
+    block = {"same_quantile": 0.2, "new_quantile": 0.05, "norm_collapse": 0.1, "absent_below": 0.3}
+    counts = nulls.null_counts(pairs, block)
+    for k, (table, on_b, on_a) in enumerate(pairs):
+        others = np.concatenate([t["dec_cos_match"].to_numpy() for j, (t, _, _) in enumerate(pairs) if j != k])
         thresholds = diff.calibrate(others, 0.2, 0.05)
-        fires_a = table["fires"].to_numpy()
-        labelled, born = diff.step_labels(
-            table, thresholds, fires_a > 0, fires_b > 0, 0.1, expected_b=fires_a, expected_a=fires_b
-        )
+        alive_a = (on_b["own_mass"] + on_b["other_mass"]).to_numpy() > 0
+        alive_b = (on_a["own_mass"] + on_a["other_mass"]).to_numpy() > 0
+        absent_a = (on_b["presence_high"].to_numpy() < 0.3) & (on_b["own_mass"].to_numpy() > 0)
+        absent_b = (on_a["presence_high"].to_numpy() < 0.3) & (on_a["own_mass"].to_numpy() > 0)
+        labelled, born = diff.step_labels(table, thresholds, alive_a, alive_b, absent_a, absent_b, 0.1)
         expected = diff.count_labels(labelled, born)
-        for key in nulls.LABELS:
+        for key in nulls.COUNT_KEYS:
             assert counts[k][key] == expected.get(key, 0), (k, key)
+        assert expected.get("died", 0) > 0 and expected["born"] > 0  # the case exercises both
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +204,16 @@ def test_planted_changes_are_found_and_untouched_features_are_not(worlds):
     untouched = sum(p["n_untouched_latents"] for p in planted)
     changed = sum(p["untouched_changed"] for p in planted)
     assert changed / untouched <= 2 * planted[0]["nominal_rate"], (changed, untouched)
+
+
+def test_removed_features_die_by_the_presence_test_and_untouched_ones_do_not(worlds):
+    """The presence test on the planted world: 'died' and 'born' are called (above the null) in at
+    least 4 of 5 replicates; at least half of A's latents tied to a removed feature are labelled
+    died (they keep some mass on B's tokens through their encoder's interference with the other
+    features: 48 features in 24 dimensions); no latent tied to an untouched feature is."""
+    planted = [run["worlds"]["planted"] for run in worlds]
+    assert sum(p["counts"]["died"]["called"] for p in planted) >= 4
+    assert sum(p["counts"]["born"]["called"] for p in planted) >= 4
+    removed = sum(p["n_removed_latents"] for p in planted)
+    assert sum(p["removed_died"] for p in planted) >= 0.5 * removed, removed
+    assert sum(p["untouched_died"] for p in planted) == 0

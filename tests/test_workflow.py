@@ -211,7 +211,14 @@ def test_features_diffs_and_evolution(finished_run):
 
     null = json.loads((results / "nulls" / "layer1" / "topk.json").read_text())
     assert head["null_pairs"] == len(null["pairs"]) == 5 and calibration["thresholds_from"] == "resampling"
-    intra = json.loads((results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.json").read_text())["counts"]
+    # died / born by the presence test: paired on the same texts through two models, unpaired across data
+    intra_diff = json.loads((results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.json").read_text())
+    assert intra_diff["paired_tokens"] is True and step["paired_tokens"] is False
+    table = pd.read_parquet(results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.parquet")
+    died = table["label"] == "died"
+    assert (table.loc[died & (table["died_reason"] == "absent"), "presence_high"] < intra_diff["absent_below"]).all()
+    assert not (table.loc[table["label"].isin(["same", "changed"]), "presence_high"] < intra_diff["absent_below"]).any()
+    intra = intra_diff["counts"]
     expected = nulls.versus(intra, null["pairs"])
     for label in ("born", "died", "changed", "same"):
         got = head["model_effect"]["layer1"][label]

@@ -333,35 +333,51 @@ def _diff_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--b", required=True, help="cell, e.g. M1_D1")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--calibration", required=True, help="folder of the layer's calibration JSONs")
-    p.add_argument("--a-saes", required=True, help="cell a's SAEs of this layer, one folder per config")
-    p.add_argument("--b-saes", required=True, help="cell b's SAEs of this layer")
-    p.add_argument("--a-features", required=True, help="cell a's feature statistics of this layer")
-    p.add_argument("--b-features", required=True, help="cell b's feature statistics of this layer")
+    for cell in ("a", "b"):
+        p.add_argument(f"--{cell}-saes", required=True, help=f"cell {cell}'s SAEs of this layer, one folder per config")
+        p.add_argument(f"--{cell}-acts", required=True, help=f"cell {cell}'s activation stores (their eval split)")
+        p.add_argument(f"--{cell}-samples", required=True, help=f"cell {cell}'s samples (its eval tokens' prompts)")
+        p.add_argument(f"--{cell}-model-dir", help=f"cell {cell}'s model: needed when its activations are not cached")
     p.add_argument("--out-dir", required=True)
 
 
-@verb("diff", "labelled weight diff of the SAEs of two cells (one layer)", _diff_args)
+@verb("diff", "labelled diff of the SAEs of two cells (one layer): weights matched, presence tested", _diff_args)
 def cmd_diff(args) -> None:
-    """Labelled weight diff of every SAE config between two cells of one layer."""
+    """Labelled diff of every SAE config between two cells of one layer: matched weights
+    (``diff.weight_diff``) and each feature's presence on the other cell's eval tokens
+    (``presence``)."""
     import pandas as pd
 
-    from . import diff, io
-    from .grid import Cell, warm_start_source
+    from . import diff, io, models, presence
+    from .activations import open_stores
+    from .grid import Cell, site_dir, warm_start_source
     from .sae import files
 
     spec = _spec(args)
+    models.set_threads(args.threads)
     a, b = Cell.parse(args.a), Cell.parse(args.b)
+    tokens = {}  # (cell, site) -> its eval tokens, read once per site
+
+    def eval_of(cell: str, hook_point: str):
+        site = site_dir(args.layer, hook_point)
+        if (cell, site) not in tokens:
+            acts, samples = getattr(args, f"{cell}_acts"), getattr(args, f"{cell}_samples")
+            (store,) = open_stores([Path(acts) / site], getattr(args, f"{cell}_model_dir"), samples)
+            tokens[cell, site] = presence.eval_tokens(store, pd.read_parquet(samples))
+        return tokens[cell, site]
+
     for name, block in spec["saes"].items():
         thresholds = diff.Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
         aligned = warm_start_source(spec, b, block.get("warm_start", "none")) == a
         table, summary = diff.compare(
             files.load(Path(args.a_saes) / name),
             files.load(Path(args.b_saes) / name),
-            pd.read_parquet(Path(args.a_features) / name / "stats.parquet"),
-            pd.read_parquet(Path(args.b_features) / name / "stats.parquet"),
+            eval_of("a", block["hook_point"]),
+            eval_of("b", block["hook_point"]),
             thresholds,
             aligned,
             spec["diff"]["norm_collapse"],
+            spec["diff"]["absent_below"],
         )
         out = Path(args.out_dir)
         io.write_parquet(table, out / f"{name}.parquet")
@@ -837,20 +853,21 @@ def _null_diffs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", help="the layer's calibration JSONs (only with diff.thresholds_from: seed_pair)")
     p.add_argument("--acts-dir", required=True, help="the base cell's activation stores (its eval split)")
     p.add_argument("--model-dir", help="the base model: needed when its activations are not cached")
-    p.add_argument("--samples", help="the base cell's samples: needed when its activations are not cached")
+    p.add_argument("--samples", required=True, help="the base cell's samples (its eval tokens' prompts)")
+    p.add_argument("--split-seed", type=int, required=True, help="pair k halves the eval prompts with seed + k")
     p.add_argument("--out-dir", required=True)
 
 
 @verb("null-diffs", "label counts of every resampling-null pair, as a step of the grid is labelled", _null_diffs_args)
 def cmd_null_diffs(args) -> None:
     """Per SAE config: each null pair's diff, its matched cosines (``<sae>_cosines.parquet``: the
-    thresholds' null when they come from resampling) and its label counts (``<sae>.json``). Both
-    SAEs of a pair fire on the base cell's whole eval split: on the synthetic worlds that kept the
-    no-change and placebo worlds inside the null, where halving the eval split (each half on its own
-    prompts) made the null's 'changed' count too small: 4 of 15 no-change worlds were called."""
+    thresholds' null when they come from resampling) and its label counts (``<sae>.json``). A
+    feature is alive where it fires anywhere on the base cell's eval split: on the synthetic worlds,
+    alive sets from halves of it made the null's 'changed' count too small (4 of 15 no-change
+    worlds were called). The presence test compares two halves of its prompts (``nulls.pair_table``)."""
     import pandas as pd
 
-    from . import io, models, nulls
+    from . import io, models, nulls, presence
     from .activations import open_stores
     from .diff import Thresholds
     from .grid import site_dir
@@ -865,8 +882,11 @@ def cmd_null_diffs(args) -> None:
     for i, name in enumerate(names):
         site = Path(args.acts_dir) / site_dir(args.layer, spec["saes"][name]["hook_point"])
         (store,) = open_stores([site], args.model_dir, args.samples)
-        every = store.all("eval")
-        tables = [nulls.pair_table(files.load(a[i]), files.load(b[i]), every, every) for a, b in dirs]
+        every = presence.eval_tokens(store, pd.read_parquet(args.samples))
+        tables = [
+            nulls.pair_table(files.load(a[i]), files.load(b[i]), every, args.split_seed + k)
+            for k, (a, b) in enumerate(dirs)
+        ]
         fixed = None
         if block["thresholds_from"] == "seed_pair":
             fixed = Thresholds(**io.read_json(Path(args.calibration) / f"{name}.json")["thresholds"])
@@ -874,7 +894,7 @@ def cmd_null_diffs(args) -> None:
         for record, split in zip(pairs, splits["pairs"]):
             record["sample_tokens"] = split["tokens"]
         cosines = pd.concat(
-            [t[["feature", "dec_cos_match"]].assign(pair=k) for k, (t, _) in enumerate(tables)], ignore_index=True
+            [t[0][["feature", "dec_cos_match"]].assign(pair=k) for k, t in enumerate(tables)], ignore_index=True
         )
         out = Path(args.out_dir)
         io.write_parquet(cosines, out / f"{name}_cosines.parquet")

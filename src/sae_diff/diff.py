@@ -3,9 +3,10 @@
 Features are compared twice: by index (meaningful when one SAE was warm-started from the
 other, so indices stay aligned) and by the best one-to-one match, a Hungarian assignment
 on 1 − cos of decoder directions (``scipy.optimize.linear_sum_assignment``). Whether a
-matched pair is "same", "changed" or unmatched ("new") is decided by thresholds calibrated
-on two SAEs trained with different seeds on the same cell: their matched similarity is the
-null distribution of "nothing changed but the seed".
+matched pair is "same", "changed" or unmatched ("new") is decided by thresholds: quantiles of
+the matched cosines of SAE pairs where nothing changed but the sample of data (``nulls``) or the
+seed. Whether a feature died or was born is not a matter of weights: the presence test
+(``presence``) asks whether the other cell's tokens still carry it.
 """
 
 from __future__ import annotations
@@ -135,51 +136,25 @@ def label(cos: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     return out
 
 
-# a counterpart silent on B's eval tokens has died only where silence is improbable at the rate the
-# feature fired in A: at least this many expected firings (Poisson: P(0 | 3) ≈ 5%). A rare feature's
-# counterpart is silent on a small eval split by chance (the identical-model control on the demo:
-# 62 and 81 such "deaths" of ~4,500 live features, all of them silent ones)
-SILENT_MIN_EXPECTED = 3.0
-
-
-def expected_firings(stats_a: pd.DataFrame, stats_b: pd.DataFrame) -> np.ndarray | None:
-    """How often each A feature would fire on B's eval tokens at its rate in A (its firing count
-    scaled by the two eval splits' token counts), or None when the statistics lack the counts."""
-
-    def eval_tokens(stats):
-        if not {"fire_count", "freq"} <= set(stats.columns):
-            return None
-        firing = stats["freq"].to_numpy() > 0
-        if not firing.any():
-            return None
-        return float(np.median(stats["fire_count"].to_numpy()[firing] / stats["freq"].to_numpy()[firing]))
-
-    n_a, n_b = eval_tokens(stats_a), eval_tokens(stats_b)
-    if n_a is None or n_b is None:
-        return None
-    return stats_a["fire_count"].to_numpy(dtype=np.float64) * n_b / n_a
-
-
 def step_labels(
     table: pd.DataFrame,
     thresholds: Thresholds,
     alive_a: np.ndarray,
     alive_b: np.ndarray,
+    absent_a: np.ndarray,
+    absent_b: np.ndarray,
     collapse: float = 0.1,
-    expected_b: np.ndarray | None = None,
-    expected_a: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Label A's features against B (``table`` from ``weight_diff(A, B)``) and find B's born ones.
 
-    A feature is 'died' when its best match is below the 'new' threshold (no counterpart),
-    when its counterpart never fires on B's held-out data although the feature would be expected
-    to fire there at least ``SILENT_MIN_EXPECTED`` times (``expected_b``; silent), or when the
-    counterpart's encoder norm fell below ``collapse`` times its own (norm collapse); else
-    'same' or 'changed' by the calibrated 'same' threshold. Features that never fire on A's
-    own held-out data are 'inactive': they cannot die. A live B feature is 'born' when
-    no live A feature matches it at or above the 'new' threshold, unless the A feature that matches
-    it is silent on A's tokens by chance (``expected_a``: B's feature's expected firings there, at its
-    rate in B, below ``SILENT_MIN_EXPECTED``).
+    A live feature of A has 'died' when it is absent from B's tokens (``absent_a``: the presence
+    test of ``presence``, through A's own encoder) or when its matched counterpart's encoder norm
+    fell below ``collapse`` times its own (norm collapse); else it is 'same' or 'changed' by the
+    calibrated thresholds on its matched cosine. A feature with no counterpart at the 'new'
+    threshold that B's tokens still carry is 'changed' (``unmatched``: B's dictionary cut it
+    otherwise), not dead. Features that never fire on A's own tokens are 'inactive': they cannot
+    die. A live B feature is 'born' when it is absent from A's tokens (``absent_b``, through B's
+    encoder).
     """
     out = table.copy()
     cos = out["dec_cos_match"].to_numpy(dtype=np.float64)
@@ -187,27 +162,14 @@ def step_labels(
     has = partner >= 0
     base = label(cos, thresholds)
     reason = np.full(len(out), "", dtype=object)
-    reason[base == "new"] = "unmatched"
-    silent = np.zeros(len(out), dtype=bool)
-    silent[has] = ~alive_b[partner[has]]
-    if expected_b is not None:
-        silent &= np.asarray(expected_b, dtype=np.float64) >= SILENT_MIN_EXPECTED
+    reason[absent_a] = "absent"
     collapsed = (out["enc_norm_match"].to_numpy() < collapse * np.maximum(out["enc_norm"].to_numpy(), 1e-12)) & has
-    reason[(base != "new") & silent] = "silent"
-    reason[(base != "new") & ~silent & collapsed] = "norm_collapse"
-    labels = np.where(reason != "", "died", base)
-    labels = np.where(alive_a, labels, "inactive")
-    reason = np.where(alive_a, reason, "")
-    out["label"] = labels
-    out["died_reason"] = reason
-    matched_b = np.zeros(len(alive_b), dtype=bool)
-    keep = has & (base != "new") & alive_a
-    matched_b[partner[keep]] = True
-    if expected_a is not None:  # the mirror of a silent death: a counterpart silent in A by chance
-        quiet = has & (base != "new") & ~alive_a
-        chance = np.asarray(expected_a, dtype=np.float64)[partner[quiet]] < SILENT_MIN_EXPECTED
-        matched_b[partner[quiet][chance]] = True
-    born = np.nonzero(alive_b & ~matched_b)[0]
+    reason[~absent_a & (base != "new") & collapsed] = "norm_collapse"
+    out["unmatched"] = (base == "new") & alive_a & (reason == "")  # 'changed' for want of a counterpart
+    labels = np.where(reason != "", "died", np.where(base == "new", "changed", base))
+    out["label"] = np.where(alive_a, labels, "inactive")
+    out["died_reason"] = np.where(alive_a, reason, "")
+    born = np.nonzero(alive_b & absent_b)[0]
     return out, born
 
 
@@ -229,31 +191,71 @@ def calibration_record(null: pd.DataFrame, thresholds: Thresholds) -> dict:
     }
 
 
+DIED_REASONS = ("absent", "norm_collapse")
+
+
 def count_labels(table: pd.DataFrame, born: np.ndarray) -> dict:
     """Features per label of a labelled diff (``step_labels``), died by reason, and the born count."""
     counts = {k: int(v) for k, v in table["label"].value_counts().items()}
-    for reason in ("unmatched", "silent", "norm_collapse"):
+    for reason in DIED_REASONS:
         counts[f"died_{reason}"] = int((table["died_reason"] == reason).sum())
+    counts["unmatched"] = int(table["unmatched"].sum())
     counts["born"] = int(len(born))
     return counts
 
 
 def compare(
-    sae_a, sae_b, stats_a: pd.DataFrame, stats_b: pd.DataFrame, thresholds: Thresholds, aligned: bool, collapse: float
+    sae_a, sae_b, tokens_a, tokens_b, thresholds: Thresholds, aligned: bool, collapse: float, absent_below: float
 ) -> tuple[pd.DataFrame, dict]:
-    """Labelled per-feature diff of A against B and its summary (counts, MMCS, thresholds)."""
+    """Labelled per-feature diff of A against B and its summary (counts, MMCS, thresholds).
+    ``tokens_a`` / ``tokens_b``: each cell's eval tokens (``presence.Tokens``), on which each SAE's
+    features are alive and each is tested for presence on the other's."""
+    from . import presence
+
     table = weight_diff(sae_a, sae_b, aligned=aligned)
-    alive_a, alive_b = ~stats_a["dead"].to_numpy(), ~stats_b["dead"].to_numpy()
-    expected_b, expected_a = expected_firings(stats_a, stats_b), expected_firings(stats_b, stats_a)
-    table, born = step_labels(table, thresholds, alive_a, alive_b, collapse, expected_b, expected_a)
+    on_b, on_a = presence.both_ways(sae_a, sae_b, tokens_a, tokens_b)
+    table, born = labelled(table, on_b, on_a, thresholds, collapse, absent_below)
     counts = count_labels(table, born)
     summary = {
         "mmcs": mmcs(table),
         "aligned": aligned,
+        "paired_tokens": bool(on_b["paired"].iloc[0]) if len(on_b) else False,
         "thresholds": thresholds.to_dict(),
+        "absent_below": absent_below,
         "counts": counts,
         "born": born.tolist(),
+        "born_presence": on_a.loc[born, ["presence", "presence_low", "presence_high"]].to_dict("list"),
     }
     if aligned:
         summary["mean_dec_cos_same_index"] = float(table["dec_cos_same"].mean())
     return table, summary
+
+
+def labelled(
+    table: pd.DataFrame,
+    on_b: pd.DataFrame,
+    on_a: pd.DataFrame,
+    thresholds: Thresholds,
+    collapse: float,
+    absent_below: float,
+    alive_a: np.ndarray | None = None,
+    alive_b: np.ndarray | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """``step_labels`` of a weight diff with its presence tests (``presence.both_ways``: A's features
+    on B's tokens, B's on A's): the labelled table, with A's presence columns, and B's born features.
+    A feature is alive where it fires on its own cell's tokens, unless ``alive_a`` / ``alive_b`` say
+    otherwise."""
+    from . import presence
+
+    out = table.copy()
+    for column in ("presence", "presence_low", "presence_high"):
+        out[column] = on_b[column].to_numpy()
+    return step_labels(
+        out,
+        thresholds,
+        on_b["own_mass"].to_numpy() > 0 if alive_a is None else alive_a,
+        on_a["own_mass"].to_numpy() > 0 if alive_b is None else alive_b,
+        presence.absent(on_b, absent_below),
+        presence.absent(on_a, absent_below),
+        collapse,
+    )

@@ -22,9 +22,8 @@ COUNT_KEYS = (
     "born",
     "reverted",
     "inactive",
-    "died_silent",
+    "died_absent",
     "died_norm_collapse",
-    "died_unmatched",
 )
 
 
@@ -79,8 +78,12 @@ def lineages(
                 count["died"] += 1
                 count[f"died_{reason[f]}"] += 1
                 continue
-            if lab == "inactive" and (partner[f] < 0 or int(partner[f]) in newborn):
-                continue  # a feature that never fired ends here; its counterpart, if live, is born
+            if partner[f] < 0 or int(partner[f]) in newborn:
+                # no counterpart to follow, or the one it matches is absent from A's tokens (born):
+                # the lineage ends here, and the counterpart starts its own
+                if lab != "inactive":
+                    count[lab] += 1
+                continue
             g = int(partner[f])
             lineage["features"][b] = g
             lineage["cos_prev"][b] = float(cos[f])

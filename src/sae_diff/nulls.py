@@ -6,9 +6,10 @@ Pair k splits the base cell's (M0D0) training prompts into two disjoint halves a
 there are fewer than four prompts), caps both at the same number of
 tokens, and trains the cells' SAE configs on each half through the unchanged training code (same
 settings, same init seed, same data-order seed as the cells). The two SAEs are then diffed and
-labelled exactly as a step of the grid (``diff.compare``, the calibrated thresholds, firing on the
-base cell's eval split). The counts of pair k are one draw of "same model, same distribution, other
-sample"; an observed count is called only where it falls outside their range.
+labelled exactly as a step of the grid (``diff.compare``: the calibrated thresholds; alive on the
+base cell's eval split, each feature's presence tested between two halves of its prompts). The
+counts of pair k are one draw of "same model, same distribution, other sample"; an observed count
+is called only where it falls outside their range.
 
 The halves hold half the cell's training tokens; each null SAE trains as many steps as a cell's
 (so each token is seen twice as often). Fewer steps would leave both halves nearer their shared
@@ -129,39 +130,28 @@ def train_pairs(
     return dirs
 
 
-def firing(sae, acts, batch_size: int = 4096) -> np.ndarray:
-    """How many of ``acts`` each latent fires on (0: the 'dead' test of the feature statistics)."""
-    import torch
-
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    with torch.no_grad():
-        for start in range(0, len(acts), batch_size):
-            counts += (sae.encode(acts[start : start + batch_size].float()) > 0).sum(0)
-    return counts.numpy()
-
-
-def pair_table(sae_a, sae_b, eval_a, eval_b) -> tuple[pd.DataFrame, np.ndarray]:
-    """One null pair's unlabelled diff (``diff.weight_diff``, with A's firing counts on ``eval_a`` in
-    ``fires``) and B's firing counts on ``eval_b`` (the workflow passes the base cell's eval split
-    for both)."""
+def pair_table(sae_a, sae_b, every, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One null pair's unlabelled diff (``diff.weight_diff``) and its presence tests
+    (``presence.both_ways``): A's features on B's tokens and B's on A's, where A's tokens and B's
+    are two disjoint halves of the prompts of ``every`` (the base cell's eval tokens, ``presence.
+    Tokens``) drawn with ``seed``, so that the null holds what the presence test sees when only the
+    sample of texts differs. A feature is alive when it fires anywhere in ``every``."""
+    from . import presence
     from .diff import weight_diff
 
-    table = weight_diff(sae_a, sae_b)
-    table["fires"] = firing(sae_a, eval_a)
-    return table, firing(sae_b, eval_b)
+    half_a, half_b = presence.halves(every, seed)
+    on_b, on_a = presence.both_ways(sae_a, sae_b, half_a, half_b, seed)
+    return weight_diff(sae_a, sae_b), on_b, on_a
 
 
-def pair_counts(table: pd.DataFrame, fires_b: np.ndarray, thresholds, collapse: float) -> dict:
-    """Label counts of one null pair, as ``diff.compare`` counts a step (both halves fired on the
-    same tokens, so a feature's expected firings on B's are its own count)."""
-    from .diff import count_labels, step_labels
+def pair_counts(pair: tuple, thresholds, collapse: float, absent_below: float) -> dict:
+    """Label counts of one null pair (``pair_table``), as ``diff.compare`` counts a step."""
+    from .diff import count_labels, labelled
 
-    fires_a = table["fires"].to_numpy()
-    fires_b = np.asarray(fires_b, dtype=np.float64)
-    labelled, born = step_labels(
-        table, thresholds, fires_a > 0, fires_b > 0, collapse, expected_b=fires_a.astype(np.float64), expected_a=fires_b
-    )
-    counts = count_labels(labelled, born)
+    table, on_b, on_a = pair
+    fires = lambda frame: (frame["own_mass"] + frame["other_mass"]).to_numpy() > 0  # noqa: E731  (on either half)
+    table, born = labelled(table, on_b, on_a, thresholds, collapse, absent_below, fires(on_b), fires(on_a))
+    counts = count_labels(table, born)
     return {
         "mmcs": float(np.nanmean(table["dec_cos_match"])),
         "n_features": len(table),
@@ -169,7 +159,7 @@ def pair_counts(table: pd.DataFrame, fires_b: np.ndarray, thresholds, collapse: 
     }
 
 
-COUNT_KEYS = LABELS + ("died_unmatched", "died_silent", "died_norm_collapse", "inactive")
+COUNT_KEYS = LABELS + ("died_absent", "died_norm_collapse", "unmatched", "inactive")
 
 
 def thresholds(cosines: list[np.ndarray], same_quantile: float, new_quantile: float, leave_out: int | None = None):
@@ -181,14 +171,15 @@ def thresholds(cosines: list[np.ndarray], same_quantile: float, new_quantile: fl
     return calibrate(np.concatenate(pooled), same_quantile, new_quantile)
 
 
-def null_counts(tables: list[tuple[pd.DataFrame, np.ndarray]], diff_block: dict, fixed=None) -> list[dict]:
-    """Every null pair's label counts: with ``fixed`` thresholds (the seed pair's), or, when the
-    thresholds come from this null, with thresholds from the other pairs (leave one out)."""
-    cosines = [t["dec_cos_match"].to_numpy(dtype=np.float64) for t, _ in tables]
+def null_counts(pairs: list[tuple], diff_block: dict, fixed=None) -> list[dict]:
+    """Every null pair's label counts (``pair_table`` results): with ``fixed`` thresholds (the seed
+    pair's), or, when the thresholds come from this null, with thresholds from the other pairs
+    (leave one out)."""
+    cosines = [pair[0]["dec_cos_match"].to_numpy(dtype=np.float64) for pair in pairs]
     out = []
-    for k, (table, alive_b) in enumerate(tables):
+    for k, pair in enumerate(pairs):
         chosen = fixed or thresholds(cosines, diff_block["same_quantile"], diff_block["new_quantile"], leave_out=k)
-        out.append(pair_counts(table, alive_b, chosen, diff_block["norm_collapse"]))
+        out.append(pair_counts(pair, chosen, diff_block["norm_collapse"], diff_block["absent_below"]))
     return out
 
 

@@ -12,10 +12,12 @@ A (its data D0) the worlds are:
 - ``planted``: some features rotated away from their direction (cos ``rotate_cos``), some removed
   (never active), some new ones added (fresh directions with their own firing).
 
-Every cell runs through the unchanged code: ``sae.train.train`` → ``nulls.firing`` (the feature
-statistics' dead test) → ``diff.compare`` with thresholds from the null (``nulls.thresholds``),
-and the null through ``nulls.train_pairs`` / ``nulls.pair_counts`` on prompt halves of D0, exactly
-as the workflow's rules run them.
+Every cell runs through the unchanged code: ``sae.train.train`` → ``diff.compare`` (matched
+weights, the presence test on each cell's eval tokens) with thresholds from the null
+(``nulls.thresholds``), and the null through ``nulls.train_pairs`` / ``nulls.pair_table`` /
+``nulls.null_counts`` on prompt halves of D0, exactly as the workflow's rules run them. Synthetic
+tokens are independent; they are grouped into "prompts" of ``PROMPT_TOKENS`` for the presence
+test's cluster bootstrap.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+PROMPT_TOKENS = 64  # synthetic tokens per "prompt" (the presence test's bootstrap unit)
+ABSENT_BELOW = 0.5  # diff.absent_below's default
 
 
 @dataclass
@@ -192,11 +197,14 @@ def run(world: World, work: Path) -> dict:
     )
     from .sae import files
 
-    # both halves fire on the base cell's eval tokens, as the workflow's null-diffs does
-    tables = [nulls.pair_table(files.load(a[0]), files.load(b[0]), eval_base, eval_base) for a, b in dirs]
-    block = {"same_quantile": 0.05, "new_quantile": 0.001, "norm_collapse": 0.1}
+    # alive on the base cell's eval tokens, presence between halves of them, as the workflow's null-diffs
+    tokens_a = eval_set(eval_base, cell=0)
+    tables = [
+        nulls.pair_table(files.load(a[0]), files.load(b[0]), tokens_a, world.seed + k) for k, (a, b) in enumerate(dirs)
+    ]
+    block = {"same_quantile": 0.05, "new_quantile": 0.001, "norm_collapse": 0.1, "absent_below": ABSENT_BELOW}
     null = nulls.null_counts(tables, block)
-    thresholds = nulls.thresholds([t["dec_cos_match"].to_numpy() for t, _ in tables], 0.05, 0.001)
+    thresholds = nulls.thresholds([t[0]["dec_cos_match"].to_numpy() for t in tables], 0.05, 0.001)
     seed_changed = float((diff.label(seed_table["dec_cos_match"].to_numpy(), thresholds) != "same").mean())
 
     changed, fires, planted = planted_dictionary(world, base, rng)
@@ -208,7 +216,6 @@ def run(world: World, work: Path) -> dict:
         "planted": (activations(world, changed, fires, world.tokens, rng), changed, fires, 0.0),
     }
 
-    stats_a = _stats(nulls.firing(sae_a, eval_base), len(eval_base))
     out = {
         "world": asdict(world),
         "null": null,
@@ -217,12 +224,11 @@ def run(world: World, work: Path) -> dict:
         "worlds": {},
     }
     out["planted_shift"] = shift
-    for name, (acts, dictionary, live, noise) in worlds.items():
+    for c, (name, (acts, dictionary, live, noise)) in enumerate(worlds.items(), start=1):
         sae_b = train_cell(world, work / name, acts)
         eval_b = activations(world, dictionary, live, world.eval_tokens, rng)
-        eval_b = torch.from_numpy(eval_b + isotropic(eval_b.shape, noise, rng))
-        stats_b = _stats(nulls.firing(sae_b, eval_b), len(eval_b))
-        table, summary = diff.compare(sae_a, sae_b, stats_a, stats_b, thresholds, aligned=False, collapse=0.1)
+        tokens_b = eval_set(torch.from_numpy(eval_b + isotropic(eval_b.shape, noise, rng)), cell=c)
+        table, summary = diff.compare(sae_a, sae_b, tokens_a, tokens_b, thresholds, False, 0.1, ABSENT_BELOW)
         record = {"counts": nulls.versus(summary["counts"], null), "mmcs": summary["mmcs"]}
         if name == "planted":
             record.update(_recovery(sae_a, sae_b, base, changed, planted, table, summary, thresholds))
@@ -230,9 +236,14 @@ def run(world: World, work: Path) -> dict:
     return out
 
 
-def _stats(fire_count: np.ndarray, n_tokens: int) -> pd.DataFrame:
-    """The columns of the feature statistics that the diff reads (``features`` writes them)."""
-    return pd.DataFrame({"dead": fire_count == 0, "fire_count": fire_count, "freq": fire_count / n_tokens})
+def eval_set(acts, cell: int):
+    """A cell's synthetic eval tokens as ``presence.Tokens``: "prompts" of ``PROMPT_TOKENS``
+    consecutive tokens, identities unique to the cell (no two cells share tokens)."""
+    from .presence import Tokens
+
+    n = len(acts)
+    identity = np.stack([np.full(n, cell), np.arange(n), np.zeros(n, dtype=np.int64)], axis=1)
+    return Tokens(acts, np.arange(n) // PROMPT_TOKENS, identity.astype(np.int64))
 
 
 def _tie(sae, dictionary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,14 +258,16 @@ def _tie(sae, dictionary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _recovery(sae_a, sae_b, base, changed, planted: dict, table, summary: dict, thresholds) -> dict:
     """A's latents tied (|cos| ≥ 0.9) to a rotated or removed feature against those tied to untouched
     ones: AUROC of 1 − matched cosine; how many untouched ones are labelled 'changed' (nominal rate:
-    ``same_quantile`` of the null) or 'died', and the rate labelled anything but 'same'. B's latents
-    tied to an added feature: the share of them labelled born."""
+    ``same_quantile`` of the null) or 'died', and the rate labelled anything but 'same'; how many of
+    those tied to a removed feature are labelled 'died'. B's latents tied to an added feature: the
+    share of them labelled born."""
     tie_a, cos_a = _tie(sae_a, base)
     touched = np.isin(tie_a, np.concatenate([planted["rotated"], planted["removed"]]))
     labels = table["label"].to_numpy()
     keep = (cos_a >= 0.9) & (labels != "inactive")
     untouched = keep & ~touched
     score = 1 - np.nan_to_num(table["dec_cos_match"].to_numpy(dtype=np.float64), nan=-1.0)
+    removed = keep & np.isin(tie_a, planted["removed"])
     tie_b, cos_b = _tie(sae_b, changed)
     added = np.isin(tie_b, planted["added"]) & (cos_b >= 0.9)
     born = np.isin(np.arange(len(tie_b)), summary["born"])
@@ -264,6 +277,8 @@ def _recovery(sae_a, sae_b, base, changed, planted: dict, table, summary: dict, 
         "n_untouched_latents": int(untouched.sum()),
         "untouched_changed": int((labels[untouched] == "changed").sum()),
         "untouched_died": int((labels[untouched] == "died").sum()),
+        "n_removed_latents": int(removed.sum()),
+        "removed_died": int((labels[removed] == "died").sum()),
         "false_positive_rate": float((labels[untouched] != "same").mean()) if untouched.any() else float("nan"),
         "nominal_rate": thresholds.same_quantile,
         "n_added_latents": int(added.sum()),

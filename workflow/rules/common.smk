@@ -257,12 +257,30 @@ def seed_pair_training():
 
 
 def pair_inputs(w):
-    """A diff's two cells (wildcards a and b) at one layer: SAEs, feature statistics, calibration."""
-    return {
+    """A diff's two cells (wildcards a and b) at one layer: SAEs, calibration, and each cell's
+    activations and samples (the presence test reads their eval splits; streamed ones, the model)."""
+    files = {
         "saes": [grid.sae_weights(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
-        "stats": [grid.feature_stats(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
         "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
     }
+    for side in ("a", "b"):
+        cell = grid.Cell.parse(getattr(w, side))
+        files[f"{side}_acts"] = manifests(cell.name)
+        files[f"{side}_samples"] = grid.samples(cell.data)
+        if not config["activations"]["cache"]:
+            files[f"{side}_model"] = grid.model_dir(cell.model)
+    return files
+
+
+def pair_args(w):
+    """pair_inputs's cells as diff's --a-... / --b-... arguments."""
+    args = []
+    for side in ("a", "b"):
+        cell = grid.Cell.parse(getattr(w, side))
+        args += [f"--{side}-acts", grid.activations_dir(cell.name), f"--{side}-samples", grid.samples(cell.data)]
+        if not config["activations"]["cache"]:
+            args += [f"--{side}-model-dir", grid.model_dir(cell.model)]
+    return shlex.join(args)
 
 
 def same_token_inputs(w):

@@ -99,6 +99,7 @@ rule null_diffs:
             [] if THRESHOLDS_FROM_RESAMPLING else [grid.calibration_json(w.layer, n) for n in DIFF_SAES]
         ),
         acts=manifests("M0_D0"),
+        samples=grid.samples("D0"),
     output:
         [grid.null_json("{layer}", name) for name in DIFF_SAES],
         null_cosines("{layer}"),
@@ -111,7 +112,8 @@ rule null_diffs:
     threads: 4
     params:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
-        stream=lambda w: streaming_args(w, "M0", "D0"),
+        stream=lambda w: "" if config["activations"]["cache"] else f"--model-dir {shlex.quote(grid.model_dir('M0'))}",
+        split_seed=config["diff"]["resampling"]["seed"],
         acts_dir=lambda w: grid.activations_dir("M0_D0"),
         pairs=config["diff"]["resampling"]["pairs"],
         null_dir=lambda w: grid.null_dir(w.layer),  # holds the null SAEs listed as input
@@ -122,6 +124,7 @@ rule null_diffs:
     shell:
         "sae-diff null-diffs --spec {params.spec:q} --layer {wildcards.layer} --null-dir {params.null_dir:q} "
         "--pairs {params.pairs} {params.calibration} --acts-dir {params.acts_dir:q} {params.stream} "
+        "--samples {input.samples:q} --split-seed {params.split_seed} "
         "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -138,20 +141,19 @@ rule diff_saes:
         a=r"M\d+_D\d+",
         b=r"M\d+_D\d+",
     conda:
-        "../envs/analysis.yaml"
+        "../envs/torch.yaml"
+    threads: 2
     params:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
         a_saes=grid.saes_dir("{a}", "{layer}"),
         b_saes=grid.saes_dir("{b}", "{layer}"),
-        a_features=grid.features_dir("{a}", "{layer}"),
-        b_features=grid.features_dir("{b}", "{layer}"),
+        cells=pair_args,
         calibration=grid.calibration_dir("{layer}"),
         out_dir=grid.diff_dir("{a}", "{b}", "{layer}"),
     shell:
         "sae-diff diff --spec {params.spec:q} --a {wildcards.a} --b {wildcards.b} --layer {wildcards.layer} "
-        "--a-saes {params.a_saes:q} --b-saes {params.b_saes:q} "
-        "--a-features {params.a_features:q} --b-features {params.b_features:q} "
-        "--calibration {params.calibration:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--a-saes {params.a_saes:q} --b-saes {params.b_saes:q} {params.cells} "
+        "--calibration {params.calibration:q} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule evolution:
