@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "resid_post"
 FOUND_COS = 0.7
 TOP = 5
+PLANTED_STREAM = 0x5EED_D1FF  # the planted direction's random stream, apart from every model init
 MOVED = 0.1  # a token is "edited" when the edit moves its layer activation by more than 10% of its norm
 START = time.perf_counter()
 
@@ -119,8 +120,10 @@ def build_planted(args, samples: pd.DataFrame, work: Path) -> dict:
     v = v - (v @ mu_off) / (mu_off @ mu_off) * mu_off
     v = v / v.norm()
     score = h @ v
-    gen = torch.Generator().manual_seed(args.seed)
-    u = torch.randn(resid.shape[1], generator=gen, dtype=torch.float64)
+    # u from its own stream: torch.randn with a small seed is exactly how the SAEs, diff-SAEs and
+    # crosscoders initialise their decoders (seed 0: u was latent 0's init row, which an unconverged
+    # dictionary keeps at cosine ~0.9 whatever the data), so a "found" latent 0 proved nothing
+    u = torch.from_numpy(np.random.default_rng([args.seed, PLANTED_STREAM]).standard_normal(resid.shape[1]))
     u = (u / u.norm()).float()
     target = args.ratio * float(resid[in_class].norm(dim=1).median())
     alpha = target / float(score[in_class].mean())

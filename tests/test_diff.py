@@ -356,3 +356,28 @@ def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):
     assert out["topk"]["unconverged"] and not out["topk"]["convergence"]["cells"]["M0_D0"]["fvu_flat"]
     with pytest.raises(KeyError):  # a step whose diff was not handed over is not looked up on disk
         evolution.run(spec, 1, diff_files[:1], [str(calibration)], saes_files, stats_files, [str(null)])
+
+
+def test_ranked_orders_every_flagged_feature_by_the_mass_it_moved():
+    """Compared: diff.ranked against a plain loop that lists A's died and changed features with B's
+    mass minus A's (through A's encoder) and B's born ones with B's minus A's (through B's), sorted
+    by the absolute shift, largest first."""
+    q = np.linalg.qr(np.random.default_rng(7).standard_normal((32, 32)))[0]
+    a = q[:10]
+    b = a.copy()
+    b[0] = q[20]  # replaced: A's 0 dies, B's 0 is born
+    b[1] = 0.7 * q[1] + np.sqrt(0.51) * q[21]  # rotated: changed
+    tokens_a, tokens_b = tokens_along(a, cell=0), tokens_along(b, cell=1)
+    table, summary = diff.compare(one_hot_sae(a), one_hot_sae(b), tokens_a, tokens_b, THRESHOLDS, False, 0.1, 0.5)
+    got = diff.ranked(table, summary)
+    expected = []
+    for row in table.itertuples():
+        if row.label in ("died", "changed"):
+            expected.append(("a", row.feature, row.label, row.other_mass - row.own_mass))
+    for j, feature in enumerate(summary["born"]):
+        own, other = summary["born_presence"]["own_mass"][j], summary["born_presence"]["other_mass"][j]
+        expected.append(("b", feature, "born", own - other))
+    expected.sort(key=lambda r: -abs(r[3]))
+    assert [(r.side, r.feature, r.label) for r in got.itertuples()] == [r[:3] for r in expected]
+    np.testing.assert_allclose(got["shift"], [r[3] for r in expected])
+    assert {("a", 0, "died"), ("b", 0, "born"), ("a", 1, "changed")} <= {tuple(r[:3]) for r in expected}

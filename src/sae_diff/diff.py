@@ -96,7 +96,7 @@ def mmcs(table: pd.DataFrame) -> float:
 @dataclass
 class Thresholds:
     same: float  # matched cosine at or above: the same feature
-    new: float  # below: no counterpart (died in A's view, born in B's)
+    new: float  # below: no counterpart among the other SAE's decoder rows ('unmatched')
     same_quantile: float
     new_quantile: float
     n_null: int
@@ -224,11 +224,16 @@ def compare(
         "absent_below": absent_below,
         "counts": counts,
         "born": born.tolist(),
-        "born_presence": on_a.loc[born, ["presence", "presence_low", "presence_high"]].to_dict("list"),
+        "born_presence": on_a.loc[born, list(PRESENCE_COLUMNS)].to_dict("list"),
     }
     if aligned:
         summary["mean_dec_cos_same_index"] = float(table["dec_cos_same"].mean())
     return table, summary
+
+
+# what a diff table keeps of A's presence test (``presence.ratio_interval``): the ratio, its interval,
+# and the mean activation per token on A's own tokens and on B's
+PRESENCE_COLUMNS = ("presence", "presence_low", "presence_high", "own_mass", "other_mass")
 
 
 def labelled(
@@ -248,7 +253,7 @@ def labelled(
     from . import presence
 
     out = table.copy()
-    for column in ("presence", "presence_low", "presence_high"):
+    for column in PRESENCE_COLUMNS:
         out[column] = on_b[column].to_numpy()
     return step_labels(
         out,
@@ -259,3 +264,36 @@ def labelled(
         presence.absent(on_a, absent_below),
         collapse,
     )
+
+
+def ranked(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    """Every feature a labelled diff flags (A's died and changed, B's born), most moved first: by
+    how much its mean activation per token, through its own encoder, differs between B's tokens and
+    A's (``shift``: B − A; negative where the feature lost mass from A to B, positive where it
+    gained). ``side`` says whose feature it is (a or b)."""
+    flagged = table[table["label"].isin(["died", "changed"])]
+    rows = [
+        pd.DataFrame(
+            {
+                "side": "a",
+                "feature": flagged["feature"].to_numpy(),
+                "label": flagged["label"].to_numpy(),
+                "presence": flagged["presence"].to_numpy(),
+                "shift": (flagged["other_mass"] - flagged["own_mass"]).to_numpy(),
+            }
+        )
+    ]
+    born = summary["born_presence"]
+    rows.append(
+        pd.DataFrame(
+            {
+                "side": "b",
+                "feature": np.asarray(summary["born"], dtype=np.int64),
+                "label": "born",
+                "presence": np.asarray(born["presence"], dtype=np.float64),
+                "shift": np.asarray(born["own_mass"], dtype=np.float64) - np.asarray(born["other_mass"]),
+            }
+        )
+    )
+    out = pd.concat(rows, ignore_index=True)
+    return out.iloc[np.argsort(-np.abs(out["shift"].to_numpy()), kind="stable")].reset_index(drop=True)

@@ -2,7 +2,8 @@
 to them at each step (same, changed, died, born, reverted).
 
 A branch is a chain of cells (MXDX: M0D0 → M1D1 → ...; M0DX: M0D0 → M0D1 → ...). Each step
-is labelled by ``diff.step_labels`` with thresholds calibrated on a seed pair; a lineage
+is labelled by ``diff.step_labels`` (thresholds from the resampling null, died / born by the
+presence test); a lineage
 follows a feature from the cell where it first appears for as long as it keeps a
 counterpart. It is 'reverted' at the first step where, after having changed, its decoder
 is again within the 'same' threshold of its origin.
