@@ -217,3 +217,13 @@ def test_removed_features_die_by_the_presence_test_and_untouched_ones_do_not(wor
     removed = sum(p["n_removed_latents"] for p in planted)
     assert sum(p["removed_died"] for p in planted) >= 0.5 * removed, removed
     assert sum(p["untouched_died"] for p in planted) == 0
+
+
+def test_tokens_per_sample_against_the_views_own_counts(tmp_path):
+    """Compared: the per-sample token counts train_pairs caps the halves with (one read of the
+    split) against SampleSubset's own count of each half, and a plain bincount of the store."""
+    store, _, sample = _store(tmp_path)
+    counts = nulls._tokens_per_sample(store)
+    np.testing.assert_array_equal([counts.get(i, 0) for i in range(40)], np.bincount(sample.numpy(), minlength=40)[:40])
+    for half in (np.arange(0, 40, 2), np.arange(1, 40, 5)):
+        assert sum(counts.get(int(i), 0) for i in half) == SampleSubset(store, half).n_tokens("train")

@@ -214,6 +214,12 @@ def test_features_diffs_and_evolution(finished_run):
     # died / born by the presence test: paired on the same texts through two models, unpaired across data
     intra_diff = json.loads((results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.json").read_text())
     assert intra_diff["paired_tokens"] is True and step["paired_tokens"] is False
+    moved = [abs(r["shift"]) for r in intra_diff["most_moved"]]
+    assert moved == sorted(moved, reverse=True) and {r["label"] for r in intra_diff["most_moved"]} <= {
+        "died",
+        "changed",
+        "born",
+    }
     table = pd.read_parquet(results / "diff" / "M0_D1__M1_D1" / "layer1" / "topk.parquet")
     died = table["label"] == "died"
     assert (table.loc[died & (table["died_reason"] == "absent"), "presence_high"] < intra_diff["absent_below"]).all()

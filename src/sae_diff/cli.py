@@ -337,8 +337,10 @@ def _diff_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{cell}-saes", required=True, help=f"cell {cell}'s SAEs of this layer, one folder per config")
         p.add_argument(f"--{cell}-acts", required=True, help=f"cell {cell}'s activation stores (their eval split)")
         p.add_argument(f"--{cell}-samples", required=True, help=f"cell {cell}'s samples (its eval tokens' prompts)")
-        p.add_argument(f"--{cell}-model-dir", help=f"cell {cell}'s model: needed when its activations are not cached")
     p.add_argument("--out-dir", required=True)
+
+
+MOST_MOVED = 20  # flagged features listed in a diff's JSON, most activation mass moved first (diff.ranked)
 
 
 @verb("diff", "labelled diff of the SAEs of two cells (one layer): weights matched, presence tested", _diff_args)
@@ -349,7 +351,7 @@ def cmd_diff(args) -> None:
     import pandas as pd
 
     from . import diff, io, models, presence
-    from .activations import open_stores
+    from .activations import ActivationStore
     from .grid import Cell, site_dir, warm_start_source
     from .sae import files
 
@@ -361,9 +363,10 @@ def cmd_diff(args) -> None:
     def eval_of(cell: str, hook_point: str):
         site = site_dir(args.layer, hook_point)
         if (cell, site) not in tokens:
-            acts, samples = getattr(args, f"{cell}_acts"), getattr(args, f"{cell}_samples")
-            (store,) = open_stores([Path(acts) / site], getattr(args, f"{cell}_model_dir"), samples)
-            tokens[cell, site] = presence.eval_tokens(store, pd.read_parquet(samples))
+            # the eval split is on disk even with activations.cache: false: no model is needed
+            store = ActivationStore(Path(getattr(args, f"{cell}_acts")) / site)
+            samples = pd.read_parquet(getattr(args, f"{cell}_samples"))
+            tokens[cell, site] = presence.eval_tokens(store, samples)
         return tokens[cell, site]
 
     for name, block in spec["saes"].items():
@@ -381,7 +384,12 @@ def cmd_diff(args) -> None:
         )
         out = Path(args.out_dir)
         io.write_parquet(table, out / f"{name}.parquet")
-        io.write_json(out / f"{name}.json", {"a": a.name, "b": b.name, "layer": args.layer, "sae": name, **summary})
+        moved = diff.ranked(table, summary).head(MOST_MOVED)
+        io.write_json(
+            out / f"{name}.json",
+            {"a": a.name, "b": b.name, "layer": args.layer, "sae": name, **summary,
+             "most_moved": moved.to_dict("records")},
+        )  # fmt: skip
         log.info("%s -> %s layer %d %s: %s", a.name, b.name, args.layer, name, summary["counts"])
 
 

@@ -88,6 +88,17 @@ def splits_json(out_dir: str | Path) -> Path:
     return Path(out_dir) / "splits.json"
 
 
+def _tokens_per_sample(store, split: str = "train") -> dict[int, int]:
+    """How many kept tokens each sample has in ``split`` (one read of it; a streamed store runs its
+    model once)."""
+    counts: dict[int, int] = {}
+    for shard in store.iter_shards(split):
+        ids, n = np.unique(shard["sample_idx"].numpy(), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+    return counts
+
+
 def train_pairs(
     store, samples: pd.DataFrame, specs: list, out_dir: str | Path, n_pairs: int, split_seed: int, **train_args
 ) -> list:
@@ -105,10 +116,11 @@ def train_pairs(
     # null would look quieter than two cells that differ only in their sample
     tokens = min(train_args["n_tokens"], store.n_tokens("train"))
     steps = max(1, tokens // train_args["batch_size"]) * train_args.get("epochs", 1)
+    per_sample = _tokens_per_sample(store)  # one read of the split for every pair's token counts
     for k, ((dirs_a, dirs_b), (ids_a, ids_b)) in enumerate(
         zip(dirs, prompt_splits(samples, "train", n_pairs, split_seed))
     ):
-        cap = min(SampleSubset(store, ids).n_tokens("train") for ids in (ids_a, ids_b))
+        cap = min(int(sum(per_sample.get(int(i), 0) for i in ids)) for ids in (ids_a, ids_b))
         if cap < train_args["batch_size"]:  # no full batch: the SAE would be written at its init
             raise ValueError(
                 f"{store.folder}: a half of the resampling null holds {cap} training tokens, fewer than one "

@@ -258,7 +258,8 @@ def seed_pair_training():
 
 def pair_inputs(w):
     """A diff's two cells (wildcards a and b) at one layer: SAEs, calibration, and each cell's
-    activations and samples (the presence test reads their eval splits; streamed ones, the model)."""
+    activations and samples (the presence test reads their eval splits, on disk whatever
+    activations.cache says)."""
     files = {
         "saes": [grid.sae_weights(cell, w.layer, n) for cell in (w.a, w.b) for n in DIFF_SAES],
         "calibration": [grid.calibration_json(w.layer, n) for n in DIFF_SAES],
@@ -267,8 +268,6 @@ def pair_inputs(w):
         cell = grid.Cell.parse(getattr(w, side))
         files[f"{side}_acts"] = manifests(cell.name)
         files[f"{side}_samples"] = grid.samples(cell.data)
-        if not config["activations"]["cache"]:
-            files[f"{side}_model"] = grid.model_dir(cell.model)
     return files
 
 
@@ -278,8 +277,6 @@ def pair_args(w):
     for side in ("a", "b"):
         cell = grid.Cell.parse(getattr(w, side))
         args += [f"--{side}-acts", grid.activations_dir(cell.name), f"--{side}-samples", grid.samples(cell.data)]
-        if not config["activations"]["cache"]:
-            args += [f"--{side}-model-dir", grid.model_dir(cell.model)]
     return shlex.join(args)
 
 
