@@ -859,8 +859,7 @@ def _null_diffs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--null-dir", required=True, help="the null pairs' SAEs (train-null's --out-dir)")
     p.add_argument("--pairs", type=int, required=True)
     p.add_argument("--calibration", help="the layer's calibration JSONs (only with diff.thresholds_from: seed_pair)")
-    p.add_argument("--acts-dir", required=True, help="the base cell's activation stores (its eval split)")
-    p.add_argument("--model-dir", help="the base model: needed when its activations are not cached")
+    p.add_argument("--acts-dir", required=True, help="the base cell's activation stores (their eval split)")
     p.add_argument("--samples", required=True, help="the base cell's samples (its eval tokens' prompts)")
     p.add_argument("--split-seed", type=int, required=True, help="pair k halves the eval prompts with seed + k")
     p.add_argument("--out-dir", required=True)
@@ -876,7 +875,7 @@ def cmd_null_diffs(args) -> None:
     import pandas as pd
 
     from . import io, models, nulls, presence
-    from .activations import open_stores
+    from .activations import ActivationStore
     from .diff import Thresholds
     from .grid import site_dir
     from .sae import files
@@ -889,8 +888,8 @@ def cmd_null_diffs(args) -> None:
     block = spec["diff"]
     for i, name in enumerate(names):
         site = Path(args.acts_dir) / site_dir(args.layer, spec["saes"][name]["hook_point"])
-        (store,) = open_stores([site], args.model_dir, args.samples)
-        every = presence.eval_tokens(store, pd.read_parquet(args.samples))
+        # the eval split is on disk even with activations.cache: false: no model is needed
+        every = presence.eval_tokens(ActivationStore(site), pd.read_parquet(args.samples))
         tables = [
             nulls.pair_table(files.load(a[i]), files.load(b[i]), every, args.split_seed + k)
             for k, (a, b) in enumerate(dirs)

@@ -93,7 +93,6 @@ rule train_null_saes:
 rule null_diffs:
     """Each null pair diffed and labelled as a step of the grid is: the null's label counts."""
     input:
-        unpack(lambda w: streaming_inputs(w, "M0", "D0")),
         saes=null_sae_outputs("{layer}"),
         calibration=lambda w: (
             [] if THRESHOLDS_FROM_RESAMPLING else [grid.calibration_json(w.layer, n) for n in DIFF_SAES]
@@ -112,7 +111,6 @@ rule null_diffs:
     threads: 4
     params:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
-        stream=lambda w: "" if config["activations"]["cache"] else f"--model-dir {shlex.quote(grid.model_dir('M0'))}",
         split_seed=config["diff"]["resampling"]["seed"],
         acts_dir=lambda w: grid.activations_dir("M0_D0"),
         pairs=config["diff"]["resampling"]["pairs"],
@@ -123,7 +121,7 @@ rule null_diffs:
         out_dir=lambda w: grid.null_dir(w.layer),
     shell:
         "sae-diff null-diffs --spec {params.spec:q} --layer {wildcards.layer} --null-dir {params.null_dir:q} "
-        "--pairs {params.pairs} {params.calibration} --acts-dir {params.acts_dir:q} {params.stream} "
+        "--pairs {params.pairs} {params.calibration} --acts-dir {params.acts_dir:q} "
         "--samples {input.samples:q} --split-seed {params.split_seed} "
         "--out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
