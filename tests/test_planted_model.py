@@ -51,7 +51,7 @@ def _sae(store: ActivationStore, out, order_seed: int):
     config = SAEConfig(architecture="topk", d_in=store.d_model, d_sae=4 * store.d_model, k=4)
     spec = TrainSpec(name="topk", sae=config, lr=3e-3, warmup_steps=5)
     train(store, [spec], [out], n_tokens=10**9, batch_size=64, shuffle_buffer=4096, seed=order_seed,
-          checkpoint_every=0, epochs=12, progress=False)  # fmt: skip
+          checkpoint_every=0, epochs=8, progress=False)  # fmt: skip
     return files.load(out)
 
 
@@ -60,7 +60,7 @@ def planted(tiny_model_dir, tmp_path_factory):
     import shutil
 
     work = tmp_path_factory.mktemp("planted_model")
-    texts = _texts(240, seed=0)
+    texts = _texts(160, seed=0)
     table = pd.DataFrame(
         {
             "sample_id": np.arange(len(texts)),
