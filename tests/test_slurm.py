@@ -63,12 +63,16 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     try:
         dry = snakemake(workdir, "-n", "--profile", str(ROOT / "profiles" / "slurm"), *TARGETS)
         assert dry.returncode == 0, dry.stderr[-3000:]
-        # a short first status check: the tiny jobs finish in seconds (the profile's 20 s suits clusters)
+        # short status checks: the tiny jobs finish in seconds, and each stage waits for the next
+        # check before its successors are submitted (the profile's 20 s and Snakemake's 10 s between
+        # checks suit clusters)
         result = snakemake(
             workdir,
             "--profile",
             str(ROOT / "profiles" / "slurm"),
             "--slurm-init-seconds-before-status-checks",
+            "2",
+            "--seconds-between-status-checks",
             "2",
             "--jobs",
             "8",

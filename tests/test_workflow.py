@@ -506,12 +506,14 @@ def test_pretrained_saes_are_imported(finished_run):
 
 def test_protein_example_runs_end_to_end(tmp_path):
     """config/examples/protein.yaml on its tiny random GPT-2 (amino-acid tokenizer): one DPO round,
-    scored by alignment identity and ProtParam, through to summary.json."""
+    scored by alignment identity and ProtParam, through to summary.json (its causal tests, SAE
+    diffs and dashboard are the test config's, tested on that run: CI has 20 minutes)."""
     cfg = yaml.safe_load((ROOT / "config" / "examples" / "protein.yaml").read_text())
     cfg["iterations"]["rounds"] = 1
     cfg["grid"] = {"branches": ["MXDX"]}
     cfg["dashboard"] = {"enabled": False}  # the dashboard is tested on config/test.yaml's run
     cfg["diff"] = {"enabled": False}  # so are the SAE diffs and their null (CI has 20 minutes)
+    cfg["interventions"] = {**cfg.get("interventions", {}), "enabled": False}  # and the causal tests
     path = tmp_path / "protein.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, "--cores", "2", configfile=path, timeout=900)
