@@ -100,7 +100,7 @@ def test_the_planted_change_is_born_on_trigger_tokens(planted):
     (``diff.ranked``) is a born feature of M1 whose top activations fall on the trigger character,
     and whose decoder points along the change as it arrives at the layer (the mean M1 − M0
     difference on trigger tokens) far beyond chance (~0.18 for a random direction in 32
-    dimensions). The issue's 0.7 is not asserted: at this size the born features reach 0.54–0.68
+    dimensions). The issue's 0.7 is not asserted: at this size the born features reach 0.53–0.67
     (the trigger's own direction shares their decoders); bench/planted_sae_diff.py reports it on
     SmolLM2. (Run by hand with the edit at scale 0, the same construction had no births.)"""
     table, summary = _compare(planted, "M1")
