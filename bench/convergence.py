@@ -1,12 +1,14 @@
 """How long the demo's SAEs must train before they pass the convergence checks (diff.convergence).
 
 Trains the demo's `topk` config on M0_D0's layer-12 activations (run `make run` first) from two
-init seeds in one pass, for several numbers of epochs over the same ~12k training tokens, and
-prints for each: held-out FVU, its relative drop over the last quarter of training, the mean
-decoder cosine to the init, and the cross-init MMCS against two random dictionaries of the same
-shape (``sae_diff.convergence``), with the verdict of each check.
+init seeds in one pass, for several numbers of epochs over the same ~12k training tokens and,
+optionally, several dictionary shapes (expansion factor, k), and prints for each: held-out FVU,
+its relative drop over the last quarter of training, the mean decoder cosine to the init, and the
+cross-init MMCS against two random dictionaries of the same shape (``sae_diff.convergence``), with
+the verdict of each check.
 
     python bench/convergence.py [--epochs 12 48 144] [--acts results/activations/M0_D0/layer12]
+    python bench/convergence.py --expansion-factors 1 2 4 8 --k 16 32 --epochs 12 48
 """
 
 from __future__ import annotations
@@ -33,14 +35,21 @@ def main() -> None:
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--epochs", type=int, nargs="+", default=[12, 48, 144])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--expansion-factors", type=int, nargs="+", help="shapes to try (default: the config's)")
+    parser.add_argument("--k", type=int, nargs="+", help="TopK k values to try (default: the config's)")
     args = parser.parse_args()
     set_threads(args.threads)
     cfg = cfglib.load(args.config)
     criterion = convergence.Criterion.from_config(cfg["diff"]["convergence"])
     store = ActivationStore(args.acts)
-    block = cfg["saes"]["topk"]
-    floor = None
-    for epochs in args.epochs:
+    base = cfg["saes"]["topk"]
+    shapes = [
+        (e, k)
+        for e in args.expansion_factors or [base["expansion_factor"]]
+        for k in args.k or [base["k"]]
+    ]  # fmt: skip
+    for (expansion, k), epochs in ((shape, epochs) for shape in shapes for epochs in args.epochs):
+        block = {**base, "expansion_factor": expansion, "k": k}
         specs = [
             spec_from_config(
                 f"init{seed}", {**block, "seed": seed}, store.d_model, None, store.manifest["hook_name"], "", "M0", None
@@ -57,9 +66,9 @@ def main() -> None:
             record = convergence.sae_record(dirs[0], criterion)
             a, b = files.load(dirs[0]), files.load(dirs[1])
             cross = convergence.cross_init_record(a, b, criterion)
-        floor = floor or cross["mmcs_random"]
         print(
-            f"epochs {epochs:4d} ({record['steps']} steps, {time.perf_counter() - start:.0f} s): "
+            f"d_sae {store.d_model * expansion} (x{expansion}) k {k} epochs {epochs:4d} "
+            f"({record['steps']} steps, {time.perf_counter() - start:.0f} s): "
             f"held-out FVU {record['heldout_fvu']:.3f}, drop over the last quarter {record['fvu_drop']:.3f} "
             f"({'flat' if record['fvu_flat'] else 'still dropping'}); cosine to init {record['init_cos']:.3f} "
             f"({'left' if record['left_init'] else 'near init'}); cross-init MMCS {cross['mmcs']:.3f} vs random "

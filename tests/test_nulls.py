@@ -66,7 +66,7 @@ def test_prompt_splits_are_distinct_halvings_of_whole_prompts():
     # three prompts: single samples are the units instead; fewer than four samples is an error
     a, b = nulls.prompt_splits(_samples(3), "train", 1, seed=0)[0]
     assert len(a) == len(b) == 4 and not set(a) & set(b)
-    with pytest.raises(ValueError, match="at least four"):
+    with pytest.raises(ValueError, match="needs at least 4"):
         nulls.prompt_splits(_samples(1), "train", 1, seed=0)
 
 

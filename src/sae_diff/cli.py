@@ -348,10 +348,8 @@ def cmd_diff(args) -> None:
     """Labelled diff of every SAE config between two cells of one layer: matched weights
     (``diff.weight_diff``) and each feature's presence on the other cell's eval tokens
     (``presence``)."""
-    import pandas as pd
 
     from . import diff, io, models, presence
-    from .activations import ActivationStore
     from .grid import Cell, site_dir, warm_start_source
     from .sae import files
 
@@ -363,10 +361,8 @@ def cmd_diff(args) -> None:
     def eval_of(cell: str, hook_point: str):
         site = site_dir(args.layer, hook_point)
         if (cell, site) not in tokens:
-            # the eval split is on disk even with activations.cache: false: no model is needed
-            store = ActivationStore(Path(getattr(args, f"{cell}_acts")) / site)
-            samples = pd.read_parquet(getattr(args, f"{cell}_samples"))
-            tokens[cell, site] = presence.eval_tokens(store, samples)
+            acts = Path(getattr(args, f"{cell}_acts")) / site
+            tokens[cell, site] = presence.read_eval_tokens(acts, getattr(args, f"{cell}_samples"))
         return tokens[cell, site]
 
     for name, block in spec["saes"].items():
@@ -875,7 +871,6 @@ def cmd_null_diffs(args) -> None:
     import pandas as pd
 
     from . import io, models, nulls, presence
-    from .activations import ActivationStore
     from .diff import Thresholds
     from .grid import site_dir
     from .sae import files
@@ -888,8 +883,7 @@ def cmd_null_diffs(args) -> None:
     block = spec["diff"]
     for i, name in enumerate(names):
         site = Path(args.acts_dir) / site_dir(args.layer, spec["saes"][name]["hook_point"])
-        # the eval split is on disk even with activations.cache: false: no model is needed
-        every = presence.eval_tokens(ActivationStore(site), pd.read_parquet(args.samples))
+        every = presence.read_eval_tokens(site, args.samples)
         tables = [
             nulls.pair_table(files.load(a[i]), files.load(b[i]), every, args.split_seed + k)
             for k, (a, b) in enumerate(dirs)

@@ -32,6 +32,13 @@ def load_schema() -> dict:
         return yaml.safe_load(fh)
 
 
+def defaults(section: str) -> dict:
+    """The schema's default of every key of a top-level ``section`` that has one: what the
+    workflow uses where a config is silent (library callers outside a config read them here)."""
+    props = load_schema()["properties"][section]["properties"]
+    return {key: copy.deepcopy(prop["default"]) for key, prop in props.items() if "default" in prop}
+
+
 def _default_filling_validator(schema: dict):
     """A Draft 2020-12 validator that fills in defaults, as snakemake.utils.validate does."""
     from jsonschema import Draft202012Validator, validators

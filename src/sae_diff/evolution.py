@@ -11,6 +11,8 @@ is again within the 'same' threshold of its origin.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -183,6 +185,8 @@ def run(spec: dict, layer: int, diffs: list, calibrations: list, saes: list, sta
     stats_file = {(c, n): Path(path) for path in stats for c, _, n in [grid.cell_layer_name(path)]}
     criterion = convergence.Criterion.from_config(spec["diff"]["convergence"])
     out = {}
+    # a cell's decoder, read once: M0's cells sit in both branches' chains
+    decoder_of = functools.cache(lambda folder: unit_rows(files.load(folder).W_dec))
     for name in spec["saes"]:
         calibration = calibration_of[name]
         thresholds = Thresholds(**calibration["thresholds"])
@@ -210,7 +214,7 @@ def run(spec: dict, layer: int, diffs: list, calibrations: list, saes: list, sta
                 steps.append(pd.read_parquet(table))
                 born.append(np.asarray(summary["born"], dtype=np.int64))
                 step_counts.append({"from": a.name, "to": b.name, **nulllib.versus(summary["counts"], null_pairs)})
-            decoders = [unit_rows(files.load(sae_folder[(c.name, name)]).W_dec) for c in chain]
+            decoders = [decoder_of(sae_folder[(c.name, name)]) for c in chain]
             cell_stats = [pd.read_parquet(stats_file[(c.name, name)]) for c in chain]
             table, counts = lineages([c.name for c in chain], steps, born, decoders, cell_stats, thresholds)
             totals = {k: int(sum(c[k] for c in counts)) for k in COUNT_KEYS}

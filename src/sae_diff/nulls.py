@@ -35,25 +35,29 @@ LEVEL = 0.95  # the null interval's coverage
 def prompt_halves(samples: pd.DataFrame, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sample ids of two disjoint halves of ``split``'s prompts (by the ``prompt`` column; each
     sample is its own unit without one). With an odd count the last prompt of the permutation is left out."""
+    from .presence import halving
+
     units, ids = _units(samples, split)
     names = np.unique(units)
-    order = np.random.default_rng(seed).permutation(len(names))
-    half = len(names) // 2
-    return ids[np.isin(units, names[order[:half]])], ids[np.isin(units, names[order[half : 2 * half]])]
+    a, b = halving(len(names), seed)
+    return ids[np.isin(units, names[a])], ids[np.isin(units, names[b])]
 
 
 def _units(samples: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """What the halves are made of: prompts (a prompt's samples stay together), or single samples
-    where there are fewer than four prompts (or no prompt column)."""
+    """What the halves are made of (``presence.units``: prompts, or single samples where there are
+    fewer than four prompts), and the split's sample ids."""
+    from .presence import MIN_PROMPTS, units
+
     part = samples[samples["split"] == split]
-    for column in ("prompt", "sample_id"):
-        if column in part.columns and part[column].nunique() >= 4:
-            return part[column].astype(str).to_numpy(), part["sample_id"].to_numpy(dtype=np.int64)
-    prompts = part["prompt"].nunique() if "prompt" in part.columns else 0
-    raise ValueError(
-        f"the samples' split {split!r} has {len(part)} sample(s) from {prompts} prompt(s): a resampling null "
-        "needs at least four, to draw two different halves"
-    )
+    ids = part["sample_id"].to_numpy(dtype=np.int64)
+    unit = units(ids, part)
+    if len(np.unique(unit)) < MIN_PROMPTS:
+        prompts = part["prompt"].nunique() if "prompt" in part.columns else 0
+        raise ValueError(
+            f"the samples' split {split!r} has {len(part)} sample(s) from {prompts} prompt(s): a resampling null "
+            f"needs at least {MIN_PROMPTS}, to draw two different halves"
+        )
+    return unit, ids
 
 
 def prompt_splits(samples: pd.DataFrame, split: str, n_pairs: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

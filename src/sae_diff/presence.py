@@ -26,6 +26,7 @@ prompts is never called absent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,10 +61,30 @@ class Tokens:
         return Tokens(self.acts[rows], rank[self.cluster[rows]], self.identity[rows])
 
 
+MIN_PROMPTS = 4  # fewer prompts than this: single samples are the units (two prompts cannot be halved or resampled)
+
+
+def units(sample_ids: np.ndarray, samples: pd.DataFrame | None) -> np.ndarray:
+    """Each sample id's cluster: its prompt (by the samples' ``prompt`` column; a prompt's samples
+    are correlated, so they are resampled and halved together), or the sample itself where there is
+    no table, no such column, or fewer than ``MIN_PROMPTS`` prompts among the ids. The one rule
+    behind the presence bootstrap's clusters and the null's halves (``nulls.prompt_halves``)."""
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    if samples is None or "prompt" not in samples.columns:
+        return sample_ids
+    prompt_of = dict(zip(samples["sample_id"].to_numpy(dtype=np.int64), samples["prompt"].astype(str)))
+    missing = sorted(set(np.unique(sample_ids).tolist()) - set(prompt_of))
+    if missing:
+        raise ValueError(
+            f"sample(s) {missing[:5]} have no row in the samples table "
+            "(were the activations extracted from another samples file?)"
+        )
+    prompts = np.array([prompt_of[s] for s in sample_ids.tolist()], dtype=object)
+    return prompts if len(np.unique(prompts)) >= MIN_PROMPTS else sample_ids
+
+
 def eval_tokens(store, samples: pd.DataFrame | None = None) -> Tokens:
-    """A store's eval split, read once, clustered by prompt (by the samples' ``prompt`` column; by
-    sample where there is no table, no such column, or fewer than four prompts, as the null's
-    halves are drawn: ``nulls.prompt_halves``)."""
+    """A store's eval split, read once, clustered by ``units``."""
     import torch
 
     acts, sample_idx, position, token_ids = [], [], [], []
@@ -75,32 +96,40 @@ def eval_tokens(store, samples: pd.DataFrame | None = None) -> Tokens:
     if not acts:
         raise ValueError(f"{store.folder}: the eval split holds no tokens; the presence test needs some")
     sample_idx = np.concatenate(sample_idx).astype(np.int64)
-    unit = sample_idx
-    if samples is not None and "prompt" in samples.columns:
-        prompt_of = dict(zip(samples["sample_id"].to_numpy(dtype=np.int64), samples["prompt"].astype(str)))
-        missing = sorted(set(np.unique(sample_idx).tolist()) - set(prompt_of))
-        if missing:
-            raise ValueError(
-                f"{store.folder}: eval tokens of sample(s) {missing[:5]} have no row in the samples table "
-                "(were the activations extracted from another samples file?)"
-            )
-        prompts = np.array([prompt_of[s] for s in sample_idx.tolist()], dtype=object)
-        if len(np.unique(prompts)) >= 4:
-            unit = prompts
+    try:
+        unit = units(sample_idx, samples)
+    except ValueError as err:
+        raise ValueError(f"{store.folder}: eval tokens of {err}") from None
     _, cluster = np.unique(unit, return_inverse=True)
     identity = np.stack([sample_idx, np.concatenate(position), np.concatenate(token_ids)], axis=1).astype(np.int64)
     return Tokens(torch.cat(acts), cluster.astype(np.int64), identity)
 
 
+def read_eval_tokens(site: str | Path, samples_path: str | Path) -> Tokens:
+    """``eval_tokens`` of the store at ``site`` (one layer and hook point of a cell's activations)
+    with the cell's samples table. The eval split is on disk even with ``activations.cache: false``,
+    so no model is loaded."""
+    from .activations import ActivationStore
+
+    return eval_tokens(ActivationStore(Path(site)), pd.read_parquet(samples_path))
+
+
+def halving(n_units: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random halves of ``n_units`` units (indices; with an odd count the permutation's
+    last unit is left out): how the null's two "cells" are drawn, from training and eval prompts alike."""
+    order = np.random.default_rng(seed).permutation(n_units)
+    half = n_units // 2
+    return order[:half], order[half : 2 * half]
+
+
 def halves(tokens: Tokens, seed: int) -> tuple[Tokens, Tokens]:
-    """Two disjoint halves of the tokens' prompts at random (the null's two "cells")."""
-    order = np.random.default_rng(seed).permutation(tokens.n_clusters)
-    half = tokens.n_clusters // 2
-    if half < 2:
+    """Two disjoint halves of the tokens' prompts at random (``halving``)."""
+    if tokens.n_clusters < MIN_PROMPTS:
         raise ValueError(
-            f"the eval split has {tokens.n_clusters} prompt(s): halving it for the null needs at least four"
+            f"the eval split has {tokens.n_clusters} prompt(s): halving it for the null needs at least {MIN_PROMPTS}"
         )
-    return tokens.subset(order[:half]), tokens.subset(order[half : 2 * half])
+    a, b = halving(tokens.n_clusters, seed)
+    return tokens.subset(a), tokens.subset(b)
 
 
 def cluster_mass(sae, tokens: Tokens) -> tuple[np.ndarray, np.ndarray]:

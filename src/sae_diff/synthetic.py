@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 
 PROMPT_TOKENS = 64  # synthetic tokens per "prompt" (the presence test's bootstrap unit)
-ABSENT_BELOW = 0.5  # diff.absent_below's default
 
 
 @dataclass
@@ -174,7 +173,7 @@ def run(world: World, work: Path) -> dict:
     rate among the latents tied to untouched features."""
     import torch
 
-    from . import diff, nulls
+    from . import config, diff, nulls
     from .activations import ActivationStore
 
     work = Path(work)
@@ -186,7 +185,9 @@ def run(world: World, work: Path) -> dict:
 
     sae_a = train_cell(world, work / "A", d0)
     seed_sae = train_cell(world, work / "A_seed", d0, order_seed=1)
-    _, seed_table = diff.calibration(sae_a, seed_sae, 0.05, 0.001)
+    block = config.defaults("diff")  # the workflow's quantiles, norm collapse and presence threshold
+    quantiles = block["same_quantile"], block["new_quantile"]
+    _, seed_table = diff.calibration(sae_a, seed_sae, *quantiles)
 
     store = ActivationStore(work / "A" / "acts")
     samples = pd.DataFrame(
@@ -202,9 +203,8 @@ def run(world: World, work: Path) -> dict:
     tables = [
         nulls.pair_table(files.load(a[0]), files.load(b[0]), tokens_a, world.seed + k) for k, (a, b) in enumerate(dirs)
     ]
-    block = {"same_quantile": 0.05, "new_quantile": 0.001, "norm_collapse": 0.1, "absent_below": ABSENT_BELOW}
     null = nulls.null_counts(tables, block)
-    thresholds = nulls.thresholds([t[0]["dec_cos_match"].to_numpy() for t in tables], 0.05, 0.001)
+    thresholds = nulls.thresholds([t[0]["dec_cos_match"].to_numpy() for t in tables], *quantiles)
     seed_changed = float((diff.label(seed_table["dec_cos_match"].to_numpy(), thresholds) != "same").mean())
 
     changed, fires, planted = planted_dictionary(world, base, rng)
@@ -228,7 +228,9 @@ def run(world: World, work: Path) -> dict:
         sae_b = train_cell(world, work / name, acts)
         eval_b = activations(world, dictionary, live, world.eval_tokens, rng)
         tokens_b = eval_set(torch.from_numpy(eval_b + isotropic(eval_b.shape, noise, rng)), cell=c)
-        table, summary = diff.compare(sae_a, sae_b, tokens_a, tokens_b, thresholds, False, 0.1, ABSENT_BELOW)
+        table, summary = diff.compare(
+            sae_a, sae_b, tokens_a, tokens_b, thresholds, False, block["norm_collapse"], block["absent_below"]
+        )
         record = {"counts": nulls.versus(summary["counts"], null), "mmcs": summary["mmcs"]}
         if name == "planted":
             record.update(_recovery(sae_a, sae_b, base, changed, planted, table, summary, thresholds))
