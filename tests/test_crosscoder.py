@@ -637,3 +637,34 @@ def test_run_writes_each_models_spliced_metrics(tmp_path, two_tiny_models):
                     progress=False)  # fmt: skip
     assert "spliced" not in skipped and "ce_loss_clean" not in skipped["models"]["m0"]
     assert "spliced_samples: 0" in skipped["spliced_skipped"]
+
+
+def test_mi_only_direction_is_the_top_latents_reconstruction_difference(tmp_path):
+    """Compared (float64): ``mi_only_direction`` against the crosscoder's own decode of the top k
+    Mi-only latents at their mean activations, tuned model's reconstruction minus the base's, each
+    less its decode of zero (the biases); the top k are the genuine Mi-only latents first, then by
+    mean activation times the tuned decoder's norm. A crosscoder without Mi-only latents gives 0."""
+    import numpy as np
+
+    cc = random_cc(d=8, d_sae=24, seed=5, dtype=torch.float64).eval()
+    C.save(cc, tmp_path / "run" / "crosscoder")
+    table = C.latent_table(cc)
+    rng = np.random.default_rng(0)
+    table["mean_activation"] = rng.uniform(0.1, 2.0, len(table))
+    table["class"] = "shared"
+    mi_only = [3, 7, 11, 19, 20]
+    table.loc[mi_only, "class"] = "mi_only"
+    table["scaling_label"] = "not_mi_only"
+    table.loc[mi_only, "scaling_label"] = ["complete_shrinkage", "genuine", "genuine", "latent_decoupling", "genuine"]
+    table.to_parquet(tmp_path / "run" / "latents.parquet")
+    genuine = sorted([7, 11, 20], key=lambda j: -table.loc[j, "mean_activation"] * table.loc[j, "norm_m1"])
+    for k, top in ((2, genuine[:2]), (3, genuine)):
+        f = torch.zeros(1, cc.cfg.d_sae, dtype=torch.float64)
+        f[0, top] = torch.as_tensor(table.loc[top, "mean_activation"].to_numpy())
+        with torch.no_grad():
+            recon = (cc.decode(f) - cc.decode(torch.zeros_like(f)))[0]
+        expected = (recon[1] - recon[0]).numpy()
+        np.testing.assert_allclose(C.mi_only_direction(tmp_path / "run", k), expected, rtol=1e-12, atol=1e-12)
+    table["class"] = "shared"
+    table.to_parquet(tmp_path / "run" / "latents.parquet")
+    assert not C.mi_only_direction(tmp_path / "run", 3).any()

@@ -798,6 +798,16 @@ def test_comparison_methods_move_as_far_as_the_sae_group():
     out = conditions.comparison_conditions("ablation", [1], w_dec, None, None, [None], typical, "all", adl=adl,
                                            adl_projection=-0.3)  # fmt: skip
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("adl", "project_out", (-0.3,))]
+    # and the crosscoder's Mi-only direction one more, after the lens
+    cross = np.cos(np.arange(d, dtype=np.float64))
+    out = conditions.comparison_conditions("steering", [1, 3], w_dec, None, None, [2], typical, "all", adl=adl,
+                                           crosscoder=cross)  # fmt: skip
+    assert [c.name for c in out] == ["adl", "crosscoder"]
+    size = np.linalg.norm(2 * (2.0 * w_dec[1].astype(np.float64) + 4.0 * w_dec[3]))
+    np.testing.assert_allclose(np.asarray(out[1].edit.direction), size * cross / np.linalg.norm(cross), atol=1e-12)
+    out = conditions.comparison_conditions("ablation", [1], w_dec, None, None, [None], typical, "all",
+                                           crosscoder=cross, crosscoder_projection=0.4)  # fmt: skip
+    assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("crosscoder", "project_out", (0.4,))]
 
 
 def test_mean_projection_and_firing_at_edits_against_a_direct_forward(tiny):

@@ -425,6 +425,8 @@ def test_interventions_outputs_and_headline(finished_run):
                 f"null_{kind}_{i:03d}" for kind in ("feature", "direction") for i in range(3)
             }
             assert ("prompting" in conditions) == (experiment == "steering") and "diffmean" in conditions
+            cross = json.loads((results / "diffing/crosscoder/M0_D1__M1_D1/layer1/metrics.json").read_text())
+            assert ("crosscoder" in conditions) == (cross["classes"]["mi_only"] > 0)
             reported = generations[generations["half"] == "report"]
             assert set(reported["condition"]) >= {"diffmean"} | {c for c in conditions if c.startswith("null_")}
             # the split: tiny.txt selects features, tiny_heldout.txt picks and reports; no prompt in both
@@ -455,7 +457,11 @@ def test_interventions_outputs_and_headline(finished_run):
         assert block["family_size"] == 4 and block["p"] <= block["q"] <= 1  # 2 experiments x 2 cells
         assert block["split"] == {"select_features": 8, "select_condition": 4, "report": 4}
         # the lens's direction of M1 against M0 on D1 (rule adl) is a comparison method too
-        assert set(block["baselines"]) == {"diffmean", "adl", "prompting"} and block["baselines"]["adl"] is not None
+        assert set(block["baselines"]) == {"diffmean", "adl", "crosscoder", "prompting"}
+        assert block["baselines"]["adl"] is not None
+        # and the crosscoder's Mi-only latents, where it found any (a zero direction is not steered)
+        found = json.loads((results / "diffing/crosscoder/M0_D1__M1_D1/layer1/metrics.json").read_text())
+        assert (block["baselines"]["crosscoder"] is not None) == (found["classes"]["mi_only"] > 0)
         assert (block["baselines"]["prompting"] is None) == (experiment == "ablation")
 
 

@@ -480,6 +480,9 @@ def _intervene_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adl", help="the activation-difference lens of the cell's iteration (adl.safetensors): a comparison"
     )
+    p.add_argument(
+        "--crosscoder", help="the crosscoder of the cell's iteration (its run folder): its Mi-only latents compared"
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -492,7 +495,7 @@ def cmd_intervene(args) -> None:
     import numpy as np
     import pandas as pd
 
-    from . import interventions, io, models
+    from . import crosscoder, interventions, io, models
 
     spec = _spec(args)
     models.set_threads(args.threads)
@@ -548,6 +551,7 @@ def cmd_intervene(args) -> None:
         attribution=pd.read_parquet(args.attribution) if args.attribution else None,
         diffmean=np.load(args.diffmean) if args.diffmean else None,
         adl=_adl_direction(args.adl) if args.adl else None,
+        crosscoder=crosscoder.mi_only_direction(args.crosscoder, opts["k"]) if args.crosscoder else None,
     )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(

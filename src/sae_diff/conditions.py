@@ -239,10 +239,13 @@ def comparison_conditions(
     mean_projection: float | None = None,
     adl: np.ndarray | None = None,
     adl_projection: float | None = None,
+    crosscoder: np.ndarray | None = None,
+    crosscoder_projection: float | None = None,
 ) -> list[Condition]:
     """The simple methods an SAE edit must beat (the AxBench lesson): the difference in means of
     the metric's high and low samples' activations, and the activation-difference lens's direction
-    (the mean of Mi − M0 over the iteration's texts: training-free, no labels) — steering: added, at
+    (the mean of Mi − M0 over the iteration's texts: training-free, no labels) and the crosscoder's
+    (what its top Mi-only latents add to Mi and not to M0: ``crosscoder.mi_only_direction``) — steering: added, at
     each alpha of ``alphas`` moved by the same |dx| as steering the SAE ``group`` at that alpha;
     ablation: mean-ablated, its projection set to ``mean_projection`` / ``adl_projection``, its mean
     where the edit acts (zero-ablating a direction the activations carry a large mean along breaks
@@ -250,7 +253,12 @@ def comparison_conditions(
     The select half runs every alpha; the report half the one picked there."""
     out = []
     edit_kind = EXPERIMENTS[experiment][0]
-    for name, direction, level in (("diffmean", diffmean, mean_projection), ("adl", adl, adl_projection)):
+    methods = (
+        ("diffmean", diffmean, mean_projection),
+        ("adl", adl, adl_projection),
+        ("crosscoder", crosscoder, crosscoder_projection),
+    )
+    for name, direction, level in methods:
         if direction is None or not np.linalg.norm(direction) > 0:
             continue
         unit = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)

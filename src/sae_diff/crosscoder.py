@@ -1063,6 +1063,37 @@ def ranked_mi_only(table, top: int | None = None):
     return mi if top is None else mi.head(top)
 
 
+def mi_only_direction(out_dir: str | Path, k: int):
+    """What the crosscoder's top ``k`` Mi-only latents (``ranked_mi_only``: genuine first) add to the
+    tuned model's activations and not to the base model's, on average, in raw activation space
+    (float64 numpy [d]):
+
+        v = Σ_j  mean_activation_j · (d_j^Mi / s_Mi − d_j^M0 / s_M0)
+
+    (``mean_activation`` over the train split's tokens, ``d_j^m`` the latent's decoder for model m
+    and ``s_m`` that model's input scale: the difference between the two models' reconstructions
+    from those latents alone). ``out_dir`` is a crosscoder run's folder (``run``); the first and
+    last models are M0 and Mi. A zero vector when the crosscoder has no Mi-only latent: then there is
+    nothing of the crosscoder's to steer with. The interventions steer M0 with it, and project it
+    out of Mi, as the lens's direction is (``conditions.comparison_conditions``)."""
+    import numpy as np
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    top = ranked_mi_only(pd.read_parquet(out_dir / "latents.parquet"), k)
+    cc = load(out_dir / "crosscoder", dtype=torch.float64)
+    direction = np.zeros(cc.cfg.d_in, dtype=np.float64)
+    if top.empty:
+        return direction
+    ids = torch.as_tensor(top["latent"].to_numpy(dtype=np.int64))
+    weights = torch.as_tensor(top["mean_activation"].to_numpy(dtype=np.float64))
+    with torch.no_grad():
+        w, scale = cc.W_dec.detach()[ids], cc.input_scale.detach()
+        raw = w / scale[None, :, None]  # [k, n, d]: each latent's decoder per model, raw space
+        direction = (weights[:, None] * (raw[:, -1] - raw[:, 0])).sum(0)
+    return direction.numpy()
+
+
 def run(
     paired,
     cfg: CrosscoderConfig,

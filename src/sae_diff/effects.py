@@ -22,7 +22,7 @@ import torch
 from .stats import bootstrap_mean, paired_shift
 
 # the comparison methods every SAE edit is reported beside (conditions.comparison_conditions)
-COMPARISONS = ("diffmean", "adl", "prompting")
+COMPARISONS = ("diffmean", "adl", "crosscoder", "prompting")
 
 # --------------------------------------------------------------------------- coherence
 

@@ -233,6 +233,7 @@ def run(
     attribution: pd.DataFrame | None = None,
     diffmean: np.ndarray | None = None,
     adl: np.ndarray | None = None,
+    crosscoder: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
     (``place``: a models.Placement or a device name). The features come from the probe or, when
@@ -240,7 +241,9 @@ def run(
     fitted on the split's feature-selection prompts; the prompts' other two parts (the split at
     ``split_path``; ``separate``: the prompts are a set of their own) pick the condition and
     report it. ``diffmean``: the probe's difference-in-means direction, ``adl``: the activation-difference
-    lens's direction of the cell's iteration (Mi − M0 on its texts), comparison methods."""
+    lens's direction of the cell's iteration (Mi − M0 on its texts), ``crosscoder``: what the
+    iteration's crosscoder's top Mi-only latents add to Mi (``crosscoder.mi_only_direction``),
+    comparison methods."""
     from . import models, splits
     from .sae import files
 
@@ -273,13 +276,15 @@ def run(
         diffmean = None
     if not (opts.get("baselines") or {}).get("adl", True):
         adl = None
+    if not (opts.get("baselines") or {}).get("crosscoder", True):
+        crosscoder = None
     # the condition-selection half also runs the comparison methods at every size: their size is
     # picked there the same way as the SAE edit's (prompting has no size: report half only)
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
     halves = splits.intervention_halves(prompts, split_path, separate)
     levels = {}
-    for name, vector in (("diffmean", diffmean), ("adl", adl)):
+    for name, vector in (("diffmean", diffmean), ("adl", adl), ("crosscoder", crosscoder)):
         if vector is not None and experiment == "ablation" and np.linalg.norm(vector) > 0:
             # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
             select_half = halves[halves["half"] == "select"]
@@ -299,6 +304,8 @@ def run(
             level,
             adl=adl,
             adl_projection=levels.get("adl"),
+            crosscoder=crosscoder,
+            crosscoder_projection=levels.get("crosscoder"),
         )  # fmt: skip
         if c.name != "prompting"
     ]
@@ -386,6 +393,7 @@ def run(
         noop=noop_check(generations),
         diffmean_level=level,  # the projection the difference-in-means ablation sets (ablation)
         adl_level=levels.get("adl"),
+        crosscoder_level=levels.get("crosscoder"),
         split=splits.counts(splits.read(split_path), separate, set(prompts["prompt"])),
         prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
         generations={half: int((generations["half"] == half).sum()) for half in ("select", "report")},

@@ -672,6 +672,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         "flipped": ("tab:purple", "v", 1.6),
         "random": ("tab:gray", "s", 1.6),
         "diffmean": ("tab:green", "D", 1.6),
+        "adl": ("tab:olive", "^", 1.6),
+        "crosscoder": ("tab:cyan", "P", 1.6),
     }
     swept = block.get("alphas") is not None
     if swept:
@@ -682,7 +684,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             return chosen, xs
 
         names = ["features", "random"] + (["flipped"] if any(r["condition"] == "flipped" for r in rows) else [])
-        names += ["diffmean"] if any(r["condition"] == "diffmean" for r in rows) else []
+        names += [m for m in ("diffmean", "adl", "crosscoder") if any(r["condition"] == m for r in rows)]
         names += sorted({r["condition"] for r in rows if r["role"] == "single"})
         for name in names:
             chosen, xs = line(name, -1.0 if name == "flipped" else 1.0)
@@ -692,6 +694,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
                 "random": "matched random features",
                 "flipped": "top features, sign flipped",
                 "diffmean": "difference in means, same |dx|",
+                "adl": "activation-difference lens, same |dx|",
+                "crosscoder": "crosscoder's Mi-only latents, same |dx|",
             }.get(name, name.replace("_", " "))
             if name == report.get("condition"):
                 label += " (reported)"

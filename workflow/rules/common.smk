@@ -305,6 +305,18 @@ def intervention_adl_input(w):
     return grid.adl_files(grid.same_token_pair(i), w.layer)[0]
 
 
+def intervention_crosscoder_input(w):
+    """The crosscoder of the run's cell's iteration at its layer (its latents and weights), when it
+    ran there (interventions.baselines.crosscoder turns it off)."""
+    i = int(w.cell.split("_D")[1])
+    wanted = config["interventions"]["baselines"].get("crosscoder", True)
+    if i == 0 or not wanted or "crosscoder" not in DIFFING_METHODS or int(w.layer) not in DIFFING_LAYERS:
+        return []
+    if f"M{i}" not in MODELS:
+        return []
+    return grid.crosscoder_files(grid.same_token_pair(i), w.layer)[:2]
+
+
 def diffing_record_inputs(w):
     """The outputs of every same-token method of iteration i at one layer (wildcards i, layer)."""
     pair = grid.same_token_pair(w.i)

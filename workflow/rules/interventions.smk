@@ -75,6 +75,7 @@ rule intervene:
         split=grid.prompt_split(),
         diffmean=grid.probe_diffmean("{cell}", "{layer}", "{sae}", "{metric}"),
         adl=intervention_adl_input,
+        crosscoder=intervention_crosscoder_input,
     output:
         generations=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/generations.parquet",
         scores=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/scores.parquet",
@@ -97,10 +98,14 @@ rule intervene:
         model=lambda w: intervention_run(w).model,
         attribution=lambda w, input: f"--attribution {shlex.quote(str(input.attribution))}" if input.attribution else "",
         adl=lambda w, input: f"--adl {shlex.quote(str(input.adl))}" if input.adl else "",
+        # the crosscoder's run folder: the latents table's folder
+        crosscoder=lambda w, input: (
+            f"--crosscoder {shlex.quote(os.path.dirname(input.crosscoder[1]))}" if input.crosscoder else ""
+        ),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
         "--model {params.model:q} --model-dir {input.model:q} --base-dir {input.base:q} --sae-dir {params.sae_dir:q} "
         "--probe {input.probe:q} --stats {input.stats:q} {params.attribution} --prompt-split {input.split:q} "
-        "--diffmean {input.diffmean:q} {params.adl} --out-dir {params.out_dir:q} "
+        "--diffmean {input.diffmean:q} {params.adl} {params.crosscoder} --out-dir {params.out_dir:q} "
         "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"
