@@ -9,11 +9,17 @@ the verdict of each check.
 
     python bench/convergence.py [--epochs 12 48 144] [--acts results/activations/M0_D0/layer12]
     python bench/convergence.py --expansion-factors 1 2 4 8 --k 16 32 --epochs 12 48
+    python bench/convergence.py --acts results/activations/M0_D{0,1,2}/layer12 --epochs 12 48
+
+Several ``--acts`` stores (of one model and layer) are pooled into one training set (their train
+shards side by side; the first store's eval split scores the held-out FVU): how the checks move
+with the number of tokens, e.g. M0's three cells of the demo as a larger M0 corpus.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -29,9 +35,32 @@ from sae_diff.sae import files  # noqa: E402
 from sae_diff.sae.train import spec_from_config, train  # noqa: E402
 
 
+def pooled_store(folders: list[Path], work: Path) -> ActivationStore:
+    """One store whose train split is every store's train shards (linked, not copied) and whose
+    eval split is the first store's; a single store is used as it is."""
+    if len(folders) == 1:
+        return ActivationStore(folders[0])
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in folders]
+    first = manifests[0]
+    if len({(m["model"], m["layer"], m["hook_point"], m["d_model"]) for m in manifests}) != 1:
+        raise SystemExit(f"--acts: pooled stores must share model, layer and hook point: {[str(f) for f in folders]}")
+    shards = []
+    for i, (folder, manifest) in enumerate(zip(folders, manifests)):
+        for shard in manifest["shards"]:
+            if shard["split"] == "train" or i == 0:
+                name = f"{i}-{shard['file']}"
+                (work / name).symlink_to((folder / shard["file"]).resolve())
+                shards.append({**shard, "file": name})
+    train_tokens = sum(m["n_tokens"]["train"] for m in manifests)
+    record = {**first, "cell": "pooled", "shards": shards, "n_tokens": {**first["n_tokens"], "train": train_tokens}}
+    record["n_sequences"] = {**first["n_sequences"], "train": sum(m["n_sequences"]["train"] for m in manifests)}
+    (work / "manifest.json").write_text(json.dumps(record))
+    return ActivationStore(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--acts", default="results/activations/M0_D0/layer12")
+    parser.add_argument("--acts", nargs="+", default=["results/activations/M0_D0/layer12"])
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--epochs", type=int, nargs="+", default=[12, 48, 144])
     parser.add_argument("--threads", type=int, default=2)
@@ -41,7 +70,9 @@ def main() -> None:
     set_threads(args.threads)
     cfg = cfglib.load(args.config)
     criterion = convergence.Criterion.from_config(cfg["diff"]["convergence"])
-    store = ActivationStore(args.acts)
+    pooled = tempfile.TemporaryDirectory()
+    store = pooled_store([Path(a) for a in args.acts], Path(pooled.name))
+    print(f"{store.n_tokens('train')} training tokens from {len(args.acts)} store(s)", flush=True)
     base = cfg["saes"]["topk"]
     shapes = [
         (e, k)
