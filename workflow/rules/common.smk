@@ -293,28 +293,28 @@ def same_token_inputs(w):
     }
 
 
-def intervention_adl_input(w):
-    """The lens's directions for the run's cell's iteration at its layer, when the lens ran there
-    (cells on D0 have no iteration to diff; interventions.baselines.adl turns it off)."""
-    i = int(w.cell.split("_D")[1])
-    wanted = config["interventions"]["baselines"].get("adl", True)
-    if i == 0 or not wanted or "adl" not in DIFFING_METHODS or int(w.layer) not in DIFFING_LAYERS:
-        return []
-    if f"M{i}" not in MODELS:
-        return []
-    return grid.adl_files(grid.same_token_pair(i), w.layer)[0]
+def intervention_comparison_input(method, files):
+    """An input function: the same-token ``method``'s ``files(pair, layer)`` for the run's cell's
+    iteration at its layer, when the method ran there (cells on D0 have no iteration to diff;
+    interventions.baselines.<method> turns the comparison off)."""
+
+    def inputs(w):
+        i = int(w.cell.split("_D")[1])
+        wanted = config["interventions"]["baselines"].get(method, True)
+        if i == 0 or not wanted or method not in DIFFING_METHODS or int(w.layer) not in DIFFING_LAYERS:
+            return []
+        if f"M{i}" not in MODELS:
+            return []
+        return files(grid.same_token_pair(i), w.layer)
+
+    return inputs
 
 
-def intervention_crosscoder_input(w):
-    """The crosscoder of the run's cell's iteration at its layer (its latents and weights), when it
-    ran there (interventions.baselines.crosscoder turns it off)."""
-    i = int(w.cell.split("_D")[1])
-    wanted = config["interventions"]["baselines"].get("crosscoder", True)
-    if i == 0 or not wanted or "crosscoder" not in DIFFING_METHODS or int(w.layer) not in DIFFING_LAYERS:
-        return []
-    if f"M{i}" not in MODELS:
-        return []
-    return grid.crosscoder_files(grid.same_token_pair(i), w.layer)[:2]
+# the lens's directions file; the crosscoder's weights and latents table
+intervention_adl_input = intervention_comparison_input("adl", lambda pair, layer: grid.adl_files(pair, layer)[0])
+intervention_crosscoder_input = intervention_comparison_input(
+    "crosscoder", lambda pair, layer: grid.crosscoder_files(pair, layer)[:2]
+)
 
 
 def diffing_record_inputs(w):
