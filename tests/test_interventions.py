@@ -779,35 +779,50 @@ def test_comparison_methods_move_as_far_as_the_sae_group():
     w_dec = sae.W_dec.detach().numpy()
     typical = {j: 1.0 + j for j in range(16)}
     diffmean = np.arange(1.0, d + 1)
-    out = conditions.comparison_conditions("steering", [1, 3], w_dec, diffmean, "Be long.", [1, 4], typical, "all")
+    out = conditions.comparison_conditions(
+        "steering", [1, 3], w_dec, {"diffmean": diffmean}, "Be long.", [1, 4], typical, "all"
+    )
     assert [c.name for c in out] == ["diffmean", "diffmean", "prompting"] and out[2].instruction == "Be long."
     for c, alpha in zip(out[:2], [1, 4]):
         size = np.linalg.norm(alpha * (2.0 * w_dec[1].astype(np.float64) + 4.0 * w_dec[3]))
         assert c.alpha == alpha and np.linalg.norm(c.edit.direction) == pytest.approx(size, rel=1e-12)
         np.testing.assert_allclose(np.asarray(c.edit.direction) / size, diffmean / np.linalg.norm(diffmean), atol=1e-12)
-    out = conditions.comparison_conditions("ablation", [1], w_dec, diffmean, "Be long.", [None], typical, "all", 0.7)
+    out = conditions.comparison_conditions(
+        "ablation", [1], w_dec, {"diffmean": diffmean}, "Be long.", [None], typical, "all", {"diffmean": 0.7}
+    )
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("diffmean", "project_out", (0.7,))]
-    assert conditions.comparison_conditions("steering", [1], w_dec, np.zeros(d), None, [1], typical, "all") == []
+    assert (
+        conditions.comparison_conditions("steering", [1], w_dec, {"diffmean": np.zeros(d)}, None, [1], typical, "all")
+        == []
+    )
     # the lens's direction is one more comparison, sized and placed the same way
     adl = np.linspace(-1.0, 2.0, d)
-    out = conditions.comparison_conditions("steering", [1, 3], w_dec, diffmean, None, [4], typical, "all", adl=adl)
+    out = conditions.comparison_conditions(
+        "steering", [1, 3], w_dec, {"adl": adl, "diffmean": diffmean}, None, [4], typical, "all"
+    )
     assert [c.name for c in out] == ["diffmean", "adl"]
     assert np.linalg.norm(out[1].edit.direction) == pytest.approx(np.linalg.norm(out[0].edit.direction), rel=1e-12)
     np.testing.assert_allclose(np.asarray(out[1].edit.direction) / np.linalg.norm(out[1].edit.direction),
                                adl / np.linalg.norm(adl), atol=1e-12)  # fmt: skip
-    out = conditions.comparison_conditions("ablation", [1], w_dec, None, None, [None], typical, "all", adl=adl,
-                                           adl_projection=-0.3)  # fmt: skip
+    out = conditions.comparison_conditions(
+        "ablation", [1], w_dec, {"adl": adl}, None, [None], typical, "all", {"adl": -0.3, "diffmean": 0.7}
+    )
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("adl", "project_out", (-0.3,))]
     # and the crosscoder's Mi-only direction one more, after the lens
     cross = np.cos(np.arange(d, dtype=np.float64))
-    out = conditions.comparison_conditions("steering", [1, 3], w_dec, None, None, [2], typical, "all", adl=adl,
-                                           crosscoder=cross)  # fmt: skip
+    out = conditions.comparison_conditions(
+        "steering", [1, 3], w_dec, {"crosscoder": cross, "adl": adl, "diffmean": None}, None, [2], typical, "all"
+    )
     assert [c.name for c in out] == ["adl", "crosscoder"]
     size = np.linalg.norm(2 * (2.0 * w_dec[1].astype(np.float64) + 4.0 * w_dec[3]))
     np.testing.assert_allclose(np.asarray(out[1].edit.direction), size * cross / np.linalg.norm(cross), atol=1e-12)
-    out = conditions.comparison_conditions("ablation", [1], w_dec, None, None, [None], typical, "all",
-                                           crosscoder=cross, crosscoder_projection=0.4)  # fmt: skip
+    out = conditions.comparison_conditions(
+        "ablation", [1], w_dec, {"crosscoder": cross}, None, [None], typical, "all", {"crosscoder": 0.4}
+    )
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("crosscoder", "project_out", (0.4,))]
+    # the methods come in DIRECTION_COMPARISONS order whatever the dict's order; an unknown name is refused
+    with pytest.raises(ValueError, match="'lens'"):
+        conditions.comparison_conditions("steering", [1], w_dec, {"lens": adl}, None, [1], typical, "all")
 
 
 def test_mean_projection_and_firing_at_edits_against_a_direct_forward(tiny):

@@ -549,9 +549,11 @@ def cmd_intervene(args) -> None:
         progress=not args.no_progress,
         work_dir=work,
         attribution=pd.read_parquet(args.attribution) if args.attribution else None,
-        diffmean=np.load(args.diffmean) if args.diffmean else None,
-        adl=_adl_direction(args.adl) if args.adl else None,
-        crosscoder=crosscoder.mi_only_direction(args.crosscoder, opts["k"]) if args.crosscoder else None,
+        directions={
+            "diffmean": np.load(args.diffmean) if args.diffmean else None,
+            "adl": _adl_direction(args.adl) if args.adl else None,
+            "crosscoder": crosscoder.mi_only_direction(args.crosscoder, opts["k"]) if args.crosscoder else None,
+        },
     )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
     io.write_parquet(

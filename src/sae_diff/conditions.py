@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .editing import Edit
-from .experiments import EXPERIMENTS, SWEPT
+from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT
 
 # --------------------------------------------------------------------------- feature choice
 
@@ -231,36 +231,33 @@ def comparison_conditions(
     experiment: str,
     group: list[int],
     w_dec: np.ndarray,
-    diffmean: np.ndarray | None,
+    directions: dict[str, np.ndarray | None],
     instruction: str | None,
     alphas: list[float | None],
     typical: dict[int, float],
     positions: str,
-    mean_projection: float | None = None,
-    adl: np.ndarray | None = None,
-    adl_projection: float | None = None,
-    crosscoder: np.ndarray | None = None,
-    crosscoder_projection: float | None = None,
+    levels: dict[str, float] | None = None,
 ) -> list[Condition]:
-    """The simple methods an SAE edit must beat (the AxBench lesson): the difference in means of
-    the metric's high and low samples' activations, and the activation-difference lens's direction
-    (the mean of Mi − M0 over the iteration's texts: training-free, no labels) and the crosscoder's
-    (what its top Mi-only latents add to Mi and not to M0: ``crosscoder.mi_only_direction``) — steering: added, at
-    each alpha of ``alphas`` moved by the same |dx| as steering the SAE ``group`` at that alpha;
-    ablation: mean-ablated, its projection set to ``mean_projection`` / ``adl_projection``, its mean
-    where the edit acts (zero-ablating a direction the activations carry a large mean along breaks
-    the text) — and, for steering with an ``instruction``, that instruction appended to the prompt.
-    The select half runs every alpha; the report half the one picked there."""
+    """The simple methods an SAE edit must beat (the AxBench lesson), in ``DIRECTION_COMPARISONS``
+    order: ``directions`` by method — the difference in means of the metric's high and low samples'
+    activations, the activation-difference lens's direction (the mean of Mi − M0 over the
+    iteration's texts: training-free, no labels) and the crosscoder's (what its top Mi-only latents
+    add to Mi and not to M0: ``crosscoder.mi_only_direction``); a method that is absent, None or zero
+    is left out. Steering: added, at each alpha of ``alphas`` moved by the same |dx| as steering the
+    SAE ``group`` at that alpha; ablation: mean-ablated, its projection set to ``levels[method]``,
+    its mean where the edit acts (zero-ablating a direction the activations carry a large mean along
+    breaks the text). And, for steering with an ``instruction``, that instruction appended to the
+    prompt. The select half runs every alpha; the report half the one picked there."""
+    unknown = set(directions) - set(DIRECTION_COMPARISONS)
+    if unknown:
+        raise ValueError(f"comparison directions {sorted(unknown)}: expected some of {DIRECTION_COMPARISONS}")
     out = []
     edit_kind = EXPERIMENTS[experiment][0]
-    methods = (
-        ("diffmean", diffmean, mean_projection),
-        ("adl", adl, adl_projection),
-        ("crosscoder", crosscoder, crosscoder_projection),
-    )
-    for name, direction, level in methods:
+    for name in DIRECTION_COMPARISONS:
+        direction = directions.get(name)
         if direction is None or not np.linalg.norm(direction) > 0:
             continue
+        level = (levels or {}).get(name)
         unit = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)
         if edit_kind == "steer":
             for alpha in alphas:

@@ -19,10 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .experiments import COMPARISONS
 from .stats import bootstrap_mean, paired_shift
-
-# the comparison methods every SAE edit is reported beside (conditions.comparison_conditions)
-COMPARISONS = ("diffmean", "adl", "crosscoder", "prompting")
 
 # --------------------------------------------------------------------------- coherence
 

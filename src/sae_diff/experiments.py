@@ -14,6 +14,12 @@ POSITIONS = ("all", "generated", "prompt")
 # fine-tuned model and steers the base model
 EXPERIMENTS = {"ablation": ("ablate", "iteration"), "steering": ("steer", "base"), "clamping": ("clamp", "base")}
 SWEPT = ("steering", "clamping")  # experiments with an alpha grid
+# the comparison methods every SAE edit is reported beside (the AxBench lesson: simple methods first).
+# Those with a direction (conditions.comparison_conditions: steered at the SAE edit's size, or
+# mean-ablated): the probe's difference in means, the activation-difference lens, the crosscoder's
+# Mi-only latents; prompting edits the prompt instead (steering only)
+DIRECTION_COMPARISONS = ("diffmean", "adl", "crosscoder")
+COMPARISONS = DIRECTION_COMPARISONS + ("prompting",)
 
 
 def selection_method(opts: dict, experiment: str) -> str:

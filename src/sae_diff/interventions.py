@@ -39,7 +39,7 @@ from .conditions import (
 from .editing import intervene
 from .effects import effects, expected_sign, noop_check, score
 from .errors import ConfigError, DataError
-from .experiments import EXPERIMENTS, SWEPT, selection_method
+from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT, selection_method
 from .sae.model import SAE
 
 log = logging.getLogger(__name__)
@@ -231,19 +231,18 @@ def run(
     progress: bool = True,
     work_dir: Path | None = None,
     attribution: pd.DataFrame | None = None,
-    diffmean: np.ndarray | None = None,
-    adl: np.ndarray | None = None,
-    crosscoder: np.ndarray | None = None,
+    directions: dict[str, np.ndarray | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One experiment on one (cell, layer, SAE, metric): generations, scores and effects
     (``place``: a models.Placement or a device name). The features come from the probe or, when
     ``opts['select'][experiment]`` is ``attribution``, from the fork ``attribution`` table, both
     fitted on the split's feature-selection prompts; the prompts' other two parts (the split at
     ``split_path``; ``separate``: the prompts are a set of their own) pick the condition and
-    report it. ``diffmean``: the probe's difference-in-means direction, ``adl``: the activation-difference
-    lens's direction of the cell's iteration (Mi − M0 on its texts), ``crosscoder``: what the
-    iteration's crosscoder's top Mi-only latents add to Mi (``crosscoder.mi_only_direction``),
-    comparison methods."""
+    report it. ``directions``: the comparison methods' directions by name (``DIRECTION_COMPARISONS``):
+    ``diffmean``, the probe's difference in means; ``adl``, the activation-difference lens's
+    direction of the cell's iteration (Mi − M0 on its texts); ``crosscoder``, what the iteration's
+    crosscoder's top Mi-only latents add to Mi (``crosscoder.mi_only_direction``). A method that
+    ``interventions.baselines`` turns off is not run."""
     from . import models, splits
     from .sae import files
 
@@ -271,44 +270,23 @@ def run(
     conds = conditions(experiment, features, random, typical, opts["alphas"], opts["singles"], opts["positions"])
     w_dec = sae.W_dec.detach().double().cpu().numpy()
     swept = opts["alphas"] if experiment in SWEPT else [None]
-    instruction = (opts.get("baselines") or {}).get("prompting", {}).get(metric)
-    if not (opts.get("baselines") or {}).get("diffmean", True):
-        diffmean = None
-    if not (opts.get("baselines") or {}).get("adl", True):
-        adl = None
-    if not (opts.get("baselines") or {}).get("crosscoder", True):
-        crosscoder = None
+    baselines = opts.get("baselines") or {}
+    instruction = baselines.get("prompting", {}).get(metric)
+    directions = {name: v for name, v in (directions or {}).items() if baselines.get(name, True)}
     # the condition-selection half also runs the comparison methods at every size: their size is
     # picked there the same way as the SAE edit's (prompting has no size: report half only)
     place = models.as_placement(place)
     model, tokenizer = place.load(model_dir)
     halves = splits.intervention_halves(prompts, split_path, separate)
     levels = {}
-    for name, vector in (("diffmean", diffmean), ("adl", adl), ("crosscoder", crosscoder)):
+    for name, vector in directions.items():
         if vector is not None and experiment == "ablation" and np.linalg.norm(vector) > 0:
             # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
             select_half = halves[halves["half"] == "select"]
             levels[name] = mean_projection(model, tokenizer, layer, hook, select_half, sampling, vector, place.device)
-    level = levels.get("diffmean")
-    compared = [
-        c
-        for c in comparison_conditions(
-            experiment,
-            features,
-            w_dec,
-            diffmean,
-            None,
-            swept,
-            typical,
-            opts["positions"],
-            level,
-            adl=adl,
-            adl_projection=levels.get("adl"),
-            crosscoder=crosscoder,
-            crosscoder_projection=levels.get("crosscoder"),
-        )  # fmt: skip
-        if c.name != "prompting"
-    ]
+    compared = comparison_conditions(
+        experiment, features, w_dec, directions, None, swept, typical, opts["positions"], levels
+    )
     registry = conds + compared  # every condition's index in effects.json (condition_index)
     expected = expected_sign(direction, opts["sign"], experiment)
 
@@ -349,7 +327,7 @@ def run(
                 picked = chosen["comparisons"]
                 report_compared = [c for c in compared if c.name in picked and c.alpha == picked[c.name]]
                 report_compared += comparison_conditions(
-                    experiment, features, w_dec, None, instruction, [], typical, opts["positions"]
+                    experiment, features, w_dec, {}, instruction, [], typical, opts["positions"]
                 )
                 stage = stage + report_compared + nulls
                 registry += [c for c in report_compared + nulls if all(c is not r for r in registry)]
@@ -391,9 +369,8 @@ def run(
         positions=opts["positions"],
         max_perplexity_ratio=opts["max_perplexity_ratio"],
         noop=noop_check(generations),
-        diffmean_level=level,  # the projection the difference-in-means ablation sets (ablation)
-        adl_level=levels.get("adl"),
-        crosscoder_level=levels.get("crosscoder"),
+        # the projection each comparison's mean-ablation sets (ablation)
+        **{f"{name}_level": levels.get(name) for name in DIRECTION_COMPARISONS},
         split=splits.counts(splits.read(split_path), separate, set(prompts["prompt"])),
         prompts={"select": int((halves["half"] == "select").sum()), "report": int((halves["half"] == "report").sum())},
         generations={half: int((generations["half"] == half).sum()) for half in ("select", "report")},

@@ -10,8 +10,8 @@
 # nested `srun`, which then reads /etc/slurm/slurm.conf, so a symlink to ours is put there when
 # no file is (and removed by stop); an existing one belongs to another cluster and `can-run`
 # says no. Ports are not the defaults (another cluster may run),
-# daemons are started by hand (no systemd in containers). One node, one fake
-# GPU (a /dev/null clone) so GPU-requesting rules schedule, MinJobAge 300 s so the executor's
+# daemons are started by hand (no systemd in containers). One node, four fake
+# GPUs (/dev/null clones) so GPU-requesting rules schedule, MinJobAge 300 s so the executor's
 # squeue status checks still see finished jobs, no accounting.
 set -euo pipefail
 
@@ -73,14 +73,18 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 HOST=$(hostname -s)
-# at least 8 CPUs and 32 GB are advertised (config_overrides: the node reports what is
-# configured), so the profile's per-rule requests schedule on a small machine, oversubscribed
-NCPU=$(( $(nproc) > 8 ? $(nproc) : 8 ))
+# The node advertises room for four of the profile's largest jobs at once (32 CPUs, 4 GPUs, 128 GB;
+# config_overrides: the node reports what is configured), so independent jobs run side by side as
+# on a real cluster, oversubscribing a small machine: with one GPU and 8 CPUs every job waited for
+# the one before it (the SLURM test's 20 jobs ran strictly one at a time, 335 s on 2 cores)
+NCPU=$(( $(nproc) > 32 ? $(nproc) : 32 ))
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo)
-[ -c "$D/dev/gpu0" ] || mknod "$D/dev/gpu0" c 1 3
-cat > "$D/gres.conf" <<CONF
-NodeName=$HOST Name=gpu File=$D/dev/gpu0
-CONF
+NGPU=4
+: > "$D/gres.conf"
+for i in $(seq 0 $((NGPU - 1))); do
+  [ -c "$D/dev/gpu$i" ] || mknod "$D/dev/gpu$i" c 1 3
+  echo "NodeName=$HOST Name=gpu File=$D/dev/gpu$i" >> "$D/gres.conf"
+done
 cat > "$D/slurm.conf" <<CONF
 ClusterName=saediff
 SlurmctldHost=$HOST
@@ -109,7 +113,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 GresTypes=gpu
-NodeName=$HOST CPUs=$NCPU RealMemory=$(( MEM_MB > 32000 ? MEM_MB : 32000 )) Gres=gpu:1 State=UNKNOWN
+NodeName=$HOST CPUs=$NCPU RealMemory=$(( MEM_MB > 131072 ? MEM_MB : 131072 )) Gres=gpu:$NGPU State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 if [ ! -e /etc/slurm/slurm.conf ]; then
