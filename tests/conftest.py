@@ -19,6 +19,24 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def slurm_session(request, tmp_path_factory):
+    """The SLURM test's run (tests/slurm_session.py), started before the first test when the session
+    holds a SLURM test: it mostly waits on the cluster, so the rest of the suite runs meanwhile."""
+    if not any(item.get_closest_marker("slurm") for item in request.session.items):
+        yield None
+        return
+    from .slurm_session import SlurmRun
+
+    folder = Path(os.environ.get("SAE_DIFF_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
+    run = SlurmRun(folder, tmp_path_factory.mktemp("slurm_run"))
+    run.start()
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
 @pytest.fixture
 def test_config() -> dict:
     with open(ROOT / "config" / "test.yaml") as fh:

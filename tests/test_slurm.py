@@ -1,97 +1,30 @@
 """The workflow through Snakemake's SLURM executor with profiles/slurm, on a real single-node
-SLURM cluster this test starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh) and stops.
+SLURM cluster the session starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh) and stops.
 
 Every job must go through sbatch, and the results must equal the local run's. The targets are
-one cell's way through every kind of stage (see TARGETS): 20 of the DAG's 102 jobs (each SLURM job
-pays a Snakemake start-up; CI has two cores). Skipped
-only where the machine cannot run SLURM (not root, or neither SLURM nor apt-get).
+one cell's way through every kind of stage (tests/slurm_session.py's TARGETS): 20 of the DAG's 102
+jobs. The run starts with the session and overlaps the other tests (it mostly waits on the
+cluster); these tests wait for it. Skipped only where the machine cannot run SLURM (not root, or
+neither SLURM nor apt-get).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .workflow_run import ROOT, planned, snakemake
+from .slurm_session import TARGETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-# One cell's path through every kind of stage (models, DPO, data, scoring, extraction, SAEs,
-# evaluation, features, probes, the lens, attribution, interventions), 20 jobs: the SLURM executor
-# treats every rule alike, each job pays a Snakemake start-up, and CI has 20 minutes in all. The
-# diff / evolution rules are plain CPU jobs like these and run in the local whole-DAG tests.
-TARGETS = [
-    "results/iterations.json",
-    *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M1_D1")],
-    "results/probes/M1_D1/layer1/topk/n_chars.json",
-    *[
-        f"results/interventions/{experiment}/M1_D1/layer1/topk/n_chars/effects.json"
-        for experiment in ("ablation", "steering")
-    ],
-]
-
-
-# config/test.yaml with the crosscoder comparison left out of the interventions (the override's comment says why)
-CONFIGS = ["--configfile", str(ROOT / "config" / "test.yaml"), str(ROOT / "tests/slurm/no_crosscoder_comparison.yaml")]
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    check = subprocess.run(["bash", str(CLUSTER), "can-run"], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"this machine cannot run a local SLURM cluster: {check.stdout.strip() or check.stderr.strip()}")
-    folder = Path(os.environ.get("SAE_DIFF_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=600)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield folder / "slurm.conf"
-    finally:
-        pids = {p: p.read_text().strip() for p in (folder / "pid").glob("*.pid")}
-        subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, text=True, timeout=120)
-        # exactly the daemons it started are gone (by their pid files; nothing else is signalled)
-        for path, pid in pids.items():
-            assert not path.exists() and not Path(f"/proc/{pid}").exists(), (path, pid)
-
-
-@pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm_run")
-    env_conf = {"SLURM_CONF": str(slurm_cluster)}
-    old = {k: os.environ.get(k) for k in env_conf}
-    os.environ.update(env_conf)
-    try:
-        dry = snakemake(workdir, "-n", "--profile", str(ROOT / "profiles" / "slurm"), *TARGETS, *CONFIGS)
-        assert dry.returncode == 0, dry.stderr[-3000:]
-        # short status checks: the tiny jobs finish in seconds, and each stage waits for the next
-        # check before its successors are submitted (the profile's 20 s and Snakemake's 10 s between
-        # checks suit clusters)
-        result = snakemake(
-            workdir,
-            "--profile",
-            str(ROOT / "profiles" / "slurm"),
-            "--slurm-init-seconds-before-status-checks",
-            "2",
-            "--seconds-between-status-checks",
-            "2",
-            "--jobs",
-            "8",
-            *TARGETS,
-            *CONFIGS,
-            timeout=1800,
-        )
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return workdir, planned(dry), result.stdout + result.stderr
+def slurm_run(slurm_session):
+    """The run started with the session (conftest.slurm_session): waited for here."""
+    return slurm_session.result()
 
 
 def test_every_job_went_through_sbatch(slurm_run):

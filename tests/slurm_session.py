@@ -1,0 +1,130 @@
+"""The SLURM test's workflow run (tests/test_slurm.py), started with the test session and collected
+by the SLURM tests at its end.
+
+Its 20 jobs run one after another along one cell's way through the stages, and most of its time is
+waiting, not computing: every job pays an sbatch, a Snakemake start-up inside the job, and the
+executor's status checks, whose interval grows by 10 s after each check that finds no job finished.
+Started first, in the background, it overlaps the rest of the suite instead of adding its ~5 minutes
+to CI's 20. The run is the same as run in the foreground: the same profile, targets, configs and
+checks (tests/test_slurm.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .workflow_run import ROOT, planned
+
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+# One cell's path through every kind of stage (models, DPO, data, scoring, extraction, SAEs,
+# evaluation, features, probes, the lens, attribution, interventions), 20 jobs: the SLURM executor
+# treats every rule alike, each job pays a Snakemake start-up, and CI has 20 minutes in all. The
+# diff / evolution rules are plain CPU jobs like these and run in the local whole-DAG tests.
+TARGETS = [
+    "results/iterations.json",
+    *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M1_D1")],
+    "results/probes/M1_D1/layer1/topk/n_chars.json",
+    *[
+        f"results/interventions/{experiment}/M1_D1/layer1/topk/n_chars/effects.json"
+        for experiment in ("ablation", "steering")
+    ],
+]
+# config/test.yaml with the crosscoder comparison left out of the interventions (the override's comment says why)
+CONFIGS = ["--configfile", str(ROOT / "config" / "test.yaml"), str(ROOT / "tests/slurm/no_crosscoder_comparison.yaml")]
+TIMEOUT = 1800  # seconds the run may take, started to finished (it waits for CPU beside the suite)
+
+
+class SlurmRun:
+    """A local SLURM cluster (tests/slurm/cluster.sh) and the workflow run through profiles/slurm on
+    it: ``start`` starts both and returns at once, ``result`` waits for the run, ``stop`` ends the
+    run if still going and stops exactly the daemons the cluster started."""
+
+    def __init__(self, folder: Path, workdir: Path):
+        self.folder, self.workdir = folder, workdir
+        self.skip: str | None = None  # why this machine cannot run it
+        self.failed: str | None = None  # a start that went wrong, with its output
+        self.dry = None
+        self.process: subprocess.Popen | None = None
+        self.log = workdir / "snakemake.out"
+
+    def _snakemake(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(self.workdir), *args]
+
+    def _env(self) -> dict:
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        return {**os.environ, "PATH": path, "SLURM_CONF": str(self.folder / "slurm.conf")}
+
+    def start(self) -> None:
+        check = subprocess.run(["bash", str(CLUSTER), "can-run"], capture_output=True, text=True)
+        if check.returncode != 0:
+            self.skip = f"this machine cannot run a local SLURM cluster: {check.stdout.strip() or check.stderr.strip()}"
+            return
+        started = subprocess.run(
+            ["bash", str(CLUSTER), "start", str(self.folder)], capture_output=True, text=True, timeout=600
+        )
+        if started.returncode != 0:
+            self.failed = f"cluster.sh start failed:\n{started.stdout}{started.stderr}"
+            return
+        profile = ["--profile", str(ROOT / "profiles" / "slurm")]
+        self.dry = subprocess.run(
+            self._snakemake("-n", *profile, *TARGETS, *CONFIGS),
+            capture_output=True,
+            text=True,
+            env=self._env(),
+            cwd=self.workdir,
+            timeout=300,
+        )
+        if self.dry.returncode != 0:
+            self.failed = f"dry run failed:\n{self.dry.stderr[-3000:]}"
+            return
+        # short status checks: the tiny jobs finish in seconds, and each stage waits for the next
+        # check before its successors are submitted (the profile's 20 s suits clusters)
+        command = self._snakemake(
+            *profile,
+            "--slurm-init-seconds-before-status-checks",
+            "2",
+            "--seconds-between-status-checks",
+            "2",
+            "--jobs",
+            "8",
+            *TARGETS,
+            *CONFIGS,
+        )
+        with open(self.log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the suite runs
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=self._env(), cwd=self.workdir, text=True
+            )
+
+    def result(self) -> tuple[Path, dict, str]:
+        """(run folder, planned jobs by rule, the run's output) once it has finished with success."""
+        import pytest
+
+        if self.skip:
+            pytest.skip(self.skip)
+        assert self.failed is None, self.failed
+        try:
+            returncode = self.process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        output = self.log.read_text()
+        assert returncode == 0, output[-5000:]
+        return self.workdir, planned(self.dry), output
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:  # the session ended before the test
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.skip:
+            return
+        pids = {p: p.read_text().strip() for p in (self.folder / "pid").glob("*.pid")}
+        subprocess.run(["bash", str(CLUSTER), "stop", str(self.folder)], capture_output=True, text=True, timeout=120)
+        # exactly the daemons it started are gone (by their pid files; nothing else is signalled)
+        for path, pid in pids.items():
+            assert not path.exists() and not Path(f"/proc/{pid}").exists(), (path, pid)
