@@ -23,6 +23,11 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout
         str(workdir),
         "--configfile",
         str(configfile or ROOT / "config" / "test.yaml"),
+        # one thread per job, so two jobs share CI's two cores: the tests' tiny jobs are mostly
+        # start-up (imports, loading), which a second thread does not speed up (the given example:
+        # 227 s -> 153 s on 2 cores, summary.json identical but for its timings)
+        "--max-threads",
+        "1",
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
