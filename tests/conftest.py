@@ -30,8 +30,8 @@ def slurm_session(request, tmp_path_factory):
 
     folder = Path(os.environ.get("SAE_DIFF_SLURM_DIR") or tmp_path_factory.mktemp("slurm"))
     run = SlurmRun(folder, tmp_path_factory.mktemp("slurm_run"))
-    run.start()
     try:
+        run.start()
         yield run
     finally:
         run.stop()

@@ -1,7 +1,7 @@
 """The SLURM test's workflow run (tests/test_slurm.py), started with the test session and collected
 by the SLURM tests at its end.
 
-Its 20 jobs run one after another along one cell's way through the stages, and most of its time is
+Its 20 jobs follow one cell's way through the stages (mostly a chain), and most of its time is
 waiting, not computing: every job pays an sbatch, a Snakemake start-up inside the job, and the
 executor's status checks, whose interval grows by 10 s after each check that finds no job finished.
 Started first, in the background, it overlaps the rest of the suite instead of adding its ~5 minutes
@@ -11,7 +11,9 @@ checks (tests/test_slurm.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +36,15 @@ TARGETS = [
 ]
 # config/test.yaml with the crosscoder comparison left out of the interventions (the override's comment says why)
 CONFIGS = ["--configfile", str(ROOT / "config" / "test.yaml"), str(ROOT / "tests/slurm/no_crosscoder_comparison.yaml")]
-TIMEOUT = 1800  # seconds the run may take, started to finished (it waits for CPU beside the suite)
+TIMEOUT = 1800  # seconds the SLURM tests wait for the run to finish once they reach it
 
 
 class SlurmRun:
     """A local SLURM cluster (tests/slurm/cluster.sh) and the workflow run through profiles/slurm on
-    it: ``start`` starts both and returns at once, ``result`` waits for the run, ``stop`` ends the
-    run if still going and stops exactly the daemons the cluster started."""
+    it: ``start`` starts the cluster, checks the dry run and leaves the run going in the background
+    (it never raises: what went wrong is kept for the SLURM tests to report), ``result`` waits for
+    the run, ``stop`` cancels the run and its jobs if still going and stops exactly the daemons the
+    cluster started."""
 
     def __init__(self, folder: Path, workdir: Path):
         self.folder, self.workdir = folder, workdir
@@ -58,6 +62,12 @@ class SlurmRun:
         return {**os.environ, "PATH": path, "SLURM_CONF": str(self.folder / "slurm.conf")}
 
     def start(self) -> None:
+        try:
+            self._start()
+        except Exception as error:  # a timeout, a missing tool: the SLURM tests fail with it, not the session
+            self.failed = f"starting the SLURM run failed: {error!r}"
+
+    def _start(self) -> None:
         check = subprocess.run(["bash", str(CLUSTER), "can-run"], capture_output=True, text=True)
         if check.returncode != 0:
             self.skip = f"this machine cannot run a local SLURM cluster: {check.stdout.strip() or check.stderr.strip()}"
@@ -90,6 +100,10 @@ class SlurmRun:
             "2",
             "--jobs",
             "8",
+            # one torch thread per job, as the local run the results are compared with has
+            # (tests/workflow_run.py): the profile's 4-8 threads per job oversubscribe CI's 2 cores
+            "--max-threads",
+            "1",
             *TARGETS,
             *CONFIGS,
         )
@@ -108,21 +122,28 @@ class SlurmRun:
         try:
             returncode = self.process.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.stop()
             raise
         output = self.log.read_text()
         assert returncode == 0, output[-5000:]
         return self.workdir, planned(self.dry), output
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:  # the session ended before the test
-            self.process.terminate()
+        if self.process is not None and self.process.poll() is None:  # the session ended before the tests
+            # SIGINT: Snakemake cancels its SLURM jobs (scancel); SIGTERM would wait for them to end
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         if self.skip:
             return
+        if (self.folder / "slurm.conf").exists():
+            # any job still queued or running on this private cluster (its own slurm.conf) is
+            # cancelled, so no job step outlives the daemons
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                cancel = ["scancel", "--user", str(os.getuid())]
+                subprocess.run(cancel, env=self._env(), capture_output=True, timeout=60)
         pids = {p: p.read_text().strip() for p in (self.folder / "pid").glob("*.pid")}
         subprocess.run(["bash", str(CLUSTER), "stop", str(self.folder)], capture_output=True, text=True, timeout=120)
         # exactly the daemons it started are gone (by their pid files; nothing else is signalled)

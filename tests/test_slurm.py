@@ -2,7 +2,7 @@
 SLURM cluster the session starts (slurmctld, slurmd, munge; tests/slurm/cluster.sh) and stops.
 
 Every job must go through sbatch, and the results must equal the local run's. The targets are
-one cell's way through every kind of stage (tests/slurm_session.py's TARGETS): 20 of the DAG's 102
+one cell's way through every kind of stage (tests/slurm_session.py's TARGETS): 20 of the DAG's 111
 jobs. The run starts with the session and overlaps the other tests (it mostly waits on the
 cluster); these tests wait for it. Skipped only where the machine cannot run SLURM (not root, or
 neither SLURM nor apt-get).

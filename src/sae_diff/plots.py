@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .experiments import DIRECTION_COMPARISONS
 from .io import atomic_path
 
 
@@ -684,7 +685,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             return chosen, xs
 
         names = ["features", "random"] + (["flipped"] if any(r["condition"] == "flipped" for r in rows) else [])
-        names += [m for m in ("diffmean", "adl", "crosscoder") if any(r["condition"] == m for r in rows)]
+        names += [m for m in DIRECTION_COMPARISONS if any(r["condition"] == m for r in rows)]
         names += sorted({r["condition"] for r in rows if r["role"] == "single"})
         for name in names:
             chosen, xs = line(name, -1.0 if name == "flipped" else 1.0)
