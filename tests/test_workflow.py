@@ -427,6 +427,10 @@ def test_interventions_outputs_and_headline(finished_run):
             assert ("prompting" in conditions) == (experiment == "steering") and "diffmean" in conditions
             cross = json.loads((results / "diffing/crosscoder/M0_D1__M1_D1/layer1/metrics.json").read_text())
             assert ("crosscoder" in conditions) == (cross["classes"]["mi_only"] > 0)
+            # the projection each comparison's mean-ablation sets, read for every direction ablated
+            for name in ("diffmean", "adl", "crosscoder"):
+                level = effects[f"{name}_level"]
+                assert (level is not None) == (experiment == "ablation" and name in conditions), (name, level)
             reported = generations[generations["half"] == "report"]
             assert set(reported["condition"]) >= {"diffmean"} | {c for c in conditions if c.startswith("null_")}
             # the split: tiny.txt selects features, tiny_heldout.txt picks and reports; no prompt in both
