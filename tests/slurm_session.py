@@ -15,10 +15,9 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from .workflow_run import ROOT, planned
+from .workflow_run import ROOT, command, environment, planned, snakemake
 
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 # One cell's path through every kind of stage (models, DPO, data, scoring, extraction, SAEs,
@@ -54,12 +53,8 @@ class SlurmRun:
         self.process: subprocess.Popen | None = None
         self.log = workdir / "snakemake.out"
 
-    def _snakemake(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(self.workdir), *args]
-
     def _env(self) -> dict:
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        return {**os.environ, "PATH": path, "SLURM_CONF": str(self.folder / "slurm.conf")}
+        return {"SLURM_CONF": str(self.folder / "slurm.conf")}
 
     def start(self) -> None:
         try:
@@ -79,20 +74,14 @@ class SlurmRun:
             self.failed = f"cluster.sh start failed:\n{started.stdout}{started.stderr}"
             return
         profile = ["--profile", str(ROOT / "profiles" / "slurm")]
-        self.dry = subprocess.run(
-            self._snakemake("-n", *profile, *TARGETS, *CONFIGS),
-            capture_output=True,
-            text=True,
-            env=self._env(),
-            cwd=self.workdir,
-            timeout=300,
-        )
+        self.dry = snakemake(self.workdir, "-n", *profile, *TARGETS, *CONFIGS, env=self._env())
         if self.dry.returncode != 0:
             self.failed = f"dry run failed:\n{self.dry.stderr[-3000:]}"
             return
         # short status checks: the tiny jobs finish in seconds, and each stage waits for the next
         # check before its successors are submitted (the profile's 20 s suits clusters)
-        command = self._snakemake(
+        run = command(
+            self.workdir,
             *profile,
             "--slurm-init-seconds-before-status-checks",
             "2",
@@ -100,16 +89,14 @@ class SlurmRun:
             "2",
             "--jobs",
             "8",
-            # one torch thread per job, as the local run the results are compared with has
-            # (tests/workflow_run.py): the profile's 4-8 threads per job oversubscribe CI's 2 cores
-            "--max-threads",
-            "1",
             *TARGETS,
             *CONFIGS,
         )
         with open(self.log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the suite runs
+            # one torch thread per job (workflow_run.command), as in the local run the results are
+            # compared with: the profile's 4-8 threads per job would oversubscribe CI's 2 cores
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=self._env(), cwd=self.workdir, text=True
+                run, stdout=out, stderr=subprocess.STDOUT, env=environment(**self._env()), text=True
             )
 
     def result(self) -> tuple[Path, dict, str]:
@@ -143,7 +130,7 @@ class SlurmRun:
             # cancelled, so no job step outlives the daemons
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 cancel = ["scancel", "--user", str(os.getuid())]
-                subprocess.run(cancel, env=self._env(), capture_output=True, timeout=60)
+                subprocess.run(cancel, env=environment(**self._env()), capture_output=True, timeout=60)
         pids = {p: p.read_text().strip() for p in (self.folder / "pid").glob("*.pid")}
         subprocess.run(["bash", str(CLUSTER), "stop", str(self.folder)], capture_output=True, text=True, timeout=120)
         # exactly the daemons it started are gone (by their pid files; nothing else is signalled)

@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 300):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [
+def command(workdir: Path, *args: str, configfile: Path | None = None) -> list[str]:
+    """The Snakemake command line of a test run in ``workdir`` (config/test.yaml unless ``configfile``)."""
+    return [
         sys.executable,
         "-m",
         "snakemake",
@@ -30,7 +30,17 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout
         "1",
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def environment(**extra: str) -> dict:
+    """The environment of a test run: this venv's executables first on PATH, plus ``extra``."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 300, env: dict | None = None):
+    """Run Snakemake to the end (``env``: extra environment variables)."""
+    cmd = command(workdir, *args, configfile=configfile)
+    return subprocess.run(cmd, capture_output=True, text=True, env=environment(**(env or {})), timeout=timeout)
 
 
 def reruns(jobs: dict, counts: dict, never: tuple[str, ...]) -> None:

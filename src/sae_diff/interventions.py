@@ -272,7 +272,12 @@ def run(
     swept = opts["alphas"] if experiment in SWEPT else [None]
     baselines = opts.get("baselines") or {}
     instruction = baselines.get("prompting", {}).get(metric)
-    directions = {name: v for name, v in (directions or {}).items() if baselines.get(name, True)}
+    # a method turned off, or without a direction (a crosscoder with no Mi-only latent), is not run
+    directions = {
+        name: v
+        for name, v in (directions or {}).items()
+        if baselines.get(name, True) and v is not None and np.linalg.norm(v) > 0
+    }
     # the condition-selection half also runs the comparison methods at every size: their size is
     # picked there the same way as the SAE edit's (prompting has no size: report half only)
     place = models.as_placement(place)
@@ -280,7 +285,7 @@ def run(
     halves = splits.intervention_halves(prompts, split_path, separate)
     levels = {}
     for name, vector in directions.items():
-        if vector is not None and experiment == "ablation" and np.linalg.norm(vector) > 0:
+        if experiment == "ablation":
             # mean-ablation: the projection's mean over the condition half's prompts, read before anything runs
             select_half = halves[halves["half"] == "select"]
             levels[name] = mean_projection(model, tokenizer, layer, hook, select_half, sampling, vector, place.device)
