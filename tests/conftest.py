@@ -121,6 +121,7 @@ def finished_run(tmp_path_factory):
         "prompt_split": 1,
         "crosscoder": 1,
         "diff_sae": 1,
+        "metric_latents": 1,
         "adl": 1,
         "token_kl": 1,
         "kl_recovery": 1,

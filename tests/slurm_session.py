@@ -1,7 +1,7 @@
 """The SLURM test's workflow run (tests/test_slurm.py), started with the test session and collected
 by the SLURM tests at its end.
 
-Its 20 jobs follow one cell's way through the stages (mostly a chain), and most of its time is
+Its 23 jobs follow one cell's way through the stages (mostly a chain), and most of its time is
 waiting, not computing: every job pays an sbatch, a Snakemake start-up inside the job, and the
 executor's status checks, whose interval grows by 10 s after each check that finds no job finished.
 Started first, in the background, it overlaps the rest of the suite instead of adding its ~5 minutes
@@ -21,9 +21,10 @@ from .workflow_run import ROOT, command, environment, planned, snakemake
 
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 # One cell's path through every kind of stage (models, DPO, data, scoring, extraction, SAEs,
-# evaluation, features, probes, the lens, attribution, interventions), 20 jobs: the SLURM executor
-# treats every rule alike, each job pays a Snakemake start-up, and CI has 20 minutes in all. The
-# diff / evolution rules are plain CPU jobs like these and run in the local whole-DAG tests.
+# evaluation, features, probes, the lens and the diff-SAE, attribution, interventions), 23 jobs:
+# the SLURM executor treats every rule alike, each job pays a Snakemake start-up, and CI has 20
+# minutes in all. The diff / evolution rules are plain CPU jobs like these and run in the local
+# whole-DAG tests.
 TARGETS = [
     "results/iterations.json",
     *[f"results/eval/{cell}/layer1/topk.json" for cell in ("M0_D0", "M1_D1")],

@@ -31,8 +31,9 @@ def test_every_job_went_through_sbatch(slurm_run):
     workdir, jobs, output = slurm_run
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", output)
     n_jobs = sum(jobs.values())
-    # prompt_split and adl (the interventions' lens baseline) included
-    assert n_jobs == 20 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)
+    # prompt_split, adl, and diff_sae + metric_latents on M0_D1's activations (the interventions'
+    # lens and diff-SAE comparisons) included
+    assert n_jobs == 23 and len(set(submitted)) == n_jobs, (len(set(submitted)), jobs)
     logs = list((workdir / "logs" / "slurm").rglob("*.log"))
     assert {p.stem for p in logs} == set(submitted)  # one kept SLURM log per job, named by its job id
 

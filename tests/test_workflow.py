@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sae_diff.experiments import DIRECTION_COMPARISONS
+
 from .workflow_run import ROOT, planned, reruns, snakemake
 
 pytestmark = pytest.mark.slow
@@ -383,6 +385,16 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert headline["diff_sae"]["M1"]["layer1"]["top"][:3] == diff_sae["latent"].head(3).tolist()
     assert len(headline["adl"]["M1"]["layer1"]["top"]) == 5  # diffing.adl.k in config/test.yaml
     assert "diff_sae_top" in headline["kl"]["M1"]["layer1"]["recovery"]
+    # the diff-SAE latents behind n_chars (the probed metric): 5 chosen on D1's train prompts, reported
+    # on its eval prompts beside as many random directions chosen the same way
+    behind = json.loads((results / "diff_sae" / pair / "layer1" / "metric_latents.json").read_text())
+    found = behind["metrics"]["n_chars"]
+    assert behind["pooling"] == "max" and len(found["latents"]) == 5 and found["n_eval"] > 0
+    assert len(found["random_directions"]["abs_rho_eval"]) == 5
+    assert {row["latent"] for row in found["latents"]} <= set(diff_sae["latent"])
+    metric = headline["diff_sae"]["M1"]["layer1"]["metric"]["n_chars"]
+    assert metric["chosen"] == [row["latent"] for row in found["latents"]]
+    assert metric["called"] == [row["latent"] for row in found["latents"] if row["called"]]
     assert set(headline["crosscoder"]["M1"]["layer1"]["ce_loss_score"]) == {"m0", "m1"}
     # every diff-SAE latent's best crosscoder match beside the record
     matches = pd.read_parquet(results / "records" / pair / "layer1.diff_sae_matches.parquet")
@@ -390,6 +402,12 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert matches["match_class"].isin(["mi_only", "shared", "m0_only", "other"]).all()
     assert matches["mi_only_match"].notna().all() == (block["n_mi_only"] > 0)
     assert (finished_run / "results" / "figures" / "diffing" / pair / "layer1.png").stat().st_size > 10_000
+
+
+def _n_called(results, metric: str) -> int:
+    """How many diff-SAE latents of M1 against M0 (layer 1) were called for ``metric``."""
+    path = results / "diffing/diff_sae/M0_D1__M1_D1/layer1/metric_latents.json"
+    return json.loads(path.read_text())["metrics"][metric]["n_called"]
 
 
 def test_interventions_outputs_and_headline(finished_run):
@@ -427,8 +445,9 @@ def test_interventions_outputs_and_headline(finished_run):
             assert ("prompting" in conditions) == (experiment == "steering") and "diffmean" in conditions
             cross = json.loads((results / "diffing/crosscoder/M0_D1__M1_D1/layer1/metrics.json").read_text())
             assert ("crosscoder" in conditions) == (cross["classes"]["mi_only"] > 0)
+            assert ("diff_sae" in conditions) == (_n_called(results, "n_chars") > 0)
             # the projection each comparison's mean-ablation sets, read for every direction ablated
-            for name in ("diffmean", "adl", "crosscoder"):
+            for name in DIRECTION_COMPARISONS:
                 level = effects[f"{name}_level"]
                 assert (level is not None) == (experiment == "ablation" and name in conditions), (name, level)
             reported = generations[generations["half"] == "report"]
@@ -461,11 +480,13 @@ def test_interventions_outputs_and_headline(finished_run):
         assert block["family_size"] == 4 and block["p"] <= block["q"] <= 1  # 2 experiments x 2 cells
         assert block["split"] == {"select_features": 8, "select_condition": 4, "report": 4}
         # the lens's direction of M1 against M0 on D1 (rule adl) is a comparison method too
-        assert set(block["baselines"]) == {"diffmean", "adl", "crosscoder", "prompting"}
+        assert set(block["baselines"]) == {"diffmean", "adl", "crosscoder", "diff_sae", "prompting"}
         assert block["baselines"]["adl"] is not None
         # and the crosscoder's Mi-only latents, where it found any (a zero direction is not steered)
         found = json.loads((results / "diffing/crosscoder/M0_D1__M1_D1/layer1/metrics.json").read_text())
         assert (block["baselines"]["crosscoder"] is not None) == (found["classes"]["mi_only"] > 0)
+        # and the diff-SAE's latents behind the metric, where any was called
+        assert (block["baselines"]["diff_sae"] is not None) == (_n_called(results, "n_chars") > 0)
         assert (block["baselines"]["prompting"] is None) == (experiment == "ablation")
 
 

@@ -483,6 +483,9 @@ def _intervene_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--crosscoder", help="the crosscoder of the cell's iteration (its run folder): its Mi-only latents compared"
     )
+    p.add_argument(
+        "--diff-sae", help="the diff-SAE of the cell's iteration (its run folder): its metric's latents compared"
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -495,7 +498,7 @@ def cmd_intervene(args) -> None:
     import numpy as np
     import pandas as pd
 
-    from . import crosscoder, interventions, io, models
+    from . import crosscoder, interventions, io, metric_latents, models
 
     spec = _spec(args)
     models.set_threads(args.threads)
@@ -553,6 +556,9 @@ def cmd_intervene(args) -> None:
             "diffmean": np.load(args.diffmean) if args.diffmean else None,
             "adl": _adl_direction(args.adl) if args.adl else None,
             "crosscoder": crosscoder.mi_only_direction(args.crosscoder, opts["k"]) if args.crosscoder else None,
+            "diff_sae": (
+                metric_latents.direction(args.diff_sae, args.metric, spec["direction"]) if args.diff_sae else None
+            ),
         },
     )
     result.update(cell=args.cell, sae=args.sae, model=args.model)
@@ -968,6 +974,45 @@ def cmd_diff_sae(args) -> None:
         tokenizer,
         place,
         progress=not args.no_progress,
+    )
+
+
+def _metric_latents_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--base-acts", required=True, help="the base cell's activation store of the diff-SAE's site")
+    p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
+    p.add_argument("--base-model-dir", help="the base model (needed when the activations are not cached)")
+    p.add_argument("--tuned-model-dir", help="the tuned model (needed when the activations are not cached)")
+    p.add_argument("--samples", required=True, help="the data both cells ran on, with the metrics")
+    p.add_argument("--diff-sae", required=True, help="the diff-SAE's folder of this pair and layer")
+    p.add_argument("--out", required=True, help="the JSON to write")
+
+
+@verb("metric-latents", "the diff-SAE latents behind each probed metric: chosen on train, reported on eval",
+      _metric_latents_args)  # fmt: skip
+def cmd_metric_latents(args) -> None:
+    import pandas as pd
+
+    from . import io, metric_latents, models
+    from .paired import DifferenceStore, open_pair
+
+    spec = _spec(args)
+    models.set_threads(args.threads)
+    if io.read_json(Path(args.diff_sae) / "metrics.json").get("identical"):
+        io.write_json(args.out, {"identical": True, "metrics": {}})
+        log.info("%s: the two models' activations are identical; no latent to associate", args.diff_sae)
+        return
+    place = models.placement(spec)
+    base, tuned = open_pair(
+        args.base_acts, args.tuned_acts, args.base_model_dir, args.tuned_model_dir, args.samples, place
+    )  # fmt: skip
+    metric_latents.write(
+        Path(args.diff_sae),
+        DifferenceStore(base, tuned),
+        pd.read_parquet(args.samples),
+        spec["metrics"],
+        {**spec["metric_latents"], "pooling": spec["pooling"]},
+        Path(args.out),
     )
 
 

@@ -242,7 +242,8 @@ def comparison_conditions(
     order: ``directions`` by method — the difference in means of the metric's high and low samples'
     activations, the activation-difference lens's direction (the mean of Mi − M0 over the
     iteration's texts: training-free, no labels) and the crosscoder's (what its top Mi-only latents
-    add to Mi and not to M0: ``crosscoder.mi_only_direction``); a method that is absent, None or zero
+    add to Mi and not to M0: ``crosscoder.mi_only_direction``) and the diff-SAE's (what its latents
+    behind the metric write into Mi − M0: ``metric_latents.direction``); a method that is absent, None or zero
     is left out. Steering: added, at each alpha of ``alphas`` moved by the same |dx| as steering the
     SAE ``group`` at that alpha; ablation: mean-ablated, its projection set to ``levels[method]``,
     its mean where the edit acts (zero-ablating a direction the activations carry a large mean along

@@ -64,7 +64,27 @@ def diff_sae_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray
     }
     if "promoted" in table.columns:  # logit lens through the tuned model: each latent's first tokens
         block["promoted"] = [[str(t) for t in list(tokens)[:5]] for tokens in table["promoted"]]
+    if (folder / "metric_latents.json").exists():  # written beside by metric_latents.write
+        block["metric"] = metric_block(read_json(folder / "metric_latents.json"))
     return block, (ids, sae.W_dec.detach().double().numpy()[ids])
+
+
+def metric_block(record: dict) -> dict:
+    """Per metric, the diff-SAE latents behind it (``metric_latents``): the latents chosen on train,
+    their held-out ρ and q, those called, and how many of as many random directions were called."""
+    out = {}
+    for metric, found in record["metrics"].items():
+        rows = found["latents"]
+        out[metric] = {
+            "chosen": [row["latent"] for row in rows],
+            "rho_eval": [round(row["rho_eval"], 4) for row in rows],
+            "q": [round(row["q"], 4) for row in rows],
+            "called": [row["latent"] for row in rows if row["called"]],
+            "random_directions_called": found["random_directions"]["n_called"],
+            "n_eval": found["n_eval"],
+            **({"skipped": found["skipped"]} if "skipped" in found else {}),
+        }
+    return out
 
 
 def adl_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:

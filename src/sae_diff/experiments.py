@@ -17,8 +17,9 @@ SWEPT = ("steering", "clamping")  # experiments with an alpha grid
 # the comparison methods every SAE edit is reported beside (the AxBench lesson: simple methods first).
 # Those with a direction (conditions.comparison_conditions: steered at the SAE edit's size, or
 # mean-ablated): the probe's difference in means, the activation-difference lens, the crosscoder's
-# Mi-only latents; prompting edits the prompt instead (steering only)
-DIRECTION_COMPARISONS = ("diffmean", "adl", "crosscoder")
+# Mi-only latents, the diff-SAE's latents behind the metric; prompting edits the prompt instead
+# (steering only)
+DIRECTION_COMPARISONS = ("diffmean", "adl", "crosscoder", "diff_sae")
 COMPARISONS = DIRECTION_COMPARISONS + ("prompting",)
 
 

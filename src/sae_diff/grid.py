@@ -178,6 +178,13 @@ def probe_metrics(cfg: dict) -> list[str]:
     return list(cfg["probes"].get("metrics") or ([target["metric"]] if target else []))
 
 
+def probe_metric_filters(cfg: dict) -> dict[str, dict | None]:
+    """Each probed metric and the samples it is read on: the iterations target's ``where`` for the
+    target's metric (the change was planted there), every sample for the others."""
+    target = (cfg.get("iterations") or {}).get("target") or {}
+    return {m: (target.get("where") if m == target.get("metric") else None) for m in probe_metrics(cfg)}
+
+
 def metric_direction(cfg: dict, metric: str) -> str:
     """Which way a metric should go: ``interventions.directions``, else the iterations target's
     direction for its metric, else up."""
@@ -519,6 +526,11 @@ def diff_sae_latents(pair: str, layer) -> str:
 
 def diff_sae_metrics(pair: str, layer) -> str:
     return f"{diffing_dir('diff_sae', pair, layer)}/metrics.json"
+
+
+def diff_sae_metric_latents(pair: str, layer) -> str:
+    """The diff-SAE latents behind each probed metric, chosen on train and reported on eval (``metric_latents``)."""
+    return f"{diffing_dir('diff_sae', pair, layer)}/metric_latents.json"
 
 
 def adl_files(pair: str, layer) -> list[str]:

@@ -241,7 +241,8 @@ def run(
     report it. ``directions``: the comparison methods' directions by name (``DIRECTION_COMPARISONS``):
     ``diffmean``, the probe's difference in means; ``adl``, the activation-difference lens's
     direction of the cell's iteration (Mi − M0 on its texts); ``crosscoder``, what the iteration's
-    crosscoder's top Mi-only latents add to Mi (``crosscoder.mi_only_direction``). A method that
+    crosscoder's top Mi-only latents add to Mi (``crosscoder.mi_only_direction``); ``diff_sae``, what
+    the diff-SAE latents behind the metric write into Mi − M0 (``metric_latents.direction``). A method that
     ``interventions.baselines`` turns off is not run."""
     from . import models, splits
     from .sae import files

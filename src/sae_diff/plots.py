@@ -675,6 +675,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
         "diffmean": ("tab:green", "D", 1.6),
         "adl": ("tab:olive", "^", 1.6),
         "crosscoder": ("tab:cyan", "P", 1.6),
+        "diff_sae": ("tab:brown", "X", 1.6),
     }
     swept = block.get("alphas") is not None
     if swept:
@@ -697,6 +698,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
                 "diffmean": "difference in means, same |dx|",
                 "adl": "activation-difference lens, same |dx|",
                 "crosscoder": "crosscoder's Mi-only latents, same |dx|",
+                "diff_sae": "diff-SAE latents behind the metric, same |dx|",
             }.get(name, name.replace("_", " "))
             if name == report.get("condition"):
                 label += " (reported)"

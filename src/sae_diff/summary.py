@@ -39,6 +39,7 @@ STAGES = {
     "intervene": "interventions",
     "crosscoder": "diffing",
     "diff_sae": "diffing",
+    "metric_latents": "diffing",
     "adl": "diffing",
     "token_kl": "diffing",
     "kl_recovery": "diffing",

@@ -315,6 +315,10 @@ intervention_adl_input = intervention_comparison_input("adl", lambda pair, layer
 intervention_crosscoder_input = intervention_comparison_input(
     "crosscoder", lambda pair, layer: grid.crosscoder_files(pair, layer)[:2]
 )
+# the diff-SAE (its weights and feature stats, written with metrics.json) and its latents behind the metric
+intervention_diff_sae_input = intervention_comparison_input(
+    "diff_sae", lambda pair, layer: [grid.diff_sae_metrics(pair, layer), grid.diff_sae_metric_latents(pair, layer)]
+)
 
 
 def diffing_record_inputs(w):
@@ -325,6 +329,8 @@ def diffing_record_inputs(w):
         files["crosscoder"] = grid.crosscoder_files(pair, w.layer)[1:]
     if "diff_sae" in DIFFING_METHODS:
         files["diff_sae"] = [grid.diff_sae_latents(pair, w.layer), grid.diff_sae_metrics(pair, w.layer)]
+        if PROBE_METRICS:  # read from the diff-SAE's folder by the record
+            files["metric_latents"] = grid.diff_sae_metric_latents(pair, w.layer)
     if "adl" in DIFFING_METHODS:
         files["adl"] = grid.adl_files(pair, w.layer)
     if "kl" in DIFFING_METHODS:

@@ -86,6 +86,35 @@ rule diff_sae:
         "--threads {threads} 3>&1 > {log:q} 2>&1"
 
 
+rule metric_latents:
+    """The diff-SAE latents behind each probed metric: chosen on the data's train split, reported on its
+    eval split against a permutation null and beside as many random directions chosen the same way."""
+    input:
+        unpack(same_token_inputs),
+        diff_sae=grid.diff_sae_metrics(SAME_TOKEN_PAIR, "{layer}"),
+    output:
+        grid.diff_sae_metric_latents(SAME_TOKEN_PAIR, "{layer}"),
+    log:
+        "logs/metric_latents/M{i}_layer{layer}.log",
+    benchmark:
+        bench("metric_latents", "M{i}_layer{layer}")
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    params:
+        spec=lambda w: spec(
+            metric_latents=config["diffing"]["metric_latents"],
+            metrics=grid.probe_metric_filters(config),
+            pooling=config["probes"]["pooling"],
+            **placement(),
+        ),
+        folder=lambda w, input: os.path.dirname(input.diff_sae),
+    shell:
+        "sae-diff metric-latents --spec {params.spec:q} --base-acts {input.base_acts:q} "
+        "--tuned-acts {input.tuned_acts:q} --base-model-dir {input.base_model:q} --tuned-model-dir {input.tuned_model:q} "
+        "--samples {input.samples:q} --diff-sae {params.folder:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
 rule adl:
     """The activation-difference lens of iteration i at every diffing layer (one pass per model)."""
     input:

@@ -76,6 +76,7 @@ rule intervene:
         diffmean=grid.probe_diffmean("{cell}", "{layer}", "{sae}", "{metric}"),
         adl=intervention_adl_input,
         crosscoder=intervention_crosscoder_input,
+        diff_sae=intervention_diff_sae_input,
     output:
         generations=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/generations.parquet",
         scores=f"{grid.intervention_dir('{experiment}', '{cell}', '{layer}', '{sae}', '{metric}')}/scores.parquet",
@@ -102,10 +103,13 @@ rule intervene:
         crosscoder=lambda w, input: (
             f"--crosscoder {shlex.quote(os.path.dirname(input.crosscoder[1]))}" if input.crosscoder else ""
         ),
+        diff_sae=lambda w, input: (
+            f"--diff-sae {shlex.quote(os.path.dirname(input.diff_sae[0]))}" if input.diff_sae else ""
+        ),
     shell:
         "SAE_DIFF_PROGRESS_FD=3 sae-diff intervene --spec {params.spec:q} --experiment {wildcards.experiment} --cell {wildcards.cell} "
         "--layer {wildcards.layer} --sae {wildcards.sae} --metric {wildcards.metric} "
         "--model {params.model:q} --model-dir {input.model:q} --base-dir {input.base:q} --sae-dir {params.sae_dir:q} "
         "--probe {input.probe:q} --stats {input.stats:q} {params.attribution} --prompt-split {input.split:q} "
-        "--diffmean {input.diffmean:q} {params.adl} {params.crosscoder} --out-dir {params.out_dir:q} "
+        "--diffmean {input.diffmean:q} {params.adl} {params.crosscoder} {params.diff_sae} --out-dir {params.out_dir:q} "
         "--threads {threads} --no-progress 3>&1 > {log:q} 2>&1"

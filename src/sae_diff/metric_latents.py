@@ -1,0 +1,218 @@
+"""Which latents of a diff-SAE track a per-sample metric: the latents behind a change in the metric.
+
+A diff-SAE's latents describe what Mi adds to M0's activations on the same tokens; ``share`` ranks
+them by how much of that difference they carry, which says nothing about the behaviour the
+iterations were steered toward. Here each latent's activation is pooled per sample over the tokens
+the probes pool (``probes.pooling``: with ``before_scored``, the completion tokens before the first
+scored word, so a latent cannot score by reading the very words the metric counts), and:
+
+- **chosen on the train split** of the data: the ``top`` latents by |Spearman ρ| with the metric;
+- **reported on the eval split**, prompts the choice never saw (``data.split`` splits by prompt):
+  each chosen latent's ρ, a two-sided permutation p-value and Benjamini-Hochberg q over the chosen
+  latents. The permutations move the metric between whole prompts of equal sample count
+  (``block_permutation``): a prompt's samples share their prompt, so under the null they move
+  together and the clustering is kept;
+- **beside a null of random directions**: the same choice and report on ReLU projections of the
+  same pooled difference onto as many random unit directions as the diff-SAE has latents
+  (``probes.random_directions``): what choosing the best of that many directions finds alone.
+
+A latent is *called* when q ≤ ``fdr`` and its eval ρ has its train ρ's sign.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def spearman_columns(x: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Spearman ρ of every column of ``x`` [n, m] with ``values`` [n] (average ranks for ties;
+    0 for a constant column)."""
+    xr = pd.DataFrame(np.asarray(x, dtype=np.float64)).rank().to_numpy()
+    vr = pd.Series(np.asarray(values, dtype=np.float64)).rank().to_numpy()
+    xc, vc = xr - xr.mean(0), vr - vr.mean()
+    denom = np.sqrt((xc**2).sum(0) * (vc**2).sum())
+    return np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+def block_permutation(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An index permutation of the samples that moves whole groups: each group's samples take the
+    places of another group's of the same size (groups of a size no other group has stay put)."""
+    groups = np.asarray(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(counts))]
+    out = np.arange(len(groups))
+    for size in np.unique(counts):
+        same = np.flatnonzero(counts == size)
+        for a, b in zip(same, rng.permutation(same)):
+            out[members[a]] = members[b]
+    return out
+
+
+def permutation_pvalues(
+    x: np.ndarray, values: np.ndarray, groups: np.ndarray, n_permutations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ρ of each column of ``x`` with ``values``, two-sided permutation p-values
+    (1 + #{|ρ_null| ≥ |ρ|}) / (1 + n)); every column sees the same ``block_permutation``s."""
+    observed = spearman_columns(x, values)
+    xr = pd.DataFrame(np.asarray(x, dtype=np.float64)).rank().to_numpy()
+    xr = xr - xr.mean(0)
+    xr = xr / np.where((norm := np.sqrt((xr**2).sum(0))) > 0, norm, 1.0)
+    vr = pd.Series(np.asarray(values, dtype=np.float64)).rank().to_numpy()
+    vr = vr - vr.mean()
+    vr = vr / max(np.sqrt((vr**2).sum()), 1e-300)
+    rng = np.random.default_rng(seed)
+    perms = np.stack([vr[block_permutation(groups, rng)] for _ in range(n_permutations)])  # [P, n]
+    null = perms @ xr  # [P, m]: a permuted ρ per column (ranks are only reordered)
+    exceed = (np.abs(null) >= np.abs(observed) - 1e-12).sum(0)
+    return observed, (1 + exceed) / (1 + n_permutations)
+
+
+def associate(
+    x: np.ndarray,
+    values: np.ndarray,
+    train: np.ndarray,
+    held_out: np.ndarray,
+    groups: np.ndarray,
+    top: int,
+    n_permutations: int,
+    fdr: float,
+    seed: int,
+) -> dict:
+    """The ``top`` columns of ``x`` by |ρ| with ``values`` on the ``train`` rows, reported on the
+    ``held_out`` rows (masks; rows with a missing value are dropped from both)."""
+    from .probes import benjamini_hochberg
+
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    train, held_out = np.asarray(train) & finite, np.asarray(held_out) & finite
+    out = {"n_train": int(train.sum()), "n_eval": int(held_out.sum()), "n_eval_groups": int(len(set(groups[held_out])))}
+    if min(train.sum(), held_out.sum()) < 4 or np.ptp(values[train]) == 0 or np.ptp(values[held_out]) == 0:
+        return {**out, "skipped": "fewer than 4 samples with a varying metric on a split", "latents": [], "n_called": 0}
+    rho_train = spearman_columns(x[train], values[train])
+    chosen = np.argsort(-np.abs(rho_train), kind="stable")[:top]
+    rho_eval, p = permutation_pvalues(x[held_out][:, chosen], values[held_out], groups[held_out], n_permutations, seed)
+    q = benjamini_hochberg(p)
+    called = (q <= fdr) & (np.sign(rho_eval) == np.sign(rho_train[chosen]))
+    latents = [
+        {
+            "latent": int(j),
+            "rho_train": float(rho_train[j]),
+            "rho_eval": float(r),
+            "p": float(pj),
+            "q": float(qj),
+            "called": bool(c),
+        }
+        for j, r, pj, qj, c in zip(chosen, rho_eval, p, q, called)
+    ]
+    return {**out, "latents": latents, "n_called": int(called.sum())}
+
+
+def direction(diff_sae_dir: str | Path, metric: str, way: str = "up") -> np.ndarray | None:
+    """What the diff-SAE latents called for ``metric`` write into the difference Mi − M0, signed so
+    that adding it moves the metric ``way`` (float64 [d], raw activation space):
+
+        v = s · Σ_j sign(ρ_j) · a_j · d_j
+
+    over the called latents j (``metric_latents.json`` beside the diff-SAE), ρ_j their eval ρ, a_j
+    their mean activation when firing (eval tokens, ``features/stats.parquet``), d_j their decoder
+    row, s = +1 for ``up`` and −1 for ``down``. None when the metric was not associated; a zero
+    vector when no latent was called: then the diff-SAE has nothing to steer with. The interventions
+    steer M0 with it, and project it out of Mi, as the crosscoder's direction is
+    (``conditions.comparison_conditions``)."""
+    import torch
+
+    from .io import read_json
+    from .sae import files
+
+    diff_sae_dir = Path(diff_sae_dir)
+    found = read_json(diff_sae_dir / "metric_latents.json")["metrics"].get(metric)
+    if found is None:
+        return None
+    called = [row for row in found["latents"] if row["called"]]
+    sae = files.load(diff_sae_dir / "sae")
+    out = np.zeros(sae.cfg.d_in, dtype=np.float64)
+    if not called:
+        return out
+    stats = pd.read_parquet(diff_sae_dir / "features" / "stats.parquet").set_index("feature")
+    ids = [row["latent"] for row in called]
+    weights = np.array([np.sign(row["rho_eval"]) for row in called]) * stats.loc[ids, "mean_act"].to_numpy(float)
+    with torch.no_grad():
+        rows = sae.W_dec.detach().double().numpy()[ids]
+    out = (weights[:, None] * rows).sum(0)
+    return out if way == "up" else -out
+
+
+def write(
+    diff_sae_dir: Path,
+    store,
+    samples: pd.DataFrame,
+    metrics: dict[str, dict | None],
+    opts: dict,
+    out_path: Path,
+) -> dict:
+    """Per metric, the diff-SAE's latents behind it and the random-direction null, into ``out_path`` (JSON).
+
+    diff_sae_dir: a diff-SAE run's folder (``diff_sae.run``: ``features/pooled.safetensors``, ``sae/``);
+    store: the difference store it was trained on (for the random directions); metrics: metric ->
+    ``where`` filter of the samples (``data.select``; None: every sample); opts: ``pooling``, ``top``,
+    ``n_permutations``, ``fdr``, ``seed``."""
+    from safetensors.numpy import load_file
+
+    from . import data, features, io, probes
+
+    diff_sae_dir = Path(diff_sae_dir)
+    pooled_path = diff_sae_dir / "features" / "pooled.safetensors"
+    pooled = load_file(str(pooled_path))
+    pooling = opts["pooling"]
+    if pooling not in pooled:
+        have = sorted(k for k in pooled if k in features.POOLINGS)
+        raise ValueError(f"{pooled_path}: no pooling {pooling!r} (probes.pooling); it has {have}")
+    ids = pooled["sample_id"]
+    missing = np.setdiff1d(ids, samples["sample_id"].to_numpy())
+    if len(missing):
+        raise ValueError(f"{pooled_path}: sample {int(missing[0])} is not in the samples table")
+    table = samples.set_index("sample_id").loc[ids].reset_index()
+    width = pooled[pooling].shape[1]
+    cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
+    encoders = {"random_directions": probes.random_directions(store, width, opts["seed"])}
+    random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)["random_directions"]
+    groups = table["prompt_id"].astype(str).to_numpy() if "prompt_id" in table.columns else np.arange(len(table))
+    result = {
+        "pooling": pooling,
+        "width": int(width),
+        **{key: opts[key] for key in ("top", "n_permutations", "fdr")},
+        "metrics": {},
+    }
+    for metric, where in metrics.items():
+        if metric not in table.columns:
+            raise ValueError(f"metric {metric!r} is not a column of the samples table; it has {list(table.columns)}")
+        kept = table["sample_id"].isin(data.select(table, where, "samples")["sample_id"]).to_numpy()
+        train = kept & (table["split"] == "train").to_numpy()
+        held_out = kept & (table["split"] == "eval").to_numpy()
+        values = table[metric].to_numpy(dtype=float)
+        args = (values, train, held_out, groups, opts["top"], opts["n_permutations"], opts["fdr"], opts["seed"])
+        found = associate(pooled[pooling].astype(np.float64), *args)
+        null = associate(random.astype(np.float64), *args)
+        found["where"] = where
+        found["random_directions"] = {  # the null beside the call count: selection alone
+            "n_called": null["n_called"],
+            "abs_rho_eval": [abs(row["rho_eval"]) for row in null["latents"]],
+        }
+        result["metrics"][metric] = found
+        log.info(
+            "%s %s: %d of %d chosen latents called (random directions: %d); %s",
+            diff_sae_dir,
+            metric,
+            found["n_called"],
+            len(found["latents"]),
+            null["n_called"],
+            [(row["latent"], round(row["rho_eval"], 2)) for row in found["latents"]],
+        )
+    io.write_json(out_path, result)
+    return result
