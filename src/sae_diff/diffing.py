@@ -80,7 +80,9 @@ def metric_block(record: dict) -> dict:
             "rho_eval": [round(row["rho_eval"], 4) for row in rows],
             "q": [round(row["q"], 4) for row in rows],
             "called": [row["latent"] for row in rows if row["called"]],
+            "rho_train": [round(row["rho_train"], 4) for row in rows],
             "random_directions_called": found["random_directions"]["n_called"],
+            "random_directions_abs_rho_eval": [round(v, 4) for v in found["random_directions"]["abs_rho_eval"]],
             "n_eval": found["n_eval"],
             **({"skipped": found["skipped"]} if "skipped" in found else {}),
         }

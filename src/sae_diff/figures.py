@@ -246,9 +246,14 @@ def diffing(named: dict, out: Path, block: dict, title: str) -> Path:
     if "crosscoder" in named:
         metrics = json.loads((Path(named["crosscoder"]).parent / "metrics.json").read_text())
         record["thresholds"] = metrics.get("thresholds")
+    examples = None
+    if "diff_sae" in named:  # written with latents.parquet by the diff_sae rule
+        path = Path(named["diff_sae"]).parent / "features" / "examples.json"
+        examples = json.loads(path.read_text()) if path.exists() else None
     return plots.same_token_diffing(
-        record, table("crosscoder"), table("diff_sae"), table("kl"), out, title, size=block["size"], dpi=block["dpi"]
-    )
+        record, table("crosscoder"), table("diff_sae"), table("kl"), out, title, size=block["size"], dpi=block["dpi"],
+        diff_sae_examples=examples,
+    )  # fmt: skip
 
 
 # kind -> draw(named inputs {NAME: PATH}, spec, out, title); spec["figure"] is the kind's own config block

@@ -861,6 +861,52 @@ def _ratio(row: dict) -> float:
     return 1.0 + (row["perplexity_change"] or 0.0)
 
 
+def metric_latents_panel(ax, metric: str, block: dict) -> None:
+    """The diff-SAE latents chosen for ``metric`` on train: their eval |ρ| (called ones red, with q),
+    and the eval |ρ| of as many random directions chosen the same way (gray): selection alone."""
+    chosen = block["chosen"]
+    if not chosen:
+        ax.text(0.5, 0.5, f"{metric}: {block.get('skipped', 'nothing chosen')}", ha="center", va="center", color="0.4")
+        ax.set_axis_off()
+        return
+    n = len(chosen)
+    colors = ["tab:red" if j in block["called"] else "0.55" for j in chosen]
+    ax.barh(range(n)[::-1], [abs(r) for r in block["rho_eval"]], color=colors, height=0.6)
+    randoms = block.get("random_directions_abs_rho_eval", [])
+    ax.scatter(randoms, list(range(len(randoms)))[::-1], marker="|", s=300, color="k")
+    labels = [f"{j} (ρ train {r:+.2f})" for j, r in zip(chosen, block.get("rho_train", [0.0] * n))]
+    ax.set_yticks(range(n)[::-1], labels, fontsize=8)
+    for i, q in enumerate(block["q"]):
+        ax.annotate(f"q={q:.2g}", (abs(block["rho_eval"][i]), n - 1 - i), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7)  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set(xlabel=f"|Spearman ρ| with {metric}, eval prompts (n={block['n_eval']})")
+    ax.set_title(
+        f"diff-SAE latents behind {metric}: {len(block['called'])} called (red)\n"
+        f"black: random direction, same rank ({block['random_directions_called']} called)",
+        fontsize=10,
+    )
+
+
+def examples_panel(ax, metric: str, block: dict, examples: dict, per_latent: int = 3) -> None:
+    """The top-activating contexts of the latents called for ``metric`` (chosen ones when none was)."""
+    shown = block["called"] or block["chosen"]
+    ax.set_axis_off()
+    if not shown:
+        ax.text(0.5, 0.5, f"{metric}: no latent chosen", ha="center", va="center", color="0.4")
+        return
+    lines = []
+    for j in shown[:4]:
+        lines.append(f"latent {j}")
+        for row in examples.get(str(j), [])[:per_latent]:
+            context = " ".join(row["context"].split())  # one line: newlines and runs of spaces folded
+            at = max(context.find("⟦"), 0)  # the firing token, with what comes before and after it
+            lines.append(f"   {row['activation']:.2f}  {context[max(at - 20, 0) : at + 24]}")
+    ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=ax.transAxes)
+    what = "called" if block["called"] else "chosen (none called)"
+    ax.set_title(f"where the {what} latents fire most (⟦token⟧; eval)", fontsize=10)
+
+
 def same_token_diffing(
     record: dict,
     crosscoder_table,
@@ -868,17 +914,20 @@ def same_token_diffing(
     kl_table,
     out: str | Path,
     title: str = "",
-    size=(17, 9.5),
+    size=(21, 9.5),
+    diff_sae_examples: dict | None = None,
     dpi: int = 110,
 ) -> Path:
     """One same-token pair at one layer, every method on one page (a table is None when its method
     did not run): the crosscoder's Δnorm histogram with its class bands, Latent Scaling ratios of its
     Mi-only latents, the diff-SAE's top latents, the lens's promoted tokens, per-token KL and KL
-    recovery beside random latents."""
+    recovery beside random latents, and the diff-SAE latents behind the first probed metric beside
+    as many random directions chosen the same way, with where they fire (``diff_sae_examples``: the
+    diff-SAE's features/examples.json)."""
     import numpy as np
 
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=size)
+    fig, axes = plt.subplots(2, 4, figsize=size, gridspec_kw={"width_ratios": [1, 1, 1, 0.9]})
     methods = record["methods"]
 
     def absent(ax, what):
@@ -1007,5 +1056,16 @@ def same_token_diffing(
         ax.set_title("KL closed at this layer (black: as many random latents)", fontsize=10)
     else:
         absent(ax, "KL recovery")
+
+    # (g) the diff-SAE latents behind the first probed metric: held-out rho beside random directions;
+    # (h) where they fire
+    behind = methods.get("diff_sae", {}).get("metric", {})
+    if behind:
+        metric = next(iter(behind))
+        metric_latents_panel(axes[0, 3], metric, behind[metric])
+        examples_panel(axes[1, 3], metric, behind[metric], diff_sae_examples or {})
+    else:
+        absent(axes[0, 3], "diff-SAE latents behind a metric")
+        absent(axes[1, 3], "diff-SAE latents behind a metric")
     fig.suptitle(title or f"{record['pair']}, layer {record['layer']}: same-token diffing")
     return _save(fig, out, dpi)
