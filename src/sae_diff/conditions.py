@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .editing import Edit
-from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT
+from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT, check_directions
 
 # --------------------------------------------------------------------------- feature choice
 
@@ -249,9 +249,7 @@ def comparison_conditions(
     its mean where the edit acts (zero-ablating a direction the activations carry a large mean along
     breaks the text). And, for steering with an ``instruction``, that instruction appended to the
     prompt. The select half runs every alpha; the report half the one picked there."""
-    unknown = set(directions) - set(DIRECTION_COMPARISONS)
-    if unknown:
-        raise ValueError(f"comparison directions {sorted(unknown)}: expected some of {DIRECTION_COMPARISONS}")
+    check_directions(directions)
     out = []
     edit_kind = EXPERIMENTS[experiment][0]
     for name in DIRECTION_COMPARISONS:

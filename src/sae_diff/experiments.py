@@ -23,6 +23,13 @@ DIRECTION_COMPARISONS = ("diffmean", "adl", "crosscoder", "diff_sae")
 COMPARISONS = DIRECTION_COMPARISONS + ("prompting",)
 
 
+def check_directions(directions: dict) -> None:
+    """Refuse comparison directions named outside ``DIRECTION_COMPARISONS``."""
+    unknown = set(directions) - set(DIRECTION_COMPARISONS)
+    if unknown:
+        raise ValueError(f"comparison directions {sorted(unknown)}: expected some of {DIRECTION_COMPARISONS}")
+
+
 def selection_method(opts: dict, experiment: str) -> str:
     """How an experiment's features are chosen: ``probe`` or ``attribution``."""
     select = opts.get("select", "probe")

@@ -39,7 +39,7 @@ from .conditions import (
 from .editing import intervene
 from .effects import effects, expected_sign, noop_check, score
 from .errors import ConfigError, DataError
-from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT, selection_method
+from .experiments import DIRECTION_COMPARISONS, EXPERIMENTS, SWEPT, check_directions, selection_method
 from .sae.model import SAE
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def run(
     swept = opts["alphas"] if experiment in SWEPT else [None]
     baselines = opts.get("baselines") or {}
     instruction = baselines.get("prompting", {}).get(metric)
+    check_directions(directions or {})  # before the model loads and the mean projections run
     # a method turned off, or without a direction (a crosscoder with no Mi-only latent), is not run
     directions = {
         name: v
