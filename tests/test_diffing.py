@@ -211,6 +211,18 @@ def test_diffing_record_cli_writes_the_matches_beside_the_record(tmp_path):
     assert [row["latent"] for row in record["methods"]["diff_sae"]["crosscoder_match"]] == top
     block = record["methods"]["crosscoder"]
     assert block["ce_loss_score"] == {"m0": 0.9, "m1": 0.8} and block["kl_div_with_spliced"] == {"m0": 0.0, "m1": 0.01}
+    assert "metric" not in record["methods"]["diff_sae"]  # a metric_latents.json is read only when given
+    rows = [
+        {"latent": 4, "rho_train": 0.6, "rho_eval": 0.5, "p": 0.001, "q": 0.002, "called": True},
+        {"latent": 9, "rho_train": -0.5, "rho_eval": -0.1, "p": 0.4, "q": 0.4, "called": False},
+    ]
+    found = {"latents": rows, "n_eval": 40, "n_eval_groups": 10, "n_called": 1,
+             "random_directions": {"n_called": 0, "abs_rho_eval": [0.2, 0.1]}}  # fmt: skip
+    (sae_dir / "metric_latents.json").write_text(json.dumps({"metrics": {"m": found}}))
+    assert cli.main([*args, "--metric-latents", str(sae_dir / "metric_latents.json")]) == 0
+    metric = json.loads(out.read_text())["methods"]["diff_sae"]["metric"]["m"]
+    assert metric["chosen"] == [4, 9] and metric["called"] == [4] and metric["rho_train"] == [0.6, -0.5]
+    assert metric["random_directions_called"] == 0 and metric["random_directions_abs_rho_eval"] == [0.2, 0.1]
     with pytest.raises(SystemExit):
         cli.main(["diffing-record", "--spec", spec, "--pair", "p", "--layer", "1", "--diff-sae", str(sae_dir),
                   "--out", str(out), "--matches", str(matches)])  # fmt: skip

@@ -820,6 +820,17 @@ def test_comparison_methods_move_as_far_as_the_sae_group():
         "ablation", [1], w_dec, {"crosscoder": cross}, None, [None], typical, "all", {"crosscoder": 0.4}
     )
     assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("crosscoder", "project_out", (0.4,))]
+    # and the diff-SAE's latents behind the metric, last; a zero direction (nothing called) is left out
+    behind = np.sin(np.arange(d, dtype=np.float64) + 0.5)
+    out = conditions.comparison_conditions(
+        "steering", [1, 3], w_dec, {"diff_sae": behind, "crosscoder": 0 * cross}, None, [2], typical, "all"
+    )
+    assert [c.name for c in out] == ["diff_sae"]
+    np.testing.assert_allclose(np.asarray(out[0].edit.direction), size * behind / np.linalg.norm(behind), atol=1e-12)
+    out = conditions.comparison_conditions(
+        "ablation", [1], w_dec, {"diff_sae": behind}, None, [None], typical, "all", {"diff_sae": -1.5}
+    )
+    assert [(c.name, c.edit.kind, c.edit.values) for c in out] == [("diff_sae", "project_out", (-1.5,))]
     # the methods come in DIRECTION_COMPARISONS order whatever the dict's order; an unknown name is refused
     with pytest.raises(ValueError, match="'lens'"):
         conditions.comparison_conditions("steering", [1], w_dec, {"lens": adl}, None, [1], typical, "all")

@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from sae_diff import metric_latents
+from sae_diff.stats import spearman_columns
 
 
 def test_spearman_columns_equal_scipy_with_ties():
@@ -19,7 +20,7 @@ def test_spearman_columns_equal_scipy_with_ties():
     x[:, 2] = np.round(x[:, 2])  # ties
     x[:, 5] = 1.0  # constant: ρ = 0 here (scipy: nan)
     v = np.round(rng.normal(size=40), 1)
-    rho = metric_latents.spearman_columns(x, v)
+    rho = spearman_columns(x, v)
     for j in range(5):
         assert rho[j] == pytest.approx(spearmanr(x[:, j], v).statistic, abs=1e-12)
     assert rho[5] == 0.0
@@ -30,8 +31,10 @@ def test_block_permutation_moves_whole_groups_of_one_size():
     other group has stays put; the result is a permutation."""
     groups = np.array(["a"] * 4 + ["b"] * 3 + ["c"] * 4 + ["d"] * 4 + ["e"] * 2)
     rng = np.random.default_rng(3)
+    moved = 0
     for _ in range(20):
         perm = metric_latents.block_permutation(groups, rng)
+        moved += not np.array_equal(perm, np.arange(len(groups)))
         assert sorted(perm) == list(range(len(groups)))
         for g in np.unique(groups):
             source = groups[perm[groups == g]]
@@ -39,18 +42,22 @@ def test_block_permutation_moves_whole_groups_of_one_size():
             assert (groups == source[0]).sum() == (groups == g).sum()
         assert (perm[groups == "b"] == np.flatnonzero(groups == "b")).all()
         assert (perm[groups == "e"] == np.flatnonzero(groups == "e")).all()
+    assert moved >= 15  # 3 groups of size 4: 5 of 6 arrangements move something
+    # 3! arrangements of the size-4 groups, the others fixed
+    assert 10 ** metric_latents.log10_arrangements(groups) == pytest.approx(6)
 
 
 def test_permutation_pvalues_equal_a_plain_loop():
     """p = (1 + #{|ρ_null| ≥ |ρ|}) / (1 + n), each null ρ from scipy on the block-permuted metric,
     the permutations drawn in the same order from the same seed."""
     rng = np.random.default_rng(1)
-    groups = np.repeat(np.arange(12), 4)
-    x = rng.normal(size=(48, 3))
-    v = x[:, 0] + rng.normal(size=48)
+    groups = np.repeat(np.arange(14), [4] * 8 + [3] * 5 + [2])  # unequal sizes, one group alone in its size
+    x = rng.normal(size=(len(groups), 3))
+    v = x[:, 0] + rng.normal(size=len(groups))
     rho, p = metric_latents.permutation_pvalues(x, v, groups, n_permutations=300, seed=7)
     draws = np.random.default_rng(7)
     perms = [metric_latents.block_permutation(groups, draws) for _ in range(300)]
+    assert all((perm[groups == 13] == np.flatnonzero(groups == 13)).all() for perm in perms)
     for j in range(3):
         observed = spearmanr(x[:, j], v).statistic
         null = np.array([spearmanr(x[:, j], v[perm]).statistic for perm in perms])
@@ -101,6 +108,16 @@ def test_missing_metric_values_are_dropped_and_too_few_skip():
     assert few["latents"] == [] and "skipped" in few and few["n_called"] == 0
 
 
+def test_too_few_eval_prompts_to_reach_the_fdr_is_skipped_not_silent():
+    """Two eval prompts allow 2 arrangements: no p below 0.5, so nothing could ever be called; the
+    result says so instead of reporting 0 called."""
+    x, values, train, _, groups = _world(0, planted=True)
+    held_out = np.isin(groups, [0, 1])
+    found = metric_latents.associate(x, values, train & ~held_out, held_out, groups, 5, 200, 0.05, 0)
+    assert "too few eval prompts" in found["skipped"] and found["latents"] == []
+    assert 10 ** found["log10_arrangements"] == pytest.approx(2)
+
+
 def test_direction_sums_the_called_latents_signed_and_weighted(tmp_path):
     """direction = s · Σ_called sign(ρ_eval) · mean_act · W_dec row, against a plain float64 sum over
     the hand-picked rows; latents chosen but not called are left out; down flips it; a metric without
@@ -132,3 +149,63 @@ def test_direction_sums_the_called_latents_signed_and_weighted(tmp_path):
     np.testing.assert_allclose(metric_latents.direction(tmp_path, "m", "down"), -expected, rtol=1e-12)
     assert not metric_latents.direction(tmp_path, "quiet").any()
     assert metric_latents.direction(tmp_path, "other") is None
+
+
+def test_write_reads_only_the_kept_samples_and_finds_the_planted_latent(tmp_path):
+    """write() on a diff-SAE folder: the metric's ``where`` keeps one language, samples outside the
+    table given (the prompt split's) and samples with no pooled token are left out, the planted
+    latent is called, and the random directions are pooled from the same store the same way."""
+    import json
+
+    import torch
+    from safetensors.numpy import save_file
+
+    from sae_diff.activations import ActivationStore, write_store
+    from sae_diff.paired import DifferenceStore
+
+    n_prompts, per_prompt, tokens, width = 48, 4, 6, 20
+    n = n_prompts * per_prompt
+    rng = np.random.default_rng(0)
+    prompt = np.repeat(np.arange(n_prompts), per_prompt)
+    values = rng.normal(size=n_prompts)[prompt] + rng.normal(size=n)
+    samples = pd.DataFrame(
+        {
+            "sample_id": np.arange(n),
+            "prompt_id": prompt,
+            "split": np.where(prompt % 4 == 0, "eval", "train"),
+            "language": np.where(prompt % 3 == 0, "fr", "en"),
+            "m": values,
+        }
+    )
+    pooled_x = rng.normal(size=(n, width))
+    pooled_x[:, 3] += 2.0 * values
+    counts = np.full(n, tokens - 2, dtype=np.int64)
+    counts[:4] = 0  # the first prompt's samples: nothing to pool
+    folder = tmp_path / "diff_sae"
+    (folder / "features").mkdir(parents=True)
+    save_file(
+        {"sample_id": np.arange(n), "mean": pooled_x.astype(np.float32), "n_completion_tokens": counts},
+        str(folder / "features" / "pooled.safetensors"),
+    )
+    meta = {
+        "sample_idx": torch.as_tensor(np.repeat(np.arange(n), tokens)),
+        "position": torch.as_tensor(np.tile(np.arange(tokens), n), dtype=torch.int32),
+        "in_prompt": torch.as_tensor(np.tile(np.arange(tokens) < 2, n)),
+    }
+    base = torch.randn(n * tokens, 8, generator=torch.Generator().manual_seed(1))
+    stores = [
+        ActivationStore(write_store(tmp_path / name, acts, meta=meta, shard_tokens=256))
+        for name, acts in (("m0", base), ("m1", base + 0.3 * torch.randn_like(base)))
+    ]
+    readable = samples[samples["prompt_id"] != 5]  # a prompt the prompt split keeps out
+    opts = {"pooling": "mean", "top": 3, "n_permutations": 300, "fdr": 0.05, "seed": 0}
+    where = {"m": {"language": ["en"]}}
+    out = metric_latents.write(folder, DifferenceStore(*stores), readable, where, opts, tmp_path / "o.json")
+    found = out["metrics"]["m"]
+    kept = (samples["language"] == "en") & (samples["prompt_id"] != 5) & (counts > 0)
+    assert found["n_train"] == (kept & (samples["split"] == "train")).sum()
+    assert found["n_eval"] == (kept & (samples["split"] == "eval")).sum()
+    assert out["n_without_tokens"] == 4 and out["width"] == width
+    assert found["latents"][0]["latent"] == 3 and found["latents"][0]["called"]
+    assert len(found["random_directions"]["abs_rho_eval"]) == 3
+    assert json.loads((tmp_path / "o.json").read_text()) == out

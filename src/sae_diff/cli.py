@@ -985,6 +985,7 @@ def _metric_latents_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuned-model-dir", help="the tuned model (needed when the activations are not cached)")
     p.add_argument("--samples", required=True, help="the data both cells ran on, with the metrics")
     p.add_argument("--diff-sae", required=True, help="the diff-SAE's folder of this pair and layer")
+    p.add_argument("--prompt-split", help="the causal tests' prompt split: only feature-selection prompts are read")
     p.add_argument("--out", required=True, help="the JSON to write")
 
 
@@ -993,7 +994,7 @@ def _metric_latents_args(p: argparse.ArgumentParser) -> None:
 def cmd_metric_latents(args) -> None:
     import pandas as pd
 
-    from . import io, metric_latents, models
+    from . import io, metric_latents, models, splits
     from .paired import DifferenceStore, open_pair
 
     spec = _spec(args)
@@ -1009,7 +1010,7 @@ def cmd_metric_latents(args) -> None:
     metric_latents.write(
         Path(args.diff_sae),
         DifferenceStore(base, tuned),
-        pd.read_parquet(args.samples),
+        splits.restrict_samples(pd.read_parquet(args.samples), args.prompt_split),
         spec["metrics"],
         {**spec["metric_latents"], "pooling": spec["pooling"]},
         Path(args.out),
@@ -1202,6 +1203,7 @@ def _diffing_record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adl", help="the activation-difference lens's folder of this pair and layer")
     p.add_argument("--kl", help="the per-token KL folder of this pair")
     p.add_argument("--kl-recovery", help="the KL recovery JSON of this pair and layer")
+    p.add_argument("--metric-latents", help="the diff-SAE latents behind each metric (metric_latents.json)")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--matches",
@@ -1218,7 +1220,9 @@ def cmd_diffing_record(args) -> None:
     folders = {method: getattr(args, method) for method in diffing.READERS if getattr(args, method)}
     if args.matches and not (args.crosscoder and args.diff_sae):
         raise SystemExit("error: --matches needs both --crosscoder and --diff-sae")
-    record = diffing.record(args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"], args.kl_recovery)
+    record = diffing.record(
+        args.pair, args.layer, folders, spec["top"], spec["agreement_cosine"], args.kl_recovery, args.metric_latents
+    )
     if args.matches:
         matches = diffing.latent_matches(Path(args.diff_sae), Path(args.crosscoder))
         io.write_parquet(matches, args.matches)

@@ -64,8 +64,6 @@ def diff_sae_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray
     }
     if "promoted" in table.columns:  # logit lens through the tuned model: each latent's first tokens
         block["promoted"] = [[str(t) for t in list(tokens)[:5]] for tokens in table["promoted"]]
-    if (folder / "metric_latents.json").exists():  # written beside by metric_latents.write
-        block["metric"] = metric_block(read_json(folder / "metric_latents.json"))
     return block, (ids, sae.W_dec.detach().double().numpy()[ids])
 
 
@@ -84,6 +82,7 @@ def metric_block(record: dict) -> dict:
             "random_directions_called": found["random_directions"]["n_called"],
             "random_directions_abs_rho_eval": [round(v, 4) for v in found["random_directions"]["abs_rho_eval"]],
             "n_eval": found["n_eval"],
+            "n_eval_groups": found["n_eval_groups"],
             **({"skipped": found["skipped"]} if "skipped" in found else {}),
         }
     return out
@@ -287,18 +286,29 @@ RECOVERY_OF = {"crosscoder_mi_only": "crosscoder", "diff_sae_top": "diff_sae", "
 
 
 def record(
-    pair: str, layer: int, folders: dict[str, Path], top: int, threshold: float, kl_recovery: Path | None = None
+    pair: str,
+    layer: int,
+    folders: dict[str, Path],
+    top: int,
+    threshold: float,
+    kl_recovery: Path | None = None,
+    metric_latents: Path | None = None,
 ) -> dict:
     """The per-(pair, layer) record: each method's block and the cross-method agreement.
 
     folders: method -> its output folder for this pair and layer (only the methods that ran);
-    kl_recovery: the pair and layer's ``recovery.json``, whose numbers join the blocks they measure."""
+    kl_recovery: the pair and layer's ``recovery.json``, whose numbers join the blocks they measure;
+    metric_latents: the diff-SAE's ``metric_latents.json``, its block's ``metric``."""
     blocks, directions = {}, {}
     readers = {**READERS, "crosscoder": all_iterations_block} if pair.startswith("all_") else READERS
     for method, folder in folders.items():
         blocks[method], found = readers[method](Path(folder), top)
         if len(found[0]):
             directions[method] = found
+    if metric_latents is not None and "diff_sae" in blocks and not blocks["diff_sae"].get("identical"):
+        from .io import read_json
+
+        blocks["diff_sae"]["metric"] = metric_block(read_json(metric_latents))
     if "adl" in blocks:
         blocks["adl"]["aligned"] = aligned_latents(directions)
     if "diff_sae" in directions and "crosscoder" in directions:

@@ -22,6 +22,7 @@ A latent is *called* when q ≤ ``fdr`` and its eval ρ has its train ρ's sign.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,45 +31,52 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
-def spearman_columns(x: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Spearman ρ of every column of ``x`` [n, m] with ``values`` [n] (average ranks for ties;
-    0 for a constant column)."""
-    xr = pd.DataFrame(np.asarray(x, dtype=np.float64)).rank().to_numpy()
-    vr = pd.Series(np.asarray(values, dtype=np.float64)).rank().to_numpy()
-    xc, vc = xr - xr.mean(0), vr - vr.mean()
-    denom = np.sqrt((xc**2).sum(0) * (vc**2).sum())
-    return np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
+def blocks(groups: np.ndarray) -> list[np.ndarray]:
+    """Per size class, the sample indices of its groups as rows [n_groups, size] (each group's
+    samples in their order): what ``block_permutation`` moves."""
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return [
+        np.stack([order[starts[g] : starts[g] + size] for g in np.flatnonzero(counts == size)])
+        for size in np.unique(counts)
+    ]
 
 
-def block_permutation(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def block_permutation(groups: np.ndarray, rng: np.random.Generator, by_size: list | None = None) -> np.ndarray:
     """An index permutation of the samples that moves whole groups: each group's samples take the
-    places of another group's of the same size (groups of a size no other group has stay put)."""
-    groups = np.asarray(groups)
-    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(counts))]
+    places of another group's of the same size (groups of a size no other group has stay put).
+    ``by_size``: ``blocks(groups)``, computed once by a caller that draws many."""
     out = np.arange(len(groups))
-    for size in np.unique(counts):
-        same = np.flatnonzero(counts == size)
-        for a, b in zip(same, rng.permutation(same)):
-            out[members[a]] = members[b]
+    for members in blocks(groups) if by_size is None else by_size:
+        out[members.ravel()] = members[rng.permutation(len(members))].ravel()
     return out
+
+
+def log10_arrangements(groups: np.ndarray) -> float:
+    """log10 of how many distinct ways ``block_permutation`` can arrange the groups (the product,
+    over size classes, of the factorial of the class's group count): a permutation p-value can
+    go no lower than one over it."""
+    return float(sum(math.lgamma(len(members) + 1) for members in blocks(groups)) / math.log(10))
 
 
 def permutation_pvalues(
     x: np.ndarray, values: np.ndarray, groups: np.ndarray, n_permutations: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ρ of each column of ``x`` with ``values``, two-sided permutation p-values
-    (1 + #{|ρ_null| ≥ |ρ|}) / (1 + n)); every column sees the same ``block_permutation``s."""
-    observed = spearman_columns(x, values)
+    (1 + #{|ρ_null| ≥ |ρ|}) / (1 + n)); every column sees the same ``block_permutation``s. ρ is
+    the dot product of the centred, normalised ranks, so a permutation only reorders one side."""
     xr = pd.DataFrame(np.asarray(x, dtype=np.float64)).rank().to_numpy()
     xr = xr - xr.mean(0)
     xr = xr / np.where((norm := np.sqrt((xr**2).sum(0))) > 0, norm, 1.0)
     vr = pd.Series(np.asarray(values, dtype=np.float64)).rank().to_numpy()
     vr = vr - vr.mean()
     vr = vr / max(np.sqrt((vr**2).sum()), 1e-300)
+    observed = vr @ xr
     rng = np.random.default_rng(seed)
-    perms = np.stack([vr[block_permutation(groups, rng)] for _ in range(n_permutations)])  # [P, n]
-    null = perms @ xr  # [P, m]: a permuted ρ per column (ranks are only reordered)
+    by_size = blocks(groups)
+    perms = np.stack([vr[block_permutation(groups, rng, by_size)] for _ in range(n_permutations)])  # [P, n]
+    null = perms @ xr  # [P, m]: a permuted ρ per column
     exceed = (np.abs(null) >= np.abs(observed) - 1e-12).sum(0)
     return observed, (1 + exceed) / (1 + n_permutations)
 
@@ -87,13 +95,24 @@ def associate(
     """The ``top`` columns of ``x`` by |ρ| with ``values`` on the ``train`` rows, reported on the
     ``held_out`` rows (masks; rows with a missing value are dropped from both)."""
     from .probes import benjamini_hochberg
+    from .stats import spearman_columns
 
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
     train, held_out = np.asarray(train) & finite, np.asarray(held_out) & finite
     out = {"n_train": int(train.sum()), "n_eval": int(held_out.sum()), "n_eval_groups": int(len(set(groups[held_out])))}
+    skipped = None
     if min(train.sum(), held_out.sum()) < 4 or np.ptp(values[train]) == 0 or np.ptp(values[held_out]) == 0:
-        return {**out, "skipped": "fewer than 4 samples with a varying metric on a split", "latents": [], "n_called": 0}
+        skipped = "fewer than 4 samples with a varying metric on a split"
+    else:
+        out["log10_arrangements"] = log10_arrangements(groups[held_out])
+        if 10 ** -out["log10_arrangements"] > fdr:  # no p-value could reach fdr: say so, not "0 called"
+            skipped = (
+                f"the eval prompts allow {10 ** out['log10_arrangements']:.0f} arrangements of equal-sized "
+                f"prompts, so no p-value can fall below fdr {fdr}: too few eval prompts"
+            )
+    if skipped:
+        return {**out, "skipped": skipped, "latents": [], "n_called": 0}
     rho_train = spearman_columns(x[train], values[train])
     chosen = np.argsort(-np.abs(rho_train), kind="stable")[:top]
     rho_eval, p = permutation_pvalues(x[held_out][:, chosen], values[held_out], groups[held_out], n_permutations, seed)
@@ -159,9 +178,12 @@ def write(
     """Per metric, the diff-SAE's latents behind it and the random-direction null, into ``out_path`` (JSON).
 
     diff_sae_dir: a diff-SAE run's folder (``diff_sae.run``: ``features/pooled.safetensors``, ``sae/``);
-    store: the difference store it was trained on (for the random directions); metrics: metric ->
-    ``where`` filter of the samples (``data.select``; None: every sample); opts: ``pooling``, ``top``,
-    ``n_permutations``, ``fdr``, ``seed``."""
+    store: the difference store it was trained on (for the random directions); samples: the samples
+    that may be read (with causal tests on the data's own prompts, only their feature-selection
+    part: ``splits.restrict_samples``); metrics: metric -> ``where`` filter of the samples
+    (``data.select``; None: every sample); opts: ``pooling``, ``top``, ``n_permutations``, ``fdr``,
+    ``seed``. A sample with no token to pool (e.g. a completion that opens with the scored word)
+    is left out rather than read as zeros."""
     from safetensors.numpy import load_file
 
     from . import data, features, io, probes
@@ -174,18 +196,22 @@ def write(
         have = sorted(k for k in pooled if k in features.POOLINGS)
         raise ValueError(f"{pooled_path}: no pooling {pooling!r} (probes.pooling); it has {have}")
     ids = pooled["sample_id"]
-    missing = np.setdiff1d(ids, samples["sample_id"].to_numpy())
-    if len(missing):
-        raise ValueError(f"{pooled_path}: sample {int(missing[0])} is not in the samples table")
-    table = samples.set_index("sample_id").loc[ids].reset_index()
-    width = pooled[pooling].shape[1]
+    pooled_tokens = pooled[f"n_{features.POOLINGS[pooling][0]}_tokens"]
+    readable = np.isin(ids, samples["sample_id"].to_numpy())
+    if not readable.any():
+        raise ValueError(f"{pooled_path}: none of its samples is in the samples table: another data set's diff-SAE?")
+    rows = readable & (pooled_tokens > 0)
+    table = samples.set_index("sample_id").loc[ids[rows]].reset_index()
+    x = pooled[pooling][rows].astype(np.float64)
     cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
-    encoders = {"random_directions": probes.random_directions(store, width, opts["seed"])}
-    random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)["random_directions"]
+    encoders = {"random_directions": probes.random_directions(store, x.shape[1], opts["seed"])}
+    # pooled over every sample the store holds (pool_tokens wants them all), then the same rows
+    random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)["random_directions"][rows]
     groups = table["prompt_id"].astype(str).to_numpy() if "prompt_id" in table.columns else np.arange(len(table))
     result = {
         "pooling": pooling,
-        "width": int(width),
+        "width": int(x.shape[1]),
+        "n_without_tokens": int((readable & (pooled_tokens == 0)).sum()),
         **{key: opts[key] for key in ("top", "n_permutations", "fdr")},
         "metrics": {},
     }
@@ -197,7 +223,7 @@ def write(
         held_out = kept & (table["split"] == "eval").to_numpy()
         values = table[metric].to_numpy(dtype=float)
         args = (values, train, held_out, groups, opts["top"], opts["n_permutations"], opts["fdr"], opts["seed"])
-        found = associate(pooled[pooling].astype(np.float64), *args)
+        found = associate(x, *args)
         null = associate(random.astype(np.float64), *args)
         found["where"] = where
         found["random_directions"] = {  # the null beside the call count: selection alone

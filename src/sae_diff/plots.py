@@ -862,8 +862,9 @@ def _ratio(row: dict) -> float:
 
 
 def metric_latents_panel(ax, metric: str, block: dict) -> None:
-    """The diff-SAE latents chosen for ``metric`` on train: their eval |ρ| (called ones red, with q),
-    and the eval |ρ| of as many random directions chosen the same way (gray): selection alone."""
+    """The diff-SAE latents chosen for ``metric`` on train: their eval |ρ| (called ones red, the
+    others gray, with q), and the eval |ρ| of the random direction chosen at the same rank (black
+    tick): selection alone."""
     chosen = block["chosen"]
     if not chosen:
         ax.text(0.5, 0.5, f"{metric}: {block.get('skipped', 'nothing chosen')}", ha="center", va="center", color="0.4")
@@ -889,7 +890,8 @@ def metric_latents_panel(ax, metric: str, block: dict) -> None:
 
 
 def examples_panel(ax, metric: str, block: dict, examples: dict, per_latent: int = 3) -> None:
-    """The top-activating contexts of the latents called for ``metric`` (chosen ones when none was)."""
+    """The top-activating contexts of the latents called for ``metric`` (chosen ones when none was):
+    over every eval token, not only the tokens the association pooled."""
     shown = block["called"] or block["chosen"]
     ax.set_axis_off()
     if not shown:

@@ -323,6 +323,8 @@ def spearman_cv(
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GroupKFold, KFold
 
+    from .stats import spearman_columns
+
     x = np.asarray(x, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     keep = np.isfinite(v)
@@ -339,11 +341,7 @@ def spearman_cv(
         splits = GroupKFold(n_splits=n, shuffle=True, random_state=seed).split(x, v, g)
     predictions = np.zeros(len(v))
     for train, test in splits:
-        xr = pd.DataFrame(x[train]).rank().to_numpy()
-        vr = pd.Series(v[train]).rank().to_numpy()
-        xc, vc = xr - xr.mean(0), vr - vr.mean()
-        denom = np.sqrt((xc**2).sum(0) * (vc**2).sum())
-        rho = np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1), 0.0)
+        rho = spearman_columns(x[train], v[train])
         cols = np.argsort(-np.abs(rho), kind="stable")[:k]
         model = Ridge(alpha=1.0).fit(_standardize(x[train][:, cols]), v[train])
         predictions[test] = model.predict(_standardize(x[test][:, cols], x[train][:, cols]))

@@ -1,5 +1,5 @@
 """Bootstrap intervals and permutation tests shared by the stages that compare groups of samples
-(iterations, interventions)."""
+(iterations, interventions), and column-wise Spearman correlation (probes, metric latents)."""
 
 from __future__ import annotations
 
@@ -148,3 +148,13 @@ def paired_cluster_shift(
         swap, nb, na
     ).sum(1)
     return {**_tested(observed, boot, null, level), **out}
+
+
+def spearman_columns(x, values) -> np.ndarray:
+    """Spearman ρ of every column of ``x`` [n, m] with ``values`` [n] (average ranks for ties;
+    0 for a constant column)."""
+    xr = pd.DataFrame(np.asarray(x, dtype=np.float64)).rank().to_numpy()
+    vr = pd.Series(np.asarray(values, dtype=np.float64)).rank().to_numpy()
+    xc, vc = xr - xr.mean(0), vr - vr.mean()
+    denom = np.sqrt((xc**2).sum(0) * (vc**2).sum())
+    return np.where(denom > 0, (xc * vc[:, None]).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)

@@ -329,7 +329,7 @@ def diffing_record_inputs(w):
         files["crosscoder"] = grid.crosscoder_files(pair, w.layer)[1:]
     if "diff_sae" in DIFFING_METHODS:
         files["diff_sae"] = [grid.diff_sae_latents(pair, w.layer), grid.diff_sae_metrics(pair, w.layer)]
-        if PROBE_METRICS:  # read from the diff-SAE's folder by the record
+        if PROBE_METRICS:
             files["metric_latents"] = grid.diff_sae_metric_latents(pair, w.layer)
     if "adl" in DIFFING_METHODS:
         files["adl"] = grid.adl_files(pair, w.layer)

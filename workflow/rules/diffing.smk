@@ -88,9 +88,11 @@ rule diff_sae:
 
 rule metric_latents:
     """The diff-SAE latents behind each probed metric: chosen on the data's train split, reported on its
-    eval split against a permutation null and beside as many random directions chosen the same way."""
+    eval split against a permutation null and beside as many random directions chosen the same way.
+    With causal tests on the data's own prompts, only their feature-selection part is read (the split)."""
     input:
         unpack(same_token_inputs),
+        **({"split": grid.prompt_split()} if INTERVENTION_RUNS else {}),
         diff_sae=grid.diff_sae_metrics(SAME_TOKEN_PAIR, "{layer}"),
     output:
         grid.diff_sae_metric_latents(SAME_TOKEN_PAIR, "{layer}"),
@@ -101,6 +103,8 @@ rule metric_latents:
     conda:
         "../envs/torch.yaml"
     threads: 2
+    resources:
+        mem_mb=8000,
     params:
         spec=lambda w: spec(
             metric_latents=config["diffing"]["metric_latents"],
@@ -109,10 +113,12 @@ rule metric_latents:
             **placement(),
         ),
         folder=lambda w, input: os.path.dirname(input.diff_sae),
+        split=prompt_split_arg,
     shell:
         "sae-diff metric-latents --spec {params.spec:q} --base-acts {input.base_acts:q} "
         "--tuned-acts {input.tuned_acts:q} --base-model-dir {input.base_model:q} --tuned-model-dir {input.tuned_model:q} "
-        "--samples {input.samples:q} --diff-sae {params.folder:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+        "--samples {input.samples:q} --diff-sae {params.folder:q} {params.split} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule adl:
@@ -220,7 +226,8 @@ rule diffing_record:
     params:
         spec=lambda w: spec(top=config["diffing"]["top"], agreement_cosine=config["diffing"]["agreement_cosine"]),
         methods=lambda w, input: method_folder_args(input, ("crosscoder", "diff_sae", "adl", "kl"))
-        + (f" --kl-recovery {shlex.quote(input.kl_recovery)}" if "kl_recovery" in input.keys() else ""),
+        + (f" --kl-recovery {shlex.quote(input.kl_recovery)}" if "kl_recovery" in input.keys() else "")
+        + (f" --metric-latents {shlex.quote(input.metric_latents)}" if "metric_latents" in input.keys() else ""),
         matches=lambda w, output: (f"--matches {shlex.quote(output.matches)}" if "matches" in output.keys() else ""),
     shell:
         "sae-diff diffing-record --spec {params.spec:q} --pair M0_D{wildcards.i}__M{wildcards.i}_D{wildcards.i} "
