@@ -91,6 +91,10 @@ def main() -> None:
             chance = np.abs(decoders["first"][first] @ random.T).max(1)
             print(f"  best |cos| of the first seed's called latents with any second-seed latent: {np.round(best, 2)} "
                   f"(with as many random directions: {np.round(chance, 2)})")  # fmt: skip
+            second = [row["latent"] for row in found["second"]["latents"] if row["called"]]
+            if second:
+                cos = decoders["first"][first] @ decoders["second"][second].T
+                print(f"  cos of the called latents, first {first} (rows) x second {second}:\n{np.round(cos, 2)}")
         directions = [metric_latents.direction(folder, args.metric) for folder in folders.values()]
         norms = [np.linalg.norm(d) for d in directions]
         if min(norms) > 0:

@@ -760,6 +760,10 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             control = "random_" + name.split("_", 1)[1]
             order += [name] + ([control] if any(r["condition"] == control for r in rows) else [])
             colors += ["tab:orange"] + (["silver"] if order[-1] == control else [])
+        # and the comparison methods, mean-ablated the same way
+        compared = [m for m in DIRECTION_COMPARISONS if any(r["condition"] == m for r in rows)]
+        order += compared
+        colors += [styles[m][0] if m in styles else "0.5" for m in compared]
         chosen = [next(r for r in rows if r["condition"] == name) for name in order]
         stats = [r["metrics"][metric] for r in chosen]
         means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
@@ -767,8 +771,14 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             [(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
             [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats],
         ]
+        readable = {
+            "diffmean": "difference in means",
+            "adl": "lens direction",
+            "crosscoder": "crosscoder Mi-only",
+            "diff_sae": "diff-SAE latents of the metric",
+        }
         labels = ["no-op", "top features", "matched random"] + [
-            n.replace("random_", "random for ").replace("_", " ") for n in order[3:]
+            readable.get(n, n.replace("random_", "random for ").replace("_", " ")) for n in order[3:]
         ]
         labels = [
             label + (" (reported)" if name == report.get("condition") else "") for name, label in zip(order, labels)
