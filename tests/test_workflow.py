@@ -385,11 +385,12 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert headline["diff_sae"]["M1"]["layer1"]["top"][:3] == diff_sae["latent"].head(3).tolist()
     assert len(headline["adl"]["M1"]["layer1"]["top"]) == 5  # diffing.adl.k in config/test.yaml
     assert "diff_sae_top" in headline["kl"]["M1"]["layer1"]["recovery"]
-    # the diff-SAE latents behind n_chars (the probed metric): D1's 2 eval prompts of 3 samples
-    # allow 2 arrangements, so no p-value could reach the fdr: skipped with that reason, not "0 called"
+    # the diff-SAE latents behind n_chars (the probed metric): D1's 2 eval prompts (at most 3 samples
+    # each; a completion with no token is left out) allow at most 2 arrangements, so no p-value could
+    # reach the fdr: skipped with that reason, not "0 called"
     behind = json.loads((results / "diff_sae" / pair / "layer1" / "metric_latents.json").read_text())
     found = behind["metrics"]["n_chars"]
-    assert behind["pooling"] == "max" and found["n_eval"] == 6 and found["n_eval_groups"] == 2
+    assert behind["pooling"] == "max" and 0 < found["n_eval"] <= 6 and found["n_eval_groups"] == 2
     assert "too few eval prompts" in found["skipped"] and found["latents"] == [] and found["n_called"] == 0
     metric = headline["diff_sae"]["M1"]["layer1"]["metric"]["n_chars"]
     assert metric["chosen"] == [] and metric["skipped"] == found["skipped"]
