@@ -924,15 +924,24 @@ def cmd_null_diffs(args) -> None:
         log.info("layer %d %s: null counts %s", args.layer, name, [{k: p[k] for k in nulls.LABELS} for p in pairs])
 
 
-def _same_token_args(p: argparse.ArgumentParser) -> None:
+def _pair_args(p: argparse.ArgumentParser, tuned_model_required: bool) -> None:
     """The two cells of a same-token pair (M0Di, MiDi): activation sites, models, the shared samples."""
     _common(p)
-    p.add_argument("--layer", type=int, required=True, help="block index")
     p.add_argument("--base-acts", required=True, help="the base cell's activation store of the site")
     p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
     p.add_argument("--base-model-dir", help="the base model (needed when the activations are not cached)")
-    p.add_argument("--tuned-model-dir", required=True, help="the tuned model (logit lens; streamed activations)")
-    p.add_argument("--samples", required=True, help="the data both cells ran on")
+    p.add_argument(
+        "--tuned-model-dir",
+        required=tuned_model_required,
+        help="the tuned model (needed when the activations are not cached"
+        + ("; the logit lens reads it)" if tuned_model_required else ")"),
+    )
+    p.add_argument("--samples", required=True, help="the data both cells ran on, with its metrics")
+
+
+def _same_token_args(p: argparse.ArgumentParser) -> None:
+    _pair_args(p, tuned_model_required=True)
+    p.add_argument("--layer", type=int, required=True, help="block index")
     p.add_argument("--out-dir", required=True)
 
 
@@ -978,12 +987,7 @@ def cmd_diff_sae(args) -> None:
 
 
 def _metric_latents_args(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--base-acts", required=True, help="the base cell's activation store of the diff-SAE's site")
-    p.add_argument("--tuned-acts", required=True, help="the tuned cell's activation store of the site")
-    p.add_argument("--base-model-dir", help="the base model (needed when the activations are not cached)")
-    p.add_argument("--tuned-model-dir", help="the tuned model (needed when the activations are not cached)")
-    p.add_argument("--samples", required=True, help="the data both cells ran on, with the metrics")
+    _pair_args(p, tuned_model_required=False)
     p.add_argument("--diff-sae", required=True, help="the diff-SAE's folder of this pair and layer")
     p.add_argument("--prompt-split", help="the causal tests' prompt split: only feature-selection prompts are read")
     p.add_argument("--out", required=True, help="the JSON to write")

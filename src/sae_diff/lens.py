@@ -377,6 +377,12 @@ def _kl_table(
             results[i] = (a, b)
         bar.update(len(rows))
     bar.close()
+    return _kl_frame(sequences, results)
+
+
+def _kl_frame(sequences: list, results: list) -> pd.DataFrame:
+    """The per-token KL table of ``_kl_table``: one row per kept token of each sequence, from
+    its (KL(P_t || P_b), KL(P_b || P_t)) arrays in ``results`` (the same order as ``sequences``)."""
     columns: dict[str, list] = {k: [] for k in ("sample_idx", "position", "token_id", "in_prompt", *KL_COLUMNS)}
     for s, (kl_tb, kl_bt) in zip(sequences, results):
         pos = np.nonzero(s.keep)[0]
@@ -478,11 +484,12 @@ def kl_with_patches(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """``per_token_kl`` and, for every patch at (``layer``, resid_post), KL(P_tuned ‖ P_base-patched)
-    per kept token, in one pass over the samples: per batch the tuned model runs once, the base
-    model once up to the layer (``models.branch_point``), and only the blocks above the layer run
-    again for each patch (``models.continue_from``). The same numbers as ``kl_with_patch`` called
-    once per patch (checked in a test), at a fraction of the cost when there are many patches
-    (KL recovery's null: one patch per random draw).
+    per kept token, in one pass over the samples: per batch the tuned model runs once and the
+    base model once (its unpatched logits give ``per_token_kl``; ``models.branch_point`` keeps
+    its activation at the layer), and only the blocks above the layer run again for each patch
+    (``models.continue_from``). The same numbers as ``per_token_kl`` and as ``kl_with_patch``
+    called once per patch (checked in a test), at a fraction of the cost when there are many
+    patches (KL recovery's null: one patch per random draw).
 
     Returns the unpatched table (as ``per_token_kl``) and {patch name: kl_tuned_base array in the
     table's row order}."""
@@ -494,17 +501,16 @@ def kl_with_patches(
     place = models.as_placement(place)
     sequences = _sequences(tokenizer, samples, max_length, exclude_special, exclude_first)
     pad_id = _pad_id(tokenizer)
-    before = _kl_table(
-        base, tuned, tokenizer, samples, batch_size, place, exclude_special, exclude_first, max_length, progress=False
-    )
+    unpatched: list = [None] * len(sequences)
     per_sequence = {name: [None] * len(sequences) for name in patches}
     bar = progress_bar(total=len(sequences), desc=f"KL with {len(patches)} patches", unit="seq", enabled=progress)
     for rows in _batches([s.ids for s in sequences], batch_size):
         seqs = [sequences[i] for i in rows]
         counts = [int(s.keep.sum()) for s in seqs]
         if not any(len(s.ids) for s in seqs):
-            for name in patches:
-                for i in rows:
+            for i in rows:
+                unpatched[i] = (np.zeros(0, np.float64), np.zeros(0, np.float64))
+                for name in patches:
                     per_sequence[name][i] = np.zeros(0, np.float64)
             continue
         ids, mask = _pad([s.ids for s in seqs], pad_id)
@@ -517,19 +523,26 @@ def kl_with_patches(
                 logits_t = tuned(**inputs).logits
             h_tuned = store[site]
             with models.branch_point(base, site[0]) as state:
-                base(**inputs)
+                logits_b = base(**inputs).logits
             h_base = state["hidden"]
+            if logits_t.shape != logits_b.shape:
+                raise ValueError(f"logits of shape {tuple(logits_t.shape)} (tuned) and {tuple(logits_b.shape)} (base)")
             kept_t = logits_t[keep.to(logits_t.device)]
+            kl_tb, kl_bt = _kl_rows(kept_t.to(logits_b.device), logits_b[keep.to(logits_b.device)])
+            splits = np.cumsum(counts)[:-1]
+            for i, a, b in zip(rows, np.split(kl_tb.numpy(), splits), np.split(kl_bt.numpy(), splits)):
+                unpatched[i] = (a, b)
             for name, patch in patches.items():
                 new = patch(h_base, h_tuned.to(h_base.device))
                 if tuple(new.shape) != tuple(h_base.shape):
                     raise ValueError(f"patch {name} returned shape {tuple(new.shape)}, expected {tuple(h_base.shape)}")
                 logits_b = models.continue_from(base, site[0], new.to(h_base.dtype), state)
                 kl_tb, _ = _kl_rows(kept_t.to(logits_b.device), logits_b[keep.to(logits_b.device)])
-                for i, part in zip(rows, np.split(kl_tb.numpy(), np.cumsum(counts)[:-1])):
+                for i, part in zip(rows, np.split(kl_tb.numpy(), splits)):
                     per_sequence[name][i] = part
         bar.update(len(rows))
     bar.close()
+    before = _kl_frame(sequences, unpatched)
     after = {
         name: (np.concatenate(parts) if parts else np.zeros(0)).astype(np.float64)
         for name, parts in per_sequence.items()

@@ -144,8 +144,6 @@ def direction(diff_sae_dir: str | Path, metric: str, way: str = "up") -> np.ndar
     vector when no latent was called: then the diff-SAE has nothing to steer with. The interventions
     steer M0 with it, and project it out of Mi, as the crosscoder's direction is
     (``conditions.comparison_conditions``)."""
-    import torch
-
     from .io import read_json
     from .sae import files
 
@@ -155,14 +153,12 @@ def direction(diff_sae_dir: str | Path, metric: str, way: str = "up") -> np.ndar
         return None
     called = [row for row in found["latents"] if row["called"]]
     sae = files.load(diff_sae_dir / "sae")
-    out = np.zeros(sae.cfg.d_in, dtype=np.float64)
     if not called:
-        return out
+        return np.zeros(sae.cfg.d_in, dtype=np.float64)
     stats = pd.read_parquet(diff_sae_dir / "features" / "stats.parquet").set_index("feature")
     ids = [row["latent"] for row in called]
     weights = np.array([np.sign(row["rho_eval"]) for row in called]) * stats.loc[ids, "mean_act"].to_numpy(float)
-    with torch.no_grad():
-        rows = sae.W_dec.detach().double().numpy()[ids]
+    rows = sae.W_dec.detach().double().numpy()[ids]
     out = (weights[:, None] * rows).sum(0)
     return out if way == "up" else -out
 

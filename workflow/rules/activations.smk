@@ -14,7 +14,8 @@ rule extract_activations:
         bench("extract_activations", "{model}_{data}")
     conda:
         "../envs/torch.yaml"
-    threads: 8
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     resources:
         mem_mb=8000,
     params:

@@ -102,7 +102,8 @@ rule metric_latents:
         bench("metric_latents", "M{i}_layer{layer}")
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     resources:
         mem_mb=8000,
     params:
@@ -136,7 +137,8 @@ rule adl:
         bench("adl", "M{i}")
     conda:
         "../envs/torch.yaml"
-    threads: 4
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     params:
         spec=lambda w: spec(adl=config["diffing"]["adl"], **placement()),
         layers=" ".join(map(str, DIFFING_LAYERS)),
@@ -163,7 +165,8 @@ rule token_kl:
         bench("token_kl", "M{i}")
     conda:
         "../envs/torch.yaml"
-    threads: 4
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     params:
         spec=lambda w: spec(kl=config["diffing"]["kl"], max_length=config["activations"]["max_length"], **placement()),
         out_dir=grid.diffing_dir("kl", SAME_TOKEN_PAIR),

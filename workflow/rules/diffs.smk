@@ -15,7 +15,8 @@ rule train_seed_sae:
         bench("train_seed_sae", "layer{layer}")
     conda:
         "../envs/torch.yaml"
-    threads: 8
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     resources:
         mem_mb=8000,
     params:
@@ -140,7 +141,8 @@ rule diff_saes:
         b=r"M\d+_D\d+",
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     params:
         spec=lambda w: spec(saes={n: config["saes"][n] for n in DIFF_SAES}, diff=config["diff"]),
         a_saes=grid.saes_dir("{a}", "{layer}"),

@@ -15,7 +15,8 @@ rule feature_stats:
         bench("feature_stats", "{model}_{data}_layer{layer}")
     conda:
         "../envs/torch.yaml"
-    threads: 8
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     resources:
         mem_mb=8000,
     params:

@@ -14,7 +14,8 @@ rule train_sae:
         bench("train_sae", "{model}_{data}_layer{layer}")
     conda:
         "../envs/torch.yaml"
-    threads: 8
+    # one core: on two it keeps ~1 busy (Python, I/O), so two such jobs run side by side
+    threads: 1
     resources:
         mem_mb=8000,
     params:
