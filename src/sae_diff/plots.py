@@ -651,6 +651,15 @@ def probe_overlap(
 # --------------------------------------------------------------------------- interventions
 
 
+# the causal tests' comparison methods (experiments.DIRECTION_COMPARISONS) as the figures name them
+COMPARISON_LABELS = {
+    "diffmean": "difference in means",
+    "adl": "lens direction",
+    "crosscoder": "crosscoder Mi-only",
+    "diff_sae": "diff-SAE latents of the metric",
+}
+
+
 def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6), dpi: int = 110) -> Path:
     """An intervention's effect on its metric and on coherence.
 
@@ -695,10 +704,7 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
                 "features": f"top features {block['features']}",
                 "random": "matched random features",
                 "flipped": "top features, sign flipped",
-                "diffmean": "difference in means, same |dx|",
-                "adl": "activation-difference lens, same |dx|",
-                "crosscoder": "crosscoder's Mi-only latents, same |dx|",
-                "diff_sae": "diff-SAE latents behind the metric, same |dx|",
+                **{m: f"{COMPARISON_LABELS[m]}, same |dx|" for m in DIRECTION_COMPARISONS},
             }.get(name, name.replace("_", " "))
             if name == report.get("condition"):
                 label += " (reported)"
@@ -771,14 +777,8 @@ def dose_response(block: dict, out: str | Path, title: str = "", size=(13, 4.6),
             [(s["mean"] - s["ci_low"]) if s["mean"] is not None else 0 for s in stats],
             [(s["ci_high"] - s["mean"]) if s["mean"] is not None else 0 for s in stats],
         ]
-        readable = {
-            "diffmean": "difference in means",
-            "adl": "lens direction",
-            "crosscoder": "crosscoder Mi-only",
-            "diff_sae": "diff-SAE latents of the metric",
-        }
         labels = ["no-op", "top features", "matched random"] + [
-            readable.get(n, n.replace("random_", "random for ").replace("_", " ")) for n in order[3:]
+            COMPARISON_LABELS.get(n, n.replace("random_", "random for ").replace("_", " ")) for n in order[3:]
         ]
         labels = [
             label + (" (reported)" if name == report.get("condition") else "") for name, label in zip(order, labels)
