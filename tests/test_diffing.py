@@ -216,13 +216,14 @@ def test_diffing_record_cli_writes_the_matches_beside_the_record(tmp_path):
         {"latent": 4, "rho_train": 0.6, "rho_eval": 0.5, "p": 0.001, "q": 0.002, "called": True},
         {"latent": 9, "rho_train": -0.5, "rho_eval": -0.1, "p": 0.4, "q": 0.4, "called": False},
     ]
-    found = {"latents": rows, "n_eval": 40, "n_eval_groups": 10, "n_called": 1,
-             "random_directions": {"n_called": 0, "abs_rho_eval": [0.2, 0.1]}}  # fmt: skip
+    null = {"draws": 3, "n_called": [0, 1, 0], "p": 0.5, "abs_rho_eval": [0.2, 0.1]}
+    found = {"latents": rows, "n_eval": 40, "n_eval_groups": 10, "n_called": 1, "random_directions": null}
     (sae_dir / "metric_latents.json").write_text(json.dumps({"metrics": {"m": found}}))
     assert cli.main([*args, "--metric-latents", str(sae_dir / "metric_latents.json")]) == 0
     metric = json.loads(out.read_text())["methods"]["diff_sae"]["metric"]["m"]
     assert metric["chosen"] == [4, 9] and metric["called"] == [4] and metric["rho_train"] == [0.6, -0.5]
-    assert metric["random_directions_called"] == 0 and metric["random_directions_abs_rho_eval"] == [0.2, 0.1]
+    assert metric["random_directions_called"] == [0, 1, 0] and metric["random_directions_p"] == 0.5
+    assert metric["random_directions_abs_rho_eval"] == [0.2, 0.1]
     with pytest.raises(SystemExit):
         cli.main(["diffing-record", "--spec", spec, "--pair", "p", "--layer", "1", "--diff-sae", str(sae_dir),
                   "--out", str(out), "--matches", str(matches)])  # fmt: skip

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from sae_diff import metric_latents
+from sae_diff import features, metric_latents, probes
 from sae_diff.stats import spearman_columns
 
 
@@ -198,14 +198,53 @@ def test_write_reads_only_the_kept_samples_and_finds_the_planted_latent(tmp_path
         for name, acts in (("m0", base), ("m1", base + 0.3 * torch.randn_like(base)))
     ]
     readable = samples[samples["prompt_id"] != 5]  # a prompt the prompt split keeps out
-    opts = {"pooling": "mean", "top": 3, "n_permutations": 300, "fdr": 0.05, "seed": 0}
+    opts = {"pooling": "mean", "top": 3, "n_permutations": 300, "fdr": 0.05, "seed": 0, "random_draws": 4}
     where = {"m": {"language": ["en"]}}
-    out = metric_latents.write(folder, DifferenceStore(*stores), readable, where, opts, tmp_path / "o.json")
+    store = DifferenceStore(*stores)
+    out = metric_latents.write(folder, store, readable, where, opts, tmp_path / "o.json")
     found = out["metrics"]["m"]
     kept = (samples["language"] == "en") & (samples["prompt_id"] != 5) & (counts > 0)
     assert found["n_train"] == (kept & (samples["split"] == "train")).sum()
     assert found["n_eval"] == (kept & (samples["split"] == "eval")).sum()
-    assert out["n_without_tokens"] == 4 and out["width"] == width
+    assert out["n_without_tokens"] == 4 and out["width"] == width and out["random_draws"] == 4
     assert found["latents"][0]["latent"] == 3 and found["latents"][0]["called"]
-    assert len(found["random_directions"]["abs_rho_eval"]) == 3
+    # the null: draw d is as many random directions of seed + d, pooled over the same kept rows
+    # and chosen / reported as the latents are (recomputed here draw by draw from the store)
+    null = found["random_directions"]
+    assert null["draws"] == 4 and len(null["abs_rho_eval"]) == 3
+    rows = np.flatnonzero(np.isin(np.arange(n), readable["sample_id"]) & (counts > 0))
+    table = samples.iloc[rows].reset_index(drop=True)
+    keep = (table["language"] == "en").to_numpy()
+    expected = []
+    for d in range(4):
+        encoder = {"r": probes.random_directions(store, width, d)}
+        pooled = features.pool_tokens(store, np.arange(n), "mean", encoder)["r"][rows].astype(np.float64)
+        expected.append(metric_latents.associate(
+            pooled, table["m"].to_numpy(), keep & (table["split"] == "train").to_numpy(),
+            keep & (table["split"] == "eval").to_numpy(), table["prompt_id"].astype(str).to_numpy(), 3, 300, 0.05, 0,
+        )["n_called"])  # fmt: skip
+    assert null["n_called"] == expected
+    assert null["p"] == (1 + sum(c >= found["n_called"] for c in expected)) / 5
     assert json.loads((tmp_path / "o.json").read_text()) == out
+
+
+def test_random_null_counts_rank_p_and_median_rho_against_plain_loops():
+    """random_null over hand-made draws: the counts per draw, the rank p of the observed count
+    ((1 + draws calling at least as many) / (1 + draws), by a plain loop) and per rank the median
+    |ρ| (numpy's median of the plain per-draw lists); a skipped metric (no latents) gives no ρ."""
+    rng = np.random.default_rng(3)
+    draws = []
+    for _ in range(9):
+        rhos = rng.uniform(-0.6, 0.6, size=4)
+        draws.append({"n_called": int(rng.integers(0, 3)), "latents": [{"rho_eval": r} for r in rhos]})
+    for observed in (0, 1, 2, 3):
+        null = metric_latents.random_null(draws, observed)
+        at_least = 0
+        for draw in draws:
+            at_least += draw["n_called"] >= observed
+        assert null["p"] == pytest.approx((1 + at_least) / 10)
+        assert null["n_called"] == [draw["n_called"] for draw in draws] and null["draws"] == 9
+    per_rank = [[abs(draw["latents"][i]["rho_eval"]) for draw in draws] for i in range(4)]
+    assert null["abs_rho_eval"] == pytest.approx([sorted(v)[4] for v in per_rank])  # the 5th of 9
+    skipped = metric_latents.random_null([{"n_called": 0, "latents": []}] * 3, 0)
+    assert skipped == {"draws": 3, "n_called": [0, 0, 0], "p": 1.0, "abs_rho_eval": []}

@@ -69,7 +69,8 @@ def diff_sae_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray
 
 def metric_block(record: dict) -> dict:
     """Per metric, the diff-SAE latents behind it (``metric_latents``): the latents chosen on train,
-    their held-out ρ and q, those called, and how many of as many random directions were called."""
+    their held-out ρ and q, those called, and the random-direction null: how many of as many random
+    directions each draw called, and the rank p of the count called among the draws'."""
     out = {}
     for metric, found in record["metrics"].items():
         rows = found["latents"]
@@ -80,6 +81,7 @@ def metric_block(record: dict) -> dict:
             "called": [row["latent"] for row in rows if row["called"]],
             "rho_train": [round(row["rho_train"], 4) for row in rows],
             "random_directions_called": found["random_directions"]["n_called"],
+            "random_directions_p": found["random_directions"]["p"],
             "random_directions_abs_rho_eval": [round(v, 4) for v in found["random_directions"]["abs_rho_eval"]],
             "n_eval": found["n_eval"],
             "n_eval_groups": found["n_eval_groups"],

@@ -12,9 +12,12 @@ scored word, so a latent cannot score by reading the very words the metric count
   latents. The permutations move the metric between whole prompts of equal sample count
   (``block_permutation``): a prompt's samples share their prompt, so under the null they move
   together and the clustering is kept;
-- **beside a null of random directions**: the same choice and report on ReLU projections of the
+- **against a null of random directions**: the same choice and report on ReLU projections of the
   same pooled difference onto as many random unit directions as the diff-SAE has latents
-  (``probes.random_directions``): what choosing the best of that many directions finds alone.
+  (``probes.random_directions``): what choosing the best of that many directions finds alone. It
+  is drawn ``random_draws`` times (independent directions each time), so the diff-SAE's count of
+  called latents gets a rank p against the draws' counts (``count_p``), not a comparison with one
+  draw.
 
 A latent is *called* when q ≤ ``fdr`` and its eval ρ has its train ρ's sign.
 """
@@ -29,6 +32,10 @@ import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
+
+# random-direction draws pooled per pass over the difference store: at the demo's width (4608 x 576)
+# each draw holds 10.6 MB of directions plus its per-sample projections
+DRAWS_PER_PASS = 10
 
 
 def blocks(groups: np.ndarray) -> list[np.ndarray]:
@@ -132,6 +139,26 @@ def associate(
     return {**out, "latents": latents, "n_called": int(called.sum())}
 
 
+def count_p(observed: int, null_counts) -> float:
+    """Rank p of a count of called latents against the counts of the null's draws:
+    (1 + #{draws calling at least as many}) / (1 + draws); 1 when nothing was called."""
+    null_counts = np.asarray(null_counts)
+    return float((1 + (null_counts >= observed).sum()) / (1 + len(null_counts)))
+
+
+def random_null(draws: list[dict], observed: int) -> dict:
+    """The random-direction null of one metric from its draws (``associate`` results): the count
+    called in each draw, the observed count's rank p among them, and per rank the median held-out
+    |ρ| of the direction chosen at that rank (what the figure draws beside each latent)."""
+    rhos = [[abs(row["rho_eval"]) for row in null["latents"]] for null in draws]
+    return {
+        "draws": len(draws),
+        "n_called": [null["n_called"] for null in draws],
+        "p": count_p(observed, [null["n_called"] for null in draws]),
+        "abs_rho_eval": [float(v) for v in np.median(rhos, axis=0)] if all(rhos) else [],
+    }
+
+
 def direction(diff_sae_dir: str | Path, metric: str, way: str = "up") -> np.ndarray | None:
     """What the diff-SAE latents called for ``metric`` write into the difference Mi − M0, signed so
     that adding it moves the metric ``way`` (float64 [d], raw activation space):
@@ -178,8 +205,8 @@ def write(
     that may be read (with causal tests on the data's own prompts, only their feature-selection
     part: ``splits.restrict_samples``); metrics: metric -> ``where`` filter of the samples
     (``data.select``; None: every sample); opts: ``pooling``, ``top``, ``n_permutations``, ``fdr``,
-    ``seed``. A sample with no token to pool (e.g. a completion that opens with the scored word)
-    is left out rather than read as zeros."""
+    ``seed``, ``random_draws``. A sample with no token to pool (e.g. a completion that opens with
+    the scored word) is left out rather than read as zeros."""
     from safetensors.numpy import load_file
 
     from . import data, features, io, probes
@@ -200,17 +227,15 @@ def write(
     table = samples.set_index("sample_id").loc[ids[rows]].reset_index()
     x = pooled[pooling][rows].astype(np.float64)
     cutoffs = pooled["scored_cutoff"] if pooling == "before_scored" else None
-    encoders = {"random_directions": probes.random_directions(store, x.shape[1], opts["seed"])}
-    # pooled over every sample the store holds (pool_tokens wants them all), then the same rows
-    random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)["random_directions"][rows]
     groups = table["prompt_id"].astype(str).to_numpy() if "prompt_id" in table.columns else np.arange(len(table))
     result = {
         "pooling": pooling,
         "width": int(x.shape[1]),
         "n_without_tokens": int((readable & (pooled_tokens == 0)).sum()),
-        **{key: opts[key] for key in ("top", "n_permutations", "fdr")},
+        **{key: opts[key] for key in ("top", "n_permutations", "fdr", "random_draws")},
         "metrics": {},
     }
+    asked = {}  # metric -> its where filter and associate's arguments after x
     for metric, where in metrics.items():
         if metric not in table.columns:
             raise ValueError(f"metric {metric!r} is not a column of the samples table; it has {list(table.columns)}")
@@ -218,22 +243,34 @@ def write(
         train = kept & (table["split"] == "train").to_numpy()
         held_out = kept & (table["split"] == "eval").to_numpy()
         values = table[metric].to_numpy(dtype=float)
-        args = (values, train, held_out, groups, opts["top"], opts["n_permutations"], opts["fdr"], opts["seed"])
+        settings = (opts["top"], opts["n_permutations"], opts["fdr"], opts["seed"])
+        asked[metric] = where, (values, train, held_out, groups, *settings)
+    # the null of the call count, selection alone: draw d is as many random directions of seed + d,
+    # pooled over every sample the store holds (pool_tokens wants them all), then the same rows;
+    # DRAWS_PER_PASS draws share a pass over the store (each holds its directions and projections)
+    null_draws = {metric: [] for metric in asked}
+    for first in range(0, opts["random_draws"], DRAWS_PER_PASS):
+        names = {f"random_draw{d}": d for d in range(first, min(first + DRAWS_PER_PASS, opts["random_draws"]))}
+        encoders = {name: probes.random_directions(store, x.shape[1], opts["seed"] + d) for name, d in names.items()}
+        pooled_random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)
+        for name in names:
+            random = pooled_random[name][rows].astype(np.float64)
+            for metric, (_, args) in asked.items():
+                null_draws[metric].append(associate(random, *args))
+    for metric, (where, args) in asked.items():
         found = associate(x, *args)
-        null = associate(random.astype(np.float64), *args)
         found["where"] = where
-        found["random_directions"] = {  # the null beside the call count: selection alone
-            "n_called": null["n_called"],
-            "abs_rho_eval": [abs(row["rho_eval"]) for row in null["latents"]],
-        }
+        null = found["random_directions"] = random_null(null_draws[metric], found["n_called"])
         result["metrics"][metric] = found
         log.info(
-            "%s %s: %d of %d chosen latents called (random directions: %d); %s",
+            "%s %s: %d of %d chosen latents called (random directions, %d draws: %s called, p = %.3g); %s",
             diff_sae_dir,
             metric,
             found["n_called"],
             len(found["latents"]),
+            null["draws"],
             null["n_called"],
+            null["p"],
             [(row["latent"], round(row["rho_eval"], 2)) for row in found["latents"]],
         )
     io.write_json(out_path, result)

@@ -873,8 +873,9 @@ def _ratio(row: dict) -> float:
 
 def metric_latents_panel(ax, metric: str, block: dict) -> None:
     """The diff-SAE latents chosen for ``metric`` on train: their eval |ρ| (called ones red, the
-    others gray, with q), and the eval |ρ| of the random direction chosen at the same rank (black
-    tick): selection alone."""
+    others gray, with q), and the median eval |ρ| over the null's draws of the random direction
+    chosen at the same rank (black tick): selection alone. The title holds the count called against
+    the draws' counts (rank p)."""
     chosen = block["chosen"]
     if not chosen:
         ax.text(0.5, 0.5, f"{metric}: {block.get('skipped', 'nothing chosen')}", ha="center", va="center", color="0.4")
@@ -891,11 +892,13 @@ def metric_latents_panel(ax, metric: str, block: dict) -> None:
         ax.annotate(f"q={q:.2g}", (abs(block["rho_eval"][i]), n - 1 - i), xytext=(3, 0), textcoords="offset points",
                     va="center", fontsize=7)  # fmt: skip
     ax.set_xlim(0, 1)
-    ax.set(xlabel=f"|Spearman ρ| with {metric}, eval prompts (n={block['n_eval']})")
+    ax.set(xlabel=f"|Spearman ρ| with {metric}, eval (n={block['n_eval']})")
+    null = block["random_directions_called"]
     ax.set_title(
         f"diff-SAE latents behind {metric}: {len(block['called'])} called (red)\n"
-        f"black: random direction, same rank ({block['random_directions_called']} called)",
-        fontsize=10,
+        f"{len(null)} draws of random directions: {sum(null) / max(len(null), 1):.2g} called\n"
+        f"per draw (max {max(null, default=0)}), p = {block['random_directions_p']:.2g}; black: same rank (median)",
+        fontsize=9,
     )
 
 
@@ -913,7 +916,7 @@ def examples_panel(ax, metric: str, block: dict, examples: dict, per_latent: int
         for row in examples.get(str(j), [])[:per_latent]:
             context = " ".join(row["context"].split())  # one line: newlines and runs of spaces folded
             at = max(context.find("⟦"), 0)  # the firing token, with what comes before and after it
-            lines.append(f"   {row['activation']:.2f}  {context[max(at - 20, 0) : at + 24]}")
+            lines.append(f"  {row['activation']:.2f} {context[max(at - 14, 0) : at + 22]}")
     ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7.5, family="monospace", transform=ax.transAxes)
     what = "called" if block["called"] else "chosen (none called)"
     ax.set_title(f"where the {what} latents fire most (⟦token⟧; eval)", fontsize=10)
