@@ -85,14 +85,14 @@ def train_cell(store: ActivationStore, cfg: dict, name: str, out: Path, order_se
     return files.load(out)
 
 
-def trigger_precision(sae, side_tokens: presence.Tokens, feature: int, token_ids: np.ndarray, trigger: int) -> float:
+def trigger_precision(sae, side_tokens: presence.Tokens, feature: int, token_ids: np.ndarray, trigger) -> float:
     """Share of the feature's ``TRIGGER_TOP`` largest activations (on its own cell's eval tokens)
-    that fall on the trigger token."""
+    that fall on the trigger token (``trigger``: one token id, or a list of them)."""
     with torch.no_grad():
         acts = sae.encode(side_tokens.acts.float())[:, feature].numpy()
     top = np.argsort(-acts)[:TRIGGER_TOP]
     top = top[acts[top] > 0]
-    return float((token_ids[top] == trigger).mean()) if len(top) else float("nan")
+    return float(np.isin(token_ids[top], trigger).mean()) if len(top) else float("nan")
 
 
 def main() -> None:

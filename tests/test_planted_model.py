@@ -127,3 +127,39 @@ def test_the_identical_model_control_has_no_deaths_or_births(planted):
     assert summary["counts"].get("died", 0) == 0 and summary["counts"]["born"] == 0
     live = int((table["label"] != "inactive").sum())
     assert summary["counts"].get("changed", 0) / live <= 0.1
+
+
+def test_the_planted_example_is_what_planted_json_says():
+    """config/examples/planted.yaml's shipped M1 (resources/examples/planted) against its base, the
+    given example's M0, in float64: the input-embedding rows of the trigger characters moved by
+    exactly added_norm · u (planted.json), every other tensor byte-identical; the config validates;
+    the texts hold the triggers. (The whole run and its scores: bench/planted_given.py.)"""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "resources" / "examples" / "planted"
+    planted = json.loads((folder / "planted.json").read_text())
+    base = load_file(root / planted["base"] / "model.safetensors")
+    tuned = load_file(folder / "M1" / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    name = "model.embed_tokens.weight"
+    moved = (tuned[name].double() - base[name].double()).numpy()
+    u = np.asarray(planted["direction"])
+    assert abs(np.linalg.norm(u) - 1) < 1e-6
+    for token_id in planted["token_ids"]:
+        np.testing.assert_allclose(moved[token_id], planted["added_norm"] * u, atol=1e-5)
+    others = np.setdiff1d(np.arange(len(moved)), planted["token_ids"])
+    assert not moved[others].any()
+    assert all(torch.equal(base[key], tuned[key]) for key in base if key != name)
+    texts = pd.read_csv(folder / "D0.csv")["text"]
+    assert all(texts.str.contains(t).sum() >= 20 for t in planted["triggers"])
+    checked = subprocess.run(
+        [sys.executable, "-m", "sae_diff", "validate", str(root / "config" / "examples" / "planted.yaml")],
+        capture_output=True, text=True, cwd=root,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr

@@ -1,0 +1,178 @@
+"""The model-level planted change through the workflow: `config/examples/planted.yaml` (M1 = M0 with a
+fixed direction u added to the input embeddings of four trigger characters, given as a user's
+checkpoint, the same texts for both models; `resources/examples/planted/make.py`) run by Snakemake to
+`results/summary.json`, and its SAE diffs scored against what was planted
+(`resources/examples/planted/planted.json`).
+
+What is scored, as issue 18 puts it:
+- **the planted pair**, M0_D1 vs M1_D1 (the grid's model-effect pair: same tokens, other model):
+  among the flagged features in the tool's own order (``diff.ranked``: activation mass moved), the
+  best born / changed one of the top 5 by |cos| with the change as it arrives at the layer (the mean
+  M1 − M0 difference on trigger tokens, eval split), its rank and the share of its 20 largest
+  activations that fall on trigger tokens. Found: |cos| ≥ 0.7 in the top 5;
+- **the identical controls**: M0_D0 vs M0_D1 (the grid's data-effect pair: D1 is D0's table again, so
+  the same model on the same tokens) and the calibration's seed pair (M0_D0's SAE against one
+  trained with other seeds on the same data: an identical model whose SAE differs): the share of
+  live features labelled anything but "same" (issue 18: at most 1%);
+- the run's own verdicts: ``headline.evolution.model_effect`` and ``data_effect`` (observed against
+  the resampling null's range, called or not) and the convergence flag.
+
+    python bench/planted_given.py [--work /tmp/planted_given] [--fresh]    (about a minute on 2 cores)
+
+The run lives under ``--work`` (reused when its summary.json is there; ``--fresh`` reruns it);
+nothing in this checkout's results/ is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from planted_sae_diff import FOUND_COS, TOP, trigger_precision  # noqa: E402
+
+from sae_diff import diff, presence  # noqa: E402
+from sae_diff import grid as grid_lib  # noqa: E402
+from sae_diff.activations import ActivationStore  # noqa: E402
+from sae_diff.io import read_json  # noqa: E402
+from sae_diff.sae import files  # noqa: E402
+
+CONFIG = ROOT / "config/examples/planted.yaml"
+PLANTED = ROOT / "resources/examples/planted/planted.json"
+START = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f}s] {message}", flush=True)
+
+
+def run_workflow(work: Path, cores: int) -> None:
+    """Snakemake on the example, in ``work`` (a list of arguments: no shell string)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--configfile",
+           str(CONFIG), "--cores", str(cores), "--max-threads", "1", "results/summary.json"]  # fmt: skip
+    log = work / "snakemake.log"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # sae-diff
+    with log.open("w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the workflow failed ({done.returncode}); see {log}")
+
+
+def not_same_share(counts: dict) -> tuple[float, int]:
+    """Share of live features (every label but inactive) not labelled same, and the live count."""
+    live = sum(v for k, v in counts.items() if k in ("same", "changed", "died", "unmatched"))
+    return (live - counts.get("same", 0)) / max(live, 1), live
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/planted_given"))
+    parser.add_argument("--fresh", action="store_true", help="rerun the workflow even when a summary is there")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the scores here (JSON)")
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.fresh or not (work / "results/summary.json").exists():
+        say(f"running the example in {work}")
+        run_workflow(work, args.cores)
+    say("scoring")
+    planted = read_json(PLANTED)
+    triggers = planted["token_ids"]
+    results = work / grid_lib.RESULTS
+    cfg_layer, hook, sae_name = 1, "resid_post", "topk"
+    site = grid_lib.site_dir(cfg_layer, hook)
+
+    def at(path: str) -> Path:  # a grid path (relative to the run's folder) inside the run
+        return work / path
+
+    a, b = grid_lib.Cell("M0", "D1"), grid_lib.Cell("M1", "D1")
+    stores = {cell.name: ActivationStore(at(grid_lib.activations_dir(cell)) / site) for cell in (a, b)}
+    samples = pd.read_parquet(at(grid_lib.samples("D1")))
+    tokens = {name: presence.eval_tokens(store, samples) for name, store in stores.items()}
+    token_ids = tokens[b.name].identity[:, 2]
+    on_trigger = torch.from_numpy(np.isin(token_ids, triggers))
+    arrived = (tokens[b.name].acts.double() - tokens[a.name].acts.double())[on_trigger].mean(0)
+    arrived = (arrived / arrived.norm()).numpy()
+    saes = {cell.name: files.load(at(grid_lib.sae_dir(cell, cfg_layer, sae_name))) for cell in (a, b)}
+    folder = at(grid_lib.diff_dir(a, b, cfg_layer))
+    table = pd.read_parquet(folder / f"{sae_name}.parquet")
+    summary = read_json(folder / f"{sae_name}.json")
+    order = diff.ranked(table, summary).reset_index(drop=True)
+    side_cell = {"a": a.name, "b": b.name}
+    units = {name: diff.unit_rows(sae.W_dec) for name, sae in saes.items()}
+    order["abs_cos_arrived"] = [
+        abs(float(units[side_cell[s]][f] @ arrived)) for s, f in zip(order["side"], order["feature"])
+    ]
+    order["trigger_precision"] = [
+        trigger_precision(saes[side_cell[s]], tokens[side_cell[s]], int(f), token_ids, triggers)
+        for s, f in zip(order["side"], order["feature"])
+    ]
+    order.insert(0, "rank", np.arange(1, len(order) + 1))
+    top = order.head(TOP)
+    candidates = top[top["label"].isin(["born", "changed"])]
+    best = candidates.loc[candidates["abs_cos_arrived"].idxmax()] if len(candidates) else None
+    planted_share, live = not_same_share(summary["counts"])
+    record = {
+        "trigger_share_of_eval_tokens": float(on_trigger.float().mean()),
+        "planted": {
+            "counts": summary["counts"],
+            "not_same_share": planted_share,
+            "live": live,
+            "top": order.head(10).to_dict("records"),
+            "best": None if best is None else {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items()},
+            "found": bool(best is not None and best["abs_cos_arrived"] >= FOUND_COS),
+        },
+    }
+    identical = read_json(at(grid_lib.diff_json(grid_lib.Cell("M0", "D0"), a, cfg_layer, sae_name)))
+    share, live = not_same_share(identical["counts"])
+    calibration = read_json(at(grid_lib.calibration_json(cfg_layer, sae_name)))
+    record["identical_model_and_data"] = {"counts": identical["counts"], "not_same_share": share, "live": live}
+    record["identical_model_other_seed"] = {"not_same_share": calibration["changed_fraction"]}
+    headline = read_json(results / "summary.json")["headline"]["evolution"]
+    record["headline"] = {key: headline[key] for key in ("model_effect", "data_effect", "converged", "null_pairs")}
+
+    print(order.head(10).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print()
+    print("| case | pair | counts | not 'same' (live) | best born / changed of the top 5: rank, label, "
+          "\\|cos arrived\\|, top-20 on triggers | found (\\|cos\\| ≥ 0.7, top 5) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    best_text = "–" if best is None else (
+        f"{best['rank']}, {best['label']}, {best['abs_cos_arrived']:.2f}, {best['trigger_precision']:.0%}"
+    )  # fmt: skip
+    print(f"| planted | M0_D1 vs M1_D1 | {summary['counts']} | {planted_share:.1%} ({record['planted']['live']}) | "
+          f"{best_text} | {'**yes**' if record['planted']['found'] else 'no'} |")  # fmt: skip
+    print(f"| identical model and data | M0_D0 vs M0_D1 | {identical['counts']} | {share:.1%} ({live}) | – | – |")
+    print(f"| identical model, SAE of other seeds | calibration seed pair | – | "
+          f"{calibration['changed_fraction']:.1%} | – | – |")  # fmt: skip
+    for effect in ("model_effect", "data_effect"):
+        for layer, labels in headline[effect].items():
+            cells = ", ".join(
+                f"{label} {v['observed']} [{v['null_low']:.1f}, {v['null_high']:.1f}]{' called' if v['called'] else ''}"
+                for label, v in labels.items()
+            )
+            print(f"headline {effect} {layer}: {cells}")
+    print(f"converged: {headline['converged']}, null pairs: {headline['null_pairs']}")
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2, default=float))
+    print(
+        f"planted_given found={record['planted']['found']} "
+        f"best_cos={np.nan if best is None else best['abs_cos_arrived']:.3f} "
+        f"identical_not_same={share:.4f} seed_pair_not_same={calibration['changed_fraction']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
