@@ -15,7 +15,13 @@ What is scored, as issue 18 puts it:
   trained with other seeds on the same data: an identical model whose SAE differs): the share of
   live features labelled anything but "same" (issue 18: at most 1%);
 - the run's own verdicts: ``headline.evolution.model_effect`` and ``data_effect`` (observed against
-  the resampling null's range, called or not) and the convergence flag.
+  the resampling null's range, called or not) and the convergence flag;
+- **every same-token method** on M1 against M0 (planted) and on M2 against M0 (M2 is M0's own
+  checkpoint: the identical-model control), with ``bench/planted_diffing.py``'s criteria: the
+  crosscoder finds the change when a top-5 M1-only latent's M1 decoder has |cos| ≥ 0.7 with it, the
+  diff-SAE when a top-5 latent by share does, the lens when its direction does on either text set,
+  per-token KL when at least half of the 50 largest-KL eval tokens are triggers and that is at least
+  twice their base rate. On the control: how many latents each flags, the lens's norm, the KL.
 
     python bench/planted_given.py [--work /tmp/planted_given] [--fresh]    (about a minute on 2 cores)
 
@@ -68,6 +74,54 @@ def run_workflow(work: Path, cores: int) -> None:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the workflow failed ({done.returncode}); see {log}")
+
+
+def same_token_methods(work: Path, pair: str, arrived: np.ndarray, triggers: list[int]) -> dict:
+    """Each same-token method's outputs for ``pair`` (M0_Di__Mi_Di) at layer 1, scored against the
+    arrived change (unit vector) and the trigger token ids."""
+    from safetensors.numpy import load_file
+
+    from sae_diff import crosscoder
+
+    def folder(method: str, layer: int | None = 1) -> Path:
+        return work / grid_lib.diffing_dir(method, pair, layer)
+
+    out = {}
+    table = pd.read_parquet(folder("crosscoder") / "latents.parquet")
+    mi_only = crosscoder.ranked_mi_only(table, TOP)
+    decoder = crosscoder.load(folder("crosscoder") / "crosscoder").W_dec.detach().double().numpy()[:, -1]
+    cos = [abs(float(decoder[j] @ arrived / np.linalg.norm(decoder[j]))) for j in mi_only["latent"]]
+    out["crosscoder"] = {"n_mi_only": int((table["class"] == "mi_only").sum()), "best_abs_cos": max(cos, default=None)}
+    metrics = read_json(folder("diff_sae") / "metrics.json")
+    if metrics.get("identical"):
+        out["diff_sae"] = {"identical": True, "n_latents": 0, "best_abs_cos": None}
+    else:
+        latents = pd.read_parquet(folder("diff_sae") / "latents.parquet").sort_values("rank").head(TOP)
+        rows = diff.unit_rows(files.load(folder("diff_sae") / "sae").W_dec)[latents["latent"].to_numpy()]
+        out["diff_sae"] = {"identical": False, "best_abs_cos": float(np.abs(rows @ arrived).max())}
+    directions = load_file(str(folder("adl") / "adl.safetensors"))
+    lens_cos = {}
+    for text_set in ("neutral", "data"):
+        v = directions[f"{text_set}.direction"].astype(np.float64)
+        lens_cos[text_set] = None if not np.linalg.norm(v) else abs(float(v @ arrived / np.linalg.norm(v)))
+    out["adl"] = {
+        "abs_cos": lens_cos,
+        "norm": {k: float(np.linalg.norm(directions[f"{k}.direction"])) for k in lens_cos},
+    }
+    tokens = pd.read_parquet(folder("kl", None) / "tokens.parquet")
+    top = tokens.nlargest(50, "kl_tuned_base")
+    out["kl"] = {
+        "mean_kl": float(tokens["kl_tuned_base"].mean()),
+        "top50_trigger_share": float(top["token_id"].isin(triggers).mean()),
+        "base_rate": float(tokens["token_id"].isin(triggers).mean()),
+    }
+    out["found"] = {
+        "crosscoder": bool(cos) and max(cos) >= FOUND_COS,
+        "diff_sae": (out["diff_sae"]["best_abs_cos"] or 0) >= FOUND_COS,
+        "adl": any((c or 0) >= FOUND_COS for c in lens_cos.values()),
+        "kl": out["kl"]["top50_trigger_share"] >= max(0.5, 2 * out["kl"]["base_rate"]),
+    }
+    return out
 
 
 def not_same_share(counts: dict) -> tuple[float, int]:
@@ -141,6 +195,11 @@ def main() -> None:
     calibration = read_json(at(grid_lib.calibration_json(cfg_layer, sae_name)))
     record["identical_model_and_data"] = {"counts": identical["counts"], "not_same_share": share, "live": live}
     record["identical_model_other_seed"] = {"not_same_share": calibration["changed_fraction"]}
+    record["same_token"] = {
+        "planted": same_token_methods(work, grid_lib.pair_name(a, b), arrived, triggers),
+        "identical": same_token_methods(work, grid_lib.pair_name(grid_lib.Cell("M0", "D2"), grid_lib.Cell("M2", "D2")),
+                                        arrived, triggers),
+    }  # fmt: skip
     headline = read_json(results / "summary.json")["headline"]["evolution"]
     record["headline"] = {key: headline[key] for key in ("model_effect", "data_effect", "converged", "null_pairs")}
 
@@ -165,10 +224,29 @@ def main() -> None:
             )
             print(f"headline {effect} {layer}: {cells}")
     print(f"converged: {headline['converged']}, null pairs: {headline['null_pairs']}")
+    print()
+    planted_st, control = record["same_token"]["planted"], record["same_token"]["identical"]
+    print("| method | planted (M1 vs M0): found, how | identical model (M2 = M0): what it flags |")
+    print("|---|---|---|")
+    cc, cc0 = planted_st["crosscoder"], control["crosscoder"]
+    cc_best = "–" if cc["best_abs_cos"] is None else f"{cc['best_abs_cos']:.2f}"
+    print(f"| crosscoder | {planted_st['found']['crosscoder']}: {cc['n_mi_only']} M1-only latents, best top-5 "
+          f"\\|cos\\| {cc_best} | {cc0['n_mi_only']} M2-only latents |")  # fmt: skip
+    ds, ds0 = planted_st["diff_sae"], control["diff_sae"]
+    print(f"| diff-SAE | {planted_st['found']['diff_sae']}: best top-5 \\|cos\\| {ds['best_abs_cos']:.2f} | "
+          f"{'identical activations: no latents' if ds0['identical'] else 'latents trained'} |")  # fmt: skip
+    lc, lc0 = planted_st["adl"], control["adl"]
+    cos_text = ", ".join(f"{k} {v:.2f}" for k, v in lc["abs_cos"].items() if v is not None)
+    print(f"| activation-difference lens | {planted_st['found']['adl']}: \\|cos\\| {cos_text} | direction norm "
+          f"{max(lc0['norm'].values()):.3g} |")  # fmt: skip
+    kl, kl0 = planted_st["kl"], control["kl"]
+    print(f"| per-token KL | {planted_st['found']['kl']}: {kl['top50_trigger_share']:.0%} of the top-50 KL tokens are "
+          f"triggers (base rate {kl['base_rate']:.0%}) | mean KL {kl0['mean_kl']:.3g} |")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(record, indent=2, default=float))
+    methods = " ".join(f"{method}={value}" for method, value in planted_st["found"].items())
     print(
-        f"planted_given found={record['planted']['found']} "
+        f"planted_given found={record['planted']['found']} {methods} "
         f"best_cos={np.nan if best is None else best['abs_cos_arrived']:.3f} "
         f"identical_not_same={share:.4f} seed_pair_not_same={calibration['changed_fraction']:.4f}"
     )
