@@ -156,6 +156,8 @@ def main() -> None:
     stores = {cell.name: ActivationStore(at(grid_lib.activations_dir(cell)) / site) for cell in (a, b)}
     samples = pd.read_parquet(at(grid_lib.samples("D1")))
     tokens = {name: presence.eval_tokens(store, samples) for name, store in stores.items()}
+    if not tokens[a.name].same_as(tokens[b.name]):  # the scoring below reads one token list for both
+        raise SystemExit(f"{a.name} and {b.name} do not hold the same eval tokens: is D1 D0's table again?")
     token_ids = tokens[b.name].identity[:, 2]
     on_trigger = torch.from_numpy(np.isin(token_ids, triggers))
     arrived = (tokens[b.name].acts.double() - tokens[a.name].acts.double())[on_trigger].mean(0)
