@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from planted_sae_diff import FOUND_COS, TOP, trigger_precision  # noqa: E402
 
+from sae_diff import config as cfglib  # noqa: E402
 from sae_diff import diff, presence  # noqa: E402
 from sae_diff import grid as grid_lib  # noqa: E402
 from sae_diff.activations import ActivationStore  # noqa: E402
@@ -76,15 +77,15 @@ def run_workflow(work: Path, cores: int) -> None:
         raise SystemExit(f"the workflow failed ({done.returncode}); see {log}")
 
 
-def same_token_methods(work: Path, pair: str, arrived: np.ndarray, triggers: list[int]) -> dict:
-    """Each same-token method's outputs for ``pair`` (M0_Di__Mi_Di) at layer 1, scored against the
+def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, triggers: list[int]) -> dict:
+    """Each same-token method's outputs for ``pair`` (M0_Di__Mi_Di) at ``layer``, scored against the
     arrived change (unit vector) and the trigger token ids."""
     from safetensors.numpy import load_file
 
     from sae_diff import crosscoder
 
-    def folder(method: str, layer: int | None = 1) -> Path:
-        return work / grid_lib.diffing_dir(method, pair, layer)
+    def folder(method: str, per_layer: bool = True) -> Path:
+        return work / grid_lib.diffing_dir(method, pair, layer if per_layer else None)
 
     out = {}
     table = pd.read_parquet(folder("crosscoder") / "latents.parquet")
@@ -108,7 +109,7 @@ def same_token_methods(work: Path, pair: str, arrived: np.ndarray, triggers: lis
         "abs_cos": lens_cos,
         "norm": {k: float(np.linalg.norm(directions[f"{k}.direction"])) for k in lens_cos},
     }
-    tokens = pd.read_parquet(folder("kl", None) / "tokens.parquet")
+    tokens = pd.read_parquet(folder("kl", per_layer=False) / "tokens.parquet")
     top = tokens.nlargest(50, "kl_tuned_base")
     out["kl"] = {
         "mean_kl": float(tokens["kl_tuned_base"].mean()),
@@ -146,7 +147,8 @@ def main() -> None:
     planted = read_json(PLANTED)
     triggers = planted["token_ids"]
     results = work / grid_lib.RESULTS
-    cfg_layer, hook, sae_name = 1, "resid_post", "topk"
+    cfg = cfglib.load(CONFIG, check_depth=False)  # the example's one layer, hook point and SAE
+    (cfg_layer,), (hook,), (sae_name,) = cfg["layers"], cfg["hook_points"], list(cfg["saes"])
     site = grid_lib.site_dir(cfg_layer, hook)
 
     def at(path: str) -> Path:  # a grid path (relative to the run's folder) inside the run
@@ -198,9 +200,9 @@ def main() -> None:
     record["identical_model_and_data"] = {"counts": identical["counts"], "not_same_share": share, "live": live}
     record["identical_model_other_seed"] = {"not_same_share": calibration["changed_fraction"]}
     record["same_token"] = {
-        "planted": same_token_methods(work, grid_lib.pair_name(a, b), arrived, triggers),
+        "planted": same_token_methods(work, grid_lib.pair_name(a, b), cfg_layer, arrived, triggers),
         "identical": same_token_methods(work, grid_lib.pair_name(grid_lib.Cell("M0", "D2"), grid_lib.Cell("M2", "D2")),
-                                        arrived, triggers),
+                                        cfg_layer, arrived, triggers),
     }  # fmt: skip
     headline = read_json(results / "summary.json")["headline"]["evolution"]
     record["headline"] = {key: headline[key] for key in ("model_effect", "data_effect", "converged", "null_pairs")}

@@ -249,9 +249,12 @@ def write(
     # pooled over every sample the store holds (pool_tokens wants them all), then the same rows;
     # DRAWS_PER_PASS draws share a pass over the store (each holds its directions and projections)
     null_draws = {metric: [] for metric in asked}
+    center = probes.store_center(store)  # every draw centres on the same mean: read it once
     for first in range(0, opts["random_draws"], DRAWS_PER_PASS):
         names = {f"random_draw{d}": d for d in range(first, min(first + DRAWS_PER_PASS, opts["random_draws"]))}
-        encoders = {name: probes.random_directions(store, x.shape[1], opts["seed"] + d) for name, d in names.items()}
+        encoders = {
+            name: probes.random_directions(store, x.shape[1], opts["seed"] + d, center) for name, d in names.items()
+        }
         pooled_random = features.pool_tokens(store, ids, pooling, encoders, cutoffs=cutoffs)
         for name in names:
             random = pooled_random[name][rows].astype(np.float64)

@@ -446,17 +446,26 @@ def init_sae(sae_dir: str | Path, store) -> tuple[object | None, str]:
     return sae.to(torch.float32).eval(), note
 
 
-def random_directions(store, width: int, seed: int):
+def store_center(store):
+    """The mean of the store's first ``INIT_SAMPLE`` training tokens (float32 [d]; zeros when the
+    split is empty): where ``random_directions`` centres the activations."""
+    import torch
+
+    first = next(iter(store.iter_batches(INIT_SAMPLE)), None)
+    return first.float().mean(0) if first is not None else torch.zeros(store.d_model)
+
+
+def random_directions(store, width: int, seed: int, center=None):
     """ReLU projections of the centred activations onto ``width`` random unit directions:
     f(x) = ReLU((x - c) R^T), R Gaussian rows normalised (seeded), c the mean of the first
-    ``INIT_SAMPLE`` training tokens. An encoder for ``features.pool_tokens``."""
+    ``INIT_SAMPLE`` training tokens (``store_center``; pass it as ``center`` when drawing many, so
+    the store is read once). An encoder for ``features.pool_tokens``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     r = torch.randn((width, store.d_model), generator=gen, dtype=torch.float64)
     r = (r / r.norm(dim=1, keepdim=True)).float()
-    first = next(iter(store.iter_batches(INIT_SAMPLE)), None)
-    c = first.float().mean(0) if first is not None else torch.zeros(store.d_model)
+    c = store_center(store) if center is None else center
 
     def encode(x):
         return torch.relu((x - c.to(x.device)) @ r.to(x.device).T)
