@@ -314,6 +314,12 @@ def run_adl(base, tuned, tokenizer, text_sets: dict, u, layer: int, n_positions:
     return {"found": bool(cosines) and max(cosines) >= FOUND_COS, "sets": out}
 
 
+def kl_found(top50_fraction: float, base_rate: float) -> bool:
+    """Per-token KL finds the change: at least half of the 50 largest-KL tokens are changed ones, and
+    at least twice their base rate."""
+    return top50_fraction >= 0.5 and top50_fraction >= 2 * base_rate
+
+
 def edited_mask(paired: PairedStore, split: str) -> tuple[pd.DataFrame, torch.Tensor]:
     """Per token of ``split``: sample_idx, position, relative move ‖Δ‖/‖h0‖, edited (move > MOVED), cos(Δ, u)."""
     data = paired.all(split)
@@ -347,7 +353,7 @@ def run_kl(base, tuned, tokenizer, samples, mask: pd.DataFrame | None, max_lengt
     base_rate = float(joined["edited"].mean())
     frac = float(top["edited"].mean())
     out.update(
-        found=frac >= 0.5 and frac >= 2 * base_rate,
+        found=kl_found(frac, base_rate),
         top50_edited_fraction=frac,
         top50_class_fraction=float((top["token_id"] == class_id).mean()),
         edited_base_rate=base_rate,

@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from planted_sae_diff import FOUND_COS, TOP, trigger_precision  # noqa: E402
+from planted_diffing import cos_with, kl_found  # noqa: E402
+from planted_sae_diff import FOUND_COS, TOP, not_same_share, trigger_precision  # noqa: E402
 
 from sae_diff import config as cfglib  # noqa: E402
 from sae_diff import diff, presence  # noqa: E402
@@ -84,22 +85,24 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
 
     from sae_diff import crosscoder
 
+    u = torch.from_numpy(arrived)
+
     def folder(method: str, per_layer: bool = True) -> Path:
         return work / grid_lib.diffing_dir(method, pair, layer if per_layer else None)
 
     out = {}
     table = pd.read_parquet(folder("crosscoder") / "latents.parquet")
     mi_only = crosscoder.ranked_mi_only(table, TOP)
-    decoder = crosscoder.load(folder("crosscoder") / "crosscoder").W_dec.detach().double().numpy()[:, -1]
-    cos = [abs(float(decoder[j] @ arrived / np.linalg.norm(decoder[j]))) for j in mi_only["latent"]]
+    decoder = crosscoder.load(folder("crosscoder") / "crosscoder").W_dec.detach()[:, -1]  # the tuned model's
+    cos = [float(c) for c in np.abs(cos_with(decoder[mi_only["latent"].to_numpy()], u))]
     out["crosscoder"] = {"n_mi_only": int((table["class"] == "mi_only").sum()), "best_abs_cos": max(cos, default=None)}
     metrics = read_json(folder("diff_sae") / "metrics.json")
     if metrics.get("identical"):
         out["diff_sae"] = {"identical": True, "n_latents": 0, "best_abs_cos": None}
     else:
         latents = pd.read_parquet(folder("diff_sae") / "latents.parquet").sort_values("rank").head(TOP)
-        rows = diff.unit_rows(files.load(folder("diff_sae") / "sae").W_dec)[latents["latent"].to_numpy()]
-        out["diff_sae"] = {"identical": False, "best_abs_cos": float(np.abs(rows @ arrived).max())}
+        rows = files.load(folder("diff_sae") / "sae").W_dec.detach()[latents["latent"].to_numpy()]
+        out["diff_sae"] = {"identical": False, "best_abs_cos": float(np.abs(cos_with(rows, u)).max())}
     directions = load_file(str(folder("adl") / "adl.safetensors"))
     lens_cos = {}
     for text_set in ("neutral", "data"):
@@ -120,15 +123,9 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
         "crosscoder": bool(cos) and max(cos) >= FOUND_COS,
         "diff_sae": (out["diff_sae"]["best_abs_cos"] or 0) >= FOUND_COS,
         "adl": any((c or 0) >= FOUND_COS for c in lens_cos.values()),
-        "kl": out["kl"]["top50_trigger_share"] >= max(0.5, 2 * out["kl"]["base_rate"]),
+        "kl": kl_found(out["kl"]["top50_trigger_share"], out["kl"]["base_rate"]),
     }
     return out
-
-
-def not_same_share(counts: dict) -> tuple[float, int]:
-    """Share of live features (every label but inactive) not labelled same, and the live count."""
-    live = sum(v for k, v in counts.items() if k in ("same", "changed", "died", "unmatched"))
-    return (live - counts.get("same", 0)) / max(live, 1), live
 
 
 def main() -> None:
@@ -182,7 +179,7 @@ def main() -> None:
     top = order.head(TOP)
     candidates = top[top["label"].isin(["born", "changed"])]
     best = candidates.loc[candidates["abs_cos_arrived"].idxmax()] if len(candidates) else None
-    planted_share, live = not_same_share(summary["counts"])
+    planted_share, live = not_same_share(table)
     record = {
         "trigger_share_of_eval_tokens": float(on_trigger.float().mean()),
         "planted": {
@@ -194,8 +191,9 @@ def main() -> None:
             "found": bool(best is not None and best["abs_cos_arrived"] >= FOUND_COS),
         },
     }
-    identical = read_json(at(grid_lib.diff_json(grid_lib.Cell("M0", "D0"), a, cfg_layer, sae_name)))
-    share, live = not_same_share(identical["counts"])
+    identical_dir = at(grid_lib.diff_dir(grid_lib.Cell("M0", "D0"), a, cfg_layer))
+    identical = read_json(identical_dir / f"{sae_name}.json")
+    share, live = not_same_share(pd.read_parquet(identical_dir / f"{sae_name}.parquet"))
     calibration = read_json(at(grid_lib.calibration_json(cfg_layer, sae_name)))
     record["identical_model_and_data"] = {"counts": identical["counts"], "not_same_share": share, "live": live}
     record["identical_model_other_seed"] = {"not_same_share": calibration["changed_fraction"]}

@@ -95,6 +95,13 @@ def trigger_precision(sae, side_tokens: presence.Tokens, feature: int, token_ids
     return float(np.isin(token_ids[top], trigger).mean()) if len(top) else float("nan")
 
 
+def not_same_share(table: pd.DataFrame) -> tuple[float, int]:
+    """Share of a labelled diff's live features (every label but inactive) not labelled "same"
+    (changed, unmatched among them, or died), and the live count."""
+    live = int((table["label"] != "inactive").sum())
+    return float(table["label"].isin(["changed", "died"]).sum() / max(live, 1)), live
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/planted")
@@ -150,13 +157,13 @@ def main() -> None:
         rows = np.stack([dec[s][f] for s, f in zip(order["side"], order["feature"])] or [np.zeros(len(u))])
         order["abs_cos_arrived"] = np.abs(cos_with(rows, arrived))[: len(order)]
         order["abs_cos_u"] = np.abs(cos_with(rows, u))[: len(order)]
-        live = int((table["label"] != "inactive").sum())
+        share, live = not_same_share(table)
         counts = summary["counts"]
         out = {
             "paired_tokens": summary["paired_tokens"],
             "counts": counts,
             "live": live,
-            "not_same_share": (counts.get("changed", 0) + counts.get("died", 0)) / max(live, 1),
+            "not_same_share": share,
             "n_flagged": len(order),
             "top": order.head(10).to_dict("records"),
         }
