@@ -436,7 +436,8 @@ def main() -> None:
     trainer_cls, source = import_reference()
 
     d = args.d_model
-    cfg = crosscoder.CrosscoderConfig(n_models=2, d_in=d, d_sae=args.expansion * d, k=args.k)
+    # the reference's default init: independent decoder blocks per model
+    cfg = crosscoder.CrosscoderConfig(n_models=2, d_in=d, d_sae=args.expansion * d, k=args.k, same_init=False)
     start = time.perf_counter()
     acts = synthetic(args.total * args.batch + args.eval_tokens, d, args.seed)
     train_acts, eval_acts = acts[: args.total * args.batch], acts[args.total * args.batch :]

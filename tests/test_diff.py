@@ -265,20 +265,30 @@ def test_lineages_follow_matches_and_catch_a_reversion():
 
 def test_calibration_record_against_a_plain_count():
     """Compared: the seed baseline's changed fraction and MMCS against a loop over the null's
-    cosines in float64 (a NaN cosine, no partner, counts as not 'same'; MMCS skips it)."""
+    cosines in float64 (a NaN cosine, no partner, counts as not 'same'; MMCS skips it); with an
+    ``alive`` mask (by feature id, the table in another order) the fraction over live features only."""
     import pandas as pd
 
     rng = np.random.default_rng(11)
     cos = np.clip(rng.normal(0.8, 0.15, 500), -1, 1)
     cos[rng.choice(500, 7, replace=False)] = np.nan
-    null = pd.DataFrame({"dec_cos_match": cos})
+    null = pd.DataFrame({"feature": np.arange(500), "dec_cos_match": cos})
     thresholds = diff.calibrate(cos, 0.1, 0.01)
     record = diff.calibration_record(null, thresholds)
     changed = sum(1 for c in cos if not (c >= thresholds.same)) / len(cos)
     finite = [float(c) for c in cos if c == c]
     assert record["changed_fraction"] == pytest.approx(changed, abs=1e-12)
+    assert record["n_features"] == 500
     assert record["mmcs"] == pytest.approx(sum(finite) / len(finite), abs=1e-12)
     assert record["thresholds"] == thresholds.to_dict()
+
+    alive = rng.random(500) < 0.7
+    shuffled = null.sample(frac=1.0, random_state=3)
+    record = diff.calibration_record(shuffled, thresholds, alive)
+    live = [c for f, c in enumerate(cos) if alive[f]]
+    assert record["changed_fraction"] == pytest.approx(sum(1 for c in live if not (c >= thresholds.same)) / len(live))
+    assert record["n_features"] == len(live)
+    assert diff.calibration_record(null, thresholds, np.zeros(500, bool))["changed_fraction"] == 0.0
 
 
 def test_evolution_reads_exactly_the_files_it_is_given(tmp_path):

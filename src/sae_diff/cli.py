@@ -287,6 +287,13 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
         help="per SAE config: the folder of its partner from another init",
     )
     p.add_argument("--null-dir", help="the resampling null's folder (null-diffs' cosines): thresholds from it")
+    p.add_argument(
+        "--stats",
+        nargs="+",
+        metavar="SAE=FILE",
+        help="per SAE config: the base cell's feature statistics (stats.parquet); the seed pair's changed "
+        "fraction then counts only features that fire on its eval tokens",
+    )
     p.add_argument("--out-dir", required=True)
 
 
@@ -294,6 +301,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def cmd_calibrate(args) -> None:
     """Same / changed / new thresholds per SAE config from a seed pair on the base cell, and the
     cross-init MMCS of its convergence check."""
+    import numpy as np
     import pandas as pd
 
     from . import convergence, diff, io, nulls
@@ -302,6 +310,7 @@ def cmd_calibrate(args) -> None:
     spec = _spec(args)
     criterion = convergence.Criterion.from_config(spec["diff"]["convergence"])
     partners = dict(item.split("=", 1) for item in args.cross_init or [])
+    stats = dict(item.split("=", 1) for item in args.stats or [])
     for name in spec["saes"]:
         main = files.load(Path(args.saes) / name)
         seed = files.load(Path(args.seed_saes) / name)
@@ -314,7 +323,12 @@ def cmd_calibrate(args) -> None:
             pooled = [group["dec_cos_match"].to_numpy() for _, group in cosines.groupby("pair")]
             thresholds = nulls.thresholds(pooled, block["same_quantile"], block["new_quantile"])
         # changed_fraction: the seed pair (the second null) labelled with the thresholds in use
-        record = diff.calibration_record(null, thresholds)
+        alive = None
+        if name in stats:  # the base cell's features that fire on its eval split (a step's 'alive')
+            table = pd.read_parquet(stats[name], columns=["feature", "fire_count"])
+            alive = np.zeros(main.cfg.d_sae, dtype=bool)
+            alive[table["feature"].to_numpy()] = table["fire_count"].to_numpy() > 0
+        record = diff.calibration_record(null, thresholds, alive)
         record["thresholds_from"] = block["thresholds_from"]
         record["seed_pair"] = [str(Path(args.saes) / name), str(Path(args.seed_saes) / name)]
         partner = Path(partners.get(name, Path(args.seed_saes) / name))
@@ -1062,6 +1076,7 @@ def cmd_crosscoder(args) -> None:
         architecture=opts["architecture"],
         k=opts["k"],
         l1_coefficient=opts["l1_coefficient"],
+        same_init=opts["same_init"],
         model_names=names,
         hook_name=stores[-1].manifest["hook_name"],
     )

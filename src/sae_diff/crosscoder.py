@@ -64,7 +64,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ActivationStoreError, DataError, TrainingError
-from .io import atomic_dir, atomic_path, check_replaceable, crash_point, sha256_file, verify_checksums, write_json
+from .io import (
+    atomic_dir,
+    atomic_path,
+    check_replaceable,
+    crash_point,
+    discard_checkpoint,
+    sha256_file,
+    verify_checksums,
+    write_json,
+)
 from .sae import kernels
 from .sae.model import dictionary_seed, geometric_median
 from .sae.train import _guarded, estimate_scale, lr_factor
@@ -102,6 +111,7 @@ SHARED_RANGE = (0.4, 0.6)
 # never fires, or whose tuned β is ~0, is "unmeasured".
 NU_ERROR_MAX = 0.2
 NU_RECONSTRUCTION_MAX = 0.5
+STATE_DIR = ".crosscoder_state"  # a run's checkpoints, beside its output; removed once it has finished
 
 
 @dataclass
@@ -118,6 +128,13 @@ class CrosscoderConfig:
     # encoder block m of latent j starts as encoder_init_norm · d_j^m, the decoder blocks as random
     # directions of norm 1/√n (so the concatenated decoder vector is a unit vector)
     encoder_init_norm: float = 3**-0.5
+    # every model's decoder (and encoder) block of latent j starts at the same direction (the
+    # reference crosscoder's same_init_for_all_layers, off by default there): a difference between
+    # the decoders is then learnt from the models' activations, not left over from the init, and
+    # two identical models keep identical decoders. Independent blocks (False) keep the init's
+    # differences in an unconverged crosscoder: decoder cosine ~0.5 between two identical models on
+    # the planted example (config/examples/planted.yaml), where the change then hides among them
+    same_init: bool = True
     model_names: list[str] = field(default_factory=list)
     hook_name: str = ""
 
@@ -311,12 +328,16 @@ class Crosscoder(nn.Module):
     # ------------------------------------------------------------------ init
 
     def initialize(self, sample: torch.Tensor | None = None, seed: int = 0) -> None:
-        """Random decoder directions (norm 1/√n per model), W_enc = c·W_decᵀ, b_dec = each model's
-        geometric median of ``sample`` (scaled activations [N, n, d])."""
+        """Random decoder directions (norm 1/√n per model; one per latent for every model with
+        ``same_init``), W_enc = c·W_decᵀ, b_dec = each model's geometric median of ``sample``
+        (scaled activations [N, n, d])."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            w = torch.randn(self.W_dec.shape, generator=gen, dtype=torch.float64)
+            if cfg.same_init:
+                w = torch.randn(cfg.d_sae, 1, cfg.d_in, generator=gen, dtype=torch.float64).repeat(1, cfg.n_models, 1)
+            else:
+                w = torch.randn(self.W_dec.shape, generator=gen, dtype=torch.float64)
             w /= w.norm(dim=2, keepdim=True) * math.sqrt(cfg.n_models)
             self.W_dec.copy_(w)
             self.W_enc.copy_(w.permute(1, 2, 0) * (cfg.encoder_init_norm * math.sqrt(cfg.n_models)))
@@ -622,7 +643,7 @@ def train(
     _check_paired(paired, cfg)
     steps_per_epoch = max(1, min(n_tokens, paired.n_tokens("train")) // batch_size)
     total_steps = steps_per_epoch * epochs
-    work_dir = Path(work_dir or out_dir.parent / ".crosscoder_state" / out_dir.name)
+    work_dir = Path(work_dir or out_dir.parent / STATE_DIR / out_dir.name)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         scales = [estimate_scale(store) for store in paired.stores]
@@ -721,8 +742,7 @@ def train(
     save(cc, out_dir, extra={"training": training, **(extra or {})})
     with atomic_path(out_dir / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in logs))
-    for path in (ckpt_tensors, ckpt_json):
-        path.unlink(missing_ok=True)
+    discard_checkpoint(work_dir, (ckpt_tensors, ckpt_json), state_parent=STATE_DIR)
     return out_dir
 
 
@@ -1063,6 +1083,28 @@ def ranked_mi_only(table, top: int | None = None):
     return mi if top is None else mi.head(top)
 
 
+def moved_vectors(cc: Crosscoder, mean_activation, latents=None):
+    """What each latent adds to the last model's reconstruction and not to the first's at its mean
+    activation, in raw activation space (float64 [len(latents), d]):
+
+        moved_j = mean_activation_j · (d_j^Mi / s_Mi − d_j^M0 / s_M0)
+
+    (``d_j^m`` the latent's decoder for model m, ``s_m`` that model's input scale). Summed over
+    every latent this is the difference between the two models' mean reconstructions (less b_dec);
+    one latent's row says where the change sits when it rides on a latent both models share, e.g. a
+    direction that a fine-tune adds to some tokens' activations: the latent of those tokens keeps
+    firing in both models and its Mi decoder moves. With ``same_init`` a row is zero unless the two
+    models' activations differ. ``mean_activation`` is indexed like ``latents`` (default: all)."""
+    import numpy as np
+
+    ids = torch.arange(cc.cfg.d_sae) if latents is None else torch.from_numpy(np.array(latents, dtype=np.int64))
+    weights = torch.from_numpy(np.array(mean_activation, dtype=np.float64))  # copies: parquet's are read-only
+    with torch.no_grad():
+        w = cc.W_dec.detach().double()[ids]
+        raw = w / cc.input_scale.detach().double()[None, :, None]  # [k, n, d]: each latent's decoder per model
+        return (weights[:, None] * (raw[:, -1] - raw[:, 0])).numpy()
+
+
 def mi_only_direction(out_dir: str | Path, k: int):
     """What the crosscoder's top ``k`` Mi-only latents (``ranked_mi_only``: genuine first) add to the
     tuned model's activations and not to the base model's, on average, in raw activation space
@@ -1070,9 +1112,8 @@ def mi_only_direction(out_dir: str | Path, k: int):
 
         v = Σ_j  mean_activation_j · (d_j^Mi / s_Mi − d_j^M0 / s_M0)
 
-    (``mean_activation`` over the train split's tokens, ``d_j^m`` the latent's decoder for model m
-    and ``s_m`` that model's input scale: the difference between the two models' reconstructions
-    from those latents alone). ``out_dir`` is a crosscoder run's folder (``run``); the first and
+    (``moved_vectors`` summed over them: the difference between the two models' reconstructions from
+    those latents alone). ``out_dir`` is a crosscoder run's folder (``run``); the first and
     last models are M0 and Mi. A zero vector when the crosscoder has no Mi-only latent: then there is
     nothing of the crosscoder's to steer with. The interventions steer M0 with it, and project it
     out of Mi, as the lens's direction is (``conditions.comparison_conditions``)."""
@@ -1082,16 +1123,9 @@ def mi_only_direction(out_dir: str | Path, k: int):
     out_dir = Path(out_dir)
     top = ranked_mi_only(pd.read_parquet(out_dir / "latents.parquet"), k)
     cc = load(out_dir / "crosscoder", dtype=torch.float64)
-    direction = np.zeros(cc.cfg.d_in, dtype=np.float64)
     if top.empty:
-        return direction
-    ids = torch.as_tensor(top["latent"].to_numpy(dtype=np.int64))
-    weights = torch.as_tensor(top["mean_activation"].to_numpy(dtype=np.float64))
-    with torch.no_grad():
-        w, scale = cc.W_dec.detach()[ids], cc.input_scale.detach()
-        raw = w / scale[None, :, None]  # [k, n, d]: each latent's decoder per model, raw space
-        direction = (weights[:, None] * (raw[:, -1] - raw[:, 0])).sum(0)
-    return direction.numpy()
+        return np.zeros(cc.cfg.d_in, dtype=np.float64)
+    return moved_vectors(cc, top["mean_activation"].to_numpy(), top["latent"].to_numpy()).sum(0)
 
 
 def run(
@@ -1112,9 +1146,10 @@ def run(
 
     Writes, beside the crosscoder folder ``out_dir/crosscoder``: ``latents.parquet`` (``latent_table``
     + firing statistics on the train split, which ranks, + Latent Scaling of the Mi-only latents on
-    the train split + each model's logit lens of its own decoder), ``examples.json`` (top and
-    quantile-sampled contexts per latent on the eval split) and ``metrics.json`` (per-model
-    reconstruction on the eval split, class counts, Latent Scaling label counts).
+    the train split + each model's logit lens of its own decoder + ``moved_norm`` = ‖moved_j‖ of
+    ``moved_vectors`` and ``moved_rank``, 1 for the largest, none where it is 0), ``examples.json``
+    (top and quantile-sampled contexts per latent on the eval split) and ``metrics.json`` (per-model
+    reconstruction on the eval split, class counts, Latent Scaling label counts, ``moved``).
 
     With the models (``lens_models``, in the crosscoder's order), their ``tokenizer`` and
     ``opts["spliced_samples"]`` > 0, each model's entry of ``metrics.json`` also holds the spliced
@@ -1122,6 +1157,7 @@ def run(
     ``spliced`` says how many; else ``spliced_skipped`` says why. ``place``: a models.Placement
     for the spliced forwards (default: ``device``, float32).
     """
+    import numpy as np
     import pandas as pd
 
     from . import features
@@ -1143,7 +1179,7 @@ def run(
         decay_fraction=opts["decay_fraction"],
         dead_tokens=opts["dead_tokens"],
         shuffle_buffer=training["shuffle_buffer"],
-        work_dir=out_dir / ".crosscoder_state",
+        work_dir=out_dir / STATE_DIR,
         device=device,
     )
     cc = load(folder).to(device)
@@ -1168,6 +1204,10 @@ def run(
         )
     ranked = ranked_mi_only(table)
     table["mi_only_rank"] = pd.Series(range(1, len(ranked) + 1), index=ranked.index)
+    moved = moved_vectors(cc, table["mean_activation"].to_numpy(), table["latent"].to_numpy())
+    table["moved_norm"] = np.linalg.norm(moved, axis=1)
+    by_moved = table[table["moved_norm"] > 0].sort_values("moved_norm", ascending=False, kind="stable")
+    table["moved_rank"] = pd.Series(range(1, len(by_moved) + 1), index=by_moved.index)
     examples = {}
     if features_opts is not None:
         result = features.run(
@@ -1190,6 +1230,9 @@ def run(
         **metrics,
         "classes": {name: int(counts.get(name, 0)) for name in ("mi_only", "shared", "m0_only", "other")},
         "scaling_labels": {str(k): int(v) for k, v in table["scaling_label"].value_counts().items()},
+        # the change as it rides on latents: the norm of Σ_j moved_j (the mean reconstructions'
+        # difference, less b_dec) and how many latents carry any of it
+        "moved": {"n_latents": len(by_moved), "total_norm": float(np.linalg.norm(moved.sum(0)))},
         "thresholds": {
             "mi_only_delta_norm_above": MI_ONLY_MIN,
             "m0_only_delta_norm_below": M0_ONLY_MAX,

@@ -179,15 +179,25 @@ def calibration(sae_main, sae_seed, same_quantile: float, new_quantile: float) -
     return calibrate(null["dec_cos_match"].to_numpy(), same_quantile, new_quantile), null
 
 
-def calibration_record(null: pd.DataFrame, thresholds: Thresholds) -> dict:
+def calibration_record(null: pd.DataFrame, thresholds: Thresholds, alive: np.ndarray | None = None) -> dict:
     """What a seed pair says about the labels: the thresholds, the pair's MMCS, and the fraction of
-    its matched features that the labels would call anything but 'same' (``changed_fraction``,
+    its live features that the labels would call anything but 'same' (``changed_fraction``,
     reported as ``seed_baseline_changed_fraction``: the rate at which a step of two SAEs that
-    differ only in their seeds looks changed)."""
+    differ only in their seeds looks changed). ``alive`` (by feature id of the pair's first SAE:
+    fires on its cell's eval tokens) leaves out the features a step labels 'inactive', whatever
+    their cosine: a feature that never fires keeps its random start and matches nothing, which is
+    no change of the model's (on the planted example the seed pair's one "changed" feature of 32
+    was such a one). ``n_features`` says how many were counted; all when ``alive`` is None."""
+    cos = null["dec_cos_match"].to_numpy()
+    counted = np.ones(len(null), dtype=bool)
+    if alive is not None:
+        counted = np.asarray(alive, dtype=bool)[null["feature"].to_numpy()]
+    not_same = label(cos[counted], thresholds) != "same"
     return {
         "thresholds": thresholds.to_dict(),
         "mmcs": mmcs(null),
-        "changed_fraction": float((label(null["dec_cos_match"].to_numpy(), thresholds) != "same").mean()),
+        "changed_fraction": float(not_same.mean()) if counted.any() else 0.0,
+        "n_features": int(counted.sum()),
     }
 
 

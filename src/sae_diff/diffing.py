@@ -121,8 +121,9 @@ def kl_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
 
 
 def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarray]]:
-    """The crosscoder's class counts, Latent Scaling labels and top Mi-only latents (genuine first),
-    with every Mi-only latent's tuned decoder row (the directions other methods are matched to)."""
+    """The crosscoder's class counts, Latent Scaling labels, top Mi-only latents (genuine first) and
+    top latents by the change they carry (``moved_rank``), with every Mi-only latent's tuned decoder
+    row (the directions other methods are matched to)."""
     from . import crosscoder
     from .io import read_json
 
@@ -142,6 +143,10 @@ def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarr
         "top_scaling_label": [str(v) for v in ranked["scaling_label"].head(top)],
         "fvu": {name: block["fvu"] for name, block in metrics.get("models", {}).items()},
     }
+    if "moved_rank" in table:  # where the change rides on latents both models keep (moved_vectors)
+        moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank")
+        block["top_moved"] = [int(v) for v in moved["latent"].head(top)]
+        block["n_moved"] = metrics["moved"]["n_latents"]
     for key in ("ce_loss_score", "kl_div_with_spliced"):  # each model with its reconstruction spliced in
         values = {name: entry[key] for name, entry in metrics.get("models", {}).items() if key in entry}
         if values:

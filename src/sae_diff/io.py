@@ -75,6 +75,20 @@ def check_replaceable(target: Path) -> None:
     )
 
 
+def discard_checkpoint(work_dir: str | Path, files, state_parent: str | None = None) -> None:
+    """After a finished run: remove its checkpoint ``files``, then the state folder that held them
+    and, when named ``state_parent``, that folder's parent (the crosscoder's default
+    ``.crosscoder_state/<name>``), each only if empty: another run's checkpoint keeps it, and nothing
+    the run did not write is touched."""
+    for path in files:
+        Path(path).unlink(missing_ok=True)
+    work_dir = Path(work_dir)
+    folders = [work_dir, work_dir.parent] if work_dir.parent.name == state_parent else [work_dir]
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            folder.rmdir()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")

@@ -35,6 +35,8 @@ rule calibrate:
         saes=lambda w: base_sae_weights(w, DIFF_SAES),
         seed=seed_pair_outputs("{layer}"),
         null=lambda w: null_cosines(w.layer) if THRESHOLDS_FROM_RESAMPLING else [],
+        # which base-cell features fire: the seed pair's changed fraction counts only those
+        stats=lambda w: [grid.feature_stats("M0_D0", w.layer, n) for n in sorted(DIFF_SAES)],
     output:
         [grid.calibration_json("{layer}", name) for name in DIFF_SAES],
     log:
@@ -50,11 +52,12 @@ rule calibrate:
             f"{n}={grid.cross_init_sae_dir(w.layer, n, config['diff']['vary'])}" for n in sorted(DIFF_SAES)
         ],
         null_dir=lambda w: f"--null-dir {shlex.quote(grid.null_dir(w.layer))}" if THRESHOLDS_FROM_RESAMPLING else "",
+        stats=lambda w: [f"{n}={grid.feature_stats('M0_D0', w.layer, n)}" for n in sorted(DIFF_SAES)],
         out_dir=grid.calibration_dir("{layer}"),
     shell:
         "sae-diff calibrate --spec {params.spec:q} --layer {wildcards.layer} --saes {params.saes:q} "
-        "--seed-saes {params.seed:q} --cross-init {params.cross_init:q} {params.null_dir} --out-dir {params.out_dir:q} "
-        "> {log:q} 2>&1"
+        "--seed-saes {params.seed:q} --cross-init {params.cross_init:q} {params.null_dir} --stats {params.stats:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule train_null_saes:

@@ -20,7 +20,7 @@ import torch
 
 from ..activations import ActivationStore, ActivationStoreError
 from ..errors import TrainingError  # noqa: F401
-from ..io import atomic_path, crash_point, write_json
+from ..io import atomic_path, crash_point, discard_checkpoint, write_json
 from . import files
 from .model import SAE, SAEConfig
 
@@ -326,8 +326,7 @@ def train(
         # the curve is drawn by its own figure job (figures.training) from this log
         with atomic_path(Path(out_dir) / "train_log.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in run_log))
-    for path in (ckpt_tensors, ckpt_json):
-        path.unlink(missing_ok=True)
+    discard_checkpoint(work_dir, (ckpt_tensors, ckpt_json))
     return [Path(p) for p in out_dirs]
 
 
