@@ -2,14 +2,17 @@
 
 Trains the demo's `topk` config on M0_D0's layer-12 activations (run `make run` first) from two
 init seeds in one pass, for several numbers of epochs over the same ~12k training tokens and,
-optionally, several dictionary shapes (expansion factor, k), and prints for each: held-out FVU,
-its relative drop over the last quarter of training, the mean decoder cosine to the init, and the
-cross-init MMCS against two random dictionaries of the same shape (``sae_diff.convergence``), with
-the verdict of each check.
+optionally, several dictionary shapes (expansion factor, k), learning rates and decay fractions,
+and prints for each: held-out FVU, its relative drop over the last quarter of training, the mean
+decoder cosine to the init, and the cross-init MMCS against two random dictionaries of the same
+shape (``sae_diff.convergence``), with the verdict of each check. ``--config`` names another
+config's `topk` SAE (the planted example's settings were chosen with it: bench/RESULTS.md).
 
     python bench/convergence.py [--epochs 12 48 144] [--acts results/activations/M0_D0/layer12]
     python bench/convergence.py --expansion-factors 1 2 4 8 --k 16 32 --epochs 12 48
     python bench/convergence.py --acts results/activations/M0_D{0,1,2}/layer12 --epochs 12 48
+    python bench/convergence.py --acts <run>/results/activations/M1_D1/layer1 --config config/examples/planted.yaml \
+        --expansion-factors 1 --k 1 2 --lr 0.01 0.003 --decay-fraction 0 0.2 --epochs 16 32
 
 Several ``--acts`` stores (of one model and layer) are pooled into one training set (their train
 shards side by side; the first store's eval split scores the held-out FVU): how the checks move
@@ -66,6 +69,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--expansion-factors", type=int, nargs="+", help="shapes to try (default: the config's)")
     parser.add_argument("--k", type=int, nargs="+", help="TopK k values to try (default: the config's)")
+    parser.add_argument("--lr", type=float, nargs="+", help="learning rates to try (default: the config's)")
+    parser.add_argument(
+        "--decay-fraction",
+        type=float,
+        nargs="+",
+        help="shares of training with a decaying learning rate to try (default: the config's)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     cfg = cfglib.load(args.config)
@@ -75,12 +85,14 @@ def main() -> None:
     print(f"{store.n_tokens('train')} training tokens from {len(args.acts)} store(s)", flush=True)
     base = cfg["saes"]["topk"]
     shapes = [
-        (e, k)
+        (e, k, lr, decay)
         for e in args.expansion_factors or [base["expansion_factor"]]
         for k in args.k or [base["k"]]
+        for lr in args.lr or [base["lr"]]
+        for decay in args.decay_fraction or [base["decay_fraction"]]
     ]  # fmt: skip
-    for (expansion, k), epochs in ((shape, epochs) for shape in shapes for epochs in args.epochs):
-        block = {**base, "expansion_factor": expansion, "k": k}
+    for (expansion, k, lr, decay), epochs in ((shape, epochs) for shape in shapes for epochs in args.epochs):
+        block = {**base, "expansion_factor": expansion, "k": k, "lr": lr, "decay_fraction": decay}
         specs = [
             spec_from_config(
                 f"init{seed}", {**block, "seed": seed}, store.d_model, None, store.manifest["hook_name"], "", "M0", None
@@ -98,7 +110,7 @@ def main() -> None:
             a, b = files.load(dirs[0]), files.load(dirs[1])
             cross = convergence.cross_init_record(a, b, criterion)
         print(
-            f"d_sae {store.d_model * expansion} (x{expansion}) k {k} epochs {epochs:4d} "
+            f"d_sae {store.d_model * expansion} (x{expansion}) k {k} lr {lr:g} decay {decay:g} epochs {epochs:4d} "
             f"({record['steps']} steps, {time.perf_counter() - start:.0f} s): "
             f"held-out FVU {record['heldout_fvu']:.3f}, drop over the last quarter {record['fvu_drop']:.3f} "
             f"({'flat' if record['fvu_flat'] else 'still dropping'}); cosine to init {record['init_cos']:.3f} "

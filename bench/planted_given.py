@@ -18,7 +18,8 @@ What is scored, as issue 18 puts it:
   the resampling null's range, called or not) and the convergence flag;
 - **every same-token method** on M1 against M0 (planted) and on M2 against M0 (M2 is M0's own
   checkpoint: the identical-model control), with ``bench/planted_diffing.py``'s criteria: the
-  crosscoder finds the change when a top-5 M1-only latent's M1 decoder has |cos| ≥ 0.7 with it, the
+  crosscoder finds the change when a top-5 M1-only latent's M1 decoder has |cos| ≥ 0.7 with it, or
+  a top-5 latent by ``moved_rank`` moves along it (``crosscoder.moved_vectors``) at |cos| ≥ 0.7, the
   diff-SAE when a top-5 latent by share does, the lens when its direction does on either text set,
   per-token KL when at least half of the 50 largest-KL eval tokens are triggers and that is at least
   twice their base rate. On the control: how many latents each flags, the lens's norm, the KL.
@@ -93,9 +94,16 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
     out = {}
     table = pd.read_parquet(folder("crosscoder") / "latents.parquet")
     mi_only = crosscoder.ranked_mi_only(table, TOP)
-    decoder = crosscoder.load(folder("crosscoder") / "crosscoder").W_dec.detach()[:, -1]  # the tuned model's
-    cos = [float(c) for c in np.abs(cos_with(decoder[mi_only["latent"].to_numpy()], u))]
+    cc = crosscoder.load(folder("crosscoder") / "crosscoder", dtype=torch.float64)
+    cos = [float(c) for c in np.abs(cos_with(cc.W_dec.detach()[mi_only["latent"].tolist(), -1], u))]
     out["crosscoder"] = {"n_mi_only": int((table["class"] == "mi_only").sum()), "best_abs_cos": max(cos, default=None)}
+    if "moved_rank" in table:  # the change riding on latents both models keep: the top 5 by moved_rank
+        moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(TOP)
+        rows = crosscoder.moved_vectors(cc, moved["mean_activation"].to_numpy(), moved["latent"].to_numpy())
+        moved_cos = [float(c) for c in np.abs(cos_with(rows, u))]
+        out["crosscoder"].update(
+            n_moved=int(table["moved_rank"].notna().sum()), best_moved_abs_cos=max(moved_cos, default=None)
+        )
     metrics = read_json(folder("diff_sae") / "metrics.json")
     if metrics.get("identical"):
         out["diff_sae"] = {"identical": True, "n_latents": 0, "best_abs_cos": None}
@@ -120,7 +128,7 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
         "base_rate": float(tokens["token_id"].isin(triggers).mean()),
     }
     out["found"] = {
-        "crosscoder": bool(cos) and max(cos) >= FOUND_COS,
+        "crosscoder": max(cos + [out["crosscoder"].get("best_moved_abs_cos") or 0.0], default=0.0) >= FOUND_COS,
         "diff_sae": (out["diff_sae"]["best_abs_cos"] or 0) >= FOUND_COS,
         "adl": any((c or 0) >= FOUND_COS for c in lens_cos.values()),
         "kl": kl_found(out["kl"]["top50_trigger_share"], out["kl"]["base_rate"]),
@@ -232,8 +240,10 @@ def main() -> None:
     print("|---|---|---|")
     cc, cc0 = planted_st["crosscoder"], control["crosscoder"]
     cc_best = "–" if cc["best_abs_cos"] is None else f"{cc['best_abs_cos']:.2f}"
+    moved_best = "–" if cc.get("best_moved_abs_cos") is None else f"{cc['best_moved_abs_cos']:.2f}"
     print(f"| crosscoder | {planted_st['found']['crosscoder']}: {cc['n_mi_only']} M1-only latents, best top-5 "
-          f"\\|cos\\| {cc_best} | {cc0['n_mi_only']} M2-only latents |")  # fmt: skip
+          f"\\|cos\\| {cc_best}; {cc.get('n_moved', '–')} moved latents, best top-5 moved \\|cos\\| {moved_best} | "
+          f"{cc0['n_mi_only']} M2-only latents, {cc0.get('n_moved', '–')} moved |")  # fmt: skip
     ds, ds0 = planted_st["diff_sae"], control["diff_sae"]
     print(f"| diff-SAE | {planted_st['found']['diff_sae']}: best top-5 \\|cos\\| {ds['best_abs_cos']:.2f} | "
           f"{'identical activations: no latents' if ds0['identical'] else 'latents trained'} |")  # fmt: skip

@@ -34,7 +34,7 @@ TRIGGERS = ["q", "j", "z", "x"]
 SCALE = 3.0
 WORDS = ["bread", "dawn", "miner", "quiet", "quill", "soup", "judge", "plane", "queen", "wire", "mill", "squad",
          "jazz", "fox", "zero", "box"]  # fmt: skip
-N_TEXTS = 160  # two per prompt id
+N_TEXTS = 640  # two per prompt id
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
