@@ -980,8 +980,29 @@ def same_token_diffing(
         ax.set(xlabel="ν^ε = β^ε(M0) / β^ε(Mi)", ylabel="ν^r = β^r(M0) / β^r(Mi)")
         ax.set_title("Latent Scaling of Mi-only latents (low-low: genuinely Mi-only)", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
+    elif (
+        crosscoder_table is not None
+        and "moved_rank" in crosscoder_table
+        and crosscoder_table["moved_rank"].notna().any()
+    ):
+        # no Mi-only latent: where the change rides on shared latents instead (crosscoder.moved_vectors)
+        top = crosscoder_table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(10)
+        lens = sorted(c for c in top.columns if c.startswith("promoted_m"))
+        labels = [
+            f"{int(row['latent'])}  " + " ".join(repr(t)[1:-1] for t in list(row[lens[-1]])[:3]) if lens
+            else str(int(row["latent"]))
+            for _, row in top.iterrows()
+        ]  # fmt: skip
+        ax.barh(range(len(top))[::-1], top["moved_norm"], color="tab:red", alpha=0.7)
+        ax.set_yticks(range(len(top))[::-1], labels, fontsize=8)
+        ax.set(xlabel="‖mean activation · (Mi decoder − M0 decoder)‖  (raw activation units)")
+        ax.set_title(
+            f"no Mi-only latent: the latents whose decoders moved most "
+            f"({len(top)} of {int(crosscoder_table['moved_rank'].notna().sum())} moved)",
+            fontsize=10,
+        )
     elif crosscoder_table is not None:
-        ax.text(0.5, 0.5, "no Mi-only latent to scale", ha="center", va="center", color="0.4")
+        ax.text(0.5, 0.5, "no Mi-only latent to scale, no decoder moved", ha="center", va="center", color="0.4")
         ax.set_axis_off()
     else:
         absent(ax, "crosscoder")
