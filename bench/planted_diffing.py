@@ -18,7 +18,8 @@ resid_post is extracted with ``activations.extract``; then each method runs on (
 lens (neutral texts and the data's texts), per-token KL, and KL recovery of each method's top
 directions against random latents (directions for the lens). A method "finds" the edit when:
 
-    crosscoder  a top-5 Mi-only latent (``crosscoder.ranked_mi_only``) has |cos(tuned decoder, u)| >= 0.7
+    crosscoder  a top-5 Mi-only latent (``crosscoder.ranked_mi_only``) has |cos(tuned decoder, u)| >= 0.7,
+                or a top-5 latent by ``moved_rank`` moves along u (``crosscoder.moved_vectors``) at >= 0.7
     diff-SAE    a top-5 latent by share has |cos(decoder, u)| >= 0.7
     ADL         |cos(headline direction, u)| >= 0.7 on either text set
     KL          at least half of the 50 largest-KL eval tokens are edited tokens (moved by more than
@@ -203,8 +204,16 @@ def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args, true_d
     top = ranked.head(TOP)
     best = table.loc[table["abs_cos_u"].idxmax()]
     hit = top[top["abs_cos_u"] >= FOUND_COS]
+    # a change that rides on latents both models keep: the top 5 by moved_rank, along what they move
+    moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(TOP)
+    rows = crosscoder.moved_vectors(crosscoder.load(out / "crosscoder", dtype=torch.float64),
+                                    moved["mean_activation"].to_numpy(), moved["latent"].to_numpy())  # fmt: skip
+    moved_cos, moved_cos_true = np.abs(cos_with(rows, u)), np.abs(cos_with(rows, true_dir))
     return {
-        "found": bool(len(hit)),
+        "found": bool(len(hit)) or bool(len(moved_cos) and moved_cos.max() >= FOUND_COS),
+        "n_moved": int(table["moved_rank"].notna().sum()),
+        "abs_cos_moved_top5_best": float(moved_cos.max()) if len(moved_cos) else float("nan"),
+        "abs_cos_true_moved_top5_best": float(moved_cos_true.max()) if len(moved_cos) else float("nan"),
         "abs_cos_top5_best": float(top["abs_cos_u"].max()) if len(top) else float("nan"),
         "rank_of_found": int(hit["mi_only_rank"].iloc[0]) if len(hit) else None,
         "found_true": bool((top["abs_cos_true"] >= FOUND_COS).any()),
@@ -577,9 +586,12 @@ def main() -> None:
             "extra": f"best |cos| {fmt(p['crosscoder']['best_abs_cos'])} latent {p['crosscoder']['best_latent']} "
             f"class {p['crosscoder']['best_class']} label {p['crosscoder']['best_label']} "
             f"mi_only rank {fmt(p['crosscoder']['best_mi_only_rank'])}; n mi_only {p['crosscoder']['n_mi_only']}; "
-            f"top-5 |cos true| {fmt(p['crosscoder']['abs_cos_true_top5_best'])}",
+            f"top-5 |cos true| {fmt(p['crosscoder']['abs_cos_true_top5_best'])}; {p['crosscoder']['n_moved']} moved, "
+            f"top-5 moved |cos u| {fmt(p['crosscoder']['abs_cos_moved_top5_best'])}, "
+            f"|cos true| {fmt(p['crosscoder']['abs_cos_true_moved_top5_best'])}",
             "kl_recovery": rec_cell("crosscoder_top5_mi_only"),
-            "control": f"mi_only latents (false alarms) {c['crosscoder']['n_mi_only']}",
+            "control": f"mi_only latents (false alarms) {c['crosscoder']['n_mi_only']}, "
+            f"moved {c['crosscoder']['n_moved']}",
         },
         *[
             {

@@ -56,7 +56,11 @@ def paired_store(folder, acts, shard_tokens=1000):
 
 
 def random_cc(arch="batchtopk", n_models=2, d=6, d_sae=20, k=3, seed=0, dtype=torch.float32, **kw):
-    cfg = C.CrosscoderConfig(n_models=n_models, d_in=d, d_sae=d_sae, k=k, architecture=arch, **kw)
+    # independent decoder blocks: each model's decoder differs in direction too, so the references
+    # below check that every model reads its own
+    cfg = C.CrosscoderConfig(
+        n_models=n_models, d_in=d, d_sae=d_sae, k=k, architecture=arch, **{"same_init": False, **kw}
+    )
     cc = C.Crosscoder(cfg, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     cc.initialize(torch.randn(50, n_models, d, generator=gen), seed=seed)
@@ -210,6 +214,12 @@ def test_save_then_load_gives_bit_identical_outputs(tmp_path):
     assert torch.equal(f1, f2) and torch.equal(r1, r2)
     record = json.loads((folder / "cfg.json").read_text())
     assert record["training"] == {"steps": 3} and set(record["sha256"]) == {"crosscoder_weights.safetensors"}
+    shared = C.save(random_cc(same_init=True), tmp_path / "shared")  # the flag round-trips both ways
+    assert C.load(shared).cfg.same_init and not back.cfg.same_init
+    older = json.loads((shared / "cfg.json").read_text())  # written before the flag existed
+    del older["config"]["same_init"]
+    (shared / "cfg.json").write_text(json.dumps(older))
+    assert C.load(shared).cfg.same_init is False  # such crosscoders started their decoders independently
     assert set(load_file(str(folder / "crosscoder_weights.safetensors"))) == {
         "W_enc",
         "b_enc",
@@ -348,10 +358,12 @@ def test_planted_tuned_only_directions_come_out_tuned_only(tmp_path, same_init, 
 
 def test_identical_models_give_no_tuned_only_latents(tmp_path):
     """Compared: the classes of a crosscoder trained on two identical models with "mi_only"
-    (none may be), and every live latent's relative norm with 0.5."""
+    (none may be), and every live latent's relative norm with 0.5; with independent decoder starts,
+    where the norms could drift apart (a shared start keeps them equal by construction:
+    ``test_same_init_keeps_identical_models_decoders_identical``)."""
     acts, _ = planted(N_PLANTED, identical=True)
     paired = paired_store(tmp_path / "acts", acts)
-    cfg = C.CrosscoderConfig(n_models=2, d_in=D, d_sae=D_SAE, k=ACTIVE)
+    cfg = C.CrosscoderConfig(n_models=2, d_in=D, d_sae=D_SAE, k=ACTIVE, same_init=False)
     cc = C.load(C.train(paired, cfg, tmp_path / "cc", n_tokens=N_PLANTED, epochs=EPOCHS // 2, **TRAIN))
     table = C.firing_stats(cc, paired, split="train")
     assert not (table["class"] == "mi_only").any(), table["class"].value_counts()

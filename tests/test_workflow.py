@@ -200,6 +200,9 @@ def test_features_diffs_and_evolution(finished_run):
     assert set(map(int, examples)) == set(live) and all(len(v) <= 3 for v in examples.values())
     calibration = json.loads((results / "calibration" / "layer1" / "topk.json").read_text())
     assert 0 < calibration["thresholds"]["new"] <= calibration["thresholds"]["same"] < 1
+    # the seed pair's changed fraction counts the features that fire on M0_D0's eval tokens
+    base_stats = pd.read_parquet(results / "features" / "M0_D0" / "layer1" / "topk" / "stats.parquet")
+    assert calibration["n_features"] == int((base_stats["fire_count"] > 0).sum()) > 0
     step = json.loads((results / "diff" / "M0_D0__M1_D1" / "layer1" / "topk.json").read_text())
     assert step["aligned"] is True  # M1_D1's topk SAE warm-starts from M0_D0's
     summary = json.loads((results / "summary.json").read_text())

@@ -562,7 +562,8 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> Crosscoder:
     verify_checksums(
         folder, record.get("sha256", {}), cfg_path, f"rebuild the crosscoder: delete {folder} and train it again"
     )
-    cc = Crosscoder(CrosscoderConfig(**record["config"]), dtype=dtype)
+    # written before same_init existed: those started their decoders independently
+    cc = Crosscoder(CrosscoderConfig(**{"same_init": False, **record["config"]}), dtype=dtype)
     tensors = load_file(str(folder / WEIGHTS))
     expected = {name: tuple(t.shape) for name, t in cc.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -1099,9 +1100,9 @@ def moved_vectors(cc: Crosscoder, mean_activation, latents=None):
 
     ids = torch.arange(cc.cfg.d_sae) if latents is None else torch.from_numpy(np.array(latents, dtype=np.int64))
     weights = torch.from_numpy(np.array(mean_activation, dtype=np.float64))  # copies: parquet's are read-only
-    with torch.no_grad():
-        w = cc.W_dec.detach().double()[ids]
-        raw = w / cc.input_scale.detach().double()[None, :, None]  # [k, n, d]: each latent's decoder per model
+    with torch.no_grad():  # on the CPU, in float64, wherever the crosscoder lives
+        w = cc.W_dec.detach().double().cpu()[ids]
+        raw = w / cc.input_scale.detach().double().cpu()[None, :, None]  # [k, n, d]: each latent's decoder per model
         return (weights[:, None] * (raw[:, -1] - raw[:, 0])).numpy()
 
 
