@@ -24,7 +24,8 @@ What is scored, as issue 18 puts it:
   per-token KL when at least half of the 50 largest-KL eval tokens are triggers and that is at least
   twice their base rate. On the control: how many latents each flags, the lens's norm, the KL.
 
-    python bench/planted_given.py [--work /tmp/planted_given] [--fresh]    (about a minute on 2 cores)
+    python bench/planted_given.py [--work /tmp/planted_given] [--fresh]    (about 4 minutes on 2 cores)
+    python bench/planted_given.py --work /tmp/planted_given_seed1 --overlay bench/second_seed.yaml
 
 The run lives under ``--work`` (reused when its summary.json is there; ``--fresh`` reruns it);
 nothing in this checkout's results/ is touched.
@@ -67,10 +68,12 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - START:6.1f}s] {message}", flush=True)
 
 
-def run_workflow(work: Path, cores: int) -> None:
-    """Snakemake on the example, in ``work`` (a list of arguments: no shell string)."""
+def run_workflow(work: Path, cores: int, overlays: list[Path]) -> None:
+    """Snakemake on the example (with ``overlays`` laid over it), in ``work`` (a list of arguments:
+    no shell string)."""
+    configs = [str(CONFIG), *(str(Path(p).resolve()) for p in overlays)]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), "--configfile",
-           str(CONFIG), "--cores", str(cores), "--max-threads", "1", "results/summary.json"]  # fmt: skip
+           *configs, "--cores", str(cores), "--max-threads", "1", "results/summary.json"]  # fmt: skip
     log = work / "snakemake.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # sae-diff
     with log.open("w") as out:
@@ -109,7 +112,7 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
         out["diff_sae"] = {"identical": True, "n_latents": 0, "best_abs_cos": None}
     else:
         latents = pd.read_parquet(folder("diff_sae") / "latents.parquet").sort_values("rank").head(TOP)
-        rows = files.load(folder("diff_sae") / "sae").W_dec.detach()[latents["latent"].to_numpy()]
+        rows = files.load(folder("diff_sae") / "sae").W_dec.detach()[latents["latent"].tolist()]
         out["diff_sae"] = {"identical": False, "best_abs_cos": float(np.abs(cos_with(rows, u)).max())}
     directions = load_file(str(folder("adl") / "adl.safetensors"))
     lens_cos = {}
@@ -142,12 +145,15 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun the workflow even when a summary is there")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the scores here (JSON)")
+    parser.add_argument("--overlay", type=Path, nargs="*", default=[],
+                        help="config files laid over the example, e.g. bench/second_seed.yaml (other seeds for "
+                        "every SAE, their data order and the diff-SAE); use a --work of its own")  # fmt: skip
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.fresh or not (work / "results/summary.json").exists():
         say(f"running the example in {work}")
-        run_workflow(work, args.cores)
+        run_workflow(work, args.cores, args.overlay)
     say("scoring")
     planted = read_json(PLANTED)
     triggers = planted["token_ids"]
