@@ -205,9 +205,8 @@ def run_crosscoder(paired: PairedStore, u: torch.Tensor, out: Path, args, true_d
     best = table.loc[table["abs_cos_u"].idxmax()]
     hit = top[top["abs_cos_u"] >= FOUND_COS]
     # a change that rides on latents both models keep: the top 5 by moved_rank, along what they move
-    moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(TOP)
-    rows = crosscoder.moved_vectors(crosscoder.load(out / "crosscoder", dtype=torch.float64),
-                                    moved["mean_activation"].to_numpy(), moved["latent"].to_numpy())  # fmt: skip
+    moved = crosscoder.ranked_moved(table, TOP)
+    rows = crosscoder.moved_vectors(cc, moved["mean_activation"].to_numpy(), moved["latent"].to_numpy())
     moved_cos, moved_cos_true = np.abs(cos_with(rows, u)), np.abs(cos_with(rows, true_dir))
     return {
         "found": bool(len(hit)) or bool(len(moved_cos) and moved_cos.max() >= FOUND_COS),

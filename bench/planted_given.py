@@ -101,7 +101,7 @@ def same_token_methods(work: Path, pair: str, layer: int, arrived: np.ndarray, t
     cos = [float(c) for c in np.abs(cos_with(cc.W_dec.detach()[mi_only["latent"].tolist(), -1], u))]
     out["crosscoder"] = {"n_mi_only": int((table["class"] == "mi_only").sum()), "best_abs_cos": max(cos, default=None)}
     if "moved_rank" in table:  # the change riding on latents both models keep: the top 5 by moved_rank
-        moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(TOP)
+        moved = crosscoder.ranked_moved(table, TOP)
         rows = crosscoder.moved_vectors(cc, moved["mean_activation"].to_numpy(), moved["latent"].to_numpy())
         moved_cos = [float(c) for c in np.abs(cos_with(rows, u))]
         out["crosscoder"].update(

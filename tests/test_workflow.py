@@ -387,7 +387,7 @@ def test_same_token_diffing_outputs_and_headline(finished_run):
     assert block["n_mi_only"] + block["n_shared"] + block["n_m0_only"] + block["n_other"] == 256
     # the latents the change rides on, in the crosscoder's own moved order (M1 is another random model)
     moved = pd.read_parquet(results / "crosscoder" / pair / "layer1" / "latents.parquet").dropna(subset=["moved_rank"])
-    moved = moved.sort_values("moved_rank")
+    moved = moved.sort_values("moved_rank")  # by hand: the test does not use crosscoder.ranked_moved
     assert block["top_moved"] and block["top_moved"] == moved["latent"].head(len(block["top_moved"])).tolist()
     assert block["n_moved"] == len(moved)
     assert headline["diff_sae"]["M1"]["layer1"]["top"][:3] == diff_sae["latent"].head(3).tolist()

@@ -1084,6 +1084,12 @@ def ranked_mi_only(table, top: int | None = None):
     return mi if top is None else mi.head(top)
 
 
+def ranked_moved(table, top: int | None = None):
+    """The latents whose decoders moved (``moved_rank``, written by ``run``), most moved first."""
+    moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank")
+    return moved if top is None else moved.head(top)
+
+
 def moved_vectors(cc: Crosscoder, mean_activation, latents=None):
     """What each latent adds to the last model's reconstruction and not to the first's at its mean
     activation, in raw activation space (float64 [len(latents), d]):

@@ -144,8 +144,7 @@ def crosscoder_block(folder: Path, top: int) -> tuple[dict, tuple[list, np.ndarr
         "fvu": {name: block["fvu"] for name, block in metrics.get("models", {}).items()},
     }
     if "moved_rank" in table:  # where the change rides on latents both models keep (moved_vectors)
-        moved = table.dropna(subset=["moved_rank"]).sort_values("moved_rank")
-        block["top_moved"] = [int(v) for v in moved["latent"].head(top)]
+        block["top_moved"] = [int(v) for v in crosscoder.ranked_moved(table, top)["latent"]]
         block["n_moved"] = metrics["moved"]["n_latents"]
     for key in ("ce_loss_score", "kl_div_with_spliced"):  # each model with its reconstruction spliced in
         values = {name: entry[key] for name, entry in metrics.get("models", {}).items() if key in entry}

@@ -986,7 +986,9 @@ def same_token_diffing(
         and crosscoder_table["moved_rank"].notna().any()
     ):
         # no Mi-only latent: where the change rides on shared latents instead (crosscoder.moved_vectors)
-        top = crosscoder_table.dropna(subset=["moved_rank"]).sort_values("moved_rank").head(10)
+        from .crosscoder import ranked_moved
+
+        top = ranked_moved(crosscoder_table, 10)
         lens = sorted(c for c in top.columns if c.startswith("promoted_m"))
         labels = [
             f"{int(row['latent'])}  " + " ".join(repr(t)[1:-1] for t in list(row[lens[-1]])[:3]) if lens
