@@ -181,6 +181,17 @@ def test_training_config_change_reruns_training_only(finished_run):
     )
 
 
+def test_diffing_training_change_reruns_the_same_token_dictionaries_only(finished_run):
+    """diffing.training lays its keys over the training block for the crosscoders and diff-SAEs
+    alone: the cells' SAEs, their nulls and the activations stay as they are."""
+    path = _variant(finished_run, lambda c: c["diffing"].update(training={"epochs": 3}))
+    reruns(
+        planned(snakemake(finished_run, "-n", configfile=path)),
+        {"crosscoder": 1, "diff_sae": 1},
+        never=("extract_activations", "train_sae", "train_null_saes", "train_seed_sae", "feature_stats"),
+    )
+
+
 def test_features_diffs_and_evolution(finished_run):
     import pandas as pd
 

@@ -340,10 +340,16 @@ def diffing_record_inputs(w):
     return files
 
 
+def diffing_training():
+    """The training block for the same-token dictionaries (crosscoders, diff-SAEs): the training
+    block with diffing.training's keys laid over it."""
+    return {**config["training"], **config["diffing"]["training"]}
+
+
 def crosscoder_spec(w):
     return spec(
         crosscoder=config["diffing"]["crosscoder"],
-        training=config["training"],
+        training=diffing_training(),
         features=config["features"],
         **placement(),
     )

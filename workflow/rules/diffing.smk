@@ -74,7 +74,7 @@ rule diff_sae:
     params:
         spec=lambda w: spec(
             diff_sae=config["diffing"]["diff_sae"],
-            training=config["training"],
+            training=diffing_training(),
             features=config["features"],
             **placement(),
         ),
