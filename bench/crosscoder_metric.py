@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from sae_diff import config as cfglib  # noqa: E402
 from sae_diff import crosscoder, features, metric_latents, probes  # noqa: E402
 from sae_diff.activations import ActivationStore  # noqa: E402
 from sae_diff.models import set_threads  # noqa: E402
@@ -128,14 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     results = ROOT / "results"
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    training = {
-        "batch_size": 1024,
-        "epochs": 12,
-        "shuffle_buffer": 65536,
-        **config["training"],
-        **config["diffing"].get("training", {}),
-    }
+    config = cfglib.load(ROOT / "config" / "config.yaml")  # with the schema's defaults
+    training = {**config["training"], **config["diffing"]["training"]}  # as the workflow's diffing_training()
     opts = config["diffing"]["crosscoder"]
     pooled_ref = load_file(
         str(results / "diffing" / "diff_sae" / PAIR / f"layer{LAYER}" / "features" / "pooled.safetensors")
@@ -173,7 +167,7 @@ def main() -> None:
             n_tokens=base.n_tokens("train"),
             batch_size=training["batch_size"],
             lr=opts["lr"],
-            seed=opts.get("seed", 0),
+            seed=opts["seed"],
             epochs=training["epochs"],
             dead_tokens=opts["dead_tokens"],
             shuffle_buffer=training["shuffle_buffer"],
